@@ -1,0 +1,126 @@
+//! The crate's one error type.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Everything that can go wrong in this crate.
+///
+/// Each variant carries the path, shape or id involved, and its message says what to do.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An operating-system I/O error on `path`.
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A file of the index is damaged (bad magic, checksum mismatch, truncated, inconsistent).
+    #[error(
+        "index file {path} is corrupt ({detail}): rebuild the index with `ragtune ingest`, \
+         or restore it from a backup"
+    )]
+    DataCorruption {
+        /// The damaged file.
+        path: PathBuf,
+        /// What check failed.
+        detail: String,
+    },
+    /// A file was written by a format version this build cannot read.
+    #[error(
+        "index file {path} has format version {found}, but this build reads version {supported}: \
+         rebuild the index with this version of `ragtune ingest`, or use a matching ragtune"
+    )]
+    UnsupportedVersion {
+        /// The file.
+        path: PathBuf,
+        /// The version found in the file.
+        found: u32,
+        /// The version this build supports.
+        supported: u32,
+    },
+    /// The index was built with another embedding model than the one configured.
+    #[error(
+        "index at {path} was built with embedder {found} but {expected} is configured: \
+         re-run `ragtune ingest` to rebuild it, or point --index elsewhere"
+    )]
+    EmbedderMismatch {
+        /// The index directory.
+        path: PathBuf,
+        /// The embedder the caller configured.
+        expected: Box<crate::EmbedderId>,
+        /// The embedder recorded in the index.
+        found: Box<crate::EmbedderId>,
+    },
+    /// A vector or query has the wrong number of components.
+    #[error(
+        "vector dimension mismatch: the index holds {expected}-d vectors but got {got}-d: \
+         use the same embedder for queries as for ingest"
+    )]
+    DimensionMismatch {
+        /// The index dimension.
+        expected: usize,
+        /// The dimension given.
+        got: usize,
+    },
+    /// No index exists at `path`.
+    #[error("no index at {path}: build one with `ragtune ingest`, or point --index elsewhere")]
+    NotFound {
+        /// Where one was looked for.
+        path: PathBuf,
+    },
+    /// An index already exists at `path` and the caller did not ask to replace it.
+    #[error(
+        "an index already exists at {path}: use create_or_replace (`ragtune ingest --force`) \
+         to replace it, or choose another directory"
+    )]
+    AlreadyExists {
+        /// The existing index.
+        path: PathBuf,
+    },
+    /// An index cannot be created from zero chunks.
+    #[error("cannot build an index from zero chunks: check that the input folder holds documents")]
+    EmptyIndex,
+    /// A filter expression could not be parsed.
+    #[error(
+        "invalid filter {expr:?}: {detail}; write `key=value` conditions joined by `,` or `&&`, \
+         e.g. `category=Copyleft,doc_id=gpl-3.0`"
+    )]
+    InvalidFilter {
+        /// The expression as given.
+        expr: String,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// A chunk id that is not in the index (never existed, or deleted and compacted away).
+    #[error("chunk id {id} is not in the index: search again to get current ids")]
+    UnknownChunk {
+        /// The id asked for.
+        id: u64,
+    },
+    /// Arguments that are inconsistent (lengths, non-finite values, parameters out of range).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub(crate) fn corrupt(path: impl Into<PathBuf>, detail: impl Into<String>) -> Self {
+        Error::DataCorruption {
+            path: path.into(),
+            detail: detail.into(),
+        }
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>, source: io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
