@@ -510,20 +510,24 @@ fn search_generic<K: Kernel>(
             break;
         }
         let list = &ctx.s.l0[c as usize * s0..(c as usize + 1) * s0];
-        let cnt = list[0] as usize;
-        let nbs = &list[1..1 + cnt];
-        if let Some(&first) = nbs.first() {
-            simd::prefetch(vec_of(first), lines);
+        let cnt = (list[0] as usize).min(s0 - 1);
+        // Gather the unvisited neighbours first and prefetch their vectors, so the loads
+        // overlap with the dot products below.
+        let mut fresh = [0u32; 512];
+        let mut nf = 0usize;
+        for &nb in &list[1..1 + cnt] {
+            let st = &mut stamps[nb as usize];
+            if *st != gen && nf < fresh.len() {
+                *st = gen;
+                fresh[nf] = nb;
+                nf += 1;
+                simd::prefetch(vec_of(nb), 2);
+            }
         }
-        for (j, &nb) in nbs.iter().enumerate() {
-            if let Some(&next) = nbs.get(j + 1) {
+        for (j, &nb) in fresh[..nf].iter().enumerate() {
+            if let Some(&next) = fresh[..nf].get(j + 1) {
                 simd::prefetch(vec_of(next), lines);
             }
-            let st = &mut stamps[nb as usize];
-            if *st == gen {
-                continue;
-            }
-            *st = gen;
             let s = K::dot(q, vec_of(nb));
             if res.len() < ef || s > lower {
                 cand.push(Scored(s, nb));
