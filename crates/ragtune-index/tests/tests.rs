@@ -15,10 +15,10 @@ use util::*;
 #[test]
 fn recall_at_10_vs_exact() {
     let (n, dim) = (5000, 96);
-    let vecs = clustered(n, dim, 50, 0.08, 1);
+    let vecs = clustered(n, dim, 50, 0.3, 1);
     let ram: Arc<dyn Directory> = Arc::new(RamDirectory::new());
     let ix = Index::create_in(ram, embedder(dim), HnswParams::default(), records(n, 40), &vecs).expect("create");
-    let queries = clustered(200, dim, 50, 0.08, 2);
+    let queries = clustered(200, dim, 50, 0.3, 2);
     let mut hit = 0usize;
     for q in queries.chunks_exact(dim) {
         let exact: HashSet<u64> = ix
