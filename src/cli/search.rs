@@ -1,0 +1,112 @@
+//! `ragtune search`.
+
+use std::io::{BufRead, Write};
+
+use anyhow::Context as _;
+use ragtune::retrieve::{Query, Retriever, SearchResult};
+use ragtune_embed::SentenceEncoder;
+use ragtune_index::Filter;
+use serde::Serialize;
+
+use super::Context;
+
+/// Output format.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Format {
+    /// For people.
+    Text,
+    /// One JSON object per query: `{"hits": [{"doc_id", "chunk", "score", "text"}]}`.
+    Json,
+}
+
+/// Arguments of `ragtune search`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The query; without it, one query per line is read from stdin.
+    query: Option<String>,
+    /// Number of chunks to return.
+    #[arg(short, long, default_value_t = 5)]
+    k: usize,
+    /// HNSW ef_search (candidate list size); default: the index's.
+    #[arg(long)]
+    ef: Option<usize>,
+    /// Exact (flat) search instead of HNSW.
+    #[arg(long)]
+    exact: bool,
+    /// Metadata filter, e.g. `category=Copyleft` or `category=Permissive,owner=MIT`.
+    #[arg(long)]
+    filter: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+}
+
+#[derive(Serialize)]
+struct JsonOut<'a> {
+    hits: &'a [ragtune::retrieve::RetrievedChunk],
+}
+
+pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
+    let filter = args
+        .filter
+        .as_deref()
+        .map(Filter::parse)
+        .transpose()?;
+    let encoder = SentenceEncoder::load(ctx.embedder_dir()?)?;
+    let retriever = Retriever::with_encoder(encoder, &ctx.index).with_context(|| {
+        format!(
+            "opening the index at {} (build it with `ragtune ingest`, or pass --index)",
+            ctx.index.display()
+        )
+    })?;
+    let make_query = |text: &str| Query {
+        text: text.to_string(),
+        k: args.k,
+        ef_search: args.ef,
+        filter: filter.clone(),
+        exact: args.exact,
+    };
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    match &args.query {
+        Some(q) => {
+            let result = retriever.search(&make_query(q))?;
+            print_result(&mut out, args.format, q, &result)?;
+        }
+        None => {
+            let stdin = std::io::stdin();
+            for (n, line) in stdin.lock().lines().enumerate() {
+                let line = line.context("reading queries from stdin")?;
+                let result = if line.trim().is_empty() {
+                    eprintln!("line {}: empty query, no hits", n + 1);
+                    SearchResult { hits: Vec::new(), embed_ms: 0.0, search_ms: 0.0 }
+                } else {
+                    retriever.search(&make_query(&line)).with_context(|| format!("query on line {}", n + 1))?
+                };
+                print_result(&mut out, args.format, &line, &result)?;
+                out.flush()?;
+            }
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn print_result(out: &mut impl Write, format: Format, query: &str, result: &SearchResult) -> anyhow::Result<()> {
+    match format {
+        Format::Json => {
+            serde_json::to_writer(&mut *out, &JsonOut { hits: &result.hits })?;
+            writeln!(out)?;
+        }
+        Format::Text => {
+            writeln!(out, "query: {query}")?;
+            for (i, hit) in result.hits.iter().enumerate() {
+                let snippet: String = hit.text.split_whitespace().collect::<Vec<_>>().join(" ");
+                let snippet: String = snippet.chars().take(160).collect();
+                writeln!(out, "{:>2}. {:.3}  {}#{}  {}", i + 1, hit.score, hit.doc_id, hit.chunk, snippet)?;
+            }
+            writeln!(out, "({} hits; embed {:.1} ms, search {:.2} ms)\n", result.hits.len(), result.embed_ms, result.search_ms)?;
+        }
+    }
+    Ok(())
+}

