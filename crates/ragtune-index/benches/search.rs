@@ -43,20 +43,38 @@ fn bench(c: &mut Criterion) {
     let truth: Vec<HashSet<u64>> = queries
         .chunks_exact(DIM)
         .map(|q| {
-            let p = SearchParams { exact: true, ..SearchParams::top(10) };
-            ix.search(q, &p).expect("exact").iter().map(|h| h.id).collect()
+            let p = SearchParams {
+                exact: true,
+                ..SearchParams::top(10)
+            };
+            ix.search(q, &p)
+                .expect("exact")
+                .iter()
+                .map(|h| h.id)
+                .collect()
         })
         .collect();
 
     let mut g = c.benchmark_group("search");
     g.throughput(Throughput::Elements(QUERIES as u64));
     for ef in [32usize, 64, 96] {
-        let p = SearchParams { ef_search: Some(ef), ..SearchParams::top(10) };
+        let p = SearchParams {
+            ef_search: Some(ef),
+            ..SearchParams::top(10)
+        };
         let mut hit = 0usize;
         for (q, t) in queries.chunks_exact(DIM).zip(&truth) {
-            hit += ix.search(q, &p).expect("search").iter().filter(|h| t.contains(&h.id)).count();
+            hit += ix
+                .search(q, &p)
+                .expect("search")
+                .iter()
+                .filter(|h| t.contains(&h.id))
+                .count();
         }
-        eprintln!("ef {ef}: recall@10 = {:.4}", hit as f64 / (10 * QUERIES) as f64);
+        eprintln!(
+            "ef {ef}: recall@10 = {:.4}",
+            hit as f64 / (10 * QUERIES) as f64
+        );
         g.bench_function(format!("hnsw_k10_ef{ef}"), |b| {
             b.iter(|| {
                 for q in queries.chunks_exact(DIM) {
@@ -65,7 +83,11 @@ fn bench(c: &mut Criterion) {
             })
         });
     }
-    let p = SearchParams { exact: true, ..SearchParams::top(10) };
+    g.throughput(Throughput::Elements(50));
+    let p = SearchParams {
+        exact: true,
+        ..SearchParams::top(10)
+    };
     g.bench_function("exact_k10", |b| {
         b.iter(|| {
             for q in queries.chunks_exact(DIM).take(50) {
@@ -76,7 +98,9 @@ fn bench(c: &mut Criterion) {
     g.finish();
 
     let mut g = c.benchmark_group("open");
-    g.bench_function("open_12k_x_384", |b| b.iter(|| black_box(Index::open(&path, &embedder()).expect("open"))));
+    g.bench_function("open_12k_x_384", |b| {
+        b.iter(|| black_box(Index::open(&path, &embedder()).expect("open")))
+    });
     g.finish();
 }
 

@@ -199,7 +199,8 @@ impl ChunkStore {
                 format!("chunk store holds {count64} rows, manifest says {expected_rows}"),
             ));
         }
-        let count = usize::try_from(count64).map_err(|_| Error::corrupt(path, "row count too large"))?;
+        let count =
+            usize::try_from(count64).map_err(|_| Error::corrupt(path, "row count too large"))?;
         let tables = count
             .checked_mul(16)
             .and_then(|x| x.checked_add(16))
@@ -225,7 +226,10 @@ impl ChunkStore {
         }
         let offs = store.offsets()?;
         let rec_len = (store.bytes.len() - records_at) as u64;
-        if offs.first() != Some(&0) || offs.windows(2).any(|w| w[0] > w[1]) || offs.last() != Some(&rec_len) {
+        if offs.first() != Some(&0)
+            || offs.windows(2).any(|w| w[0] > w[1])
+            || offs.last() != Some(&rec_len)
+        {
             return Err(Error::corrupt(path, "chunk offset table is inconsistent"));
         }
         Ok(store)
@@ -238,11 +242,19 @@ impl ChunkStore {
 
     /// Stable ids of the rows, ascending.
     pub fn ids(&self) -> Result<&[u64]> {
-        cast_slice(&self.bytes[self.ids_at..self.offsets_at], &self.path, "chunk ids")
+        cast_slice(
+            &self.bytes[self.ids_at..self.offsets_at],
+            &self.path,
+            "chunk ids",
+        )
     }
 
     fn offsets(&self) -> Result<&[u64]> {
-        cast_slice(&self.bytes[self.offsets_at..self.records_at], &self.path, "chunk offsets")
+        cast_slice(
+            &self.bytes[self.offsets_at..self.records_at],
+            &self.path,
+            "chunk offsets",
+        )
     }
 
     /// The record at `row`.
@@ -252,7 +264,10 @@ impl ChunkStore {
     /// `row` is out of range.
     pub fn get(&self, row: usize) -> Result<RecordRef<'_>> {
         if row >= self.count {
-            return Err(Error::InvalidInput(format!("row {row} out of range {}", self.count)));
+            return Err(Error::InvalidInput(format!(
+                "row {row} out of range {}",
+                self.count
+            )));
         }
         let offs = self.offsets()?;
         // Offsets were validated monotone and in range on open.

@@ -30,7 +30,9 @@ pub struct FileBytes {
 
 impl fmt::Debug for FileBytes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FileBytes").field("len", &self.len()).finish()
+        f.debug_struct("FileBytes")
+            .field("len", &self.len())
+            .finish()
     }
 }
 
@@ -367,7 +369,11 @@ pub(crate) fn contract_suite(dir: &dyn Directory) {
     dir.atomic_write("a.bin", &data).expect("write");
     let got = dir.open_read("a.bin").expect("read");
     assert_eq!(&got[..], &data[..]);
-    assert_eq!(got.as_ptr() as usize % 64, 0, "FileBytes must be 64-byte aligned");
+    assert_eq!(
+        got.as_ptr() as usize % 64,
+        0,
+        "FileBytes must be 64-byte aligned"
+    );
     assert!(dir.exists("a.bin").expect("exists"));
     // replace: old bytes held by a reader stay valid
     dir.atomic_write("a.bin", b"new").expect("rewrite");
@@ -384,7 +390,10 @@ pub(crate) fn contract_suite(dir: &dyn Directory) {
     dir.delete("a.bin").expect("delete");
     dir.delete("a.bin").expect("delete twice");
     assert!(!dir.exists("a.bin").expect("exists"));
-    assert!(matches!(dir.open_read("a.bin"), Err(Error::NotFound { .. })));
+    assert!(matches!(
+        dir.open_read("a.bin"),
+        Err(Error::NotFound { .. })
+    ));
     assert!(dir.path_of("x").to_string_lossy().ends_with('x'));
 }
 

@@ -117,7 +117,10 @@ mod tests {
 
     #[test]
     fn parse_forms() {
-        assert_eq!(Filter::parse("category=Copyleft").expect("p"), Filter::eq("category", "Copyleft"));
+        assert_eq!(
+            Filter::parse("category=Copyleft").expect("p"),
+            Filter::eq("category", "Copyleft")
+        );
         let f = Filter::parse(" a = 1 , b=two words && c=3 AND doc_id=gpl-3.0").expect("p");
         assert_eq!(
             f.conditions(),
@@ -130,8 +133,20 @@ mod tests {
         );
         let f = Filter::parse(r#"t="x, y",u=v"#).expect("p");
         assert_eq!(f, Filter::eq("t", "x, y").and(Filter::eq("u", "v")));
-        for bad in ["", "abc", "=v", "k=", "k=v,", "k=\"v", "k=\"v\" junk", "a=b,,c=d"] {
-            assert!(matches!(Filter::parse(bad), Err(Error::InvalidFilter { .. })), "{bad:?}");
+        for bad in [
+            "",
+            "abc",
+            "=v",
+            "k=",
+            "k=v,",
+            "k=\"v",
+            "k=\"v\" junk",
+            "a=b,,c=d",
+        ] {
+            assert!(
+                matches!(Filter::parse(bad), Err(Error::InvalidFilter { .. })),
+                "{bad:?}"
+            );
         }
     }
 

@@ -73,12 +73,18 @@ impl Header {
         if bytes.len() < HEADER_LEN {
             return Err(Error::corrupt(
                 path,
-                format!("file is {} bytes, shorter than its {HEADER_LEN}-byte header", bytes.len()),
+                format!(
+                    "file is {} bytes, shorter than its {HEADER_LEN}-byte header",
+                    bytes.len()
+                ),
             ));
         }
         let b = &bytes[..HEADER_LEN];
         if b[0..8] != magic {
-            return Err(Error::corrupt(path, "bad magic bytes (not this kind of index file)"));
+            return Err(Error::corrupt(
+                path,
+                "bad magic bytes (not this kind of index file)",
+            ));
         }
         let stored = read_u32(b, 60);
         if crc32fast::hash(&b[0..60]) != stored {
@@ -92,7 +98,12 @@ impl Header {
                 supported: FORMAT_VERSION,
             });
         }
-        if b[12..16].iter().chain(&b[28..32]).chain(&b[48..60]).any(|&x| x != 0) {
+        if b[12..16]
+            .iter()
+            .chain(&b[28..32])
+            .chain(&b[48..60])
+            .any(|&x| x != 0)
+        {
             return Err(Error::corrupt(path, "reserved header bytes are not zero"));
         }
         Ok(Header {
@@ -159,7 +170,9 @@ pub(crate) fn read_u64(b: &[u8], at: usize) -> u64 {
 }
 
 #[cfg(target_endian = "big")]
-compile_error!("ragtune-index reinterprets little-endian files in place and needs a little-endian target");
+compile_error!(
+    "ragtune-index reinterprets little-endian files in place and needs a little-endian target"
+);
 
 /// Plain-old-data element types that may be viewed in place from file bytes.
 pub(crate) trait Pod: Copy {}
@@ -175,10 +188,16 @@ impl Pod for f32 {}
 pub(crate) fn cast_slice<'a, T: Pod>(bytes: &'a [u8], path: &Path, what: &str) -> Result<&'a [T]> {
     let size = std::mem::size_of::<T>();
     if bytes.len() % size != 0 {
-        return Err(Error::corrupt(path, format!("{what}: length {} is not a multiple of {size}", bytes.len())));
+        return Err(Error::corrupt(
+            path,
+            format!("{what}: length {} is not a multiple of {size}", bytes.len()),
+        ));
     }
     if (bytes.as_ptr() as usize) % std::mem::align_of::<T>() != 0 {
-        return Err(Error::corrupt(path, format!("{what}: data is not aligned for in-place reading")));
+        return Err(Error::corrupt(
+            path,
+            format!("{what}: data is not aligned for in-place reading"),
+        ));
     }
     // SAFETY: the pointer is aligned for `T` (checked above), the length is an exact multiple
     // of `size_of::<T>()`, the bytes are initialised and borrowed for 'a, and `T` is a
@@ -267,13 +286,23 @@ impl Manifest {
         let text = std::str::from_utf8(bytes)
             .map_err(|_| Error::corrupt(path, "manifest is not valid UTF-8"))?;
         let Some(pos) = text.rfind(TRAILER_PREFIX) else {
-            return Err(Error::corrupt(path, "manifest checksum trailer missing (truncated file?)"));
+            return Err(Error::corrupt(
+                path,
+                "manifest checksum trailer missing (truncated file?)",
+            ));
         };
         let body = &text[..pos];
         let trailer = &text[pos + TRAILER_PREFIX.len()..];
         let hex = trailer.strip_suffix('\n').unwrap_or("");
-        if hex.len() != 8 || !hex.bytes().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()) {
-            return Err(Error::corrupt(path, "manifest checksum trailer is malformed"));
+        if hex.len() != 8
+            || !hex
+                .bytes()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        {
+            return Err(Error::corrupt(
+                path,
+                "manifest checksum trailer is malformed",
+            ));
         }
         let stored = u32::from_str_radix(hex, 16)
             .map_err(|_| Error::corrupt(path, "manifest checksum trailer is malformed"))?;

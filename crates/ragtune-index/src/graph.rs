@@ -63,9 +63,14 @@ fn fill_list(dst: &mut [u32], ids: &[u32]) {
 ///
 /// # Errors
 /// [`Error::InvalidInput`] for parameters hnsw_rs cannot take (m outside 2..=255).
-pub fn build(vectors: &[f32], dim: usize, params: &HnswParams, threads: usize) -> Result<FrozenGraph> {
+pub fn build(
+    vectors: &[f32],
+    dim: usize,
+    params: &HnswParams,
+    threads: usize,
+) -> Result<FrozenGraph> {
     params.validate()?;
-    let n = if dim == 0 { 0 } else { vectors.len() / dim };
+    let n = vectors.len().checked_div(dim).unwrap_or(0);
     let m = params.m;
     if n == 0 {
         return Ok(FrozenGraph {
@@ -85,7 +90,11 @@ pub fn build(vectors: &[f32], dim: usize, params: &HnswParams, threads: usize) -
         params.ef_construction.max(m),
         DotDistance,
     );
-    let rows: Vec<(&[f32], usize)> = vectors.chunks_exact(dim).enumerate().map(|(i, v)| (v, i)).collect();
+    let rows: Vec<(&[f32], usize)> = vectors
+        .chunks_exact(dim)
+        .enumerate()
+        .map(|(i, v)| (v, i))
+        .collect();
     // The first points go in serially: hnsw_rs races when the first two inserts overlap.
     let serial = rows.len().min(64);
     for &r in &rows[..serial] {
@@ -93,7 +102,10 @@ pub fn build(vectors: &[f32], dim: usize, params: &HnswParams, threads: usize) -
     }
     if rows.len() > serial {
         let rest: Vec<(&[f32], usize)> = rows[serial..].to_vec();
-        match rayon::ThreadPoolBuilder::new().num_threads(threads.max(1)).build() {
+        match rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .build()
+        {
             Ok(pool) => pool.install(|| hnsw.parallel_insert_slice(&rest)),
             Err(_) => rest.iter().for_each(|&r| hnsw.insert_slice(r)),
         }
@@ -151,10 +163,16 @@ pub fn build(vectors: &[f32], dim: usize, params: &HnswParams, threads: usize) -
     for i in 0..n {
         let empty = Vec::new();
         let lists = &neigh[i];
-        fill_list(&mut layer0[i * s0..(i + 1) * s0], lists.first().unwrap_or(&empty));
+        fill_list(
+            &mut layer0[i * s0..(i + 1) * s0],
+            lists.first().unwrap_or(&empty),
+        );
         for l in 1..=levels[i] as usize {
             let b = upper_offset[i] as usize + l - 1;
-            fill_list(&mut upper[b * su..(b + 1) * su], lists.get(l).unwrap_or(&empty));
+            fill_list(
+                &mut upper[b * su..(b + 1) * su],
+                lists.get(l).unwrap_or(&empty),
+            );
         }
     }
     Ok(FrozenGraph {
@@ -173,15 +191,28 @@ impl FrozenGraph {
     pub fn encode(&self) -> Vec<u8> {
         let n = self.levels.len();
         let n_blocks = self.upper.len() / (1 + self.m);
-        let mut out = Vec::with_capacity(24 + n + 4 * (n + self.layer0.len() + self.upper.len()) + 4);
-        for w in [n as u32, self.m as u32, self.max_level, self.entry, n_blocks as u32, 0] {
+        let mut out =
+            Vec::with_capacity(24 + n + 4 * (n + self.layer0.len() + self.upper.len()) + 4);
+        for w in [
+            n as u32,
+            self.m as u32,
+            self.max_level,
+            self.entry,
+            n_blocks as u32,
+            0,
+        ] {
             out.extend_from_slice(&w.to_le_bytes());
         }
         out.extend_from_slice(&self.levels);
         while out.len() % 4 != 0 {
             out.push(0);
         }
-        for w in self.upper_offset.iter().chain(&self.layer0).chain(&self.upper) {
+        for w in self
+            .upper_offset
+            .iter()
+            .chain(&self.layer0)
+            .chain(&self.upper)
+        {
             out.extend_from_slice(&w.to_le_bytes());
         }
         out
@@ -216,7 +247,12 @@ impl GraphView {
     ///
     /// # Errors
     /// [`Error::DataCorruption`] naming `path`.
-    pub fn open(bytes: FileBytes, path: &Path, expected_n: usize, expected_m: usize) -> Result<GraphView> {
+    pub fn open(
+        bytes: FileBytes,
+        path: &Path,
+        expected_n: usize,
+        expected_m: usize,
+    ) -> Result<GraphView> {
         let p = &bytes[HEADER_LEN..];
         if p.len() < FIXED_WORDS * 4 {
             return Err(Error::corrupt(path, "graph payload too short"));
@@ -241,7 +277,10 @@ impl GraphView {
         let upper_at = l0_at + 4 * n * (1 + 2 * m);
         let end = upper_at + 4 * n_blocks * (1 + m);
         if end != bytes.len() {
-            return Err(Error::corrupt(path, "graph payload length does not match its counts"));
+            return Err(Error::corrupt(
+                path,
+                "graph payload length does not match its counts",
+            ));
         }
         let g = GraphView {
             bytes,
@@ -263,16 +302,33 @@ impl GraphView {
     fn slices(&self) -> Result<Slices<'_>> {
         Ok(Slices {
             levels: &self.bytes[self.levels_at..self.levels_at + self.n],
-            upper_off: cast_slice(&self.bytes[self.upper_off_at..self.l0_at], &self.path, "graph offsets")?,
-            l0: cast_slice(&self.bytes[self.l0_at..self.upper_at], &self.path, "graph layer 0")?,
-            upper: cast_slice(&self.bytes[self.upper_at..self.end], &self.path, "graph upper layers")?,
+            upper_off: cast_slice(
+                &self.bytes[self.upper_off_at..self.l0_at],
+                &self.path,
+                "graph offsets",
+            )?,
+            l0: cast_slice(
+                &self.bytes[self.l0_at..self.upper_at],
+                &self.path,
+                "graph layer 0",
+            )?,
+            upper: cast_slice(
+                &self.bytes[self.upper_at..self.end],
+                &self.path,
+                "graph upper layers",
+            )?,
         })
     }
 
     fn validate(&self, n_blocks: usize) -> Result<()> {
         let s = self.slices()?;
         let n = self.n as u32;
-        let bad = |what: &str| Err(Error::corrupt(&self.path, format!("graph structure invalid: {what}")));
+        let bad = |what: &str| {
+            Err(Error::corrupt(
+                &self.path,
+                format!("graph structure invalid: {what}"),
+            ))
+        };
         let check_list = |list: &[u32]| -> bool {
             let c = list[0] as usize;
             c < list.len() && list[1..1 + c].iter().all(|&x| x < n)
@@ -326,7 +382,10 @@ impl GraphView {
         }
         let s = self.slices()?;
         if vectors.len() < self.n * dim || query.len() != dim {
-            return Err(Error::corrupt(&self.path, "graph and vectors disagree on row count"));
+            return Err(Error::corrupt(
+                &self.path,
+                "graph and vectors disagree on row count",
+            ));
         }
         let ctx = Ctx {
             s: &s,
@@ -494,7 +553,9 @@ fn search_generic<K: Kernel>(
     // Best-first search on layer 0.
     scratch.begin(ctx.n);
     let gen = scratch.gen;
-    let Scratch { stamps, cand, res, .. } = scratch;
+    let Scratch {
+        stamps, cand, res, ..
+    } = scratch;
     let s0 = 1 + 2 * ctx.m;
     stamps[ep as usize] = gen;
     cand.push(Scored(ep_s, ep));
@@ -581,10 +642,16 @@ pub fn exact_search(
         }
     };
     match rows {
-        Some(rows) => rows.iter().filter(|&&r| (r as usize) < n).for_each(|&r| consider(r)),
+        Some(rows) => rows
+            .iter()
+            .filter(|&&r| (r as usize) < n)
+            .for_each(|&r| consider(r)),
         None => (0..n as u32).for_each(&mut consider),
     }
-    let mut out: Vec<(f32, u32)> = heap.into_iter().map(|Reverse(Scored(s, i))| (s, i)).collect();
+    let mut out: Vec<(f32, u32)> = heap
+        .into_iter()
+        .map(|Reverse(Scored(s, i))| (s, i))
+        .collect();
     out.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
     out
 }

@@ -56,7 +56,9 @@ impl Segment {
     #[inline]
     fn is_deleted(&self, row: u32) -> bool {
         let r = row as usize;
-        self.deleted.get(r / 64).is_some_and(|w| w >> (r % 64) & 1 == 1)
+        self.deleted
+            .get(r / 64)
+            .is_some_and(|w| w >> (r % 64) & 1 == 1)
     }
 
     fn meta(&self) -> Result<&SegMeta> {
@@ -85,7 +87,10 @@ impl Segment {
                 .push(row as u32);
             for (k, v) in &r.metadata {
                 if *k != DOC_ID_KEY {
-                    postings.entry((k.to_string(), v.to_string())).or_default().push(row as u32);
+                    postings
+                        .entry((k.to_string(), v.to_string()))
+                        .or_default()
+                        .push(row as u32);
                 }
             }
         }
@@ -107,10 +112,16 @@ impl Segment {
             }
         }
         if lists.is_empty() {
-            return Ok((0..self.rows() as u32).filter(|&r| !self.is_deleted(r)).collect());
+            return Ok((0..self.rows() as u32)
+                .filter(|&r| !self.is_deleted(r))
+                .collect());
         }
         lists.sort_by_key(|l| l.len());
-        let mut out: Vec<u32> = lists[0].iter().copied().filter(|&r| !self.is_deleted(r)).collect();
+        let mut out: Vec<u32> = lists[0]
+            .iter()
+            .copied()
+            .filter(|&r| !self.is_deleted(r))
+            .collect();
         for l in &lists[1..] {
             out.retain(|r| l.binary_search(r).is_ok());
         }
@@ -150,7 +161,9 @@ fn validate_input(dim: usize, chunks: &[ChunkRecord], vectors: &[f32]) -> Result
         )));
     }
     if chunks.len() >= u32::MAX as usize {
-        return Err(Error::InvalidInput("too many chunks for one segment".into()));
+        return Err(Error::InvalidInput(
+            "too many chunks for one segment".into(),
+        ));
     }
     let mut out = vectors.to_vec();
     for (i, row) in out.chunks_exact_mut(dim).enumerate() {
@@ -210,7 +223,11 @@ fn write_segment(
     for x in vectors {
         vbytes.extend_from_slice(&x.to_le_bytes());
     }
-    let vectors_e = write_one(dir, seg_name(seg, "vectors"), &write_file(MAGIC_VECTORS, rows, dim as u64, &vbytes))?;
+    let vectors_e = write_one(
+        dir,
+        seg_name(seg, "vectors"),
+        &write_file(MAGIC_VECTORS, rows, dim as u64, &vbytes),
+    )?;
     drop(vbytes);
     let graph_e = write_one(
         dir,
@@ -218,7 +235,11 @@ fn write_segment(
         &write_file(MAGIC_GRAPH, rows, params.m as u64, &graph.encode()),
     )?;
     let payload = encode_store(ids, records.iter().copied())?;
-    let chunks_e = write_one(dir, seg_name(seg, "chunks"), &write_file(MAGIC_CHUNKS, rows, 0, &payload))?;
+    let chunks_e = write_one(
+        dir,
+        seg_name(seg, "chunks"),
+        &write_file(MAGIC_CHUNKS, rows, 0, &payload),
+    )?;
     Ok(SegmentEntry {
         seg,
         rows,
@@ -228,46 +249,73 @@ fn write_segment(
     })
 }
 
-fn open_checked(dir: &dyn Directory, fe: &FileEntry, magic: [u8; 8]) -> Result<(FileBytes, PathBuf, crate::format::Header)> {
+fn open_checked(
+    dir: &dyn Directory,
+    fe: &FileEntry,
+    magic: [u8; 8],
+) -> Result<(FileBytes, PathBuf, crate::format::Header)> {
     let path = dir.path_of(&fe.name);
     let bytes = match dir.open_read(&fe.name) {
         Ok(b) => b,
         Err(Error::NotFound { .. }) => {
-            return Err(Error::corrupt(&path, "file named by the manifest is missing"));
+            return Err(Error::corrupt(
+                &path,
+                "file named by the manifest is missing",
+            ));
         }
         Err(e) => return Err(e),
     };
     if bytes.len() as u64 != fe.len {
         return Err(Error::corrupt(
             &path,
-            format!("file is {} bytes but the manifest says {} (truncated?)", bytes.len(), fe.len),
+            format!(
+                "file is {} bytes but the manifest says {} (truncated?)",
+                bytes.len(),
+                fe.len
+            ),
         ));
     }
     let h = verify_file(&bytes, magic, &path)?;
     if h.payload_crc != fe.crc32 {
-        return Err(Error::corrupt(&path, "checksum differs from the one in the manifest"));
+        return Err(Error::corrupt(
+            &path,
+            "checksum differs from the one in the manifest",
+        ));
     }
     Ok((bytes, path, h))
 }
 
 fn open_segment(dir: &dyn Directory, e: &SegmentEntry, dim: usize, m: usize) -> Result<Segment> {
-    let rows = usize::try_from(e.rows).map_err(|_| Error::corrupt(dir.path_of(MANIFEST), "row count too large"))?;
+    let rows = usize::try_from(e.rows)
+        .map_err(|_| Error::corrupt(dir.path_of(MANIFEST), "row count too large"))?;
     let (vectors, vec_path, vh) = open_checked(dir, &e.vectors, MAGIC_VECTORS)?;
     if vh.aux0 != e.rows || vh.aux1 != dim as u64 {
-        return Err(Error::corrupt(&vec_path, "vector file shape differs from the manifest"));
+        return Err(Error::corrupt(
+            &vec_path,
+            "vector file shape differs from the manifest",
+        ));
     }
     if (vectors.len() - HEADER_LEN) as u64 != e.rows.saturating_mul(dim as u64).saturating_mul(4) {
-        return Err(Error::corrupt(&vec_path, "vector payload size differs from rows x dim"));
+        return Err(Error::corrupt(
+            &vec_path,
+            "vector payload size differs from rows x dim",
+        ));
     }
     cast_slice::<f32>(&vectors[HEADER_LEN..], &vec_path, "vectors")?;
     let (gbytes, gpath, gh) = open_checked(dir, &e.graph, MAGIC_GRAPH)?;
     if gh.aux0 != e.rows || gh.aux1 != m as u64 {
-        return Err(Error::corrupt(&gpath, "graph file shape differs from the manifest"));
+        return Err(Error::corrupt(
+            &gpath,
+            "graph file shape differs from the manifest",
+        ));
     }
     let graph = GraphView::open(gbytes, &gpath, rows, m)?;
     let (cbytes, cpath, ch) = open_checked(dir, &e.chunks, MAGIC_CHUNKS)?;
     if ch.aux0 != e.rows {
-        return Err(Error::corrupt(&cpath, "chunk store row count differs from the manifest"));
+        return Err(Error::corrupt(
+            &cpath,
+            "chunk store row count differs from the manifest",
+        ));
     }
     let chunks = ChunkStore::open(cbytes, &cpath, e.rows)?;
     Ok(Segment {
@@ -304,7 +352,9 @@ impl Index {
     ) -> Result<Index> {
         let path = dir.as_ref();
         if path.join(MANIFEST).exists() {
-            return Err(Error::AlreadyExists { path: path.to_path_buf() });
+            return Err(Error::AlreadyExists {
+                path: path.to_path_buf(),
+            });
         }
         if chunks.is_empty() {
             return Err(Error::EmptyIndex);
@@ -318,10 +368,9 @@ impl Index {
             let d: Arc<dyn Directory> = Arc::new(FsDirectory::open(path)?);
             return Index::create_in(d, embedder, params, chunks, vectors);
         }
-        let name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .ok_or_else(|| Error::InvalidInput(format!("index path {} has no file name", path.display())))?;
+        let name = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
+            Error::InvalidInput(format!("index path {} has no file name", path.display()))
+        })?;
         let parent = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
@@ -443,11 +492,20 @@ impl Index {
         let live: HashSet<&str> = manifest
             .segments
             .iter()
-            .flat_map(|s| [s.vectors.name.as_str(), s.graph.name.as_str(), s.chunks.name.as_str()])
+            .flat_map(|s| {
+                [
+                    s.vectors.name.as_str(),
+                    s.graph.name.as_str(),
+                    s.chunks.name.as_str(),
+                ]
+            })
             .collect();
         if let Ok(names) = dir.list() {
             for name in names {
-                if parse_seg_no(&name).is_some() && !name.ends_with(TMP_SUFFIX) && !live.contains(name.as_str()) {
+                if parse_seg_no(&name).is_some()
+                    && !name.ends_with(TMP_SUFFIX)
+                    && !live.contains(name.as_str())
+                {
                     // Best effort: an orphan left behind is ignored by `open` and retried later.
                     let _ = dir.delete(&name);
                 }
@@ -477,7 +535,9 @@ impl Index {
     /// As [`open`](Self::open), without `EmbedderMismatch`.
     pub fn open_any(dir: impl AsRef<Path>) -> Result<Index> {
         let path = dir.as_ref();
-        let d = FsDirectory::open(path).map_err(|_| Error::NotFound { path: path.to_path_buf() })?;
+        let d = FsDirectory::open(path).map_err(|_| Error::NotFound {
+            path: path.to_path_buf(),
+        })?;
         Index::load(Arc::new(d))
     }
 
@@ -522,7 +582,10 @@ impl Index {
         if manifest.dim == 0 || manifest.dim != manifest.embedder.dim {
             return Err(bad("dimension is 0 or differs from the embedder's"));
         }
-        manifest.params.validate().map_err(|_| bad("HNSW parameters are out of range"))?;
+        manifest
+            .params
+            .validate()
+            .map_err(|_| bad("HNSW parameters are out of range"))?;
         let dim = manifest.dim as usize;
         let mut segments = Vec::with_capacity(manifest.segments.len());
         let mut bytes_on_disk = mbytes.len() as u64;
@@ -590,7 +653,10 @@ impl Index {
     pub fn search(&self, query: &[f32], params: &SearchParams) -> Result<Vec<Hit>> {
         let dim = self.dim();
         if query.len() != dim {
-            return Err(Error::DimensionMismatch { expected: dim, got: query.len() });
+            return Err(Error::DimensionMismatch {
+                expected: dim,
+                got: query.len(),
+            });
         }
         if params.k == 0 {
             return Ok(Vec::new());
@@ -598,7 +664,10 @@ impl Index {
         let mut q = query.to_vec();
         normalize(&mut q).map_err(|e| Error::InvalidInput(format!("query {e}")))?;
         let k = params.k;
-        let ef = params.ef_search.unwrap_or(self.manifest.params.ef_search).max(k);
+        let ef = params
+            .ef_search
+            .unwrap_or(self.manifest.params.ef_search)
+            .max(k);
         let mut hits: Vec<Hit> = Vec::new();
         for seg in &self.segments {
             if seg.live() == 0 {
@@ -612,7 +681,11 @@ impl Index {
                     let rows = seg.filter_rows(f)?;
                     if rows.is_empty() {
                         Vec::new()
-                    } else if params.exact || seg.rows() < EXACT_BELOW || rows.len() <= 2048 || rows.len() * 10 < seg.live() {
+                    } else if params.exact
+                        || seg.rows() < EXACT_BELOW
+                        || rows.len() <= 2048
+                        || rows.len() * 10 < seg.live()
+                    {
                         graph::exact_search(vectors, dim, &q, k, Some(&rows), &not_deleted)
                     } else {
                         let mut allowed = vec![0u64; seg.rows().div_ceil(64)];
@@ -624,7 +697,8 @@ impl Index {
                         let ef_f = ((ef as f64 / frac).ceil() as usize).min(seg.rows());
                         let mut got = seg.graph.search(vectors, dim, &q, ef_f, &accept, false)?;
                         if got.len() < k.min(rows.len()) {
-                            got = graph::exact_search(vectors, dim, &q, k, Some(&rows), &not_deleted);
+                            got =
+                                graph::exact_search(vectors, dim, &q, k, Some(&rows), &not_deleted);
                         }
                         got
                     }
@@ -693,7 +767,11 @@ impl Index {
         let mut out = Vec::with_capacity(self.len());
         for seg in &self.segments {
             let ids = seg.chunks.ids()?;
-            out.extend((0..seg.rows()).filter(|&r| !seg.is_deleted(r as u32)).map(|r| ids[r]));
+            out.extend(
+                (0..seg.rows())
+                    .filter(|&r| !seg.is_deleted(r as u32))
+                    .map(|r| ids[r]),
+            );
         }
         Ok(out)
     }
@@ -794,14 +872,25 @@ impl Index {
         }
         let dim = self.dim();
         if vectors.len() % dim != 0 {
-            return Err(Error::DimensionMismatch { expected: dim, got: vectors.len() % dim });
+            return Err(Error::DimensionMismatch {
+                expected: dim,
+                got: vectors.len() % dim,
+            });
         }
         let vecs = validate_input(dim, &chunks, vectors)?;
         let seg = self.next_segment_no()?;
         let first = self.manifest.next_id;
         let ids: Vec<u64> = (first..first + chunks.len() as u64).collect();
         let refs: Vec<&ChunkRecord> = chunks.iter().collect();
-        let entry = write_segment(self.dir.as_ref(), seg, &ids, &refs, &vecs, dim, &self.manifest.params)?;
+        let entry = write_segment(
+            self.dir.as_ref(),
+            seg,
+            &ids,
+            &refs,
+            &vecs,
+            dim,
+            &self.manifest.params,
+        )?;
         let docs = self.live_docs_with(&chunks, &HashSet::new())?;
         let mut m = self.manifest.clone();
         m.generation += 1;
@@ -815,7 +904,13 @@ impl Index {
     }
 
     fn next_segment_no(&self) -> Result<u64> {
-        let listed = self.dir.list()?.iter().filter_map(|n| parse_seg_no(n)).max().map_or(0, |m| m + 1);
+        let listed = self
+            .dir
+            .list()?
+            .iter()
+            .filter_map(|n| parse_seg_no(n))
+            .max()
+            .map_or(0, |m| m + 1);
         Ok(self.manifest.next_segment.max(listed))
     }
 
@@ -877,7 +972,15 @@ impl Index {
         if !ids.is_empty() {
             let seg = self.next_segment_no()?;
             let refs: Vec<&ChunkRecord> = records.iter().collect();
-            m.segments.push(write_segment(self.dir.as_ref(), seg, &ids, &refs, &vecs, dim, &m.params)?);
+            m.segments.push(write_segment(
+                self.dir.as_ref(),
+                seg,
+                &ids,
+                &refs,
+                &vecs,
+                dim,
+                &m.params,
+            )?);
             m.next_segment = seg + 1;
         }
         *self = Index::commit(self.dir.clone(), &m)?;

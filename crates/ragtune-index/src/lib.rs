@@ -140,7 +140,10 @@ impl EmbedderId {
         } else {
             self.model_sha256.eq_ignore_ascii_case(&other.model_sha256)
         };
-        weights && self.dim == other.dim && self.pooling == other.pooling && self.normalized == other.normalized
+        weights
+            && self.dim == other.dim
+            && self.pooling == other.pooling
+            && self.normalized == other.normalized
     }
 }
 
@@ -195,10 +198,15 @@ impl HnswParams {
     /// [`Error::InvalidInput`] when `m` is outside 2..=255 or an `ef` is 0.
     pub fn validate(&self) -> Result<()> {
         if !(2..=255).contains(&self.m) {
-            return Err(Error::InvalidInput(format!("HNSW m must be in 2..=255, got {}", self.m)));
+            return Err(Error::InvalidInput(format!(
+                "HNSW m must be in 2..=255, got {}",
+                self.m
+            )));
         }
         if self.ef_construction == 0 || self.ef_search == 0 {
-            return Err(Error::InvalidInput("HNSW ef_construction and ef_search must be >= 1".into()));
+            return Err(Error::InvalidInput(
+                "HNSW ef_construction and ef_search must be >= 1".into(),
+            ));
         }
         Ok(())
     }

@@ -17,12 +17,25 @@ fn recall_at_10_vs_exact() {
     let (n, dim) = (5000, 96);
     let vecs = clustered(n, dim, 50, 0.3, 1);
     let ram: Arc<dyn Directory> = Arc::new(RamDirectory::new());
-    let ix = Index::create_in(ram, embedder(dim), HnswParams::default(), records(n, 40), &vecs).expect("create");
+    let ix = Index::create_in(
+        ram,
+        embedder(dim),
+        HnswParams::default(),
+        records(n, 40),
+        &vecs,
+    )
+    .expect("create");
     let queries = clustered(200, dim, 50, 0.3, 2);
     let mut hit = 0usize;
     for q in queries.chunks_exact(dim) {
         let exact: HashSet<u64> = ix
-            .search(q, &SearchParams { exact: true, ..SearchParams::top(10) })
+            .search(
+                q,
+                &SearchParams {
+                    exact: true,
+                    ..SearchParams::top(10)
+                },
+            )
             .expect("exact")
             .iter()
             .map(|h| h.id)
@@ -41,22 +54,53 @@ fn tiny_indexes_and_errors() {
     let dim = 4;
     // n = 1
     let p1 = tmp.path().join("one");
-    let ix = Index::create(&p1, embedder(dim), HnswParams::default(), records(1, 1), &[0.0, 2.0, 0.0, 0.0]).expect("create");
-    let hits = ix.search(&[0.0, 1.0, 0.0, 0.0], &SearchParams::top(5)).expect("search");
+    let ix = Index::create(
+        &p1,
+        embedder(dim),
+        HnswParams::default(),
+        records(1, 1),
+        &[0.0, 2.0, 0.0, 0.0],
+    )
+    .expect("create");
+    let hits = ix
+        .search(&[0.0, 1.0, 0.0, 0.0], &SearchParams::top(5))
+        .expect("search");
     assert_eq!(hits.len(), 1);
-    assert!((hits[0].score - 1.0).abs() < 1e-5, "stored vectors are normalised");
+    assert!(
+        (hits[0].score - 1.0).abs() < 1e-5,
+        "stored vectors are normalised"
+    );
     // empty
     assert!(matches!(
-        Index::create(tmp.path().join("e"), embedder(dim), HnswParams::default(), vec![], &[]),
+        Index::create(
+            tmp.path().join("e"),
+            embedder(dim),
+            HnswParams::default(),
+            vec![],
+            &[]
+        ),
         Err(Error::EmptyIndex)
     ));
     // already exists / replace
     assert!(matches!(
-        Index::create(&p1, embedder(dim), HnswParams::default(), records(1, 1), &[1.0, 0.0, 0.0, 0.0]),
+        Index::create(
+            &p1,
+            embedder(dim),
+            HnswParams::default(),
+            records(1, 1),
+            &[1.0, 0.0, 0.0, 0.0]
+        ),
         Err(Error::AlreadyExists { .. })
     ));
     let vecs = clustered(3, dim, 2, 0.1, 5);
-    let ix = Index::create_or_replace(&p1, embedder(dim), HnswParams::default(), records(3, 3), &vecs).expect("replace");
+    let ix = Index::create_or_replace(
+        &p1,
+        embedder(dim),
+        HnswParams::default(),
+        records(3, 3),
+        &vecs,
+    )
+    .expect("replace");
     assert_eq!(ix.len(), 3);
     assert_eq!(Index::open(&p1, &embedder(dim)).expect("open").len(), 3);
     // only the new segment's files remain
@@ -66,23 +110,46 @@ fn tiny_indexes_and_errors() {
     let mut other = embedder(dim);
     other.model_sha256 = "ffff".into();
     match Index::open(&p1, &other) {
-        Err(e @ Error::EmbedderMismatch { .. }) => assert!(e.to_string().contains("ragtune ingest")),
+        Err(e @ Error::EmbedderMismatch { .. }) => {
+            assert!(e.to_string().contains("ragtune ingest"))
+        }
         r => panic!("expected mismatch, got {:?}", r.map(|i| i.len())),
     }
     // dimension mismatch
     assert!(matches!(
         ix.search(&[1.0, 0.0], &SearchParams::top(1)),
-        Err(Error::DimensionMismatch { expected: 4, got: 2 })
+        Err(Error::DimensionMismatch {
+            expected: 4,
+            got: 2
+        })
     ));
-    assert!(matches!(Index::open_any(tmp.path().join("missing")), Err(Error::NotFound { .. })));
-    assert!(matches!(Index::open_any(tmp.path()), Err(Error::NotFound { .. })));
+    assert!(matches!(
+        Index::open_any(tmp.path().join("missing")),
+        Err(Error::NotFound { .. })
+    ));
+    assert!(matches!(
+        Index::open_any(tmp.path()),
+        Err(Error::NotFound { .. })
+    ));
     // bad input
     assert!(matches!(
-        Index::create(tmp.path().join("z"), embedder(dim), HnswParams::default(), records(1, 1), &[0.0; 4]),
+        Index::create(
+            tmp.path().join("z"),
+            embedder(dim),
+            HnswParams::default(),
+            records(1, 1),
+            &[0.0; 4]
+        ),
         Err(Error::InvalidInput(_))
     ));
     assert!(matches!(
-        Index::create(tmp.path().join("z"), embedder(dim), HnswParams::default(), records(2, 1), &[1.0; 4]),
+        Index::create(
+            tmp.path().join("z"),
+            embedder(dim),
+            HnswParams::default(),
+            records(2, 1),
+            &[1.0; 4]
+        ),
         Err(Error::InvalidInput(_))
     ));
     assert!(!tmp.path().join("z").exists());
@@ -100,7 +167,24 @@ fn corruption_is_detected_and_names_the_file() {
         let path = dir.join(name);
         let orig = std::fs::read(&path).expect("read");
         let len = orig.len();
-        let mut positions = vec![0, 3, 8, 12, 17, 25, 33, 45, 50, 61, 63, 64, 70, len / 2, len - 2, len - 1];
+        let mut positions = vec![
+            0,
+            3,
+            8,
+            12,
+            17,
+            25,
+            33,
+            45,
+            50,
+            61,
+            63,
+            64,
+            70,
+            len / 2,
+            len - 2,
+            len - 1,
+        ];
         positions.retain(|&p| p < len);
         for &pos in &positions {
             let mut bad = orig.clone();
@@ -121,14 +205,18 @@ fn corruption_is_detected_and_names_the_file() {
         Index::open_any(&dir).expect("restored index opens");
     }
     // a missing file is named too
-    let victim = names.iter().find(|n| n.ends_with(".graph")).expect("graph file");
+    let victim = names
+        .iter()
+        .find(|n| n.ends_with(".graph"))
+        .expect("graph file");
     std::fs::remove_file(dir.join(victim)).expect("rm");
     expect_corrupt(&dir, &dir.join(victim), "missing file");
 }
 
 fn expect_corrupt(dir: &Path, path: &Path, what: &str) {
     match Index::open_any(dir) {
-        Err(Error::DataCorruption { path: p, .. }) | Err(Error::UnsupportedVersion { path: p, .. }) => {
+        Err(Error::DataCorruption { path: p, .. })
+        | Err(Error::UnsupportedVersion { path: p, .. }) => {
             assert_eq!(p, path, "{what}: wrong file named")
         }
         Err(e) => panic!("{what} in {}: unexpected error {e}", path.display()),
@@ -145,14 +233,20 @@ fn stale_temp_files_and_killed_updates_are_harmless() {
     let before = search_all(&Index::open_any(&dir).expect("open"), &q);
 
     // Stale temp files, an orphan segment, a half-written manifest, a stale temp dir.
-    std::fs::write(dir.join("manifest.json.123-0.tmp"), b"{\"format_version\": 1, \"gen").expect("w");
+    std::fs::write(
+        dir.join("manifest.json.123-0.tmp"),
+        b"{\"format_version\": 1, \"gen",
+    )
+    .expect("w");
     std::fs::write(dir.join("seg-000007.vectors.55-1.tmp"), b"garbage").expect("w");
     std::fs::create_dir(tmp.path().join(".idx.999-3.tmp")).expect("mkdir");
     // A killed `add`: segment files complete, manifest never swapped.
     let copy = tmp.path().join("copy");
     copy_dir(&dir, &copy);
     let mut other = Index::open_any(&copy).expect("open copy");
-    other.add(records_for_doc("late", 3), &clustered(3, 16, 2, 0.1, 3)).expect("add");
+    other
+        .add(records_for_doc("late", 3), &clustered(3, 16, 2, 0.1, 3))
+        .expect("add");
     for name in list(&copy) {
         if name.starts_with("seg-") && !dir.join(&name).exists() {
             std::fs::copy(copy.join(&name), dir.join(&name)).expect("cp");
@@ -163,10 +257,14 @@ fn stale_temp_files_and_killed_updates_are_harmless() {
     assert!(ix.doc_ids().expect("docs").iter().all(|d| d != "late"));
     // The next committed update sweeps the orphan segment but keeps working.
     let mut ix = ix;
-    ix.add(records_for_doc("later", 2), &clustered(2, 16, 2, 0.1, 4)).expect("add");
+    ix.add(records_for_doc("later", 2), &clustered(2, 16, 2, 0.1, 4))
+        .expect("add");
     let reopened = Index::open_any(&dir).expect("reopen");
     assert_eq!(reopened.len(), ix.len());
-    assert!(reopened.doc_ids().expect("docs").contains(&"later".to_string()));
+    assert!(reopened
+        .doc_ids()
+        .expect("docs")
+        .contains(&"later".to_string()));
 }
 
 #[test]
@@ -183,7 +281,14 @@ fn lifecycle(dir: Arc<dyn Directory>) {
     let dim = 16;
     let n = 1200; // above EXACT_BELOW: the first segment is graph-searched
     let vecs = clustered(n, dim, 12, 0.15, 9);
-    let mut ix = Index::create_in(dir.clone(), embedder(dim), HnswParams::default(), records(n, 60), &vecs).expect("create");
+    let mut ix = Index::create_in(
+        dir.clone(),
+        embedder(dim),
+        HnswParams::default(),
+        records(n, 60),
+        &vecs,
+    )
+    .expect("create");
     assert_eq!(ix.len(), n);
     assert_eq!(ix.stats().docs, 60);
     let ids0 = ix.ids().expect("ids");
@@ -193,25 +298,61 @@ fn lifecycle(dir: Arc<dyn Directory>) {
     ix.add(records_for_doc("new-doc", 30), &extra).expect("add");
     assert_eq!(ix.len(), n + 30);
     assert_eq!(ix.stats().segments, 2);
-    let hits = ix.search(&extra[..dim], &SearchParams::top(3)).expect("search");
+    let hits = ix
+        .search(&extra[..dim], &SearchParams::top(3))
+        .expect("search");
     assert_eq!(ix.chunk(hits[0].id).expect("chunk").doc_id, "new-doc");
     assert!(hits[0].id >= n as u64, "added ids are above old ids");
 
     // filter
     let f = Filter::parse("category=cat-3").expect("filter");
-    let hits = ix.search(&vecs[..dim], &SearchParams { filter: Some(f.clone()), ..SearchParams::top(10) }).expect("search");
+    let hits = ix
+        .search(
+            &vecs[..dim],
+            &SearchParams {
+                filter: Some(f.clone()),
+                ..SearchParams::top(10)
+            },
+        )
+        .expect("search");
     assert_eq!(hits.len(), 10);
     for h in &hits {
         assert_eq!(ix.chunk(h.id).expect("chunk").metadata["category"], "cat-3");
     }
     // a very selective filter still returns everything that matches
     let f1 = Filter::eq("doc_id", "doc-7").and(Filter::eq("category", "cat-2"));
-    let hits = ix.search(&vecs[..dim], &SearchParams { filter: Some(f1), ..SearchParams::top(1000) }).expect("search");
+    let hits = ix
+        .search(
+            &vecs[..dim],
+            &SearchParams {
+                filter: Some(f1),
+                ..SearchParams::top(1000)
+            },
+        )
+        .expect("search");
     assert_eq!(hits.len(), n / 60);
-    assert!(ix.search(&vecs[..dim], &SearchParams { filter: Some(Filter::eq("category", "none")), ..SearchParams::top(5) }).expect("s").is_empty());
+    assert!(ix
+        .search(
+            &vecs[..dim],
+            &SearchParams {
+                filter: Some(Filter::eq("category", "none")),
+                ..SearchParams::top(5)
+            }
+        )
+        .expect("s")
+        .is_empty());
 
     // delete
-    let before_exact = |ix: &Index, q: &[f32]| ix.search(q, &SearchParams { exact: true, ..SearchParams::top(20) }).expect("s");
+    let before_exact = |ix: &Index, q: &[f32]| {
+        ix.search(
+            q,
+            &SearchParams {
+                exact: true,
+                ..SearchParams::top(20)
+            },
+        )
+        .expect("s")
+    };
     let removed = ix.delete_doc("doc-3").expect("delete");
     assert_eq!(removed, n / 60);
     assert_eq!(ix.delete_doc("doc-3").expect("again"), 0);
@@ -223,26 +364,53 @@ fn lifecycle(dir: Arc<dyn Directory>) {
     let qs = clustered(20, dim, 12, 0.15, 11);
     for q in qs.chunks_exact(dim) {
         for exact in [false, true] {
-            for h in ix.search(q, &SearchParams { exact, ..SearchParams::top(50) }).expect("s") {
+            for h in ix
+                .search(
+                    q,
+                    &SearchParams {
+                        exact,
+                        ..SearchParams::top(50)
+                    },
+                )
+                .expect("s")
+            {
                 let c = ix.chunk(h.id).expect("chunk");
                 assert!(c.doc_id != "doc-3" && c.doc_id != "new-doc");
             }
         }
     }
-    let deleted_id = ids0.iter().copied().find(|&id| id % 60 == 3).expect("an id of doc-3");
-    assert!(matches!(ix.chunk(deleted_id), Err(Error::UnknownChunk { .. })));
+    let deleted_id = ids0
+        .iter()
+        .copied()
+        .find(|&id| id % 60 == 3)
+        .expect("an id of doc-3");
+    assert!(matches!(
+        ix.chunk(deleted_id),
+        Err(Error::UnknownChunk { .. })
+    ));
     let reopened = Index::open_any_in(dir.clone()).expect("reopen");
     assert_eq!(reopened.len(), ix.len());
 
     // compact preserves exact results and ids, drops tombstones and old files
-    let want: Vec<Vec<u64>> = qs.chunks_exact(dim).map(|q| before_exact(&ix, q).iter().map(|h| h.id).collect()).collect();
+    let want: Vec<Vec<u64>> = qs
+        .chunks_exact(dim)
+        .map(|q| before_exact(&ix, q).iter().map(|h| h.id).collect())
+        .collect();
     ix.compact().expect("compact");
     assert_eq!(ix.stats().tombstones, 0);
     assert_eq!(ix.stats().segments, 1);
     assert_eq!(ix.len(), n - n / 60);
-    let got: Vec<Vec<u64>> = qs.chunks_exact(dim).map(|q| before_exact(&ix, q).iter().map(|h| h.id).collect()).collect();
+    let got: Vec<Vec<u64>> = qs
+        .chunks_exact(dim)
+        .map(|q| before_exact(&ix, q).iter().map(|h| h.id).collect())
+        .collect();
     assert_eq!(got, want);
-    let files: Vec<String> = dir.list().expect("list").into_iter().filter(|f| f.starts_with("seg-")).collect();
+    let files: Vec<String> = dir
+        .list()
+        .expect("list")
+        .into_iter()
+        .filter(|f| f.starts_with("seg-"))
+        .collect();
     assert_eq!(files.len(), 3, "{files:?}");
     let reopened = Index::open_in(dir.clone(), &embedder(dim)).expect("reopen");
     assert_eq!(reopened.ids().expect("ids"), ix.ids().expect("ids"));
@@ -253,8 +421,12 @@ fn lifecycle(dir: Arc<dyn Directory>) {
     }
     ix.compact().expect("compact empty");
     assert!(ix.is_empty());
-    assert!(ix.search(&vecs[..dim], &SearchParams::top(3)).expect("s").is_empty());
-    ix.add(records_for_doc("phoenix", 2), &extra[..2 * dim]).expect("add");
+    assert!(ix
+        .search(&vecs[..dim], &SearchParams::top(3))
+        .expect("s")
+        .is_empty());
+    ix.add(records_for_doc("phoenix", 2), &extra[..2 * dim])
+        .expect("add");
     assert_eq!(Index::open_any_in(dir).expect("reopen").len(), 2);
 }
 
@@ -266,10 +438,27 @@ fn ram_and_fs_give_identical_files() {
     let vecs = clustered(20, dim, 3, 0.1, 21);
     let fs = FsDirectory::create(tmp.path().join("a")).expect("fs");
     let ram = RamDirectory::new();
-    Index::create_in(Arc::new(fs.clone()), embedder(dim), HnswParams::default(), records(20, 4), &vecs).expect("fs");
-    Index::create_in(Arc::new(ram.clone()), embedder(dim), HnswParams::default(), records(20, 4), &vecs).expect("ram");
+    Index::create_in(
+        Arc::new(fs.clone()),
+        embedder(dim),
+        HnswParams::default(),
+        records(20, 4),
+        &vecs,
+    )
+    .expect("fs");
+    Index::create_in(
+        Arc::new(ram.clone()),
+        embedder(dim),
+        HnswParams::default(),
+        records(20, 4),
+        &vecs,
+    )
+    .expect("ram");
     for name in ["seg-000001.vectors", "seg-000001.chunks"] {
-        assert_eq!(&fs.open_read(name).expect("fs")[..], &ram.open_read(name).expect("ram")[..]);
+        assert_eq!(
+            &fs.open_read(name).expect("fs")[..],
+            &ram.open_read(name).expect("ram")[..]
+        );
     }
 }
 
@@ -303,5 +492,8 @@ fn copy_dir(from: &Path, to: &PathBuf) {
 
 #[allow(dead_code)]
 fn meta(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }

@@ -26,7 +26,9 @@ pub fn records(n: usize, docs: usize) -> Vec<ChunkRecord> {
             start: (i as u64) * 100,
             end: (i as u64) * 100 + 99,
             text: format!("chunk {i} – ünïcødé ✓"),
-            metadata: [("category".to_string(), format!("cat-{}", i % 5))].into_iter().collect(),
+            metadata: [("category".to_string(), format!("cat-{}", i % 5))]
+                .into_iter()
+                .collect(),
         })
         .collect()
 }
@@ -49,7 +51,15 @@ pub fn records_for_doc(doc: &str, n: usize) -> Vec<ChunkRecord> {
 pub fn build_small_fs(dir: &Path) {
     let dim = 16;
     let vecs = clustered(40, dim, 4, 0.2, 42);
-    let mut ix = Index::create(dir, embedder(dim), HnswParams::default(), records(40, 8), &vecs).expect("create");
-    ix.add(records_for_doc("added", 5), &clustered(5, dim, 2, 0.2, 43)).expect("add");
+    let mut ix = Index::create(
+        dir,
+        embedder(dim),
+        HnswParams::default(),
+        records(40, 8),
+        &vecs,
+    )
+    .expect("create");
+    ix.add(records_for_doc("added", 5), &clustered(5, dim, 2, 0.2, 43))
+        .expect("add");
     ix.delete_doc("doc-1").expect("delete");
 }
