@@ -585,8 +585,12 @@ fn search_generic<K: Kernel>(
                 simd::prefetch(vec_of(nb), 2);
             }
         }
+        const AHEAD: usize = 1;
+        for &nb in fresh[..nf.min(AHEAD)].iter() {
+            simd::prefetch(vec_of(nb), lines);
+        }
         for (j, &nb) in fresh[..nf].iter().enumerate() {
-            if let Some(&next) = fresh[..nf].get(j + 1) {
+            if let Some(&next) = fresh[..nf].get(j + AHEAD) {
                 simd::prefetch(vec_of(next), lines);
             }
             let s = K::dot(q, vec_of(nb));
