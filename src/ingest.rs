@@ -94,9 +94,6 @@ pub fn ingest(
 ) -> Result<IngestReport> {
     let started = Instant::now();
     let corpus = read_corpus(corpus_dir, &options.corpus)?;
-    for s in &corpus.skipped {
-        progress.println(format!("skipped {}: {}", s.path.display(), s.reason));
-    }
     let chunker = Chunker::new(encoder.tokenizer(), options.chunk)?;
     let bar = progress.bar(corpus.documents.len() as u64, "chunking documents");
     let mut chunks = Vec::new();

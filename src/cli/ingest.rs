@@ -52,6 +52,9 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         );
     }
     let report = ingest(&encoder, &corpus, &ctx.index, &options, &ctx.progress)?;
+    for s in &report.skipped {
+        eprintln!("skipped {}: {}", s.path.display(), s.reason);
+    }
     eprintln!(
         "indexed {} documents as {} chunks ({} word pieces) into {} in {:.1} s (embedding {:.1} s = {:.0} word pieces/s, index {:.1} s); {} files skipped",
         report.documents,

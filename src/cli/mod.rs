@@ -1,5 +1,6 @@
 //! Argument parsing (clap) into plain structs, then one module per subcommand.
 
+mod embed;
 mod fetch;
 mod ingest;
 mod search;
@@ -9,6 +10,9 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use ragtune::fetch::{FetchConfig, Role};
 use ragtune::progress::Progress;
+
+/// The default index location, built from the LicenseDB on first use.
+const DEFAULT_INDEX: &str = "index/licenses";
 
 /// ragtune: offline hybrid inference over a local corpus (default: the ScanCode LicenseDB).
 #[derive(Debug, Parser)]
@@ -30,7 +34,7 @@ pub struct GlobalArgs {
     #[arg(long, global = true, env = "RAGTUNE_EMBEDDER")]
     embedder: Option<PathBuf>,
     /// The index directory.
-    #[arg(long, global = true, env = "RAGTUNE_INDEX", default_value = "index/licenses")]
+    #[arg(long, global = true, env = "RAGTUNE_INDEX", default_value = DEFAULT_INDEX)]
     index: PathBuf,
     /// No progress bars.
     #[arg(long, short, global = true)]
@@ -45,6 +49,8 @@ enum Command {
     Ingest(ingest::Args),
     /// Search the index: top-k chunks for a query, or for each line of stdin.
     Search(search::Args),
+    /// Embed each line of stdin with the encoder (JSON lines, or a .npy file).
+    Embed(embed::Args),
 }
 
 /// Runs the command line.
@@ -55,6 +61,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Fetch(args) => fetch::run(&ctx, args),
         Command::Ingest(args) => ingest::run(&ctx, args),
         Command::Search(args) => search::run(&ctx, args),
+        Command::Embed(args) => embed::run(&ctx, args),
     }
 }
 
@@ -72,6 +79,7 @@ pub struct Context {
     fetch: FetchConfig,
     embedder: Option<PathBuf>,
     index: PathBuf,
+    index_is_default: bool,
     progress: Progress,
 }
 
@@ -81,6 +89,7 @@ impl Context {
             fetch: FetchConfig::new(&args.models_dir),
             embedder: args.embedder.clone(),
             index: args.index.clone(),
+            index_is_default: args.index == std::path::Path::new(DEFAULT_INDEX),
             progress: if args.quiet {
                 Progress::hidden()
             } else {

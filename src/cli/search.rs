@@ -53,6 +53,25 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         .map(Filter::parse)
         .transpose()?;
     let encoder = SentenceEncoder::load(ctx.embedder_dir()?)?;
+    let missing = !ctx.index.exists();
+    if missing && ctx.index_is_default && ctx.embedder.is_none() {
+        // First run on the embedded defaults: build the LicenseDB index now.
+        eprintln!(
+            "no index at {}: building it from the LicenseDB (first run; `ragtune ingest` rebuilds it)",
+            ctx.index.display()
+        );
+        let report = ragtune::ingest::ingest(
+            &encoder,
+            &ctx.default_corpus()?,
+            &ctx.index,
+            &Default::default(),
+            &ctx.progress,
+        )?;
+        eprintln!(
+            "indexed {} documents as {} chunks in {:.1} s",
+            report.documents, report.chunks, report.total_secs
+        );
+    }
     let retriever = Retriever::with_encoder(encoder, &ctx.index).with_context(|| {
         format!(
             "opening the index at {} (build it with `ragtune ingest`, or pass --index)",
