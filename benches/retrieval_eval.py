@@ -63,7 +63,7 @@ def main():
     out = subprocess.run(cmd, input="\n".join(q["text"] for q in queries) + "\n", capture_output=True,
                          text=True, check=True)
     secs = time.perf_counter() - t
-    lines = out.stdout.splitlines()
+    lines = out.stdout.rstrip("\n").split("\n")  # not splitlines(): hits may hold U+2028
     assert len(lines) == len(queries), (len(lines), len(queries))
     ranks = []
     for q, line in zip(queries, lines):
