@@ -178,6 +178,9 @@ pub struct HnswParams {
     /// Candidate list size while building; >= 1.
     pub ef_construction: usize,
     /// Default candidate list size while searching (raised to `k` when smaller); >= 1.
+    /// The default, 128, gives recall@10 0.981 against exact search on the 22,836 MiniLM
+    /// chunk vectors of the LicenseDB with 1,000 rule-text queries (64 gives 0.958, 256 0.992;
+    /// `examples/ann_bench.rs`).
     pub ef_search: usize,
 }
 
@@ -186,7 +189,7 @@ impl Default for HnswParams {
         HnswParams {
             m: 16,
             ef_construction: 200,
-            ef_search: 96,
+            ef_search: 128,
         }
     }
 }
