@@ -497,3 +497,38 @@ fn meta(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
 }
+
+/// A small index written by format version 1 and committed (`tests/data/golden-v1`), so a
+/// format change that can no longer read old files fails here. Regenerate it only on a
+/// deliberate format change: `RAGTUNE_WRITE_GOLDEN_INDEX=1 cargo test -p ragtune-index golden`.
+#[test]
+fn golden_index_of_format_v1_still_opens_and_answers() {
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/golden-v1");
+    if std::env::var_os("RAGTUNE_WRITE_GOLDEN_INDEX").is_some() {
+        let _ = std::fs::remove_dir_all(&golden);
+        std::fs::create_dir_all(golden.parent().expect("parent")).expect("mkdir");
+        build_small_fs(&golden);
+    }
+    // Open a copy, so nothing the test does can touch the committed files.
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("ix");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    for e in std::fs::read_dir(&golden).expect("golden index is committed") {
+        let e = e.expect("entry");
+        std::fs::copy(e.path(), dir.join(e.file_name())).expect("copy");
+    }
+    let ix = Index::open(&dir, &embedder(16)).expect("a v1 index opens");
+    // build_small_fs: 40 records over 8 docs + 5 added, doc-1 (5 records) deleted.
+    assert_eq!(ix.len(), 40);
+    assert_eq!(ix.stats().segments, 2);
+    let vecs = clustered(40, 16, 4, 0.2, 42);
+    let hits = ix
+        .search(&vecs[..16], &SearchParams { k: 3, exact: true, ..SearchParams::default() })
+        .expect("search");
+    assert_eq!(hits[0].id, 0);
+    assert!((hits[0].score - 1.0).abs() < 1e-5);
+    let first = ix.chunk(0).expect("chunk 0");
+    assert_eq!(first, records(40, 8)[0]);
+    let docs: HashSet<String> = ix.doc_ids().expect("docs").into_iter().collect();
+    assert!(docs.contains("added") && !docs.contains("doc-1") && docs.len() == 8);
+}
