@@ -65,16 +65,4 @@ impl Progress {
         bar
     }
 
-    /// Prints a line above the bars (or to stderr when there are none): for warnings about
-    /// skipped files during a long step.
-    pub fn println(&self, line: impl AsRef<str>) {
-        match &self.multi {
-            Some(m) => {
-                if m.println(line.as_ref()).is_err() {
-                    eprintln!("{}", line.as_ref());
-                }
-            }
-            None => {}
-        }
-    }
 }
