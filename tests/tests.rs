@@ -13,3 +13,5 @@ mod chunking;
 mod retrieval;
 #[path = "it/cli.rs"]
 mod cli;
+#[path = "it/generate_golden.rs"]
+mod generate_golden;
