@@ -159,3 +159,21 @@ fn chat_prompts_and_ids_match_llama_cpp() {
     );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// The GGUF-built tokenizer saved as `tokenizer.json` and loaded back gives the same ids.
+#[test]
+fn tokenizer_json_from_the_gguf_tokenizer_matches() {
+    let tok = &model().tokenizer;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("tokenizer.json");
+    tok.inner().save(&path, false).expect("save tokenizer.json");
+    let loaded = Tokenizer::from_file(&path).expect("load tokenizer.json");
+    for case in golden()["tokenize"].as_array().expect("tokenize cases") {
+        let text = case["text"].as_str().expect("text");
+        assert_eq!(
+            loaded.encode(text, SpecialTokens::AsText).expect("encode"),
+            ids(&case["ids"]),
+            "{text:?}"
+        );
+    }
+}

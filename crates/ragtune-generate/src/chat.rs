@@ -215,6 +215,17 @@ mod tests {
     }
 
     #[test]
+    fn hf_template_idioms() {
+        // namespace, length, trim, tojson, loop.last, items(): as Llama 3 / Mistral templates use.
+        let src = "{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}{{ m.content|trim }}{% if not loop.last %}|{% endif %}{% endfor %};{{ ns.n }}/{{ messages|length }};{{ messages[0]|tojson }};{% for k, v in {'a': 1}.items() %}{{ k }}={{ v }}{% endfor %}";
+        let t = ChatTemplate::new(src, "", "").expect("compile");
+        let out = t
+            .render(&[ChatMessage::system(" s "), ChatMessage::user("u")], false)
+            .expect("render");
+        assert_eq!(out, r#"s|u;2/2;{"role":"system","content":" s "};a=1"#);
+    }
+
+    #[test]
     fn raise_exception_is_an_error_with_the_message() {
         let src = "{% if messages[0].role != 'user' %}{{ raise_exception('Conversation must start with user') }}{% endif %}";
         let t = ChatTemplate::new(src, "", "").expect("compile");

@@ -388,6 +388,41 @@ mod tests {
     }
 
     #[test]
+    fn llama3_pre_tokenizer_builds_and_round_trips() {
+        let mut md = tiny_tok();
+        md.insert(
+            "tokenizer.ggml.pre".into(),
+            Value::String("llama-bpe".into()),
+        );
+        let tok = Tokenizer::from_metadata(&md).expect("tokenizer");
+        let ids = tok
+            .encode("ab a 12", SpecialTokens::AsText)
+            .expect("encode");
+        assert_eq!(tok.decode(&ids, false).expect("decode"), "ab a 12");
+    }
+
+    #[test]
+    fn tokenizer_json_round_trip() {
+        let tok = Tokenizer::from_metadata(&tiny_tok()).expect("tokenizer");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tokenizer.json");
+        tok.inner().save(&path, false).expect("save");
+        let loaded = Tokenizer::from_file(&path).expect("load");
+        for text in ["ab a 12", "<|im_start|>ab"] {
+            for special in [SpecialTokens::Parse, SpecialTokens::AsText] {
+                assert_eq!(
+                    loaded.encode(text, special).ok(),
+                    tok.encode(text, special).ok()
+                );
+            }
+        }
+        match Tokenizer::from_file(dir.path().join("missing.json")) {
+            Err(Error::Tokenizer { path: Some(p), .. }) => assert!(p.ends_with("missing.json")),
+            other => panic!("expected Tokenizer error with the path, got {other:?}"),
+        }
+    }
+
+    #[test]
     fn unknown_pre_tokenizer_and_sentencepiece_are_typed_errors() {
         let mut md = tiny_tok();
         md.insert("tokenizer.ggml.pre".into(), Value::String("qwen9".into()));
