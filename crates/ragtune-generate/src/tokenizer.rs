@@ -235,7 +235,7 @@ impl Tokenizer {
     }
 
     /// Token ids of a templated prompt: special-token text parsed, BOS prepended if the model
-    /// asks for it (and the text does not already start with it). What llama.cpp does with
+    /// asks for it. What llama.cpp does with
     /// `tokenize(prompt, add_bos = add_bos_token, special = true)`.
     ///
     /// # Errors
