@@ -72,7 +72,6 @@ pub fn copy_subset(dir: &Path, keys: &[&str]) {
 
 pub struct SubsetIndex {
     pub _tmp: tempfile::TempDir,
-    pub corpus: PathBuf,
     pub index: PathBuf,
 }
 
@@ -92,7 +91,7 @@ pub fn subset_index() -> &'static SubsetIndex {
             &Progress::hidden(),
         )
         .expect("ingest the subset");
-        SubsetIndex { _tmp: tmp, corpus, index }
+        SubsetIndex { _tmp: tmp, index }
     })
 }
 
