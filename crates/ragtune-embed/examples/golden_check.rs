@@ -5,7 +5,12 @@ use std::time::Instant;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let enc = ragtune_embed::SentenceEncoder::load(&args[1])?;
+    // EMBED_BATCH_TOKENS overrides the token budget of one forward pass.
+    let mut options = ragtune_embed::EncoderOptions::default();
+    if let Some(v) = std::env::var("EMBED_BATCH_TOKENS").ok().and_then(|v| v.parse().ok()) {
+        options.max_batch_tokens = v;
+    }
+    let enc = ragtune_embed::SentenceEncoder::load_with(&args[1], options)?;
     let golden: serde_json::Value = serde_json::from_slice(&std::fs::read(&args[2])?)?;
     for c in golden["cases"].as_array().ok_or("cases")? {
         let text = c["text"].as_str().ok_or("text")?;

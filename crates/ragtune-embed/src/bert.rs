@@ -212,14 +212,19 @@ impl FastBert {
         let mut tmp = vec![0f32; total * h];
         let mut mid = vec![0f32; total * inter];
         for layer in &self.layers {
-            linear(&x, total, &layer.qkv, &mut qkv);
+            linear(&x, total, &layer.qkv, &mut qkv, Bias::InGemm);
             self.attention(&qkv, &offsets, &mut ctx);
-            linear(&ctx, total, &layer.attn_out, &mut tmp);
-            layer_norm_residual(&mut x, Some(&tmp), &layer.attn_ln, h, self.eps);
-            linear(&x, total, &layer.ffn_in, &mut mid);
-            mid.par_chunks_mut(4096).for_each(|c| c.iter_mut().for_each(|v| *v = gelu(*v)));
-            linear(&mid, total, &layer.ffn_out, &mut tmp);
-            layer_norm_residual(&mut x, Some(&tmp), &layer.ffn_ln, h, self.eps);
+            // The biases of the other three projections are added in the pass that follows
+            // each GEMM (GELU, residual + LayerNorm), saving a pass over memory.
+            linear(&ctx, total, &layer.attn_out, &mut tmp, Bias::Caller);
+            layer_norm_residual(&mut x, Some((&tmp, &layer.attn_out.b)), &layer.attn_ln, h, self.eps);
+            linear(&x, total, &layer.ffn_in, &mut mid, Bias::Caller);
+            let b = &layer.ffn_in.b;
+            mid[..total * inter].par_chunks_mut(inter).with_min_len(16).for_each(|row| {
+                row.iter_mut().zip(b).for_each(|(v, b)| *v = gelu(*v + b))
+            });
+            linear(&mid, total, &layer.ffn_out, &mut tmp, Bias::Caller);
+            layer_norm_residual(&mut x, Some((&tmp, &layer.ffn_out.b)), &layer.ffn_ln, h, self.eps);
         }
         Ok(x)
     }
@@ -293,11 +298,23 @@ impl SyncPtr {
     }
 }
 
-/// `y (rows, out) = x (rows, inp) · W^T + b`, multi-threaded.
-fn linear(x: &[f32], rows: usize, l: &Linear, y: &mut [f32]) {
+/// Where the bias of a [`linear`] is added.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Bias {
+    /// `y` is pre-filled with the bias and the GEMM accumulates into it.
+    InGemm,
+    /// The GEMM overwrites `y` with `x W^T`; the caller adds the bias in its next pass.
+    Caller,
+}
+
+/// `y (rows, out) = x (rows, inp) · W^T (+ b, see [`Bias`])`, multi-threaded.
+fn linear(x: &[f32], rows: usize, l: &Linear, y: &mut [f32], bias: Bias) {
     debug_assert!(x.len() >= rows * l.inp && y.len() >= rows * l.out);
-    for r in y[..rows * l.out].chunks_mut(l.out) {
-        r.copy_from_slice(&l.b);
+    if bias == Bias::InGemm {
+        y[..rows * l.out]
+            .par_chunks_mut(l.out)
+            .with_min_len(64)
+            .for_each(|r| r.copy_from_slice(&l.b));
     }
     let threads = rayon::current_num_threads();
     let par = if threads > 1 && rows >= 64 {
@@ -310,7 +327,7 @@ fn linear(x: &[f32], rows: usize, l: &Linear, y: &mut [f32]) {
     unsafe {
         gemm::gemm(
             rows, l.out, l.inp,
-            y.as_mut_ptr(), 1, l.out as isize, true,
+            y.as_mut_ptr(), 1, l.out as isize, bias == Bias::InGemm,
             x.as_ptr(), 1, l.inp as isize,
             l.w.as_ptr(), l.inp as isize, 1,
             1.0, 1.0, false, false, false,
@@ -319,12 +336,20 @@ fn linear(x: &[f32], rows: usize, l: &Linear, y: &mut [f32]) {
     }
 }
 
-/// `x = LayerNorm(x + residual)` row by row (rows of width `h`), in parallel.
-fn layer_norm_residual(x: &mut [f32], residual: Option<&[f32]>, ln: &LayerNorm, h: usize, eps: f32) {
+/// `x = LayerNorm(x + residual + bias)` row by row (rows of width `h`), in parallel;
+/// `residual` is `(rows, bias)` of the projection whose bias was left to this pass.
+fn layer_norm_residual(
+    x: &mut [f32],
+    residual: Option<(&[f32], &[f32])>,
+    ln: &LayerNorm,
+    h: usize,
+    eps: f32,
+) {
+    let bias = residual.map(|r| r.1);
     let work = |(row, res): (&mut [f32], Option<&[f32]>)| {
-        if let Some(res) = res {
-            for (a, b) in row.iter_mut().zip(res) {
-                *a += *b;
+        if let (Some(res), Some(bias)) = (res, bias) {
+            for ((a, r), b) in row.iter_mut().zip(res).zip(bias) {
+                *a += *r + *b;
             }
         }
         let mean = row.iter().sum::<f32>() / h as f32;
@@ -335,7 +360,7 @@ fn layer_norm_residual(x: &mut [f32], residual: Option<&[f32]>, ln: &LayerNorm, 
         }
     };
     match residual {
-        Some(res) => x
+        Some((res, _)) => x
             .par_chunks_mut(h)
             .zip(res.par_chunks(h))
             .with_min_len(64)

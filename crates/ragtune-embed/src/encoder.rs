@@ -20,7 +20,8 @@ use crate::{read_json, Error, Result};
 pub struct EncoderOptions {
     /// Most sequences in one forward pass (default 32, as sentence-transformers).
     pub batch_size: usize,
-    /// Most padded tokens (`batch * longest`) in one forward pass (default 8192): long
+    /// Most tokens in one forward pass (default 16384; with the candle backend, padded
+    /// tokens `batch * longest`). Larger batches amortise thread synchronisation; long
     /// inputs get smaller batches so attention memory stays bounded.
     pub max_batch_tokens: usize,
     /// Overrides the truncation length in word pieces, `[CLS]`/`[SEP]` included (default:
@@ -45,7 +46,7 @@ impl Default for EncoderOptions {
     fn default() -> Self {
         EncoderOptions {
             batch_size: 32,
-            max_batch_tokens: 8192,
+            max_batch_tokens: 16384,
             max_seq_len: None,
             backend: Backend::Fast,
         }
