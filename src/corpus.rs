@@ -137,7 +137,15 @@ pub fn read_corpus(dir: &Path, options: &CorpusOptions) -> Result<Corpus> {
     }
     if corpus.documents.is_empty() {
         let why = if corpus.skipped.is_empty() {
-            format!("it has no {} files", options.extensions.iter().map(|e| format!(".{e}")).collect::<Vec<_>>().join("/"))
+            format!(
+                "it has no {} files",
+                options
+                    .extensions
+                    .iter()
+                    .map(|e| format!(".{e}"))
+                    .collect::<Vec<_>>()
+                    .join("/")
+            )
         } else {
             format!(
                 "all {} files were skipped, e.g. {}: {}",
@@ -155,7 +163,10 @@ pub fn read_corpus(dir: &Path, options: &CorpusOptions) -> Result<Corpus> {
 }
 
 /// Reads one document; `Err` carries the reason it is skipped.
-pub fn read_document(path: &Path, options: &CorpusOptions) -> std::result::Result<Document, String> {
+pub fn read_document(
+    path: &Path,
+    options: &CorpusOptions,
+) -> std::result::Result<Document, String> {
     let meta = fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?;
     if meta.len() > options.max_file_bytes {
         return Err(format!(
@@ -168,8 +179,12 @@ pub fn read_document(path: &Path, options: &CorpusOptions) -> std::result::Resul
     if bytes[..bytes.len().min(8192)].contains(&0) {
         return Err("binary file (contains NUL bytes)".to_string());
     }
-    let text = String::from_utf8(bytes)
-        .map_err(|e| format!("not UTF-8 (invalid byte at offset {})", e.utf8_error().valid_up_to()))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        format!(
+            "not UTF-8 (invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        )
+    })?;
     let doc_id = path
         .file_stem()
         .and_then(|s| s.to_str())
@@ -197,7 +212,9 @@ fn is_yes(v: &str) -> bool {
 ///
 /// # Errors
 /// A message when the front matter is not closed or is not a YAML mapping.
-pub fn parse_front_matter(text: &str) -> std::result::Result<(BTreeMap<String, String>, usize), String> {
+pub fn parse_front_matter(
+    text: &str,
+) -> std::result::Result<(BTreeMap<String, String>, usize), String> {
     let first_line_end = match text.find('\n') {
         Some(i) => i + 1,
         None => text.len(),
@@ -208,9 +225,14 @@ pub fn parse_front_matter(text: &str) -> std::result::Result<(BTreeMap<String, S
     let mut pos = first_line_end;
     let close = loop {
         if pos >= text.len() {
-            return Err("front matter starts with `---` but is never closed by a `---` line".to_string());
+            return Err(
+                "front matter starts with `---` but is never closed by a `---` line".to_string(),
+            );
         }
-        let end = text[pos..].find('\n').map(|i| pos + i + 1).unwrap_or(text.len());
+        let end = text[pos..]
+            .find('\n')
+            .map(|i| pos + i + 1)
+            .unwrap_or(text.len());
         if text[pos..end].trim_end() == "---" {
             break (pos, end);
         }
@@ -290,7 +312,12 @@ mod tests {
     #[test]
     fn fresh_split_matches_sha256_prefix() {
         // Hashes computed independently with `printf KEY | sha256sum`.
-        for key in ["acroname-bdk", "actuate-birt-ihub-ftype-sla", "adi-bsd", "adobe-general-tou"] {
+        for key in [
+            "acroname-bdk",
+            "actuate-birt-ihub-ftype-sla",
+            "adi-bsd",
+            "adobe-general-tou",
+        ] {
             assert!(is_fresh(key), "{key} hashes to 0.. or 1..");
         }
         for key in ["mit", "gpl-3.0", "apache-2.0", "bsd-new"] {

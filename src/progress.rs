@@ -64,5 +64,4 @@ impl Progress {
         bar.enable_steady_tick(Duration::from_millis(120));
         bar
     }
-
 }

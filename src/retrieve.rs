@@ -91,7 +91,10 @@ impl Retriever {
     ///
     /// # Errors
     /// As [`Retriever::open`].
-    pub fn with_encoder(encoder: SentenceEncoder, index_dir: impl AsRef<Path>) -> Result<Retriever> {
+    pub fn with_encoder(
+        encoder: SentenceEncoder,
+        index_dir: impl AsRef<Path>,
+    ) -> Result<Retriever> {
         let index = Index::open(index_dir.as_ref(), &crate::embedder_id(&encoder))?;
         Ok(Retriever { encoder, index })
     }
@@ -112,7 +115,9 @@ impl Retriever {
     /// [`Error::InvalidRequest`] for an empty query or `k == 0`; embedding and index errors.
     pub fn search(&self, query: &Query) -> Result<SearchResult> {
         if query.text.trim().is_empty() {
-            return Err(Error::InvalidRequest("the query is empty: give some text to search for".into()));
+            return Err(Error::InvalidRequest(
+                "the query is empty: give some text to search for".into(),
+            ));
         }
         if query.k == 0 {
             return Err(Error::InvalidRequest("k must be at least 1".into()));

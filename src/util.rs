@@ -9,7 +9,10 @@ use crate::{Error, Result};
 /// `dest` with a `.tmp` suffix and the process id, in the same directory (so the rename is
 /// atomic on the same file system).
 pub fn tmp_path(dest: &Path) -> PathBuf {
-    let mut name = dest.file_name().map(|s| s.to_os_string()).unwrap_or_default();
+    let mut name = dest
+        .file_name()
+        .map(|s| s.to_os_string())
+        .unwrap_or_default();
     name.push(format!(".{}.tmp", std::process::id()));
     dest.with_file_name(name)
 }

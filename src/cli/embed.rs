@@ -60,7 +60,8 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
 /// A NumPy v1.0 `.npy` file of little-endian float32 `(rows, cols)`, C order
 /// (format: numpy.org/doc/stable/reference/generated/numpy.lib.format.html).
 fn npy_f32(data: &[f32], rows: usize, cols: usize) -> Vec<u8> {
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
+    let mut header =
+        format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
     // Magic (6) + version (2) + header length (2) + header, padded with spaces to a multiple of
     // 64 and ended by a newline.
     let unpadded = 10 + header.len() + 1;

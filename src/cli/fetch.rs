@@ -22,7 +22,13 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         }
         let dir = ragtune::fetch::ensure_package(&ctx.fetch, package, &ctx.progress)
             .with_context(|| format!("fetching {}=={}", package.name, package.version))?;
-        eprintln!("{:<10} {}=={} -> {}", format!("{:?}", package.role).to_lowercase(), package.name, package.version, dir.display());
+        eprintln!(
+            "{:<10} {}=={} -> {}",
+            format!("{:?}", package.role).to_lowercase(),
+            package.name,
+            package.version,
+            dir.display()
+        );
     }
     Ok(())
 }

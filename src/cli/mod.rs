@@ -102,7 +102,11 @@ impl Context {
     fn embedder_dir(&self) -> anyhow::Result<PathBuf> {
         match &self.embedder {
             Some(dir) => Ok(dir.clone()),
-            None => Ok(ragtune::fetch::ensure(&self.fetch, Role::Embedder, &self.progress)?),
+            None => Ok(ragtune::fetch::ensure(
+                &self.fetch,
+                Role::Embedder,
+                &self.progress,
+            )?),
         }
     }
 

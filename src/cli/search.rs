@@ -47,11 +47,7 @@ struct JsonOut<'a> {
 }
 
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
-    let filter = args
-        .filter
-        .as_deref()
-        .map(Filter::parse)
-        .transpose()?;
+    let filter = args.filter.as_deref().map(Filter::parse).transpose()?;
     let encoder = SentenceEncoder::load(ctx.embedder_dir()?)?;
     let missing = !ctx.index.exists();
     if missing && ctx.index_is_default && ctx.embedder.is_none() {
@@ -98,9 +94,15 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
                 let line = line.context("reading queries from stdin")?;
                 let result = if line.trim().is_empty() {
                     eprintln!("line {}: empty query, no hits", n + 1);
-                    SearchResult { hits: Vec::new(), embed_ms: 0.0, search_ms: 0.0 }
+                    SearchResult {
+                        hits: Vec::new(),
+                        embed_ms: 0.0,
+                        search_ms: 0.0,
+                    }
                 } else {
-                    retriever.search(&make_query(&line)).with_context(|| format!("query on line {}", n + 1))?
+                    retriever
+                        .search(&make_query(&line))
+                        .with_context(|| format!("query on line {}", n + 1))?
                 };
                 print_result(&mut out, args.format, &line, &result)?;
                 out.flush()?;
@@ -111,7 +113,12 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_result(out: &mut impl Write, format: Format, query: &str, result: &SearchResult) -> anyhow::Result<()> {
+fn print_result(
+    out: &mut impl Write,
+    format: Format,
+    query: &str,
+    result: &SearchResult,
+) -> anyhow::Result<()> {
     match format {
         Format::Json => {
             serde_json::to_writer(&mut *out, &JsonOut { hits: &result.hits })?;
@@ -122,9 +129,23 @@ fn print_result(out: &mut impl Write, format: Format, query: &str, result: &Sear
             for (i, hit) in result.hits.iter().enumerate() {
                 let snippet: String = hit.text.split_whitespace().collect::<Vec<_>>().join(" ");
                 let snippet: String = snippet.chars().take(160).collect();
-                writeln!(out, "{:>2}. {:.3}  {}#{}  {}", i + 1, hit.score, hit.doc_id, hit.chunk, snippet)?;
+                writeln!(
+                    out,
+                    "{:>2}. {:.3}  {}#{}  {}",
+                    i + 1,
+                    hit.score,
+                    hit.doc_id,
+                    hit.chunk,
+                    snippet
+                )?;
             }
-            writeln!(out, "({} hits; embed {:.1} ms, search {:.2} ms)\n", result.hits.len(), result.embed_ms, result.search_ms)?;
+            writeln!(
+                out,
+                "({} hits; embed {:.1} ms, search {:.2} ms)\n",
+                result.hits.len(),
+                result.embed_ms,
+                result.search_ms
+            )?;
         }
     }
     Ok(())

@@ -30,8 +30,15 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 fn search_json(index: &Path, query: &str) -> serde_json::Value {
-    let out = ragtune(index).args(["search", "--format", "json", "-k", "3", query]).output().expect("run");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = ragtune(index)
+        .args(["search", "--format", "json", "-k", "3", query])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("one JSON object")
 }
 
@@ -47,7 +54,12 @@ fn search_json_matches_the_contract_and_batch_mode_keeps_order() {
         let mut keys: Vec<_> = h.as_object().expect("hit").keys().cloned().collect();
         keys.sort();
         assert_eq!(keys, ["chunk", "doc_id", "score", "text"]);
-        assert!(h["doc_id"].is_string() && h["chunk"].is_u64() && h["score"].is_f64() && h["text"].is_string());
+        assert!(
+            h["doc_id"].is_string()
+                && h["chunk"].is_u64()
+                && h["score"].is_f64()
+                && h["text"].is_string()
+        );
     }
 
     let mut child = ragtune(&ix.index)
@@ -57,10 +69,23 @@ fn search_json_matches_the_contract_and_batch_mode_keeps_order() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
-    let queries = ["Apache License Version 2.0", "zlib license", "Do What The Fuck You Want To Public License"];
-    child.stdin.take().expect("stdin").write_all(queries.join("\n").as_bytes()).expect("write");
+    let queries = [
+        "Apache License Version 2.0",
+        "zlib license",
+        "Do What The Fuck You Want To Public License",
+    ];
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(queries.join("\n").as_bytes())
+        .expect("write");
     let out = child.wait_with_output().expect("wait");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
         .expect("utf8")
         .lines()
@@ -82,10 +107,17 @@ fn bad_files_are_skipped_with_their_names_and_an_empty_folder_keeps_the_old_inde
     // An empty folder: refused, the old index untouched.
     let empty = tmp.path().join("empty");
     std::fs::create_dir_all(&empty).expect("mkdir");
-    let out = ragtune(&index).arg("ingest").arg(&empty).output().expect("run");
+    let out = ragtune(&index)
+        .arg("ingest")
+        .arg(&empty)
+        .output()
+        .expect("run");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("no documents to ingest") && stderr.contains("empty"), "{stderr}");
+    assert!(
+        stderr.contains("no documents to ingest") && stderr.contains("empty"),
+        "{stderr}"
+    );
     assert_eq!(search_json(&index, "zlib license"), before);
 
     // Bad files next to one good one: each named and skipped, the good one indexed.
@@ -93,15 +125,34 @@ fn bad_files_are_skipped_with_their_names_and_an_empty_folder_keeps_the_old_inde
     util::copy_subset(&docs, &["isc"]);
     std::fs::write(docs.join("binary.txt"), b"abc\0def").expect("w");
     std::fs::write(docs.join("latin1.txt"), b"caf\xe9 license").expect("w");
-    std::fs::write(docs.join("broken.LICENSE"), "---\nkey: [unclosed\n---\nbody\n").expect("w");
+    std::fs::write(
+        docs.join("broken.LICENSE"),
+        "---\nkey: [unclosed\n---\nbody\n",
+    )
+    .expect("w");
     std::fs::write(docs.join("huge.txt"), vec![b'a'; 9 << 20]).expect("w");
-    let out = ragtune(&index).arg("ingest").arg(&docs).output().expect("run");
+    let out = ragtune(&index)
+        .arg("ingest")
+        .arg(&docs)
+        .output()
+        .expect("run");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    for (name, why) in [("binary.txt", "binary"), ("latin1.txt", "not UTF-8"), ("broken.LICENSE", "front matter"), ("huge.txt", "limit")] {
-        assert!(stderr.lines().any(|l| l.contains(name) && l.contains(why)), "{name}: {stderr}");
+    for (name, why) in [
+        ("binary.txt", "binary"),
+        ("latin1.txt", "not UTF-8"),
+        ("broken.LICENSE", "front matter"),
+        ("huge.txt", "limit"),
+    ] {
+        assert!(
+            stderr.lines().any(|l| l.contains(name) && l.contains(why)),
+            "{name}: {stderr}"
+        );
     }
-    assert_eq!(search_json(&index, "zlib license")["hits"][0]["doc_id"], "isc");
+    assert_eq!(
+        search_json(&index, "zlib license")["hits"][0]["doc_id"],
+        "isc"
+    );
 }
 
 #[test]
@@ -113,10 +164,19 @@ fn a_killed_ingest_leaves_the_previous_index_intact() {
     let docs = tmp.path().join("docs");
     util::copy_subset(&docs, util::SUBSET);
     for delay_ms in [300u64, 1500, 4000] {
-        let mut child = ragtune(&index).arg("ingest").arg(&docs).stderr(Stdio::null()).spawn().expect("spawn");
+        let mut child = ragtune(&index)
+            .arg("ingest")
+            .arg(&docs)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
         std::thread::sleep(std::time::Duration::from_millis(delay_ms));
         let _ = child.kill();
         let _ = child.wait();
-        assert_eq!(search_json(&index, "Mozilla Public License"), before, "after a kill at {delay_ms} ms");
+        assert_eq!(
+            search_json(&index, "Mozilla Public License"),
+            before,
+            "after a kill at {delay_ms} ms"
+        );
     }
 }

@@ -15,8 +15,18 @@ fn cases() -> Vec<(String, Vec<u32>, Vec<f32>)> {
         .iter()
         .map(|c| {
             let text = c["text"].as_str().expect("text").to_string();
-            let ids = c["token_ids"].as_array().expect("ids").iter().map(|v| v.as_u64().expect("id") as u32).collect();
-            let emb = c["embedding"].as_array().expect("emb").iter().map(|v| v.as_f64().expect("f") as f32).collect();
+            let ids = c["token_ids"]
+                .as_array()
+                .expect("ids")
+                .iter()
+                .map(|v| v.as_u64().expect("id") as u32)
+                .collect();
+            let emb = c["embedding"]
+                .as_array()
+                .expect("emb")
+                .iter()
+                .map(|v| v.as_f64().expect("f") as f32)
+                .collect();
             (text, ids, emb)
         })
         .collect()
@@ -25,7 +35,11 @@ fn cases() -> Vec<(String, Vec<u32>, Vec<f32>)> {
 fn assert_close(text: &str, got: &[f32], want: &[f32]) {
     assert_eq!(got.len(), want.len());
     let cos = util::cosine(got, want);
-    let max_diff = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let max_diff = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
     assert!(
         cos >= 0.9999 && max_diff <= 1e-4,
         "{text:?}: cosine {cos}, max abs diff {max_diff}"

@@ -1,7 +1,7 @@
 //! Retrieval on real embeddings: HNSW recall against exact search, search quality on the
 //! subset, filters, and refusing an index built by another embedder.
 
-use ragtune::corpus::{parse_front_matter};
+use ragtune::corpus::parse_front_matter;
 use ragtune::retrieve::{Query, Retriever};
 use ragtune_index::{ChunkRecord, EmbedderId, Filter, HnswParams, Index, SearchParams};
 
@@ -23,7 +23,12 @@ fn short_rule_texts(n: usize) -> Vec<(String, String)> {
             let text = std::fs::read_to_string(&p).ok()?;
             let (meta, start) = parse_front_matter(&text).ok()?;
             let body = text[start..].trim().to_string();
-            (!body.is_empty()).then(|| (meta.get("license_expression").cloned().unwrap_or_default(), body))
+            (!body.is_empty()).then(|| {
+                (
+                    meta.get("license_expression").cloned().unwrap_or_default(),
+                    body,
+                )
+            })
         })
         .take(n)
         .collect()
@@ -49,32 +54,80 @@ fn hnsw_recall_at_10_against_exact_search_on_real_embeddings() {
         })
         .collect();
     let tmp = tempfile::tempdir().expect("tmp");
-    let index = Index::create(tmp.path().join("ix"), ragtune::embedder_id(util::encoder()), HnswParams::default(), chunks, base)
-        .expect("create");
+    let index = Index::create(
+        tmp.path().join("ix"),
+        ragtune::embedder_id(util::encoder()),
+        HnswParams::default(),
+        chunks,
+        base,
+    )
+    .expect("create");
     let mut found = 0usize;
     let mut total = 0usize;
     for q in queries.chunks(384) {
-        let approx = index.search(q, &SearchParams { k: 10, ef_search: None, filter: None, exact: false }).expect("hnsw");
-        let exact = index.search(q, &SearchParams { k: 10, ef_search: None, filter: None, exact: true }).expect("exact");
+        let approx = index
+            .search(
+                q,
+                &SearchParams {
+                    k: 10,
+                    ef_search: None,
+                    filter: None,
+                    exact: false,
+                },
+            )
+            .expect("hnsw");
+        let exact = index
+            .search(
+                q,
+                &SearchParams {
+                    k: 10,
+                    ef_search: None,
+                    filter: None,
+                    exact: true,
+                },
+            )
+            .expect("exact");
         assert_eq!(exact.len(), 10);
         total += exact.len();
-        found += exact.iter().filter(|e| approx.iter().any(|a| a.id == e.id)).count();
+        found += exact
+            .iter()
+            .filter(|e| approx.iter().any(|a| a.id == e.id))
+            .count();
         // Exact search is sorted best first.
         assert!(exact.windows(2).all(|w| w[0].score >= w[1].score));
     }
     let recall = found as f64 / total as f64;
-    assert!(recall >= 0.98, "recall@10 {recall} at the default ef_search");
+    assert!(
+        recall >= 0.98,
+        "recall@10 {recall} at the default ef_search"
+    );
 }
 
 #[test]
 fn apache_question_retrieves_apache_2_0() {
     let ix = util::subset_index();
-    let encoder = ragtune_embed::SentenceEncoder::load(util::package(ragtune::fetch::Role::Embedder)).expect("enc");
+    let encoder =
+        ragtune_embed::SentenceEncoder::load(util::package(ragtune::fetch::Role::Embedder))
+            .expect("enc");
     let retriever = Retriever::with_encoder(encoder, &ix.index).expect("open");
-    let r = retriever.search(&Query::new("What is the SPDX identifier of the Apache License 2.0?", 4)).expect("search");
-    assert!(r.hits.iter().any(|h| h.doc_id == "apache-2.0"), "{:?}", r.hits.iter().map(|h| &h.doc_id).collect::<Vec<_>>());
-    let r = retriever.search(&Query::new("GNU General Public License version 3", 3)).expect("search");
-    assert!(r.hits.iter().any(|h| h.doc_id == "gpl-3.0" || h.doc_id == "agpl-3.0"));
+    let r = retriever
+        .search(&Query::new(
+            "What is the SPDX identifier of the Apache License 2.0?",
+            4,
+        ))
+        .expect("search");
+    assert!(
+        r.hits.iter().any(|h| h.doc_id == "apache-2.0"),
+        "{:?}",
+        r.hits.iter().map(|h| &h.doc_id).collect::<Vec<_>>()
+    );
+    let r = retriever
+        .search(&Query::new("GNU General Public License version 3", 3))
+        .expect("search");
+    assert!(r
+        .hits
+        .iter()
+        .any(|h| h.doc_id == "gpl-3.0" || h.doc_id == "agpl-3.0"));
     assert!(r.hits.windows(2).all(|w| w[0].score >= w[1].score));
 
     // Filters: only Copyleft documents come back, and k are still returned.
@@ -82,7 +135,10 @@ fn apache_question_retrieves_apache_2_0() {
     q.filter = Some(Filter::parse("category=Copyleft").expect("filter"));
     let r = retriever.search(&q).expect("filtered");
     assert_eq!(r.hits.len(), 5);
-    assert!(r.hits.iter().all(|h| h.metadata.get("category").map(String::as_str) == Some("Copyleft")));
+    assert!(r
+        .hits
+        .iter()
+        .all(|h| h.metadata.get("category").map(String::as_str) == Some("Copyleft")));
 
     // Empty queries are refused with a message.
     assert!(retriever.search(&Query::new("   ", 4)).is_err());
@@ -94,12 +150,34 @@ fn an_index_built_by_another_embedder_is_refused() {
     let mut other = ragtune::embedder_id(util::encoder());
     other.model_sha256 = "0".repeat(64);
     other.model = "some-other-encoder".into();
-    let chunk = ChunkRecord { doc_id: "x".into(), chunk: 0, start: 0, end: 1, text: "x".into(), metadata: Default::default() };
+    let chunk = ChunkRecord {
+        doc_id: "x".into(),
+        chunk: 0,
+        start: 0,
+        end: 1,
+        text: "x".into(),
+        metadata: Default::default(),
+    };
     let mut v = vec![0f32; 384];
     v[0] = 1.0;
-    Index::create(tmp.path().join("ix"), other, HnswParams::default(), vec![chunk], &v).expect("create");
-    let encoder = ragtune_embed::SentenceEncoder::load(util::package(ragtune::fetch::Role::Embedder)).expect("enc");
+    Index::create(
+        tmp.path().join("ix"),
+        other,
+        HnswParams::default(),
+        vec![chunk],
+        &v,
+    )
+    .expect("create");
+    let encoder =
+        ragtune_embed::SentenceEncoder::load(util::package(ragtune::fetch::Role::Embedder))
+            .expect("enc");
     let err = Retriever::with_encoder(encoder, tmp.path().join("ix")).expect_err("must refuse");
-    assert!(matches!(err, ragtune::Error::Index(ragtune_index::Error::EmbedderMismatch { .. })), "{err}");
+    assert!(
+        matches!(
+            err,
+            ragtune::Error::Index(ragtune_index::Error::EmbedderMismatch { .. })
+        ),
+        "{err}"
+    );
     let _ = EmbedderId::clone(&ragtune::embedder_id(util::encoder()));
 }

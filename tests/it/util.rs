@@ -11,10 +11,36 @@ use ragtune_embed::SentenceEncoder;
 /// The licenses of the small test corpus: common ones the tests ask about, plus a few
 /// near-duplicates (BSD/MIT variants) and two fresh keys.
 pub const SUBSET: &[&str] = &[
-    "apache-2.0", "mit", "gpl-2.0", "gpl-3.0", "lgpl-2.1", "bsd-new", "bsd-simplified",
-    "mpl-2.0", "isc", "zlib", "unlicense", "cc0-1.0", "epl-2.0", "agpl-3.0", "artistic-2.0",
-    "bsl-1.0", "wtfpl-2.0", "x11", "mit-0", "python", "postgresql", "ofl-1.1", "cddl-1.0",
-    "eupl-1.2", "ms-pl", "adi-bsd", "acroname-bdk", "json", "beerware", "curl",
+    "apache-2.0",
+    "mit",
+    "gpl-2.0",
+    "gpl-3.0",
+    "lgpl-2.1",
+    "bsd-new",
+    "bsd-simplified",
+    "mpl-2.0",
+    "isc",
+    "zlib",
+    "unlicense",
+    "cc0-1.0",
+    "epl-2.0",
+    "agpl-3.0",
+    "artistic-2.0",
+    "bsl-1.0",
+    "wtfpl-2.0",
+    "x11",
+    "mit-0",
+    "python",
+    "postgresql",
+    "ofl-1.1",
+    "cddl-1.0",
+    "eupl-1.2",
+    "ms-pl",
+    "adi-bsd",
+    "acroname-bdk",
+    "json",
+    "beerware",
+    "curl",
 ];
 
 pub fn repo() -> PathBuf {
@@ -56,7 +82,8 @@ pub fn golden(name: &str) -> serde_json::Value {
         .map(PathBuf::from)
         .unwrap_or_else(|| repo().join("../shared/golden"));
     let path = dir.join(name);
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("golden file {}: {e}", path.display()));
+    let bytes =
+        std::fs::read(&path).unwrap_or_else(|e| panic!("golden file {}: {e}", path.display()));
     serde_json::from_slice(&bytes).expect("golden JSON")
 }
 

@@ -121,7 +121,9 @@ impl FastBert {
         if wdims.get(1) != Some(&h) || pdims.get(1) != Some(&h) || tdims.get(1) != Some(&h) {
             return Err(Error::Unsupported {
                 path: weights.to_path_buf(),
-                detail: format!("embedding widths {wdims:?}/{pdims:?}/{tdims:?} do not match hidden_size {h}"),
+                detail: format!(
+                    "embedding widths {wdims:?}/{pdims:?}/{tdims:?} do not match hidden_size {h}"
+                ),
             });
         }
         let mut layers = Vec::with_capacity(cfg.layers);
@@ -149,7 +151,10 @@ impl FastBert {
         if h % cfg.heads != 0 {
             return Err(Error::Unsupported {
                 path: weights.to_path_buf(),
-                detail: format!("hidden_size {h} is not a multiple of num_attention_heads {}", cfg.heads),
+                detail: format!(
+                    "hidden_size {h} is not a multiple of num_attention_heads {}",
+                    cfg.heads
+                ),
             });
         }
         Ok(FastBert {
@@ -191,7 +196,9 @@ impl FastBert {
             for (p, (&id, &ty)) in ids.iter().zip(types.iter()).enumerate() {
                 let (id, ty) = (id as usize, ty as usize);
                 if id >= self.vocab || ty >= self.type_vocab {
-                    return Err(Error::Tokenizer(format!("token id {id} or type {ty} out of range")));
+                    return Err(Error::Tokenizer(format!(
+                        "token id {id} or type {ty} out of range"
+                    )));
                 }
                 let row = &mut x[(offsets[s] + p) * h..(offsets[s] + p + 1) * h];
                 let (w, pe, te) = (
@@ -217,14 +224,27 @@ impl FastBert {
             // The biases of the other three projections are added in the pass that follows
             // each GEMM (GELU, residual + LayerNorm), saving a pass over memory.
             linear(&ctx, total, &layer.attn_out, &mut tmp, Bias::Caller);
-            layer_norm_residual(&mut x, Some((&tmp, &layer.attn_out.b)), &layer.attn_ln, h, self.eps);
+            layer_norm_residual(
+                &mut x,
+                Some((&tmp, &layer.attn_out.b)),
+                &layer.attn_ln,
+                h,
+                self.eps,
+            );
             linear(&x, total, &layer.ffn_in, &mut mid, Bias::Caller);
             let b = &layer.ffn_in.b;
-            mid[..total * inter].par_chunks_mut(inter).with_min_len(16).for_each(|row| {
-                row.iter_mut().zip(b).for_each(|(v, b)| *v = gelu(*v + b))
-            });
+            mid[..total * inter]
+                .par_chunks_mut(inter)
+                .with_min_len(16)
+                .for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v = gelu(*v + b)));
             linear(&mid, total, &layer.ffn_out, &mut tmp, Bias::Caller);
-            layer_norm_residual(&mut x, Some((&tmp, &layer.ffn_out.b)), &layer.ffn_ln, h, self.eps);
+            layer_norm_residual(
+                &mut x,
+                Some((&tmp, &layer.ffn_out.b)),
+                &layer.ffn_ln,
+                h,
+                self.eps,
+            );
         }
         Ok(x)
     }
@@ -239,45 +259,72 @@ impl FastBert {
             .flat_map(|s| (0..self.heads).map(move |hd| (s, hd)))
             .collect();
         let ctx_ptr = SyncPtr(ctx.as_mut_ptr());
-        jobs.par_iter().for_each_init(Vec::new, |scores: &mut Vec<f32>, &(s, hd)| {
-            let (o, len) = (offsets[s], offsets[s + 1] - offsets[s]);
-            scores.clear();
-            scores.resize(len * len, 0.0);
-            let q = qkv[o * 3 * h + hd * d..].as_ptr();
-            let k = qkv[o * 3 * h + h + hd * d..].as_ptr();
-            let v = qkv[o * 3 * h + 2 * h + hd * d..].as_ptr();
-            let stride = (3 * h) as isize;
-            // SAFETY: every pointer/stride pair addresses rows o..o+len of qkv (inside the
-            // slice: (o + len - 1) * 3h + 2h + hd*d + d <= total * 3h), the score buffer has
-            // len*len elements, and each job writes a disjoint (rows, head columns) block of ctx.
-            unsafe {
-                // scores (len, len) = Q (len, d) · K^T (d, len) * scale
-                gemm::gemm(
-                    len, len, d,
-                    scores.as_mut_ptr(), 1, len as isize, false,
-                    q, 1, stride,
-                    k, stride, 1,
-                    0.0, scale, false, false, false,
-                    gemm::Parallelism::None,
-                );
-            }
-            for row in scores.chunks_mut(len) {
-                softmax_in_place(row);
-            }
-            let ctx_block = ctx_ptr.get().wrapping_add(o * h + hd * d);
-            // SAFETY: as above.
-            unsafe {
-                // ctx (len, d) = P (len, len) · V (len, d)
-                gemm::gemm(
-                    len, d, len,
-                    ctx_block, 1, h as isize, false,
-                    scores.as_ptr(), 1, len as isize,
-                    v, 1, stride,
-                    0.0, 1.0, false, false, false,
-                    gemm::Parallelism::None,
-                );
-            }
-        });
+        jobs.par_iter()
+            .for_each_init(Vec::new, |scores: &mut Vec<f32>, &(s, hd)| {
+                let (o, len) = (offsets[s], offsets[s + 1] - offsets[s]);
+                scores.clear();
+                scores.resize(len * len, 0.0);
+                let q = qkv[o * 3 * h + hd * d..].as_ptr();
+                let k = qkv[o * 3 * h + h + hd * d..].as_ptr();
+                let v = qkv[o * 3 * h + 2 * h + hd * d..].as_ptr();
+                let stride = (3 * h) as isize;
+                // SAFETY: every pointer/stride pair addresses rows o..o+len of qkv (inside the
+                // slice: (o + len - 1) * 3h + 2h + hd*d + d <= total * 3h), the score buffer has
+                // len*len elements, and each job writes a disjoint (rows, head columns) block of ctx.
+                unsafe {
+                    // scores (len, len) = Q (len, d) · K^T (d, len) * scale
+                    gemm::gemm(
+                        len,
+                        len,
+                        d,
+                        scores.as_mut_ptr(),
+                        1,
+                        len as isize,
+                        false,
+                        q,
+                        1,
+                        stride,
+                        k,
+                        stride,
+                        1,
+                        0.0,
+                        scale,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                for row in scores.chunks_mut(len) {
+                    softmax_in_place(row);
+                }
+                let ctx_block = ctx_ptr.get().wrapping_add(o * h + hd * d);
+                // SAFETY: as above.
+                unsafe {
+                    // ctx (len, d) = P (len, len) · V (len, d)
+                    gemm::gemm(
+                        len,
+                        d,
+                        len,
+                        ctx_block,
+                        1,
+                        h as isize,
+                        false,
+                        scores.as_ptr(),
+                        1,
+                        len as isize,
+                        v,
+                        1,
+                        stride,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            });
     }
 
     /// The hidden size.
@@ -326,11 +373,24 @@ fn linear(x: &[f32], rows: usize, l: &Linear, y: &mut [f32], bias: Bias) {
     // and column stride inp, y is (rows, out) row-major; all within their slices.
     unsafe {
         gemm::gemm(
-            rows, l.out, l.inp,
-            y.as_mut_ptr(), 1, l.out as isize, bias == Bias::InGemm,
-            x.as_ptr(), 1, l.inp as isize,
-            l.w.as_ptr(), l.inp as isize, 1,
-            1.0, 1.0, false, false, false,
+            rows,
+            l.out,
+            l.inp,
+            y.as_mut_ptr(),
+            1,
+            l.out as isize,
+            bias == Bias::InGemm,
+            x.as_ptr(),
+            1,
+            l.inp as isize,
+            l.w.as_ptr(),
+            l.inp as isize,
+            1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
             par,
         );
     }
@@ -365,7 +425,10 @@ fn layer_norm_residual(
             .zip(res.par_chunks(h))
             .with_min_len(64)
             .for_each(|(r, s)| work((r, Some(s)))),
-        None => x.par_chunks_mut(h).with_min_len(64).for_each(|r| work((r, None))),
+        None => x
+            .par_chunks_mut(h)
+            .with_min_len(64)
+            .for_each(|r| work((r, None))),
     }
 }
 
@@ -441,7 +504,11 @@ mod tests {
     fn gelu_matches_erf_definition() {
         // Reference erf values (Abramowitz & Stegun table 7.1): erf(0.5) = 0.5204998778,
         // erf(1) = 0.8427007929, erf(2) = 0.9953222650.
-        for (z, erf) in [(0.5f64, 0.520_499_877_8f64), (1.0, 0.842_700_792_9), (2.0, 0.995_322_265_0)] {
+        for (z, erf) in [
+            (0.5f64, 0.520_499_877_8f64),
+            (1.0, 0.842_700_792_9),
+            (2.0, 0.995_322_265_0),
+        ] {
             for sign in [1.0, -1.0] {
                 let x = sign * z * std::f64::consts::SQRT_2;
                 let want = 0.5 * x * (1.0 + sign * erf);

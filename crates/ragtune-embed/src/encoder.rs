@@ -208,12 +208,11 @@ impl SentenceEncoder {
         }
         let pooling = Pooling::from_sentence_transformers(&dir.join("1_Pooling/config.json"))?;
 
-        let mut tokenizer = Tokenizer::from_file(&tokenizer_path).map_err(|e| {
-            Error::InvalidConfig {
+        let mut tokenizer =
+            Tokenizer::from_file(&tokenizer_path).map_err(|e| Error::InvalidConfig {
                 path: tokenizer_path.clone(),
                 detail: e.to_string(),
-            }
-        })?;
+            })?;
         // Padding is done per batch, to the longest sequence; truncation at max_seq_len.
         tokenizer.with_padding(None);
         tokenizer
@@ -373,8 +372,10 @@ impl SentenceEncoder {
         let batch: Vec<&Encoding> = batch.collect();
         let model = match &self.model {
             Model::Fast(fast) => {
-                let seqs: Vec<(&[u32], &[u32])> =
-                    batch.iter().map(|e| (e.get_ids(), e.get_type_ids())).collect();
+                let seqs: Vec<(&[u32], &[u32])> = batch
+                    .iter()
+                    .map(|e| (e.get_ids(), e.get_type_ids()))
+                    .collect();
                 let hidden = fast.forward(&seqs)?;
                 let dim = fast.hidden();
                 let mut out = vec![0f32; batch.len() * dim];

@@ -55,7 +55,9 @@ impl Pooling {
             detail: detail.to_string(),
         };
         if raw.pooling_mode_mean_sqrt_len_tokens {
-            return Err(invalid("pooling_mode_mean_sqrt_len_tokens is not supported"));
+            return Err(invalid(
+                "pooling_mode_mean_sqrt_len_tokens is not supported",
+            ));
         }
         match (
             raw.pooling_mode_cls_token,
