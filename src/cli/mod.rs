@@ -2,6 +2,7 @@
 
 mod embed;
 mod fetch;
+mod index;
 mod ingest;
 mod search;
 
@@ -49,6 +50,8 @@ enum Command {
     Ingest(ingest::Args),
     /// Search the index: top-k chunks for a query, or for each line of stdin.
     Search(search::Args),
+    /// Inspect or maintain the index: info, delete documents, compact.
+    Index(index::Args),
     /// Embed each line of stdin with the encoder (JSON lines, or a .npy file).
     Embed(embed::Args),
 }
@@ -62,6 +65,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Ingest(args) => ingest::run(&ctx, args),
         Command::Search(args) => search::run(&ctx, args),
         Command::Embed(args) => embed::run(&ctx, args),
+        Command::Index(args) => index::run(&ctx, args),
     }
 }
 

@@ -180,3 +180,58 @@ fn a_killed_ingest_leaves_the_previous_index_intact() {
         );
     }
 }
+
+#[test]
+fn index_delete_and_compact_through_the_cli() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let index = tmp.path().join("index");
+    copy_dir(&util::subset_index().index, &index);
+    let info = |index: &Path| -> serde_json::Value {
+        let out = ragtune(index)
+            .args(["index", "info"])
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("json")
+    };
+    let before = info(&index);
+    assert_eq!(before["documents"], util::SUBSET.len());
+    assert_eq!(before["tombstones"], 0);
+
+    let out = ragtune(&index)
+        .args(["index", "delete", "zlib"])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let hits = search_json(&index, "zlib license");
+    assert!(hits["hits"]
+        .as_array()
+        .expect("hits")
+        .iter()
+        .all(|h| h["doc_id"] != "zlib"));
+    let deleted = info(&index);
+    assert_eq!(deleted["documents"], util::SUBSET.len() - 1);
+    assert!(deleted["tombstones"].as_u64().expect("n") > 0);
+
+    let out = ragtune(&index)
+        .args(["index", "compact"])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let compacted = info(&index);
+    assert_eq!(compacted["tombstones"], 0);
+    assert_eq!(compacted["chunks"], deleted["chunks"]);
+    assert_eq!(search_json(&index, "zlib license"), hits);
+}

@@ -1,0 +1,68 @@
+//! `ragtune index`: inspect and maintain an index (info, delete documents, compact).
+
+use ragtune_index::Index;
+
+use super::Context;
+
+/// Arguments of `ragtune index`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    action: Action,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Action {
+    /// Counts, embedder, HNSW parameters and size on disk (JSON).
+    Info,
+    /// Delete documents by id (tombstones; `compact` reclaims the space).
+    Delete {
+        /// Document ids (file stems, e.g. license keys).
+        #[arg(required = true)]
+        doc_ids: Vec<String>,
+    },
+    /// Rewrite the index into one segment with a fresh graph, dropping deleted chunks.
+    Compact,
+}
+
+pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
+    // Maintenance does not embed anything, so any embedder's index can be opened.
+    let mut index = Index::open_any(&ctx.index)?;
+    match args.action {
+        Action::Info => {
+            let s = index.stats();
+            let info = serde_json::json!({
+                "path": ctx.index.display().to_string(),
+                "chunks": s.chunks,
+                "documents": s.docs,
+                "segments": s.segments,
+                "tombstones": s.tombstones,
+                "bytes": s.bytes,
+                "dim": index.dim(),
+                "embedder": index.embedder(),
+                "hnsw": index.params(),
+            });
+            println!("{}", serde_json::to_string_pretty(&info)?);
+        }
+        Action::Delete { doc_ids } => {
+            for id in &doc_ids {
+                let n = index.delete_doc(id)?;
+                if n == 0 {
+                    eprintln!("{id}: not in the index");
+                } else {
+                    eprintln!("{id}: deleted {n} chunks");
+                }
+            }
+        }
+        Action::Compact => {
+            let before = index.stats();
+            index.compact()?;
+            let after = index.stats();
+            eprintln!(
+                "compacted {} segments ({} deleted chunks) into {}: {} -> {} bytes",
+                before.segments, before.tombstones, after.segments, before.bytes, after.bytes
+            );
+        }
+    }
+    Ok(())
+}
