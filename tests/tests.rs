@@ -5,13 +5,15 @@
 #[path = "it/util.rs"]
 mod util;
 
-#[path = "it/embed_golden.rs"]
-mod embed_golden;
 #[path = "it/chunking.rs"]
 mod chunking;
-#[path = "it/retrieval.rs"]
-mod retrieval;
 #[path = "it/cli.rs"]
 mod cli;
+#[path = "it/embed_golden.rs"]
+mod embed_golden;
 #[path = "it/generate_golden.rs"]
 mod generate_golden;
+#[path = "it/generate_model.rs"]
+mod generate_model;
+#[path = "it/retrieval.rs"]
+mod retrieval;

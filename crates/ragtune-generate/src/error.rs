@@ -113,6 +113,82 @@ pub enum Error {
         #[source]
         source: minijinja::Error,
     },
+    /// A GGUF tensor the model needs is absent or could not be read.
+    #[error("GGUF tensor `{name}`: {source}")]
+    Tensor {
+        /// The tensor name, e.g. `blk.0.attn_q.weight`.
+        name: String,
+        /// candle's error.
+        source: candle_core::Error,
+    },
+
+    /// A GGUF tensor has a shape that does not fit the metadata.
+    #[error("GGUF tensor `{name}` has shape {got:?}, expected {expected:?}")]
+    TensorShape {
+        /// The tensor name.
+        name: String,
+        /// The shape the metadata implies (GGUF order: `(out, in)` for projections).
+        expected: Vec<usize>,
+        /// The shape found.
+        got: Vec<usize>,
+    },
+
+    /// A feature of the file that this crate does not implement (YaRN RoPE scaling, a
+    /// partial rotary dimension, ...).
+    #[error("unsupported: {what}")]
+    Unsupported {
+        /// What is not supported.
+        what: String,
+    },
+
+    /// A forward call would write past the end of the KV cache.
+    #[error("context overflow: {needed} positions needed, the KV cache holds {capacity}")]
+    ContextOverflow {
+        /// Positions the call needs (cached + new tokens).
+        needed: usize,
+        /// The cache capacity, in tokens.
+        capacity: usize,
+    },
+
+    /// A KV cache was asked for more positions than the model's context length, or for none.
+    #[error(
+        "KV cache capacity {requested} is not in 1..={context_length} (the model's context length)"
+    )]
+    CacheCapacity {
+        /// The capacity asked for, in tokens.
+        requested: usize,
+        /// `llama.context_length`.
+        context_length: usize,
+    },
+
+    /// A prompt plus the requested new tokens do not fit the KV cache.
+    #[error(
+        "prompt of {prompt_tokens} tokens + max_new_tokens {max_new_tokens} exceed the context \
+         of {capacity} tokens by {excess} tokens"
+    )]
+    PromptTooLong {
+        /// Tokens in the prompt.
+        prompt_tokens: usize,
+        /// `GenerateParams::max_new_tokens`.
+        max_new_tokens: usize,
+        /// The KV cache capacity.
+        capacity: usize,
+        /// How many tokens too many: `prompt_tokens + max_new_tokens - capacity`.
+        excess: usize,
+    },
+
+    /// Generation parameters out of range (an empty prompt, a temperature <= 0, top_p outside
+    /// (0, 1], ...).
+    #[error("invalid generation parameters: {detail}")]
+    InvalidParams {
+        /// What is wrong.
+        detail: String,
+    },
+
+    /// A tensor operation failed (a shape mismatch inside the forward pass: a bug, or a file
+    /// whose tensors disagree in a way not checked at load time).
+    #[error("tensor op: {0}")]
+    Candle(#[from] candle_core::Error),
 }
 
 /// `Result` with this crate's [`Error`].

@@ -1,7 +1,7 @@
 //! Generation for ragtune: llama-family GGUF models on candle, with the model's own tokenizer
 //! and chat template.
 //!
-//! This is the foundation of the crate; what exists today:
+//! What exists today:
 //!
 //! - [`LlamaProps`]: the GGUF metadata parsed into a typed, validated struct before any tensor
 //!   is touched (architecture, context length, head counts, RoPE base and scaling, RMSNorm eps,
@@ -15,7 +15,14 @@
 //!
 //! On SmolLM2-135M-Instruct Q4_1 the token ids and the rendered chat prompts agree exactly
 //! with llama.cpp (the golden tests in the root package, `tests/it/generate_golden.rs`).
-//! The model forward pass, KV cache, sampling, streaming and LoRA adapters are still to come.
+//! - [`LlamaModel`]: the forward pass of the llama architecture on candle ops, projections
+//!   kept quantized ([`WeightFormat::AsStored`]) or dequantized ([`WeightFormat::F32`]), over
+//!   an explicit, preallocated [`KvCache`] the caller owns.
+//! - [`Generator`]: batched prefill, a decode loop, [`Sampling`] (greedy, temperature with
+//!   top-k / top-p / min-p, seeded), repeat penalty, stop strings and end-of-generation ids,
+//!   streamed text deltas that never split a UTF-8 character, and [`Timings`] per phase.
+//!
+//! LoRA adapters are still to come.
 //!
 //! ```no_run
 //! use ragtune_generate::{read_gguf, ChatMessage, ChatTemplate, LlamaProps, SpecialTokens, Tokenizer};
@@ -34,10 +41,22 @@
 
 mod chat;
 mod error;
+mod layers;
+mod model;
 mod props;
+mod session;
 mod tokenizer;
+mod weight;
 
+/// The candle version this crate is built on: [`LlamaModel::forward`] returns its `Tensor`.
+pub use candle_core;
 pub use chat::{ChatMessage, ChatTemplate, Role};
 pub use error::{Error, Result};
+pub use model::{KvCache, LlamaModel};
 pub use props::{read_gguf, LlamaProps, RopeParams, RopeScaling, SpecialTokenIds, ARCHITECTURE};
+pub use session::{
+    end_of_generation_ids, GenerateParams, Generation, Generator, RepeatPenalty, Sampling,
+    StopReason, Timings,
+};
 pub use tokenizer::{SpecialTokens, Tokenizer};
+pub use weight::WeightFormat;

