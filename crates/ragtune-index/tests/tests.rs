@@ -523,7 +523,14 @@ fn golden_index_of_format_v1_still_opens_and_answers() {
     assert_eq!(ix.stats().segments, 2);
     let vecs = clustered(40, 16, 4, 0.2, 42);
     let hits = ix
-        .search(&vecs[..16], &SearchParams { k: 3, exact: true, ..SearchParams::default() })
+        .search(
+            &vecs[..16],
+            &SearchParams {
+                k: 3,
+                exact: true,
+                ..SearchParams::default()
+            },
+        )
         .expect("search");
     assert_eq!(hits[0].id, 0);
     assert!((hits[0].score - 1.0).abs() < 1e-5);
