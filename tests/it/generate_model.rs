@@ -164,23 +164,26 @@ fn free_greedy_generation_follows_llama_cpp() {
 /// Not bit for bit: candle's f32 gemm sums in a different order for a different number of
 /// rows (~4e-6 on a 64-long dot product, measured), and the q8_1 quantization of activations
 /// before each Q4_1 matmul turns such a difference into a different rounding now and then,
-/// which grows through 30 layers (llama.cpp has the same batch-size dependence; measured here:
-/// cosine 0.9988-0.9999, max abs diff 0.5-0.6 on logits of magnitude ~20). So with the
-/// weights as stored the test asks for the same argmax at every decoded position and a cosine
-/// >= 0.995, and with the weights dequantized to f32 (no activation quantization) for
-/// agreement within 1e-3 absolute. A cache written at the wrong position or a wrong mask fails
-/// all three by far.
+/// which grows through 30 layers (llama.cpp has the same batch-size dependence). With the
+/// weights as stored, prefill (>= 8 tokens) also takes another path than decode: Q4_1 panels
+/// dequantized for an f32 gemm, without the q8_1 rounding of the activations. Measured: cosine
+/// 0.998-0.99997, max abs diff 0.5-1.0 on logits of magnitude ~20, and an argmax that flips
+/// where the top two are close. So with the weights as stored the test asks for a cosine
+/// >= 0.995 and the incremental argmax within the full forward's top 3, and with the weights
+/// dequantized to f32 (one arithmetic path) for agreement within 1e-3 absolute and the same
+/// argmax. A cache written at the wrong position or a wrong mask fails all of them by far.
 #[test]
 fn kv_cache_decode_matches_one_full_forward() {
     let f = fixture();
-    kv_cache_check(&f.model, 0.995, f32::INFINITY);
+    kv_cache_check(&f.model, 0.995, f32::INFINITY, 3);
     let file = golden()["model_file"].as_str().expect("model_file");
     let path: PathBuf = util::package(Role::Generator).join(file);
     let dense = LlamaModel::from_gguf_with(&path, WeightFormat::F32).expect("load as f32");
-    kv_cache_check(&dense, 1.0 - 1e-9, 1e-3);
+    kv_cache_check(&dense, 1.0 - 1e-9, 1e-3, 1);
 }
 
-fn kv_cache_check(model: &LlamaModel, min_cosine: f64, max_abs: f32) {
+/// `top`: the incremental argmax must be among the full forward's `top` best tokens.
+fn kv_cache_check(model: &LlamaModel, min_cosine: f64, max_abs: f32, top: usize) {
     let c = &cases()[0];
     let mut seq = c.prompt.clone();
     seq.extend(&c.greedy[..8]);
@@ -205,7 +208,7 @@ fn kv_cache_check(model: &LlamaModel, min_cosine: f64, max_abs: f32) {
         rows.push(l.to_vec1().expect("row"));
     }
     assert_eq!(cache.len(), seq.len());
-    let argmax = |v: &[f32]| {
+    let argmax = |v: &[f32]| -> usize {
         v.iter()
             .enumerate()
             .max_by(|a, b| a.1.total_cmp(b.1))
@@ -228,7 +231,13 @@ fn kv_cache_check(model: &LlamaModel, min_cosine: f64, max_abs: f32) {
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
         eprintln!("position {pos}: cosine {cos:.6}, max abs diff {max_diff:.3}");
-        assert_eq!(argmax(&reference), argmax(inc), "argmax at position {pos}");
+        let best = argmax(inc);
+        let rank = reference.iter().filter(|&&v| v > reference[best]).count();
+        assert!(
+            rank < top,
+            "argmax at position {pos} is the reference's number {}",
+            rank + 1
+        );
         assert!(cos >= min_cosine, "cosine {cos} at position {pos}");
         assert!(
             max_diff <= max_abs,

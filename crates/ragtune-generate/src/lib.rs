@@ -39,20 +39,23 @@
 //! ```
 #![warn(missing_docs)]
 
+mod attention;
 mod chat;
 mod error;
 mod layers;
 mod model;
 mod props;
+mod quant;
 mod session;
 mod tokenizer;
 mod weight;
 
+pub use attention::KvCache;
 /// The candle version this crate is built on: [`LlamaModel::forward`] returns its `Tensor`.
 pub use candle_core;
 pub use chat::{ChatMessage, ChatTemplate, Role};
 pub use error::{Error, Result};
-pub use model::{KvCache, LlamaModel};
+pub use model::LlamaModel;
 pub use props::{read_gguf, LlamaProps, RopeParams, RopeScaling, SpecialTokenIds, ARCHITECTURE};
 pub use session::{
     end_of_generation_ids, GenerateParams, Generation, Generator, RepeatPenalty, Sampling,

@@ -9,52 +9,11 @@ use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 
+use crate::attention::{self, KvCache};
 use crate::layers::{causal_mask, Linear, RmsNorm, Rope};
 use crate::props::LlamaProps;
 use crate::weight::{Weight, WeightFormat};
 use crate::{Error, Result};
-
-/// The key/value cache of one sequence: what a caller holds between forward calls.
-///
-/// Preallocated for `capacity` positions when created and written in place, so a decode
-/// step costs no copy of the cache. Per layer, keys and values are stored as
-/// `(n_kv_heads, capacity, head_dim)` f32: heads first (rather than positions first) so
-/// that the filled prefix `narrow(1, 0, len)` is already in the layout attention
-/// multiplies with, without a transpose copy per step.
-#[derive(Debug)]
-pub struct KvCache {
-    /// Per layer `(keys, values)`, each `(n_kv_heads, capacity, head_dim)`.
-    layers: Vec<(Tensor, Tensor)>,
-    capacity: usize,
-    len: usize,
-}
-
-impl KvCache {
-    /// Positions filled so far (the position of the next token).
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// `true` when nothing is cached.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The number of positions this cache holds at most, in tokens.
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
-    /// Forgets every cached position (the memory stays allocated for the next sequence).
-    pub fn clear(&mut self) {
-        self.len = 0;
-    }
-
-    /// Drops the cached positions from `len` on (e.g. to re-run a shared prefix).
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
-    }
-}
 
 #[derive(Debug, Clone)]
 struct Attention {
@@ -217,20 +176,12 @@ impl LlamaModel {
                 context_length: p.context_length,
             });
         }
-        let shape = (p.head_count_kv, capacity, p.head_dim);
-        let layers = (0..p.block_count)
-            .map(|_| {
-                Ok((
-                    Tensor::zeros(shape, DType::F32, &self.device)?,
-                    Tensor::zeros(shape, DType::F32, &self.device)?,
-                ))
-            })
-            .collect::<Result<_>>()?;
-        Ok(KvCache {
-            layers,
+        Ok(KvCache::new(
+            p.block_count,
+            p.head_count_kv,
+            p.head_dim,
             capacity,
-            len: 0,
-        })
+        ))
     }
 
     /// Runs `tokens` at positions `pos..pos + tokens.len()`, appending their keys and values
@@ -243,8 +194,10 @@ impl LlamaModel {
     /// [`Error::InvalidParams`] for an empty `tokens`, a `pos` other than `cache.len()` or a
     /// token id outside the vocabulary.
     pub fn forward(&self, tokens: &[u32], pos: usize, cache: &mut KvCache) -> Result<Tensor> {
-        let hidden = self.hidden(tokens, pos, cache)?;
-        self.output.forward(&self.norm.forward(&hidden)?)
+        on_pool(|| {
+            let hidden = self.hidden(tokens, pos, cache)?;
+            self.output.forward(&self.norm.forward(&hidden)?)
+        })
     }
 
     /// Like [`forward`](Self::forward) but returns the logits of the last position only:
@@ -254,12 +207,14 @@ impl LlamaModel {
     /// # Errors
     /// As [`forward`](Self::forward).
     pub fn forward_last(&self, tokens: &[u32], pos: usize, cache: &mut KvCache) -> Result<Tensor> {
-        let hidden = self.hidden(tokens, pos, cache)?;
-        let last = hidden.narrow(0, tokens.len() - 1, 1)?;
-        Ok(self
-            .output
-            .forward(&self.norm.forward(&last)?)?
-            .squeeze(0)?)
+        on_pool(|| {
+            let hidden = self.hidden(tokens, pos, cache)?;
+            let last = hidden.narrow(0, tokens.len() - 1, 1)?;
+            Ok(self
+                .output
+                .forward(&self.norm.forward(&last)?)?
+                .squeeze(0)?)
+        })
     }
 
     /// The final hidden states before the output norm: `(t, hidden)` f32.
@@ -270,19 +225,19 @@ impl LlamaModel {
                 detail: "forward called with no tokens".into(),
             });
         }
-        if pos != cache.len {
+        if pos != cache.len() {
             return Err(Error::InvalidParams {
                 detail: format!(
                     "forward at position {pos} but the cache holds {}",
-                    cache.len
+                    cache.len()
                 ),
             });
         }
         let needed = pos + t;
-        if needed > cache.capacity {
+        if needed > cache.capacity() {
             return Err(Error::ContextOverflow {
                 needed,
-                capacity: cache.capacity,
+                capacity: cache.capacity(),
             });
         }
         if let Some(&bad) = tokens
@@ -299,9 +254,10 @@ impl LlamaModel {
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self.embeddings.index_select(&ids, 0)?;
         let mask = causal_mask(t, pos, &self.device)?;
-        for (block, (k_cache, v_cache)) in self.blocks.iter().zip(&cache.layers) {
+        let geometry = cache.geometry();
+        for (block, layer) in self.blocks.iter().zip(cache.layers_mut()) {
             let h = block.attn_norm.forward(&x)?;
-            let h = self.attention(&block.attn, &h, pos, k_cache, v_cache, mask.as_ref())?;
+            let h = self.attention(&block.attn, &h, pos, layer, geometry, mask.as_ref())?;
             x = (x + h)?;
             let h = block.ffn_norm.forward(&x)?;
             let m = &block.mlp;
@@ -309,19 +265,20 @@ impl LlamaModel {
             let h = m.down.forward(&(g * m.up.forward(&h)?)?)?;
             x = (x + h)?;
         }
-        cache.len = needed;
+        cache.set_len(needed);
         Ok(x)
     }
 
-    /// Grouped-query attention of `x: (t, hidden)` at positions `pos..pos + t`; writes this
-    /// call's keys/values into the caches `(n_kv, capacity, d)` and returns `(t, hidden)`.
+    /// Grouped-query attention of `x: (t, hidden)` at positions `pos..pos + t`: the
+    /// projections and RoPE here, the rest in [`attention::attention`], which writes this
+    /// call's keys and values into `layer`. Returns `(t, hidden)`.
     fn attention(
         &self,
         a: &Attention,
         x: &Tensor,
         pos: usize,
-        k_cache: &Tensor,
-        v_cache: &Tensor,
+        layer: &mut attention::LayerKv,
+        geometry: (usize, usize, usize),
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
         let p = &self.props;
@@ -330,30 +287,23 @@ impl LlamaModel {
         let heads_first = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((1, t, n, d))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = self.rope.apply(&heads_first(a.q.forward(x)?, h)?, pos)?; // (1, h, t, d)
-        let k = self.rope.apply(&heads_first(a.k.forward(x)?, kvh)?, pos)?; // (1, kvh, t, d)
-        let v = heads_first(a.v.forward(x)?, kvh)?;
-        k_cache.slice_set(&k.squeeze(0)?, 1, pos)?;
-        v_cache.slice_set(&v.squeeze(0)?, 1, pos)?;
-        let kv_len = pos + t;
-        let k = k_cache.narrow(1, 0, kv_len)?.contiguous()?; // (kvh, kv_len, d)
-        let v = v_cache.narrow(1, 0, kv_len)?.contiguous()?;
-        // Query heads `g * group .. (g + 1) * group` share KV head `g`: fold them into the
-        // rows of one matmul per KV head instead of repeating the keys.
-        let group = h / kvh;
-        let q = q.reshape((kvh, group * t, d))?;
-        let scale = 1.0 / (d as f64).sqrt();
-        let att = (q.matmul(&k.t()?)? * scale)?; // (kvh, group * t, kv_len)
-        let att = match mask {
-            None => att,
-            Some(m) => att
-                .reshape((kvh, group, t, kv_len))?
-                .broadcast_add(m)?
-                .reshape((kvh, group * t, kv_len))?,
-        };
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let y = att.matmul(&v)?; // (kvh, group * t, d)
-        let y = y.reshape((h, t, d))?.transpose(0, 1)?.reshape((t, h * d))?;
+        let values = |y: Tensor| -> Result<Vec<f32>> { Ok(y.flatten_all()?.to_vec1::<f32>()?) };
+        let q = values(self.rope.apply(&heads_first(a.q.forward(x)?, h)?, pos)?)?; // (h, t, d)
+        let k = values(self.rope.apply(&heads_first(a.k.forward(x)?, kvh)?, pos)?)?; // (kvh, t, d)
+        let v = values(heads_first(a.v.forward(x)?, kvh)?)?;
+        let y = attention::attention(&q, &k, &v, layer, geometry, h, t, pos, mask)?;
         a.o.forward(&y)
     }
+}
+
+/// Runs `f` on a thread of the rayon pool (the caller blocks until it is done).
+///
+/// The kernels split every projection across the pool; a caller outside the pool would pay
+/// two thread switches per projection (it injects the job, sleeps on a latch, and is woken),
+/// a few hundred per decoded token. From inside, the pool's threads steal the parallel parts
+/// of each projection from each other instead.
+fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    let mut out = None;
+    rayon::scope(|_| out = Some(f()));
+    out.expect("rayon::scope runs its body before returning")
 }

@@ -6,7 +6,8 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 
-use crate::model::{KvCache, LlamaModel};
+use crate::attention::KvCache;
+use crate::model::LlamaModel;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 

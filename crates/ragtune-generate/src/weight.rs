@@ -3,9 +3,11 @@
 //! A projection weight is `(out, in)` (GGUF's `ne = [in, out]`, row-major rows of `in`
 //! values). It is kept in one of two forms:
 //!
-//! - [`Weight::Quantized`]: the GGUF block format as stored (Q4_1, Q8_0, the k-quants ...),
+//! - [`Weight::Q4_1`], [`Weight::Q8_0`]: blocks as stored, multiplied by this crate's own
+//!   kernels ([`crate::quant`]: q8 dot products for decode, dequantize + gemm for prefill).
+//! - [`Weight::Quantized`]: any other GGUF block format as stored (Q4_0, the k-quants ...),
 //!   multiplied by candle's quantized matmul, which quantizes the activations to the format's
-//!   dot-product type (q8_1 / q8_0 / q8_K) as llama.cpp does.
+//!   dot-product type (q8_0 / q8_K) as llama.cpp does.
 //! - [`Weight::Dense`]: dequantized to f32, multiplied by an f32 gemm. Four to eight times
 //!   the memory of a 4-bit file; used when a LoRA adapter is merged into the weights
 //!   (a LoRA merge) and by [`WeightFormat::F32`] loads, whose
@@ -14,6 +16,7 @@
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
+use crate::quant::{BlockQ4_1, BlockQ8_0, QMatrix, QuantBlock};
 use crate::Result;
 
 /// How a model's projection weights are held after loading.
@@ -29,6 +32,10 @@ pub enum WeightFormat {
 /// One projection weight `(out, in)`; see the module docs.
 #[derive(Debug, Clone)]
 pub(crate) enum Weight {
+    /// Q4_1 with this crate's kernels.
+    Q4_1(QMatrix<BlockQ4_1>),
+    /// Q8_0 with this crate's kernels.
+    Q8_0(QMatrix<BlockQ8_0>),
     /// A GGUF block-quantized tensor.
     Quantized(QMatMul),
     /// `(out, in)` f32, contiguous.
@@ -52,12 +59,23 @@ impl Weight {
                 .contiguous()?;
             return Ok(Self::Dense(dense));
         }
+        match t.dtype() {
+            candle_core::quantized::GgmlDType::Q4_1 => {
+                return Ok(Self::Q4_1(QMatrix::from_qtensor(&t)?))
+            }
+            candle_core::quantized::GgmlDType::Q8_0 => {
+                return Ok(Self::Q8_0(QMatrix::from_qtensor(&t)?))
+            }
+            _ => {}
+        }
         Ok(Self::Quantized(QMatMul::from_arc(t)?))
     }
 
     /// `(out, in)`.
     pub(crate) fn dims(&self) -> Result<(usize, usize)> {
         Ok(match self {
+            Self::Q4_1(m) => m.dims(),
+            Self::Q8_0(m) => m.dims(),
             Self::Quantized(QMatMul::QTensor(q)) => q.shape().dims2()?,
             Self::Quantized(QMatMul::Tensor(t)) | Self::Quantized(QMatMul::TensorF16(t)) => {
                 t.dims2()?
@@ -69,6 +87,8 @@ impl Weight {
     /// The weight as `(out, in)` f32 (a copy for quantized weights).
     pub(crate) fn dequantize(&self) -> Result<Tensor> {
         Ok(match self {
+            Self::Q4_1(m) => m.dequantize()?,
+            Self::Q8_0(m) => m.dequantize()?,
             Self::Quantized(QMatMul::QTensor(q)) => q.dequantize(&Device::Cpu)?,
             Self::Quantized(QMatMul::Tensor(t)) | Self::Quantized(QMatMul::TensorF16(t)) => {
                 t.to_dtype(DType::F32)?
@@ -80,8 +100,23 @@ impl Weight {
     /// `x: (.., in)` f32 -> `(.., out)` f32.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
+            Self::Q4_1(m) => qmatmul(m, x)?,
+            Self::Q8_0(m) => qmatmul(m, x)?,
             Self::Quantized(q) => q.forward(x)?,
             Self::Dense(w) => x.broadcast_matmul(&w.t()?)?,
         })
     }
+}
+
+/// `x: (.., in)` times a [`QMatrix`] `(out, in)` -> `(.., out)`.
+fn qmatmul<B: QuantBlock>(m: &QMatrix<B>, x: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    let cols = dims[dims.len() - 1];
+    let t = x.elem_count() / cols;
+    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    let mut out_dims = dims.to_vec();
+    if let Some(last) = out_dims.last_mut() {
+        *last = m.dims().0;
+    }
+    Ok(Tensor::from_vec(m.matmul(&xs, t), out_dims, &Device::Cpu)?)
 }
