@@ -260,7 +260,7 @@ fn validate(p: &GenerateParams) -> Result<()> {
         return bad("empty stop string".into());
     }
     if let Some(r) = p.repeat_penalty {
-        if !(r.penalty > 0.0) {
+        if r.penalty.is_nan() || r.penalty <= 0.0 {
             return bad(format!("repeat penalty {} must be > 0", r.penalty));
         }
     }
@@ -272,7 +272,7 @@ fn validate(p: &GenerateParams) -> Result<()> {
         ..
     } = p.sampling
     {
-        if !(temperature > 0.0) {
+        if temperature.is_nan() || temperature <= 0.0 {
             return bad(format!(
                 "temperature {temperature} must be > 0 (use Sampling::Greedy)"
             ));

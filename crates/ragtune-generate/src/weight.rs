@@ -16,7 +16,7 @@
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
-use crate::quant::{BlockQ4_1, BlockQ8_0, QMatrix, QuantBlock};
+use crate::quant::{QMatrix, QuantFormat, Q4_1, Q8_0};
 use crate::Result;
 
 /// How a model's projection weights are held after loading.
@@ -33,9 +33,9 @@ pub enum WeightFormat {
 #[derive(Debug, Clone)]
 pub(crate) enum Weight {
     /// Q4_1 with this crate's kernels.
-    Q4_1(QMatrix<BlockQ4_1>),
+    Q4_1(QMatrix<Q4_1>),
     /// Q8_0 with this crate's kernels.
-    Q8_0(QMatrix<BlockQ8_0>),
+    Q8_0(QMatrix<Q8_0>),
     /// A GGUF block-quantized tensor.
     Quantized(QMatMul),
     /// `(out, in)` f32, contiguous.
@@ -109,7 +109,7 @@ impl Weight {
 }
 
 /// `x: (.., in)` times a [`QMatrix`] `(out, in)` -> `(.., out)`.
-fn qmatmul<B: QuantBlock>(m: &QMatrix<B>, x: &Tensor) -> Result<Tensor> {
+fn qmatmul<F: QuantFormat>(m: &QMatrix<F>, x: &Tensor) -> Result<Tensor> {
     let dims = x.dims();
     let cols = dims[dims.len() - 1];
     let t = x.elem_count() / cols;
