@@ -1,6 +1,6 @@
 //! The llama architecture (`general.architecture = llama`: Llama 2/3, Mistral, SmolLM):
 //! pre-norm decoder blocks of grouped-query attention with RoPE and a SwiGLU MLP, run on
-//! candle ops with the projections kept quantized.
+//! candle ops with the projections kept quantized, optionally with a LoRA adapter per call.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -9,7 +9,8 @@ use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 
-use crate::layers::{causal_mask, Linear, RmsNorm, Rope};
+use crate::layers::{causal_mask, Linear, LoraPair, RmsNorm, Rope};
+use crate::lora::{LayerDeltas, LoraAdapter, TargetModule};
 use crate::props::LlamaProps;
 use crate::weight::{Weight, WeightFormat};
 use crate::{Error, Result};
@@ -21,12 +22,19 @@ use crate::{Error, Result};
 /// `(n_kv_heads, capacity, head_dim)` f32: heads first (rather than positions first) so
 /// that the filled prefix `narrow(1, 0, len)` is already in the layout attention
 /// multiplies with, without a transpose copy per step.
+///
+/// The cache remembers which LoRA adapter (or none) its positions were computed with:
+/// continuing it under another adapter is refused ([`Error::CacheAdapterMismatch`]), since
+/// the cached keys and values would belong to another model. An empty cache (new, cleared,
+/// or truncated to 0) takes any adapter.
 #[derive(Debug)]
 pub struct KvCache {
     /// Per layer `(keys, values)`, each `(n_kv_heads, capacity, head_dim)`.
     layers: Vec<(Tensor, Tensor)>,
     capacity: usize,
     len: usize,
+    /// `(id, name)` of the adapter the filled positions were computed with; `None`: base.
+    adapter: Option<(u64, String)>,
 }
 
 impl KvCache {
@@ -54,6 +62,33 @@ impl KvCache {
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
     }
+
+    /// The name of the adapter the cached positions were computed with (`None`: the base
+    /// model, or an empty cache).
+    pub fn adapter_name(&self) -> Option<&str> {
+        match self.len {
+            0 => None,
+            _ => self.adapter.as_ref().map(|(_, name)| name.as_str()),
+        }
+    }
+
+    /// Records `adapter` for the positions about to be written; refuses a mix.
+    fn bind(&mut self, adapter: Option<&LoraAdapter>) -> Result<()> {
+        let requested = adapter.map(|a| a.id());
+        if self.len == 0 {
+            self.adapter = adapter.map(|a| (a.id(), a.name().to_string()));
+            return Ok(());
+        }
+        if self.adapter.as_ref().map(|(id, _)| *id) == requested {
+            return Ok(());
+        }
+        let show = |n: Option<&str>| n.map_or("none".to_string(), |n| format!("`{n}`"));
+        Err(Error::CacheAdapterMismatch {
+            cached: show(self.adapter.as_ref().map(|(_, n)| n.as_str())),
+            requested: show(adapter.map(LoraAdapter::name)),
+            len: self.len,
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -77,6 +112,25 @@ struct Block {
     attn: Attention,
     ffn_norm: RmsNorm,
     mlp: Mlp,
+}
+
+impl Block {
+    fn linear_mut(&mut self, m: TargetModule) -> &mut Linear {
+        match m {
+            TargetModule::QProj => &mut self.attn.q,
+            TargetModule::KProj => &mut self.attn.k,
+            TargetModule::VProj => &mut self.attn.v,
+            TargetModule::OProj => &mut self.attn.o,
+            TargetModule::GateProj => &mut self.mlp.gate,
+            TargetModule::UpProj => &mut self.mlp.up,
+            TargetModule::DownProj => &mut self.mlp.down,
+        }
+    }
+}
+
+/// The delta of `m` in a layer's deltas, if any.
+fn delta(d: Option<&LayerDeltas>, m: TargetModule) -> Option<&LoraPair> {
+    d.and_then(|d| d[m.index()].as_ref())
 }
 
 /// A llama-architecture model loaded from a GGUF file, weights kept quantized.
@@ -230,21 +284,43 @@ impl LlamaModel {
             layers,
             capacity,
             len: 0,
+            adapter: None,
         })
     }
 
     /// Runs `tokens` at positions `pos..pos + tokens.len()`, appending their keys and values
     /// to `cache`, and returns the logits of every position: `(tokens.len(), vocab)` f32.
+    /// The base model, no adapter: [`forward_with`](Self::forward_with)`(.., None)`.
     ///
     /// `pos` must equal `cache.len()` (the cache holds positions `0..pos`).
     ///
     /// # Errors
     /// [`Error::ContextOverflow`] when `pos + tokens.len()` exceeds the cache capacity,
     /// [`Error::InvalidParams`] for an empty `tokens`, a `pos` other than `cache.len()` or a
-    /// token id outside the vocabulary.
+    /// token id outside the vocabulary, [`Error::CacheAdapterMismatch`] when the cache was
+    /// filled under an adapter.
     pub fn forward(&self, tokens: &[u32], pos: usize, cache: &mut KvCache) -> Result<Tensor> {
-        let hidden = self.hidden(tokens, pos, cache)?;
-        self.output.forward(&self.norm.forward(&hidden)?)
+        self.forward_with(tokens, pos, cache, None)
+    }
+
+    /// [`forward`](Self::forward) with a LoRA adapter applied to the projections it targets
+    /// (`None`: the base model, bit for bit). The model is not modified: calls with
+    /// different adapters may run on one model, from any number of threads, each with its
+    /// own cache.
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward); [`Error::AdapterModelMismatch`] for an adapter loaded
+    /// for a model of other sizes; [`Error::CacheAdapterMismatch`] when `cache` holds
+    /// positions computed under another adapter (or none): clear it first.
+    pub fn forward_with(
+        &self,
+        tokens: &[u32],
+        pos: usize,
+        cache: &mut KvCache,
+        adapter: Option<&LoraAdapter>,
+    ) -> Result<Tensor> {
+        let hidden = self.hidden(tokens, pos, cache, adapter)?;
+        self.output.forward(&self.norm.forward(&hidden)?, None)
     }
 
     /// Like [`forward`](Self::forward) but returns the logits of the last position only:
@@ -254,16 +330,75 @@ impl LlamaModel {
     /// # Errors
     /// As [`forward`](Self::forward).
     pub fn forward_last(&self, tokens: &[u32], pos: usize, cache: &mut KvCache) -> Result<Tensor> {
-        let hidden = self.hidden(tokens, pos, cache)?;
+        self.forward_last_with(tokens, pos, cache, None)
+    }
+
+    /// [`forward_last`](Self::forward_last) with an optional LoRA adapter, as
+    /// [`forward_with`](Self::forward_with).
+    ///
+    /// # Errors
+    /// As [`forward_with`](Self::forward_with).
+    pub fn forward_last_with(
+        &self,
+        tokens: &[u32],
+        pos: usize,
+        cache: &mut KvCache,
+        adapter: Option<&LoraAdapter>,
+    ) -> Result<Tensor> {
+        let hidden = self.hidden(tokens, pos, cache, adapter)?;
         let last = hidden.narrow(0, tokens.len() - 1, 1)?;
         Ok(self
             .output
-            .forward(&self.norm.forward(&last)?)?
+            .forward(&self.norm.forward(&last)?, None)?
             .squeeze(0)?)
     }
 
+    /// A new model with `adapter` folded into the weights: each adapted projection becomes
+    /// dense f32 `W + scale * B A` (`(out, in)`, dequantized first if quantized); every other
+    /// weight is shared with `self` (candle tensors are reference-counted). Forward calls on
+    /// the result without an adapter equal calls on `self` with it, up to f32 rounding (and,
+    /// for a quantized base, the activation quantization the merged projections no longer do).
+    ///
+    /// # Errors
+    /// [`Error::AdapterModelMismatch`] for an adapter loaded for a model of other sizes.
+    pub fn merge_adapter(&self, adapter: &LoraAdapter) -> Result<LlamaModel> {
+        adapter.check_fits(&self.props)?;
+        let mut merged = self.clone();
+        for (i, block) in merged.blocks.iter_mut().enumerate() {
+            let Some(deltas) = adapter.layer(i) else {
+                continue;
+            };
+            for m in TargetModule::ALL {
+                if let Some(pair) = &deltas[m.index()] {
+                    let linear = block.linear_mut(m);
+                    let update = pair.delta_weight()?;
+                    if update.dims2()? != linear.weight.dims()? {
+                        return Err(Error::AdapterModelMismatch {
+                            adapter: adapter.name().to_string(),
+                            detail: format!(
+                                "layer {i} {}: update {:?}, weight {:?}",
+                                m.gguf_name(),
+                                update.dims(),
+                                linear.weight.dims()?
+                            ),
+                        });
+                    }
+                    let w = (linear.weight.dequantize()? + update)?.contiguous()?;
+                    *linear = Linear::new(Weight::Dense(w));
+                }
+            }
+        }
+        Ok(merged)
+    }
+
     /// The final hidden states before the output norm: `(t, hidden)` f32.
-    fn hidden(&self, tokens: &[u32], pos: usize, cache: &mut KvCache) -> Result<Tensor> {
+    fn hidden(
+        &self,
+        tokens: &[u32],
+        pos: usize,
+        cache: &mut KvCache,
+        adapter: Option<&LoraAdapter>,
+    ) -> Result<Tensor> {
         let t = tokens.len();
         if t == 0 {
             return Err(Error::InvalidParams {
@@ -296,28 +431,39 @@ impl LlamaModel {
                 ),
             });
         }
+        if let Some(a) = adapter {
+            a.check_fits(&self.props)?;
+        }
+        cache.bind(adapter)?;
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self.embeddings.index_select(&ids, 0)?;
         let mask = causal_mask(t, pos, &self.device)?;
-        for (block, (k_cache, v_cache)) in self.blocks.iter().zip(&cache.layers) {
+        for (i, (block, (k_cache, v_cache))) in self.blocks.iter().zip(&cache.layers).enumerate() {
+            let d = adapter.and_then(|a| a.layer(i));
             let h = block.attn_norm.forward(&x)?;
-            let h = self.attention(&block.attn, &h, pos, k_cache, v_cache, mask.as_ref())?;
+            let h = self.attention(&block.attn, d, &h, pos, k_cache, v_cache, mask.as_ref())?;
             x = (x + h)?;
             let h = block.ffn_norm.forward(&x)?;
             let m = &block.mlp;
-            let g = candle_nn::ops::silu(&m.gate.forward(&h)?)?;
-            let h = m.down.forward(&(g * m.up.forward(&h)?)?)?;
+            let g = candle_nn::ops::silu(&m.gate.forward(&h, delta(d, TargetModule::GateProj))?)?;
+            let u = m.up.forward(&h, delta(d, TargetModule::UpProj))?;
+            let h = m
+                .down
+                .forward(&(g * u)?, delta(d, TargetModule::DownProj))?;
             x = (x + h)?;
         }
         cache.len = needed;
         Ok(x)
     }
 
-    /// Grouped-query attention of `x: (t, hidden)` at positions `pos..pos + t`; writes this
-    /// call's keys/values into the caches `(n_kv, capacity, d)` and returns `(t, hidden)`.
+    /// Grouped-query attention of `x: (t, hidden)` at positions `pos..pos + t`, with the
+    /// layer's LoRA `deltas`; writes this call's keys/values into the caches
+    /// `(n_kv, capacity, d)` and returns `(t, hidden)`.
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         a: &Attention,
+        deltas: Option<&LayerDeltas>,
         x: &Tensor,
         pos: usize,
         k_cache: &Tensor,
@@ -330,9 +476,12 @@ impl LlamaModel {
         let heads_first = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((1, t, n, d))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = self.rope.apply(&heads_first(a.q.forward(x)?, h)?, pos)?; // (1, h, t, d)
-        let k = self.rope.apply(&heads_first(a.k.forward(x)?, kvh)?, pos)?; // (1, kvh, t, d)
-        let v = heads_first(a.v.forward(x)?, kvh)?;
+        let q = a.q.forward(x, delta(deltas, TargetModule::QProj))?;
+        let k = a.k.forward(x, delta(deltas, TargetModule::KProj))?;
+        let v = a.v.forward(x, delta(deltas, TargetModule::VProj))?;
+        let q = self.rope.apply(&heads_first(q, h)?, pos)?; // (1, h, t, d)
+        let k = self.rope.apply(&heads_first(k, kvh)?, pos)?; // (1, kvh, t, d)
+        let v = heads_first(v, kvh)?;
         k_cache.slice_set(&k.squeeze(0)?, 1, pos)?;
         v_cache.slice_set(&v.squeeze(0)?, 1, pos)?;
         let kv_len = pos + t;
@@ -354,6 +503,6 @@ impl LlamaModel {
         let att = candle_nn::ops::softmax_last_dim(&att)?;
         let y = att.matmul(&v)?; // (kvh, group * t, d)
         let y = y.reshape((h, t, d))?.transpose(0, 1)?.reshape((t, h * d))?;
-        a.o.forward(&y)
+        a.o.forward(&y, delta(deltas, TargetModule::OProj))
     }
 }
