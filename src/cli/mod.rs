@@ -2,6 +2,7 @@
 
 mod embed;
 mod fetch;
+mod generate;
 mod index;
 mod ingest;
 mod search;
@@ -54,6 +55,9 @@ enum Command {
     Index(index::Args),
     /// Embed each line of stdin with the encoder (JSON lines, or a .npy file).
     Embed(embed::Args),
+    /// Generate text with the GGUF model (chat-templated or raw), optionally with a LoRA
+    /// adapter; streamed, or one JSON object.
+    Generate(generate::Args),
 }
 
 /// Runs the command line.
@@ -66,6 +70,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Search(args) => search::run(&ctx, args),
         Command::Embed(args) => embed::run(&ctx, args),
         Command::Index(args) => index::run(&ctx, args),
+        Command::Generate(args) => generate::run(&ctx, args),
     }
 }
 

@@ -12,8 +12,9 @@
 
 use candle_core::{Device, Tensor};
 
+use crate::lora::LoraAdapter;
 use crate::quant::{for_each_dynamic, SyncPtr};
-use crate::Result;
+use crate::{Error, Result};
 
 /// From this many new tokens on, attention uses batched matmuls.
 pub(crate) const PREFILL_MIN_TOKENS: usize = 8;
@@ -25,9 +26,10 @@ pub(crate) const PREFILL_MIN_TOKENS: usize = 8;
 /// `(n_kv_heads, capacity, head_dim)` f32: heads first, so that one head's filled prefix is
 /// one contiguous run of `len * head_dim` values.
 ///
-/// A cache holds the keys and values computed under one adapter (or none); continuing it
-/// under another adapter mixes the two. [`clear`](Self::clear) it between requests that use
-/// different adapters.
+/// The cache remembers which LoRA adapter (or none) its positions were computed with:
+/// continuing it under another adapter is refused ([`Error::CacheAdapterMismatch`]), since
+/// the cached keys and values would belong to another model. An empty cache (new, cleared,
+/// or truncated to 0) takes any adapter.
 #[derive(Debug, Clone)]
 pub struct KvCache {
     /// Per layer.
@@ -36,6 +38,8 @@ pub struct KvCache {
     head_dim: usize,
     capacity: usize,
     len: usize,
+    /// `(id, name)` of the adapter the filled positions were computed with; `None`: base.
+    adapter: Option<(u64, String)>,
 }
 
 /// One layer's keys and values, each `(n_kv_heads, capacity, head_dim)` f32.
@@ -60,6 +64,7 @@ impl KvCache {
             head_dim,
             capacity,
             len: 0,
+            adapter: None,
         }
     }
 
@@ -86,6 +91,36 @@ impl KvCache {
     /// Drops the cached positions from `len` on (e.g. to re-run from a shared prefix).
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
+    }
+
+    /// The name of the adapter the cached positions were computed with (`None`: the base
+    /// model, or an empty cache).
+    pub fn adapter_name(&self) -> Option<&str> {
+        match self.len {
+            0 => None,
+            _ => self.adapter.as_ref().map(|(_, name)| name.as_str()),
+        }
+    }
+
+    /// Records `adapter` for the positions about to be written; refuses a mix.
+    ///
+    /// # Errors
+    /// [`Error::CacheAdapterMismatch`] when the cache holds positions of another adapter.
+    pub(crate) fn bind(&mut self, adapter: Option<&LoraAdapter>) -> Result<()> {
+        let requested = adapter.map(LoraAdapter::id);
+        if self.len == 0 {
+            self.adapter = adapter.map(|a| (a.id(), a.name().to_string()));
+            return Ok(());
+        }
+        if self.adapter.as_ref().map(|(id, _)| *id) == requested {
+            return Ok(());
+        }
+        let show = |n: Option<&str>| n.map_or("none".to_string(), |n| format!("`{n}`"));
+        Err(Error::CacheAdapterMismatch {
+            cached: show(self.adapter.as_ref().map(|(_, n)| n.as_str())),
+            requested: show(adapter.map(LoraAdapter::name)),
+            len: self.len,
+        })
     }
 
     /// Marks `len` positions as filled (after every layer has written them).

@@ -185,6 +185,132 @@ pub enum Error {
         detail: String,
     },
 
+    /// A LoRA adapter's `adapter_config.json` does not parse (not JSON, a missing `r` /
+    /// `lora_alpha` / `target_modules`, a value of the wrong type).
+    #[error("LoRA adapter config {path}: {source} (expected a PEFT `adapter_config.json`)")]
+    AdapterConfig {
+        /// The `adapter_config.json` read.
+        path: PathBuf,
+        /// serde_json's error, with line and column.
+        source: serde_json::Error,
+    },
+
+    /// A LoRA adapter config parses but a value is out of range (`r = 0`, a non-finite
+    /// `lora_alpha`, ...).
+    #[error("LoRA adapter config: `{key}`: {detail}")]
+    AdapterConfigValue {
+        /// The config key, e.g. `r`.
+        key: String,
+        /// What is wrong with it.
+        detail: String,
+    },
+
+    /// `adapter_model.safetensors` is not a readable safetensors file.
+    #[error("LoRA adapter weights {path}: not a readable safetensors file: {source}")]
+    AdapterWeights {
+        /// The file.
+        path: PathBuf,
+        /// candle's error.
+        source: candle_core::Error,
+    },
+
+    /// `target_modules` names a module this crate cannot map onto a llama projection.
+    #[error(
+        "LoRA adapter: unknown target module `{module}`; llama adapters may target q_proj, \
+         k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj (or \"all-linear\")"
+    )]
+    AdapterTargetModule {
+        /// The module name as written in the config.
+        module: String,
+    },
+
+    /// A LoRA tensor the config implies (a targeted module of a transformed layer) is absent.
+    #[error("LoRA adapter: tensor `{name}` is missing (its module is in `target_modules`)")]
+    AdapterTensorMissing {
+        /// The PEFT tensor name, e.g. `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`.
+        name: String,
+    },
+
+    /// A tensor in the adapter file is not a LoRA weight of a targeted llama projection
+    /// (another naming scheme, a module outside `target_modules`, `modules_to_save` copies).
+    #[error(
+        "LoRA adapter: unexpected tensor `{name}`; expected only \
+         `base_model.model.model.layers.{{i}}.{{self_attn|mlp}}.{{module}}.lora_{{A|B}}.weight` \
+         for the modules in `target_modules`"
+    )]
+    AdapterTensorUnexpected {
+        /// The tensor name found.
+        name: String,
+    },
+
+    /// A LoRA tensor's rank dimension differs from the config's `r`.
+    #[error("LoRA adapter: tensor `{name}` has rank {got}, but `r` = {expected} in the config")]
+    AdapterRank {
+        /// The PEFT tensor name.
+        name: String,
+        /// `r` from the config.
+        expected: usize,
+        /// The rank dimension found (`lora_A` dim 0, `lora_B` dim 1).
+        got: usize,
+    },
+
+    /// A LoRA tensor's feature dimension does not fit the base model: the adapter was made
+    /// for a base of another width.
+    #[error(
+        "LoRA adapter: tensor `{name}` has shape {got:?}, expected {expected:?} for this base \
+         model; was the adapter trained for another base?"
+    )]
+    AdapterShape {
+        /// The PEFT tensor name.
+        name: String,
+        /// `(r, in)` for `lora_A`, `(out, r)` for `lora_B`, from the base model's props.
+        expected: Vec<usize>,
+        /// The shape found.
+        got: Vec<usize>,
+    },
+
+    /// A LoRA tensor names a layer the base model does not have.
+    #[error(
+        "LoRA adapter: tensor `{name}` is for layer {layer}, but the base model has \
+         {block_count} layers; was the adapter trained for another base?"
+    )]
+    AdapterLayer {
+        /// The PEFT tensor name.
+        name: String,
+        /// The layer index in the name.
+        layer: usize,
+        /// The base model's `block_count`.
+        block_count: usize,
+    },
+
+    /// An adapter was used with a model other than the one it was validated against (the
+    /// layer count or projection sizes differ).
+    #[error(
+        "LoRA adapter `{adapter}` does not fit this model ({detail}); load it with \
+         `LoraAdapter::load(dir, &model)` for the model it is used with"
+    )]
+    AdapterModelMismatch {
+        /// The adapter's name.
+        adapter: String,
+        /// What differs.
+        detail: String,
+    },
+
+    /// A forward call continued a KV cache filled under another adapter (or none): the
+    /// cached keys and values do not belong to the requested model.
+    #[error(
+        "the KV cache holds {len} positions computed with adapter {cached}, but this call \
+         uses adapter {requested}; clear the cache (or use one cache per adapter)"
+    )]
+    CacheAdapterMismatch {
+        /// The adapter the cache was filled with (`none` for the base).
+        cached: String,
+        /// The adapter of this call (`none` for the base).
+        requested: String,
+        /// Positions in the cache.
+        len: usize,
+    },
+
     /// A tensor operation failed (a shape mismatch inside the forward pass: a bug, or a file
     /// whose tensors disagree in a way not checked at load time).
     #[error("tensor op: {0}")]

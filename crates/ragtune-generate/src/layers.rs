@@ -1,6 +1,5 @@
 //! Pieces shared by every architecture in this crate, written once: rotary position
-//! embedding, RMSNorm, the causal mask and the quantized linear projection that will carry
-//! a LoRA delta.
+//! embedding, RMSNorm, the causal mask and the linear projection that carries a LoRA delta.
 //!
 //! Shapes use `t` for the tokens of one forward call, `h` for query heads, `d` for the head
 //! dimension; all activations are `f32` on the CPU.
@@ -116,37 +115,73 @@ pub(crate) fn causal_mask(t: usize, past: usize, device: &Device) -> Result<Opti
     Ok(Some(Tensor::from_vec(mask, (t, kv), device)?))
 }
 
-/// A LoRA delta attached to a projection: `y = W x + scale * B (A x)`.
+/// The LoRA factors of one projection, ready for the forward pass:
+/// `delta(x) = scale * B (A x)`, i.e. for row vectors `x: (t, in)`,
+/// `scale * (x Aᵀ) Bᵀ: (t, out)`.
 ///
-/// Placeholder: adapters are not implemented yet (issue 3, item 5), so this type has no
-/// values and [`Linear::delta`] is always `None`. It exists so that every projection of the
-/// model already goes through the one place where the delta will be added.
+/// `B`'s rows are in the projection's GGUF order (for `attn_q` / `attn_k`, permuted from
+/// the Hugging Face order; see the [`lora`](crate::lora) module docs).
 #[derive(Debug, Clone)]
-pub(crate) enum LoraDelta {}
+pub(crate) struct LoraPair {
+    /// `A`: `(r, in)` f32, contiguous.
+    pub(crate) a: Tensor,
+    /// `B`: `(out, r)` f32, contiguous, GGUF row order.
+    pub(crate) b: Tensor,
+    /// `alpha / r` (or `alpha / sqrt(r)` for rsLoRA).
+    pub(crate) scale: f64,
+    /// `Aᵀ`: `(in, r)`, contiguous, so the decode step multiplies without a transpose.
+    a_t: Tensor,
+    /// `scale * Bᵀ`: `(r, out)`, contiguous: the scale costs no op per call.
+    b_t_scaled: Tensor,
+}
 
-/// A bias-free linear projection over a weight `(out, in)` ([`Weight`]), with a slot for a
-/// LoRA delta.
+impl LoraPair {
+    /// `a: (r, in)`, `b: (out, r)` f32 (any layout), `b` already in GGUF row order.
+    pub(crate) fn new(a: Tensor, b: Tensor, scale: f64) -> Result<Self> {
+        let a = a.to_dtype(DType::F32)?.contiguous()?;
+        let b = b.to_dtype(DType::F32)?.contiguous()?;
+        let a_t = a.t()?.contiguous()?;
+        let b_t_scaled = (b.t()? * scale)?.contiguous()?;
+        Ok(Self {
+            a,
+            b,
+            scale,
+            a_t,
+            b_t_scaled,
+        })
+    }
+
+    /// `scale * B A`: `(out, in)` f32, the dense update a merge adds to the weight.
+    pub(crate) fn delta_weight(&self) -> Result<Tensor> {
+        Ok((self.b.matmul(&self.a)? * self.scale)?)
+    }
+}
+
+/// A bias-free linear projection over a weight `(out, in)` ([`Weight`]); a LoRA delta is
+/// passed per call, so one loaded model serves any adapter.
 #[derive(Debug, Clone)]
 pub(crate) struct Linear {
     pub(crate) weight: Weight,
-    /// The LoRA delta for this projection; always `None` until adapters land.
-    delta: Option<LoraDelta>,
 }
 
 impl Linear {
     pub(crate) fn new(weight: Weight) -> Self {
-        Self {
-            weight,
-            delta: None,
-        }
+        Self { weight }
     }
 
-    /// `x: (.., in)` f32 -> `(.., out)` f32.
-    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `x: (.., in)` f32 -> `(.., out)` f32: `W x`, plus `scale * B (A x)` when `delta` is
+    /// given (two rank-`r` matmuls and an add: `r * (in + out)` multiply-adds per token
+    /// against `in * out` for the base).
+    pub(crate) fn forward(&self, x: &Tensor, delta: Option<&LoraPair>) -> Result<Tensor> {
         let y = self.weight.forward(x)?;
-        match &self.delta {
+        match delta {
             None => Ok(y),
-            Some(delta) => match *delta {},
+            Some(d) => {
+                let low = x
+                    .broadcast_matmul(&d.a_t)?
+                    .broadcast_matmul(&d.b_t_scaled)?;
+                Ok((y + low)?)
+            }
         }
     }
 }
@@ -157,8 +192,10 @@ mod tests {
 
     #[test]
     fn causal_mask_is_rectangular_after_a_prefix() {
-        let m = causal_mask(3, 2, &Device::Cpu).unwrap().unwrap();
-        let m = m.to_vec2::<f32>().unwrap();
+        let m = causal_mask(3, 2, &Device::Cpu)
+            .expect("test")
+            .expect("test");
+        let m = m.to_vec2::<f32>().expect("test");
         let inf = f32::NEG_INFINITY;
         assert_eq!(
             m,
@@ -168,7 +205,7 @@ mod tests {
                 vec![0.0, 0.0, 0.0, 0.0, 0.0],
             ]
         );
-        assert!(causal_mask(1, 7, &Device::Cpu).unwrap().is_none());
+        assert!(causal_mask(1, 7, &Device::Cpu).expect("test").is_none());
     }
 
     #[test]
@@ -178,17 +215,17 @@ mod tests {
             dimension_count: 4,
             scaling: RopeScaling::None,
         };
-        let rope = Rope::new(&params, 4, 8, &Device::Cpu).unwrap();
+        let rope = Rope::new(&params, 4, 8, &Device::Cpu).expect("test");
         // One head, one token at position 3: pair (x0, x1) rotates by 3 rad, (x2, x3) by
         // 3 / 100 rad.
-        let x = Tensor::new(&[[[[1f32, 0.0, 0.0, 1.0]]]], &Device::Cpu).unwrap();
+        let x = Tensor::new(&[[[[1f32, 0.0, 0.0, 1.0]]]], &Device::Cpu).expect("test");
         let y = rope
             .apply(&x, 3)
-            .unwrap()
+            .expect("test")
             .flatten_all()
-            .unwrap()
+            .expect("test")
             .to_vec1::<f32>()
-            .unwrap();
+            .expect("test");
         let (a, b) = (3f32, 0.03f32);
         let want = [a.cos(), a.sin(), -b.sin(), b.cos()];
         for (g, w) in y.iter().zip(want) {
@@ -206,7 +243,7 @@ mod tests {
                 original_context_length: None,
             },
         };
-        let err = Rope::new(&params, 4, 8, &Device::Cpu).unwrap_err();
+        let err = Rope::new(&params, 4, 8, &Device::Cpu).expect_err("test");
         assert!(err.to_string().contains("Yarn"), "{err}");
     }
 }

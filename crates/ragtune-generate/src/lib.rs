@@ -21,8 +21,12 @@
 //! - [`Generator`]: batched prefill, a decode loop, [`Sampling`] (greedy, temperature with
 //!   top-k / top-p / min-p, seeded), repeat penalty, stop strings and end-of-generation ids,
 //!   streamed text deltas that never split a UTF-8 character, and [`Timings`] per phase.
-//!
-//! LoRA adapters are still to come.
+//! - [`LoraAdapter`]: Hugging Face PEFT LoRA adapters ([`LoraConfig`],
+//!   `adapter_model.safetensors`), validated against the base model and applied per request
+//!   at run time (`y = W x + scale * B (A x)`, [`LlamaModel::forward_with`],
+//!   [`Generator::generate_with`]), so any number of adapters share one loaded base; or
+//!   folded into the weights with [`LlamaModel::merge_adapter`]. See the [`lora`] module
+//!   docs for the q/k row permutation between HF and GGUF.
 //!
 //! ```no_run
 //! use ragtune_generate::{read_gguf, ChatMessage, ChatTemplate, LlamaProps, SpecialTokens, Tokenizer};
@@ -43,6 +47,7 @@ mod attention;
 mod chat;
 mod error;
 mod layers;
+pub mod lora;
 mod model;
 mod props;
 mod quant;
@@ -55,6 +60,7 @@ pub use attention::KvCache;
 pub use candle_core;
 pub use chat::{ChatMessage, ChatTemplate, Role};
 pub use error::{Error, Result};
+pub use lora::{LoraAdapter, LoraConfig, TargetModule};
 pub use model::LlamaModel;
 pub use props::{read_gguf, LlamaProps, RopeParams, RopeScaling, SpecialTokenIds, ARCHITECTURE};
 pub use session::{

@@ -1,6 +1,6 @@
 //! The llama architecture (`general.architecture = llama`: Llama 2/3, Mistral, SmolLM):
 //! pre-norm decoder blocks of grouped-query attention with RoPE and a SwiGLU MLP, run on
-//! candle ops with the projections kept quantized.
+//! candle ops with the projections kept quantized, optionally with a LoRA adapter per call.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -10,7 +10,8 @@ use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 
 use crate::attention::{self, KvCache};
-use crate::layers::{causal_mask, Linear, RmsNorm, Rope};
+use crate::layers::{causal_mask, Linear, LoraPair, RmsNorm, Rope};
+use crate::lora::{LayerDeltas, LoraAdapter, TargetModule};
 use crate::props::LlamaProps;
 use crate::weight::{Weight, WeightFormat};
 use crate::{Error, Result};
@@ -36,6 +37,25 @@ struct Block {
     attn: Attention,
     ffn_norm: RmsNorm,
     mlp: Mlp,
+}
+
+impl Block {
+    fn linear_mut(&mut self, m: TargetModule) -> &mut Linear {
+        match m {
+            TargetModule::QProj => &mut self.attn.q,
+            TargetModule::KProj => &mut self.attn.k,
+            TargetModule::VProj => &mut self.attn.v,
+            TargetModule::OProj => &mut self.attn.o,
+            TargetModule::GateProj => &mut self.mlp.gate,
+            TargetModule::UpProj => &mut self.mlp.up,
+            TargetModule::DownProj => &mut self.mlp.down,
+        }
+    }
+}
+
+/// The delta of `m` in a layer's deltas, if any.
+fn delta(d: Option<&LayerDeltas>, m: TargetModule) -> Option<&LoraPair> {
+    d.and_then(|d| d[m.index()].as_ref())
 }
 
 /// A llama-architecture model loaded from a GGUF file, weights kept quantized.
@@ -186,17 +206,38 @@ impl LlamaModel {
 
     /// Runs `tokens` at positions `pos..pos + tokens.len()`, appending their keys and values
     /// to `cache`, and returns the logits of every position: `(tokens.len(), vocab)` f32.
+    /// The base model, no adapter: [`forward_with`](Self::forward_with)`(.., None)`.
     ///
     /// `pos` must equal `cache.len()` (the cache holds positions `0..pos`).
     ///
     /// # Errors
     /// [`Error::ContextOverflow`] when `pos + tokens.len()` exceeds the cache capacity,
     /// [`Error::InvalidParams`] for an empty `tokens`, a `pos` other than `cache.len()` or a
-    /// token id outside the vocabulary.
+    /// token id outside the vocabulary, [`Error::CacheAdapterMismatch`] when the cache was
+    /// filled under an adapter.
     pub fn forward(&self, tokens: &[u32], pos: usize, cache: &mut KvCache) -> Result<Tensor> {
+        self.forward_with(tokens, pos, cache, None)
+    }
+
+    /// [`forward`](Self::forward) with a LoRA adapter applied to the projections it targets
+    /// (`None`: the base model, bit for bit). The model is not modified: calls with
+    /// different adapters may run on one model, from any number of threads, each with its
+    /// own cache.
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward); [`Error::AdapterModelMismatch`] for an adapter loaded
+    /// for a model of other sizes; [`Error::CacheAdapterMismatch`] when `cache` holds
+    /// positions computed under another adapter (or none): clear it first.
+    pub fn forward_with(
+        &self,
+        tokens: &[u32],
+        pos: usize,
+        cache: &mut KvCache,
+        adapter: Option<&LoraAdapter>,
+    ) -> Result<Tensor> {
         on_pool(|| {
-            let hidden = self.hidden(tokens, pos, cache)?;
-            self.output.forward(&self.norm.forward(&hidden)?)
+            let hidden = self.hidden(tokens, pos, cache, adapter)?;
+            self.output.forward(&self.norm.forward(&hidden)?, None)
         })
     }
 
@@ -207,18 +248,77 @@ impl LlamaModel {
     /// # Errors
     /// As [`forward`](Self::forward).
     pub fn forward_last(&self, tokens: &[u32], pos: usize, cache: &mut KvCache) -> Result<Tensor> {
+        self.forward_last_with(tokens, pos, cache, None)
+    }
+
+    /// [`forward_last`](Self::forward_last) with an optional LoRA adapter, as
+    /// [`forward_with`](Self::forward_with).
+    ///
+    /// # Errors
+    /// As [`forward_with`](Self::forward_with).
+    pub fn forward_last_with(
+        &self,
+        tokens: &[u32],
+        pos: usize,
+        cache: &mut KvCache,
+        adapter: Option<&LoraAdapter>,
+    ) -> Result<Tensor> {
         on_pool(|| {
-            let hidden = self.hidden(tokens, pos, cache)?;
+            let hidden = self.hidden(tokens, pos, cache, adapter)?;
             let last = hidden.narrow(0, tokens.len() - 1, 1)?;
             Ok(self
                 .output
-                .forward(&self.norm.forward(&last)?)?
+                .forward(&self.norm.forward(&last)?, None)?
                 .squeeze(0)?)
         })
     }
 
+    /// A new model with `adapter` folded into the weights: each adapted projection becomes
+    /// dense f32 `W + scale * B A` (`(out, in)`, dequantized first if quantized); every other
+    /// weight is shared with `self` (candle tensors are reference-counted). Forward calls on
+    /// the result without an adapter equal calls on `self` with it, up to f32 rounding (and,
+    /// for a quantized base, the activation quantization the merged projections no longer do).
+    ///
+    /// # Errors
+    /// [`Error::AdapterModelMismatch`] for an adapter loaded for a model of other sizes.
+    pub fn merge_adapter(&self, adapter: &LoraAdapter) -> Result<LlamaModel> {
+        adapter.check_fits(&self.props)?;
+        let mut merged = self.clone();
+        for (i, block) in merged.blocks.iter_mut().enumerate() {
+            let Some(deltas) = adapter.layer(i) else {
+                continue;
+            };
+            for m in TargetModule::ALL {
+                if let Some(pair) = &deltas[m.index()] {
+                    let linear = block.linear_mut(m);
+                    let update = pair.delta_weight()?;
+                    if update.dims2()? != linear.weight.dims()? {
+                        return Err(Error::AdapterModelMismatch {
+                            adapter: adapter.name().to_string(),
+                            detail: format!(
+                                "layer {i} {}: update {:?}, weight {:?}",
+                                m.gguf_name(),
+                                update.dims(),
+                                linear.weight.dims()?
+                            ),
+                        });
+                    }
+                    let w = (linear.weight.dequantize()? + update)?.contiguous()?;
+                    *linear = Linear::new(Weight::Dense(w));
+                }
+            }
+        }
+        Ok(merged)
+    }
+
     /// The final hidden states before the output norm: `(t, hidden)` f32.
-    fn hidden(&self, tokens: &[u32], pos: usize, cache: &mut KvCache) -> Result<Tensor> {
+    fn hidden(
+        &self,
+        tokens: &[u32],
+        pos: usize,
+        cache: &mut KvCache,
+        adapter: Option<&LoraAdapter>,
+    ) -> Result<Tensor> {
         let t = tokens.len();
         if t == 0 {
             return Err(Error::InvalidParams {
@@ -251,30 +351,41 @@ impl LlamaModel {
                 ),
             });
         }
+        if let Some(a) = adapter {
+            a.check_fits(&self.props)?;
+        }
+        cache.bind(adapter)?;
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self.embeddings.index_select(&ids, 0)?;
         let mask = causal_mask(t, pos, &self.device)?;
         let geometry = cache.geometry();
-        for (block, layer) in self.blocks.iter().zip(cache.layers_mut()) {
+        for (i, (block, layer)) in self.blocks.iter().zip(cache.layers_mut()).enumerate() {
+            let d = adapter.and_then(|a| a.layer(i));
             let h = block.attn_norm.forward(&x)?;
-            let h = self.attention(&block.attn, &h, pos, layer, geometry, mask.as_ref())?;
+            let h = self.attention(&block.attn, d, &h, pos, layer, geometry, mask.as_ref())?;
             x = (x + h)?;
             let h = block.ffn_norm.forward(&x)?;
             let m = &block.mlp;
-            let g = candle_nn::ops::silu(&m.gate.forward(&h)?)?;
-            let h = m.down.forward(&(g * m.up.forward(&h)?)?)?;
+            let g = candle_nn::ops::silu(&m.gate.forward(&h, delta(d, TargetModule::GateProj))?)?;
+            let u = m.up.forward(&h, delta(d, TargetModule::UpProj))?;
+            let h = m
+                .down
+                .forward(&(g * u)?, delta(d, TargetModule::DownProj))?;
             x = (x + h)?;
         }
         cache.set_len(needed);
         Ok(x)
     }
 
-    /// Grouped-query attention of `x: (t, hidden)` at positions `pos..pos + t`: the
-    /// projections and RoPE here, the rest in [`attention::attention`], which writes this
-    /// call's keys and values into `layer`. Returns `(t, hidden)`.
+    /// Grouped-query attention of `x: (t, hidden)` at positions `pos..pos + t`, with the
+    /// layer's LoRA `deltas`: the projections and RoPE here, the rest in
+    /// [`attention::attention`], which writes this call's keys and values into `layer`.
+    /// Returns `(t, hidden)`.
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         a: &Attention,
+        deltas: Option<&LayerDeltas>,
         x: &Tensor,
         pos: usize,
         layer: &mut attention::LayerKv,
@@ -288,11 +399,14 @@ impl LlamaModel {
             Ok(y.reshape((1, t, n, d))?.transpose(1, 2)?.contiguous()?)
         };
         let values = |y: Tensor| -> Result<Vec<f32>> { Ok(y.flatten_all()?.to_vec1::<f32>()?) };
-        let q = values(self.rope.apply(&heads_first(a.q.forward(x)?, h)?, pos)?)?; // (h, t, d)
-        let k = values(self.rope.apply(&heads_first(a.k.forward(x)?, kvh)?, pos)?)?; // (kvh, t, d)
-        let v = values(heads_first(a.v.forward(x)?, kvh)?)?;
+        let q = a.q.forward(x, delta(deltas, TargetModule::QProj))?;
+        let k = a.k.forward(x, delta(deltas, TargetModule::KProj))?;
+        let v = a.v.forward(x, delta(deltas, TargetModule::VProj))?;
+        let q = values(self.rope.apply(&heads_first(q, h)?, pos)?)?; // (h, t, d)
+        let k = values(self.rope.apply(&heads_first(k, kvh)?, pos)?)?; // (kvh, t, d)
+        let v = values(heads_first(v, kvh)?)?;
         let y = attention::attention(&q, &k, &v, layer, geometry, h, t, pos, mask)?;
-        a.o.forward(&y)
+        a.o.forward(&y, delta(deltas, TargetModule::OProj))
     }
 }
 

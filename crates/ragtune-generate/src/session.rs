@@ -7,6 +7,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 
 use crate::attention::KvCache;
+use crate::lora::LoraAdapter;
 use crate::model::LlamaModel;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
@@ -148,6 +149,24 @@ impl<'m> Generator<'m> {
         cache: &mut KvCache,
         prompt: &[u32],
         params: &GenerateParams,
+        on_text: impl FnMut(&str),
+    ) -> Result<Generation> {
+        self.generate_with(cache, prompt, params, None, on_text)
+    }
+
+    /// [`generate`](Self::generate) with a LoRA adapter for this request (`None`: the base
+    /// model). The adapter must have been loaded for this generator's model; the cache is
+    /// cleared first, so one cache may serve requests with different adapters in turn.
+    ///
+    /// # Errors
+    /// As [`generate`](Self::generate), and [`Error::AdapterModelMismatch`] for an adapter
+    /// loaded for a model of other sizes.
+    pub fn generate_with(
+        &self,
+        cache: &mut KvCache,
+        prompt: &[u32],
+        params: &GenerateParams,
+        adapter: Option<&LoraAdapter>,
         mut on_text: impl FnMut(&str),
     ) -> Result<Generation> {
         validate(params)?;
@@ -173,7 +192,10 @@ impl<'m> Generator<'m> {
         let start = Instant::now();
         let mut logits = None;
         for chunk in prompt.chunks(params.prefill_batch) {
-            logits = Some(self.model.forward_last(chunk, cache.len(), cache)?);
+            logits = Some(
+                self.model
+                    .forward_last_with(chunk, cache.len(), cache, adapter)?,
+            );
         }
         let mut logits = logits.ok_or_else(|| Error::InvalidParams {
             detail: "empty prompt".into(),
@@ -201,7 +223,9 @@ impl<'m> Generator<'m> {
             if tokens.len() == params.max_new_tokens {
                 break StopReason::MaxTokens;
             }
-            logits = self.model.forward_last(&[next], cache.len(), cache)?;
+            logits = self
+                .model
+                .forward_last_with(&[next], cache.len(), cache, adapter)?;
             decode_steps += 1;
         };
         let text = stream.finish(&mut on_text);
@@ -251,6 +275,8 @@ pub fn end_of_generation_ids(model: &LlamaModel, tokenizer: &Tokenizer) -> Vec<u
     ids
 }
 
+// `!(x > 0.0)` on purpose: NaN must fail the checks too.
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
 fn validate(p: &GenerateParams) -> Result<()> {
     let bad = |detail: String| Err(Error::InvalidParams { detail });
     if p.prefill_batch == 0 {
@@ -552,8 +578,12 @@ mod tests {
 
     #[test]
     fn sampling_is_seeded_and_filters_apply() {
-        let logits = Tensor::new(&[1.0f32, 3.0, 2.0, 0.5], &candle_core::Device::Cpu).unwrap();
-        assert_eq!(sampler(Sampling::Greedy).next(&logits, &[]).unwrap(), 1);
+        let logits =
+            Tensor::new(&[1.0f32, 3.0, 2.0, 0.5], &candle_core::Device::Cpu).expect("test");
+        assert_eq!(
+            sampler(Sampling::Greedy).next(&logits, &[]).expect("test"),
+            1
+        );
         let t = |seed, top_k| Sampling::Temperature {
             temperature: 1.0,
             top_k,
@@ -564,7 +594,7 @@ mod tests {
         let draw = |s: Sampling| {
             let mut sm = sampler(s);
             (0..50)
-                .map(|_| sm.next(&logits, &[]).unwrap())
+                .map(|_| sm.next(&logits, &[]).expect("test"))
                 .collect::<Vec<_>>()
         };
         assert_eq!(draw(t(7, None)), draw(t(7, None)));
@@ -585,7 +615,7 @@ mod tests {
 
     #[test]
     fn repeat_penalty_demotes_seen_tokens() {
-        let logits = Tensor::new(&[1.0f32, 3.0, 2.5], &candle_core::Device::Cpu).unwrap();
+        let logits = Tensor::new(&[1.0f32, 3.0, 2.5], &candle_core::Device::Cpu).expect("test");
         let mut s = Sampler::new(&GenerateParams {
             repeat_penalty: Some(RepeatPenalty {
                 penalty: 2.0,
@@ -593,7 +623,7 @@ mod tests {
             }),
             ..Default::default()
         });
-        assert_eq!(s.next(&logits, &[1]).unwrap(), 2);
+        assert_eq!(s.next(&logits, &[1]).expect("test"), 2);
     }
 
     #[test]
@@ -609,7 +639,7 @@ mod tests {
             ..Default::default()
         };
         assert!(validate(&p)
-            .unwrap_err()
+            .expect_err("test")
             .to_string()
             .contains("temperature"));
     }
