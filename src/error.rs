@@ -11,6 +11,9 @@ pub enum Error {
     /// The embedding crate failed (missing model file, tokenizer, tensors).
     #[error(transparent)]
     Embed(#[from] ragtune_embed::Error),
+    /// The generation crate failed (model file, tokenizer, template, adapter, context).
+    #[error(transparent)]
+    Generate(#[from] ragtune_generate::Error),
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {

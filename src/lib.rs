@@ -16,6 +16,7 @@
 #![warn(missing_docs)]
 
 pub mod corpus;
+pub mod engine;
 mod error;
 pub mod fetch;
 pub mod ingest;

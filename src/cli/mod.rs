@@ -1,5 +1,6 @@
 //! Argument parsing (clap) into plain structs, then one module per subcommand.
 
+mod ask;
 mod embed;
 mod fetch;
 mod generate;
@@ -10,8 +11,12 @@ mod search;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use ragtune::engine::{Engine, EngineConfig};
 use ragtune::fetch::{FetchConfig, Role};
 use ragtune::progress::Progress;
+
+/// The adapter trained for the LicenseDB, used by default when present.
+const SHIPPED_ADAPTER: &str = "licenses-lora";
 
 /// The default index location, built from the LicenseDB on first use.
 const DEFAULT_INDEX: &str = "index/licenses";
@@ -41,6 +46,9 @@ pub struct GlobalArgs {
     /// No progress bars.
     #[arg(long, short, global = true)]
     quiet: bool,
+    /// The engine configuration file (used when it exists).
+    #[arg(long, global = true, env = "RAGTUNE_CONFIG", default_value = ragtune::engine::CONFIG_FILE)]
+    config: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]
@@ -55,6 +63,8 @@ enum Command {
     Index(index::Args),
     /// Embed each line of stdin with the encoder (JSON lines, or a .npy file).
     Embed(embed::Args),
+    /// Answer a question (or one per stdin line) in hybrid, rag, finetune or base mode.
+    Ask(ask::Args),
     /// Generate text with the GGUF model (chat-templated or raw), optionally with a LoRA
     /// adapter; streamed, or one JSON object.
     Generate(generate::Args),
@@ -71,6 +81,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Embed(args) => embed::run(&ctx, args),
         Command::Index(args) => index::run(&ctx, args),
         Command::Generate(args) => generate::run(&ctx, args),
+        Command::Ask(args) => ask::run(&ctx, args),
     }
 }
 
@@ -85,6 +96,8 @@ pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
 
 /// Settings resolved from the global arguments.
 pub struct Context {
+    config_file: PathBuf,
+    models_dir: PathBuf,
     fetch: FetchConfig,
     embedder: Option<PathBuf>,
     index: PathBuf,
@@ -95,6 +108,8 @@ pub struct Context {
 impl Context {
     fn new(args: &GlobalArgs) -> Context {
         Context {
+            config_file: args.config.clone(),
+            models_dir: args.models_dir.clone(),
             fetch: FetchConfig::new(&args.models_dir),
             embedder: args.embedder.clone(),
             index: args.index.clone(),
@@ -117,6 +132,42 @@ impl Context {
                 &self.progress,
             )?),
         }
+    }
+
+    /// The engine configuration: `ragtune.toml` (or `--config`) over the defaults, the global
+    /// flags over both when they differ from their defaults, and `adapter` (a name or a
+    /// directory) made the default adapter. The shipped adapter
+    /// `<models-dir>/adapters/licenses-lora` is configured as the default when the file names
+    /// no adapter and it exists.
+    fn engine_config(&self, adapter: Option<&str>) -> anyhow::Result<EngineConfig> {
+        let mut config = EngineConfig::load_or_default(&self.config_file)?;
+        if self.models_dir != std::path::Path::new("models") {
+            config.models_dir = self.models_dir.clone();
+        }
+        if !self.index_is_default {
+            config.index = self.index.clone();
+        }
+        if self.embedder.is_some() {
+            config.embedder = self.embedder.clone();
+        }
+        let shipped = config.models_dir.join("adapters").join(SHIPPED_ADAPTER);
+        if config.adapters.is_empty() && shipped.join("adapter_config.json").exists() {
+            config.adapters.insert(SHIPPED_ADAPTER.to_string(), shipped);
+            config.default_adapter = Some(SHIPPED_ADAPTER.to_string());
+        }
+        if let Some(a) = adapter {
+            if !config.adapters.contains_key(a) {
+                let dir = generate::resolve_adapter(self, a)?;
+                config.adapters.insert(a.to_string(), dir);
+            }
+            config.default_adapter = Some(a.to_string());
+        }
+        Ok(config)
+    }
+
+    /// The engine, built from [`engine_config`](Self::engine_config).
+    fn engine(&self, adapter: Option<&str>) -> anyhow::Result<Engine> {
+        Ok(Engine::open(self.engine_config(adapter)?, &self.progress)?)
     }
 
     /// The default corpus folder: the LicenseDB licenses (fetched if missing).

@@ -1,0 +1,517 @@
+//! The hybrid engine: one embedder, one index, one base model and any number of LoRA
+//! adapters in one process, answering in four [`Mode`]s.
+//!
+//! | mode       | adapter | retrieval |
+//! |------------|---------|-----------|
+//! | `hybrid`   | yes     | yes       |
+//! | `rag`      | no      | yes       |
+//! | `finetune` | yes     | no        |
+//! | `base`     | no      | no        |
+//!
+//! `rag` and `hybrid` build the exact same prompt ([`prompt::rag_messages`]); `finetune` and
+//! `base` the question alone ([`prompt::closed_book_messages`]). Switching modes never
+//! reloads anything: the adapter is chosen per forward call.
+//!
+//! **Concurrency.** [`Engine`] is `Send + Sync`; [`Engine::answer`] takes `&self` and each
+//! call owns its KV cache, so any number of threads may ask at once. The matmul kernels of
+//! every request run on the one rayon pool (as many threads as cores): concurrent requests
+//! interleave their parallel parts on it rather than oversubscribing the CPU, so two requests
+//! take about as long together as one after the other, and neither waits for the other to
+//! finish before it starts.
+
+mod config;
+pub mod prompt;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use ragtune_embed::SentenceEncoder;
+use ragtune_generate::{
+    end_of_generation_ids, read_gguf, ChatTemplate, GenerateParams, Generator, LlamaModel,
+    LlamaProps, LoraAdapter, Sampling, Tokenizer,
+};
+use ragtune_index::Filter;
+use serde::Serialize;
+
+pub use config::{EngineConfig, CONFIG_FILE};
+pub use prompt::{Citation, PROMPT_FORMAT_VERSION};
+
+use crate::fetch::{FetchConfig, Role};
+use crate::progress::Progress;
+use crate::retrieve::{Query, RetrievedChunk, Retriever};
+use crate::{Error, Result};
+
+/// How a question is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Adapter + retrieval (the product).
+    Hybrid,
+    /// Retrieval, base model.
+    Rag,
+    /// Adapter, no retrieval.
+    #[serde(rename = "finetune")]
+    FineTune,
+    /// Base model, no retrieval.
+    Base,
+}
+
+impl Mode {
+    /// All four, in the order benchmarks report them.
+    pub const ALL: [Mode; 4] = [Mode::Hybrid, Mode::Rag, Mode::FineTune, Mode::Base];
+
+    /// Whether the mode puts retrieved sources into the prompt.
+    pub fn uses_retrieval(self) -> bool {
+        matches!(self, Mode::Hybrid | Mode::Rag)
+    }
+
+    /// Whether the mode runs with a LoRA adapter.
+    pub fn uses_adapter(self) -> bool {
+        matches!(self, Mode::Hybrid | Mode::FineTune)
+    }
+
+    /// The lowercase name (`hybrid`, `rag`, `finetune`, `base`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Hybrid => "hybrid",
+            Mode::Rag => "rag",
+            Mode::FineTune => "finetune",
+            Mode::Base => "base",
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Mode> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "hybrid" => Ok(Mode::Hybrid),
+            "rag" => Ok(Mode::Rag),
+            "finetune" | "fine-tune" | "ft" => Ok(Mode::FineTune),
+            "base" => Ok(Mode::Base),
+            other => Err(Error::InvalidRequest(format!(
+                "unknown mode `{other}`: use hybrid, rag, finetune or base"
+            ))),
+        }
+    }
+}
+
+/// One question.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The question (not empty).
+    pub question: String,
+    /// How to answer.
+    pub mode: Mode,
+    /// Sources to retrieve (retrieval modes); `None`: the engine's default.
+    pub k: Option<usize>,
+    /// Metadata filter on the retrieved chunks.
+    pub filter: Option<Filter>,
+    /// Token choice; greedy by default.
+    pub sampling: Sampling,
+    /// Generated tokens at most; `None`: the engine's default.
+    pub max_tokens: Option<usize>,
+    /// The adapter of `hybrid`/`finetune` (a loaded adapter's name); `None`: the default.
+    pub adapter: Option<String>,
+}
+
+impl Request {
+    /// A greedy request with the engine's defaults.
+    pub fn new(question: impl Into<String>, mode: Mode) -> Self {
+        Self {
+            question: question.into(),
+            mode,
+            k: None,
+            filter: None,
+            sampling: Sampling::Greedy,
+            max_tokens: None,
+            adapter: None,
+        }
+    }
+}
+
+/// Wall-clock time per phase of one answer, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Timings {
+    /// Embedding the question.
+    pub embed: f64,
+    /// The index search.
+    pub retrieve: f64,
+    /// Building and tokenizing the prompt (fitting the sources into the budget).
+    pub prompt: f64,
+    /// Prompt processing up to the first token's logits.
+    pub prefill: f64,
+    /// Generating the rest.
+    pub decode: f64,
+    /// From the request to the first generated text.
+    pub first_token: f64,
+    /// The whole request.
+    pub total: f64,
+}
+
+/// Token counts of one answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct TokenCounts {
+    /// Prompt tokens.
+    pub prompt: usize,
+    /// Generated tokens.
+    pub generated: usize,
+}
+
+/// An answer with its sources and measurements.
+#[derive(Debug, Clone, Serialize)]
+pub struct Answer {
+    /// The mode it was produced in.
+    pub mode: Mode,
+    /// The generated text.
+    pub text: String,
+    /// The sources given in the prompt, numbered from 1 in this order (empty in `finetune`
+    /// and `base`).
+    pub sources: Vec<RetrievedChunk>,
+    /// The citations in the text, with those of sources not given flagged.
+    pub citations: Vec<Citation>,
+    /// The adapter used, if any.
+    pub adapter: Option<String>,
+    /// Time per phase.
+    pub timings: Timings,
+    /// Token counts.
+    pub tokens: TokenCounts,
+    /// Prefill tokens/s of this answer.
+    pub prefill_tokens_per_s: f64,
+    /// Decode tokens/s of this answer.
+    pub decode_tokens_per_s: f64,
+}
+
+/// The engine (see the module docs).
+#[derive(Debug)]
+pub struct Engine {
+    retriever: Retriever,
+    model: LlamaModel,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    eog: Vec<u32>,
+    adapters: BTreeMap<String, LoraAdapter>,
+    config: EngineConfig,
+}
+
+impl Engine {
+    /// Builds the engine from `config`: fetches missing pinned models, builds the default
+    /// LicenseDB index on first use (progress on `progress`), loads the encoder, the index,
+    /// the model and every configured adapter that exists on disk.
+    ///
+    /// # Errors
+    /// Fetch, model, index and adapter errors; [`Error::Config`] for a context window of 0 or
+    /// beyond the model's context length, or a default adapter that is not configured.
+    pub fn open(config: EngineConfig, progress: &Progress) -> Result<Engine> {
+        let fetch = FetchConfig::new(&config.models_dir);
+        let encoder_dir = match &config.embedder {
+            Some(dir) => dir.clone(),
+            None => crate::fetch::ensure(&fetch, Role::Embedder, progress)?,
+        };
+        let encoder = SentenceEncoder::load(&encoder_dir)?;
+        let default_index = EngineConfig::default().index;
+        if !config.index.exists() && config.index == default_index && config.embedder.is_none() {
+            eprintln!(
+                "no index at {}: building it from the LicenseDB (first run; `ragtune ingest` rebuilds it)",
+                config.index.display()
+            );
+            let corpus = crate::fetch::ensure(&fetch, Role::Corpus, progress)?.join("licenses");
+            crate::ingest::ingest(
+                &encoder,
+                &corpus,
+                &config.index,
+                &Default::default(),
+                progress,
+            )?;
+        }
+        let retriever = Retriever::with_encoder(encoder, &config.index)?;
+        let gguf = match &config.gguf {
+            Some(path) => path.clone(),
+            None => default_gguf(&fetch, progress)?,
+        };
+        let mut adapters = BTreeMap::new();
+        let model = LlamaModel::from_gguf(&gguf)?;
+        for (name, dir) in &config.adapters {
+            if !dir.exists() {
+                eprintln!(
+                    "adapter `{name}`: {} does not exist, skipped",
+                    dir.display()
+                );
+                continue;
+            }
+            let adapter = LoraAdapter::load(dir, &model)?;
+            adapters.insert(name.clone(), adapter);
+        }
+        Self::from_parts(retriever, model, &gguf, adapters, config)
+    }
+
+    /// Builds the engine from loaded parts (the tokenizer and chat template are read from
+    /// the GGUF at `gguf`, the file `model` was loaded from).
+    ///
+    /// # Errors
+    /// As [`open`](Self::open).
+    pub fn from_parts(
+        retriever: Retriever,
+        model: LlamaModel,
+        gguf: &std::path::Path,
+        adapters: BTreeMap<String, LoraAdapter>,
+        config: EngineConfig,
+    ) -> Result<Engine> {
+        let content = read_gguf(gguf)?;
+        let props = LlamaProps::try_from(&content)?;
+        let tokenizer = Tokenizer::from_gguf(&content)?;
+        let template = ChatTemplate::from_props(&props, &tokenizer)?.ok_or_else(|| {
+            Error::Config(format!(
+                "{} has no chat template (tokenizer.chat_template)",
+                gguf.display()
+            ))
+        })?;
+        if config.context_window == 0 || config.context_window > props.context_length {
+            return Err(Error::Config(format!(
+                "context_window {} must be in 1..={} (the model's context length)",
+                config.context_window, props.context_length
+            )));
+        }
+        if let Some(name) = &config.default_adapter {
+            if !config.adapters.contains_key(name) {
+                return Err(Error::Config(format!(
+                    "default_adapter `{name}` is not among the configured adapters ({})",
+                    names(config.adapters.keys())
+                )));
+            }
+        }
+        let eog = end_of_generation_ids(&model, &tokenizer);
+        Ok(Engine {
+            retriever,
+            model,
+            tokenizer,
+            template,
+            eog,
+            adapters,
+            config,
+        })
+    }
+
+    /// The configuration the engine runs with.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// The retriever (encoder and index).
+    pub fn retriever(&self) -> &Retriever {
+        &self.retriever
+    }
+
+    /// The names of the loaded adapters.
+    pub fn adapter_names(&self) -> Vec<&str> {
+        self.adapters.keys().map(String::as_str).collect()
+    }
+
+    /// Answers `request` (see [`answer_streaming`](Self::answer_streaming)).
+    ///
+    /// # Errors
+    /// As [`answer_streaming`](Self::answer_streaming).
+    pub fn answer(&self, request: &Request) -> Result<Answer> {
+        self.answer_streaming(request, |_| {})
+    }
+
+    /// Answers `request`, passing the text to `on_text` as it is generated (whole UTF-8
+    /// characters); the returned [`Answer`] carries the rest (sources, citations, timings).
+    ///
+    /// # Errors
+    /// [`Error::InvalidRequest`] for an empty question, `k == 0`, a question that does not
+    /// fit the context window, a mode that needs an adapter when none is loaded or the named
+    /// one is not; retrieval and generation errors. None of them affects later requests.
+    pub fn answer_streaming(
+        &self,
+        request: &Request,
+        mut on_text: impl FnMut(&str),
+    ) -> Result<Answer> {
+        let started = Instant::now();
+        let question = request.question.trim();
+        if question.is_empty() {
+            return Err(Error::InvalidRequest(
+                "the question is empty: ask something".into(),
+            ));
+        }
+        let k = request.k.unwrap_or(self.config.k);
+        if k == 0 {
+            return Err(Error::InvalidRequest("k must be at least 1".into()));
+        }
+        let max_tokens = request.max_tokens.unwrap_or(self.config.max_tokens);
+        let budget = self
+            .config
+            .context_window
+            .checked_sub(max_tokens)
+            .filter(|b| *b > 0)
+            .ok_or_else(|| {
+                Error::InvalidRequest(format!(
+                    "max_tokens {max_tokens} leaves no room for the prompt in the context \
+                     window of {} tokens",
+                    self.config.context_window
+                ))
+            })?;
+        let (adapter_name, adapter) = self.adapter_for(request)?;
+
+        let mut timings = Timings::default();
+        let (sources, prompt) = if request.mode.uses_retrieval() {
+            let candidates = self.retrieve(question, k, request.filter.clone(), &mut timings)?;
+            let t = Instant::now();
+            let fitted = prompt::fit_sources(
+                &self.template,
+                &self.tokenizer,
+                question,
+                &candidates,
+                budget,
+            )?;
+            timings.prompt = ms(t);
+            fitted
+        } else {
+            let t = Instant::now();
+            let ids = prompt::encode(
+                &self.template,
+                &self.tokenizer,
+                &prompt::closed_book_messages(question),
+            )?;
+            timings.prompt = ms(t);
+            if ids.len() > budget {
+                return Err(Error::InvalidRequest(format!(
+                    "the question takes {} prompt tokens, more than the {budget} left in the \
+                     context window of {} after {max_tokens} new tokens: shorten it",
+                    ids.len(),
+                    self.config.context_window
+                )));
+            }
+            (Vec::new(), ids)
+        };
+
+        let params = GenerateParams {
+            max_new_tokens: max_tokens,
+            sampling: request.sampling,
+            ..GenerateParams::default()
+        };
+        let mut cache = self.model.new_cache(prompt.len() + max_tokens)?;
+        let generator = Generator::new(&self.model, &self.tokenizer, &self.eog);
+        let mut first_token = None;
+        let generation =
+            generator.generate_with(&mut cache, &prompt, &params, adapter, |text| {
+                if first_token.is_none() {
+                    first_token = Some(ms(started));
+                }
+                on_text(text);
+            })?;
+        timings.prefill = generation.timings.prefill_ms;
+        timings.decode = generation.timings.decode_ms;
+        timings.total = ms(started);
+        timings.first_token = first_token.unwrap_or(timings.total);
+        let citations = prompt::citations(&generation.text, &sources);
+        Ok(Answer {
+            mode: request.mode,
+            text: generation.text,
+            sources,
+            citations,
+            adapter: adapter_name,
+            timings,
+            tokens: TokenCounts {
+                prompt: prompt.len(),
+                generated: generation.tokens.len(),
+            },
+            prefill_tokens_per_s: generation.timings.prefill_tok_s,
+            decode_tokens_per_s: generation.timings.decode_tok_s,
+        })
+    }
+
+    /// The adapter a request runs with: none outside `hybrid`/`finetune`.
+    fn adapter_for(&self, request: &Request) -> Result<(Option<String>, Option<&LoraAdapter>)> {
+        if !request.mode.uses_adapter() {
+            return Ok((None, None));
+        }
+        let name = request
+            .adapter
+            .as_ref()
+            .or(self.config.default_adapter.as_ref())
+            .ok_or_else(|| {
+                Error::InvalidRequest(format!(
+                    "mode {} needs a LoRA adapter and none is configured: set default_adapter \
+                     and [adapters] in {CONFIG_FILE}, or pass --adapter",
+                    request.mode
+                ))
+            })?;
+        let adapter = self.adapters.get(name).ok_or_else(|| {
+            Error::InvalidRequest(format!(
+                "adapter `{name}` is not loaded (loaded: {})",
+                names(self.adapters.keys())
+            ))
+        })?;
+        Ok((Some(name.clone()), Some(adapter)))
+    }
+
+    /// The top chunks for `question`: `3k` candidates from the index, at most
+    /// `max_chunks_per_doc` of each document, the first `k` of those.
+    fn retrieve(
+        &self,
+        question: &str,
+        k: usize,
+        filter: Option<Filter>,
+        timings: &mut Timings,
+    ) -> Result<Vec<RetrievedChunk>> {
+        let mut query = Query::new(question, k * 3);
+        query.filter = filter;
+        let result = self.retriever.search(&query)?;
+        timings.embed = result.embed_ms;
+        timings.retrieve = result.search_ms;
+        let mut per_doc: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut kept = Vec::with_capacity(k);
+        for hit in &result.hits {
+            let n = per_doc.entry(hit.doc_id.as_str()).or_default();
+            if *n < self.config.max_chunks_per_doc && kept.len() < k {
+                *n += 1;
+                kept.push(hit.clone());
+            }
+        }
+        Ok(kept)
+    }
+}
+
+/// The pinned GGUF (fetched if missing).
+///
+/// # Errors
+/// Fetch errors; [`Error::Config`] when the manifest lists no `.gguf` (a build defect).
+pub fn default_gguf(fetch: &FetchConfig, progress: &Progress) -> Result<PathBuf> {
+    let dir = crate::fetch::ensure(fetch, Role::Generator, progress)?;
+    let manifest = crate::fetch::Manifest::embedded()?;
+    let file = manifest
+        .package(Role::Generator)?
+        .files
+        .iter()
+        .find(|f| f.to.ends_with(".gguf"))
+        .ok_or_else(|| Error::Config("the manifest's generator package lists no .gguf".into()))?;
+    Ok(dir.join(&file.to))
+}
+
+fn names<'a>(it: impl Iterator<Item = &'a String>) -> String {
+    let v: Vec<&str> = it.map(String::as_str).collect();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}
+
+#[allow(dead_code)]
+fn assert_send_sync() {
+    fn is<T: Send + Sync>() {}
+    is::<Engine>();
+}
