@@ -11,6 +11,8 @@ mod chunking;
 mod cli;
 #[path = "it/embed_golden.rs"]
 mod embed_golden;
+#[path = "it/engine.rs"]
+mod engine;
 #[path = "it/generate_golden.rs"]
 mod generate_golden;
 #[path = "it/generate_model.rs"]

@@ -1,0 +1,320 @@
+//! The hybrid engine end to end on the real models and an index of a corpus subset: the four
+//! modes, the token budget, bad requests, concurrent requests, and `ragtune ask`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use ragtune::engine::{prompt, Engine, EngineConfig, Mode, Request};
+use ragtune::fetch::Role;
+use ragtune::retrieve::Retriever;
+use ragtune_embed::SentenceEncoder;
+use ragtune_generate::candle_core::{Device, Tensor};
+use ragtune_generate::lora::Factor;
+use ragtune_generate::{LlamaModel, LoraAdapter, LoraConfig, TargetModule};
+
+use crate::util;
+
+const APACHE: &str = "What is the SPDX identifier of the Apache License 2.0?";
+
+fn gguf() -> std::path::PathBuf {
+    ragtune::engine::default_gguf(
+        &util::fetch_config(),
+        &ragtune::progress::Progress::hidden(),
+    )
+    .expect("the pinned GGUF")
+}
+
+/// A small seeded adapter on q_proj/v_proj (values from a fixed LCG; PEFT's zero-initialised
+/// B would make it a no-op).
+fn synthetic_adapter(model: &LlamaModel) -> LoraAdapter {
+    let p = model.props();
+    let (hidden, q, kv) = (
+        p.embedding_length,
+        p.head_count * p.head_dim,
+        p.head_count_kv * p.head_dim,
+    );
+    let r = 4;
+    let mut state = 7u64;
+    let mut seeded = |rows: usize, cols: usize, amp: f32| -> Tensor {
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp
+            })
+            .collect();
+        Tensor::from_vec(v, (rows, cols), &Device::Cpu).expect("tensor")
+    };
+    let mut tensors = HashMap::new();
+    for layer in 0..p.block_count {
+        for (m, out) in [(TargetModule::QProj, q), (TargetModule::VProj, kv)] {
+            tensors.insert(m.tensor_name(layer, Factor::A), seeded(r, hidden, 0.05));
+            tensors.insert(m.tensor_name(layer, Factor::B), seeded(out, r, 0.05));
+        }
+    }
+    let config = LoraConfig::new(r, 8.0, &[TargetModule::QProj, TargetModule::VProj]);
+    LoraAdapter::from_tensors("synthetic", config, tensors, model).expect("a valid adapter")
+}
+
+fn config() -> EngineConfig {
+    EngineConfig {
+        models_dir: util::fetch_config().models_dir,
+        index: util::subset_index().index.clone(),
+        default_adapter: Some("synthetic".into()),
+        adapters: BTreeMap::from([("synthetic".into(), "unused".into())]),
+        ..EngineConfig::default()
+    }
+}
+
+fn engine_with(config: EngineConfig) -> Engine {
+    let encoder = SentenceEncoder::load(util::package(Role::Embedder)).expect("MiniLM");
+    let retriever = Retriever::with_encoder(encoder, &config.index).expect("subset index");
+    let gguf = gguf();
+    let model = LlamaModel::from_gguf(&gguf).expect("model");
+    let adapters = BTreeMap::from([("synthetic".to_string(), synthetic_adapter(&model))]);
+    Engine::from_parts(retriever, model, &gguf, adapters, config).expect("engine")
+}
+
+fn engine() -> &'static Engine {
+    static E: OnceLock<Engine> = OnceLock::new();
+    E.get_or_init(|| engine_with(config()))
+}
+
+fn request(question: &str, mode: Mode, k: usize, max_tokens: usize) -> Request {
+    let mut r = Request::new(question, mode);
+    r.k = Some(k);
+    r.max_tokens = Some(max_tokens);
+    r
+}
+
+/// `rag` finds the Apache License 2.0 and the base model, shown its metadata record, copies
+/// its SPDX id. The id is compared case-insensitively, as SPDX license identifiers are
+/// (SPDX spec, Annex "SPDX License List": "License identifiers ... are case-insensitive").
+/// One source: with two or more (here the Artistic License 2.0 comes second) SmolLM2-135M
+/// mixes them up and answers "2.0" or another source's id; teaching it to read several
+/// sources is the adapter's job (RAFT-style training data).
+#[test]
+fn rag_answers_the_apache_question_from_its_source() {
+    let a = engine()
+        .answer(&request(APACHE, Mode::Rag, 1, 32))
+        .expect("answer");
+    eprintln!(
+        "rag: {:?} sources {:?}",
+        a.text,
+        a.sources.iter().map(|s| &s.doc_id).collect::<Vec<_>>()
+    );
+    assert!(a.sources.iter().any(|s| s.doc_id == "apache-2.0"));
+    assert!(a.text.to_lowercase().contains("apache-2.0"), "{}", a.text);
+    assert_eq!(a.adapter, None);
+    assert!(a.tokens.prompt > 0 && a.tokens.generated > 0);
+    assert!(a.timings.first_token <= a.timings.total);
+}
+
+/// `hybrid` builds the same prompt as `rag` (same sources, same prompt tokens) and runs the
+/// adapter; `finetune` and `base` have no sources, and only `finetune` and `hybrid` an adapter.
+#[test]
+fn modes_differ_only_in_adapter_and_retrieval() {
+    let e = engine();
+    let rag = e.answer(&request(APACHE, Mode::Rag, 2, 8)).expect("rag");
+    let hybrid = e
+        .answer(&request(APACHE, Mode::Hybrid, 2, 8))
+        .expect("hybrid");
+    assert_eq!(hybrid.adapter.as_deref(), Some("synthetic"));
+    assert_eq!(hybrid.tokens.prompt, rag.tokens.prompt);
+    let ids = |a: &ragtune::engine::Answer| {
+        a.sources
+            .iter()
+            .map(|s| (s.doc_id.clone(), s.chunk))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&hybrid), ids(&rag));
+    for mode in [Mode::FineTune, Mode::Base] {
+        let a = e.answer(&request(APACHE, mode, 2, 8)).expect("closed book");
+        assert!(a.sources.is_empty(), "{mode}: {:?}", a.sources);
+        assert!(a.citations.iter().all(|c| !c.valid), "{mode}");
+        assert_eq!(a.adapter.is_some(), mode == Mode::FineTune);
+        assert!(a.tokens.prompt < rag.tokens.prompt);
+    }
+}
+
+/// With a tiny context window the sources that do not fit are dropped whole: every kept
+/// source's text is in the prompt uncut, and the prompt always fits.
+#[test]
+fn a_tiny_context_drops_whole_sources_and_the_prompt_fits() {
+    let e = engine();
+    let tokenizer_dir = gguf();
+    let content = ragtune_generate::read_gguf(&tokenizer_dir).expect("gguf");
+    let props = ragtune_generate::LlamaProps::try_from(&content).expect("props");
+    let tokenizer = ragtune_generate::Tokenizer::from_gguf(&content).expect("tokenizer");
+    let template = ragtune_generate::ChatTemplate::from_props(&props, &tokenizer)
+        .expect("template")
+        .expect("has one");
+    let hits = e
+        .retriever()
+        .search(&ragtune::retrieve::Query::new(
+            "permissive license attribution",
+            6,
+        ))
+        .expect("search")
+        .hits;
+    let mut last = usize::MAX;
+    for budget in [2000, 600, 400, 250, 150, 110] {
+        let (kept, ids) =
+            prompt::fit_sources(&template, &tokenizer, "Which is permissive?", &hits, budget)
+                .expect("the question alone fits");
+        assert!(ids.len() <= budget, "{} > {budget}", ids.len());
+        assert!(kept.len() <= last);
+        last = kept.len();
+        let text = tokenizer.decode(&ids, false).expect("decode");
+        for s in &kept {
+            let flat = s.text.split_whitespace().collect::<Vec<_>>().join(" ");
+            assert!(text.contains(&flat), "source {}#{} cut", s.doc_id, s.chunk);
+        }
+    }
+    assert!(last < hits.len(), "the smallest budget must drop sources");
+    let err = prompt::fit_sources(&template, &tokenizer, "Which is permissive?", &hits, 20)
+        .expect_err("the question alone does not fit 20 tokens");
+    assert!(err.to_string().contains("question alone"), "{err}");
+
+    // Through the engine: a context window that the question alone overflows.
+    let mut small = config();
+    small.context_window = 64;
+    let e = engine_with(small);
+    let err = e
+        .answer(&request(&"license ".repeat(80), Mode::Rag, 4, 16))
+        .expect_err("too long");
+    assert!(err.to_string().contains("prompt tokens"), "{err}");
+}
+
+#[test]
+fn bad_requests_are_typed_errors_and_the_engine_keeps_serving() {
+    let e = engine();
+    let empty = e
+        .answer(&request("   ", Mode::Rag, 2, 8))
+        .expect_err("empty");
+    assert!(empty.to_string().contains("empty"), "{empty}");
+    let mut r = request(APACHE, Mode::Hybrid, 2, 8);
+    r.adapter = Some("missing".into());
+    let missing = e.answer(&r).expect_err("missing adapter");
+    assert!(missing.to_string().contains("missing"), "{missing}");
+    assert!("nope".parse::<Mode>().is_err());
+    e.answer(&request(APACHE, Mode::Base, 2, 4))
+        .expect("still serving");
+}
+
+/// Several threads asking at once get what sequential calls get (greedy).
+#[test]
+fn concurrent_requests_equal_sequential_ones() {
+    let e = engine();
+    let questions = [
+        ("Who owns the MIT License?", Mode::Rag),
+        ("What category is the GPL 3.0?", Mode::Base),
+        (APACHE, Mode::Hybrid),
+    ];
+    let sequential: Vec<String> = questions
+        .iter()
+        .map(|(q, m)| e.answer(&request(q, *m, 2, 12)).expect("answer").text)
+        .collect();
+    let concurrent: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = questions
+            .iter()
+            .map(|(q, m)| s.spawn(move || e.answer(&request(q, *m, 2, 12)).expect("answer").text))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
+    });
+    assert_eq!(concurrent, sequential);
+}
+
+fn ragtune_ask() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ragtune"));
+    cmd.arg("--quiet")
+        .arg("--models-dir")
+        .arg(util::fetch_config().models_dir)
+        .arg("--index")
+        .arg(&util::subset_index().index)
+        .arg("--config")
+        .arg("/nonexistent/ragtune.toml")
+        .arg("ask");
+    cmd
+}
+
+/// `ragtune ask --format json`: the contract of DESIGN.md; stdin batch mode answers each line
+/// in order with one JSON object per line; a bad line gets an error object, the others are
+/// answered, and the exit status says something failed.
+#[test]
+fn ask_json_matches_the_contract_and_batch_mode_keeps_order() {
+    let out = ragtune_ask()
+        .args([
+            "--format",
+            "json",
+            "--mode",
+            "rag",
+            "-k",
+            "2",
+            "--max-tokens",
+            "8",
+            APACHE,
+        ])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(v["question"], APACHE);
+    assert_eq!(v["mode"], "rag");
+    assert!(v["answer"].is_string());
+    let s = &v["sources"][0];
+    for key in ["doc_id", "chunk", "score", "text"] {
+        assert!(!s[key].is_null(), "source field {key}: {v}");
+    }
+    for key in ["embed", "retrieve", "prefill", "decode", "total"] {
+        assert!(v["timings_ms"][key].is_number(), "timing {key}: {v}");
+    }
+    assert!(v["tokens"]["prompt"].as_u64().expect("prompt") > 0);
+    assert!(v["tokens"]["generated"].as_u64().expect("generated") > 0);
+
+    let mut child = ragtune_ask()
+        .args(["--format", "json", "--mode", "base", "--max-tokens", "4"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let questions = ["Who owns the MIT License?", " ", "What is the ISC license?"];
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(questions.join("\n").as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("wait");
+    assert!(!out.status.success(), "one line was empty");
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 3);
+    for (line, q) in lines.iter().zip(questions) {
+        assert_eq!(line["question"], q);
+    }
+    assert!(lines[0]["answer"].is_string() && lines[2]["answer"].is_string());
+    assert!(lines[1]["error"].as_str().expect("error").contains("empty"));
+    assert!(lines[0]["sources"].as_array().expect("sources").is_empty());
+
+    let out = ragtune_ask()
+        .args(["--mode", "sideways", "hello"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown mode"));
+}
