@@ -13,6 +13,8 @@ mod cli;
 mod embed_golden;
 #[path = "it/generate_golden.rs"]
 mod generate_golden;
+#[path = "it/generate_lora.rs"]
+mod generate_lora;
 #[path = "it/generate_model.rs"]
 mod generate_model;
 #[path = "it/retrieval.rs"]

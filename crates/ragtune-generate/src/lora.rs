@@ -128,8 +128,9 @@ impl TargetModule {
         self as usize
     }
 
-    /// The projection's `(out, in)` for a base model.
-    fn dims(self, p: &LlamaProps) -> (usize, usize) {
+    /// The projection's weight shape `(out, in)` in a base model of `p`'s sizes: `lora_A`
+    /// is then `(r, in)` and `lora_B` `(out, r)`.
+    pub fn dims(self, p: &LlamaProps) -> (usize, usize) {
         let (hidden, ff) = (p.embedding_length, p.feed_forward_length);
         let (q, kv) = (p.head_count * p.head_dim, p.head_count_kv * p.head_dim);
         match self {
