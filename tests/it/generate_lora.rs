@@ -167,6 +167,21 @@ fn adapter_logits_equal_the_merged_dense_model() {
         "the adapter barely changes the logits: {moved}"
     );
     assert!(err <= 2e-3, "runtime vs merged: {err}");
+    // A decode step (one token: the delta goes through the small-batch loops, not gemm).
+    let step = |model: &LlamaModel, adapter: Option<&LoraAdapter>| -> Vec<Vec<f32>> {
+        let mut cache = model.new_cache(f.prompt.len() + 1).expect("cache");
+        model
+            .forward_with(&f.prompt, 0, &mut cache, adapter)
+            .expect("prefill");
+        let l = model
+            .forward_last_with(&[28], f.prompt.len(), &mut cache, adapter)
+            .and_then(|t| Ok(t.to_vec1::<f32>()?))
+            .expect("decode");
+        vec![l]
+    };
+    let err = max_abs_diff(&step(&dense, Some(&adapter)), &step(&merged_model, None));
+    eprintln!("f32 decode step: runtime vs merged {err:.2e}");
+    assert!(err <= 2e-3, "decode step, runtime vs merged: {err}");
     // The base model is untouched by merging or by running with an adapter.
     assert_eq!(logits(&dense, &f.prompt, None), base);
 }

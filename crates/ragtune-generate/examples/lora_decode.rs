@@ -50,6 +50,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         base.push(g.timings.decode_tok_s);
         let g = gen.generate_with(&mut cache, &prompt, &params, Some(&adapter), |_| {})?;
         lora.push(g.timings.decode_tok_s);
+        eprintln!(
+            "run {}: no adapter {:.1} tok/s, adapter {:.1} tok/s",
+            base.len(),
+            base[base.len() - 1],
+            g.timings.decode_tok_s
+        );
     }
     let (b, l) = (median(&mut base), median(&mut lora));
     println!(
