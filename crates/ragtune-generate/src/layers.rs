@@ -283,7 +283,7 @@ mod tests {
         let dev = &Device::Cpu;
         let (out, inp, r, scale) = (20, 24, 3, 1.5);
         let vals =
-            |n: usize, k: f32| -> Vec<f32> { (0..n).map(|i| ((i as f32 * k).sin())).collect() };
+            |n: usize, k: f32| -> Vec<f32> { (0..n).map(|i| (i as f32 * k).sin()).collect() };
         let w = Tensor::from_vec(vals(out * inp, 0.37), (out, inp), dev).expect("w");
         let a = Tensor::from_vec(vals(r * inp, 0.91), (r, inp), dev).expect("a");
         let b = Tensor::from_vec(vals(out * r, 1.3), (out, r), dev).expect("b");
