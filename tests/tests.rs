@@ -15,6 +15,8 @@ mod embed_golden;
 mod engine;
 #[path = "it/generate_golden.rs"]
 mod generate_golden;
+#[path = "it/generate_lora.rs"]
+mod generate_lora;
 #[path = "it/generate_model.rs"]
 mod generate_model;
 #[path = "it/retrieval.rs"]

@@ -5,6 +5,8 @@
 //! dimension; all activations are `f32` on the CPU.
 
 use candle_core::quantized::QTensor;
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
 
 use crate::props::{RopeParams, RopeScaling};
@@ -129,10 +131,10 @@ pub(crate) struct LoraPair {
     pub(crate) b: Tensor,
     /// `alpha / r` (or `alpha / sqrt(r)` for rsLoRA).
     pub(crate) scale: f64,
-    /// `Aᵀ`: `(in, r)`, contiguous, so the decode step multiplies without a transpose.
-    a_t: Tensor,
-    /// `scale * Bᵀ`: `(r, out)`, contiguous: the scale costs no op per call.
-    b_t_scaled: Tensor,
+    /// `A`'s rows, `r` times `in` values, for the small-batch loops.
+    a_rows: Arc<[f32]>,
+    /// `scale * Bᵀ`'s rows, `r` times `out` values: the scale costs nothing per call.
+    bt_scaled: Arc<[f32]>,
 }
 
 impl LoraPair {
@@ -140,14 +142,14 @@ impl LoraPair {
     pub(crate) fn new(a: Tensor, b: Tensor, scale: f64) -> Result<Self> {
         let a = a.to_dtype(DType::F32)?.contiguous()?;
         let b = b.to_dtype(DType::F32)?.contiguous()?;
-        let a_t = a.t()?.contiguous()?;
-        let b_t_scaled = (b.t()? * scale)?.contiguous()?;
+        let a_rows = a.flatten_all()?.to_vec1::<f32>()?.into();
+        let bt_scaled = (b.t()? * scale)?.flatten_all()?.to_vec1::<f32>()?.into();
         Ok(Self {
             a,
             b,
             scale,
-            a_t,
-            b_t_scaled,
+            a_rows,
+            bt_scaled,
         })
     }
 
@@ -170,21 +172,62 @@ impl Linear {
     }
 
     /// `x: (.., in)` f32 -> `(.., out)` f32: `W x`, plus `scale * B (A x)` when `delta` is
-    /// given (two rank-`r` matmuls and an add: `r * (in + out)` multiply-adds per token
-    /// against `in * out` for the base).
+    /// given (`r * (in + out)` multiply-adds per token against `in * out` for the base).
     pub(crate) fn forward(&self, x: &Tensor, delta: Option<&LoraPair>) -> Result<Tensor> {
         let y = self.weight.forward(x)?;
-        match delta {
-            None => Ok(y),
-            Some(d) => {
-                let low = x
-                    .broadcast_matmul(&d.a_t)?
-                    .broadcast_matmul(&d.b_t_scaled)?;
-                Ok((y + low)?)
+        let Some(d) = delta else {
+            return Ok(y);
+        };
+        let (r, inp) = d.a.dims2()?;
+        let rows = x.elem_count() / inp;
+        if rows > SMALL_BATCH {
+            let low = x.broadcast_matmul(&d.a.t()?)?.broadcast_matmul(&d.b.t()?)?;
+            return Ok((y + (low * d.scale)?)?);
+        }
+        // Decode (and other small batches): the low-rank product in plain loops. Two tiny
+        // gemm calls, a scale and an add per projection cost more in dispatch and thread
+        // wake-ups than their arithmetic; these loops cost a few microseconds.
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = y.flatten_all()?.to_vec1::<f32>()?;
+        let n_out = d.bt_scaled.len() / r;
+        for (xr, yr) in xs.chunks_exact(inp).zip(out.chunks_exact_mut(n_out)) {
+            for (aj, btj) in d
+                .a_rows
+                .chunks_exact(inp)
+                .zip(d.bt_scaled.chunks_exact(n_out))
+            {
+                let u = dot(aj, xr);
+                for (o, b) in yr.iter_mut().zip(btj) {
+                    *o += u * b;
+                }
             }
         }
+        Ok(Tensor::from_vec(out, y.shape(), y.device())?)
     }
 }
+
+/// `Σ a_i b_i` in eight independent lanes, so the compiler can vectorize it (a plain
+/// `sum()` of f32 is one serial chain of adds).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Up to this many rows (tokens), [`Linear::forward`] adds a LoRA delta with plain loops
+/// rather than gemm calls.
+const SMALL_BATCH: usize = 8;
 
 #[cfg(test)]
 mod tests {
@@ -230,6 +273,34 @@ mod tests {
         let want = [a.cos(), a.sin(), -b.sin(), b.cos()];
         for (g, w) in y.iter().zip(want) {
             assert!((g - w).abs() < 1e-6, "{y:?} vs {want:?}");
+        }
+    }
+
+    /// The LoRA delta, through the small-batch loops (3 rows) and the gemm path (12 rows),
+    /// equals `x (W + scale B A)ᵀ` to f32 rounding.
+    #[test]
+    fn linear_with_a_lora_delta_is_the_merged_weight() {
+        let dev = &Device::Cpu;
+        let (out, inp, r, scale) = (20, 24, 3, 1.5);
+        let vals =
+            |n: usize, k: f32| -> Vec<f32> { (0..n).map(|i| (i as f32 * k).sin()).collect() };
+        let w = Tensor::from_vec(vals(out * inp, 0.37), (out, inp), dev).expect("w");
+        let a = Tensor::from_vec(vals(r * inp, 0.91), (r, inp), dev).expect("a");
+        let b = Tensor::from_vec(vals(out * r, 1.3), (out, r), dev).expect("b");
+        let pair = LoraPair::new(a.clone(), b.clone(), scale).expect("pair");
+        let merged = (&w + (b.matmul(&a).expect("ba") * scale).expect("scale")).expect("add");
+        let linear = Linear::new(Weight::Dense(w));
+        for rows in [1, 3, 12] {
+            let x = Tensor::from_vec(vals(rows * inp, 0.53), (rows, inp), dev).expect("x");
+            let got = linear.forward(&x, Some(&pair)).expect("forward");
+            let want = x.matmul(&merged.t().expect("t")).expect("matmul");
+            let diff = (got - want)
+                .expect("sub")
+                .abs()
+                .and_then(|d| d.max_all())
+                .and_then(|m| m.to_scalar::<f32>())
+                .expect("max");
+            assert!(diff < 1e-4, "{rows} rows: {diff}");
         }
     }
 

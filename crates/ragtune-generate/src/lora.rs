@@ -128,8 +128,9 @@ impl TargetModule {
         self as usize
     }
 
-    /// The projection's `(out, in)` for a base model.
-    fn dims(self, p: &LlamaProps) -> (usize, usize) {
+    /// The projection's weight shape `(out, in)` in a base model of `p`'s sizes: `lora_A`
+    /// is then `(r, in)` and `lora_B` `(out, r)`.
+    pub fn dims(self, p: &LlamaProps) -> (usize, usize) {
         let (hidden, ff) = (p.embedding_length, p.feed_forward_length);
         let (q, kv) = (p.head_count * p.head_dim, p.head_count_kv * p.head_dim);
         match self {
@@ -383,9 +384,8 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 /// Loading an adapter does not touch the base weights: any number of adapters can serve
 /// one loaded [`LlamaModel`]. Cloning is cheap (the tensors are shared) and a clone keeps
 /// the adapter's identity (for the KV-cache check of [`LlamaModel::forward_with`]).
-/// Memory: `4 * r * (in + out)` bytes per adapted projection, plus as much again for the
-/// transposed copies the forward pass uses (SmolLM2-135M, r = 8, all seven modules:
-/// 11 MiB).
+/// Memory: `4 * r * (in + out)` bytes per adapted projection, twice (the tensors, and
+/// plain rows for the decode loops; SmolLM2-135M, r = 8, all seven modules: 19 MiB).
 ///
 /// [`Generator::generate_with`]: crate::Generator::generate_with
 #[derive(Debug, Clone)]
