@@ -1,7 +1,24 @@
 //! ragtune: an offline hybrid inference engine. This crate composes retrieval
-//! ([`ragtune_index`], [`ragtune_embed`]) over a local corpus into the engine: fetching the
-//! pinned models ([`fetch`]), reading a corpus ([`corpus`]), ingesting it into an index
-//! ([`ingest`]) and searching it ([`retrieve`]).
+//! ([`ragtune_index`], [`ragtune_embed`]) over a local corpus and generation
+//! ([`ragtune_generate`]) into the [`engine`]: fetching the pinned models ([`fetch`]), reading
+//! a corpus ([`corpus`]), ingesting it into an index ([`ingest`]), searching it
+//! ([`retrieve`]), and answering in hybrid, RAG-only, fine-tune-only or base mode.
+//!
+//! ```no_run
+//! use ragtune::engine::{Engine, EngineConfig, Mode, Request};
+//! use ragtune::progress::Progress;
+//! # fn main() -> ragtune::Result<()> {
+//! // Fetches the pinned models and builds the LicenseDB index on first use.
+//! let engine = Engine::open(EngineConfig::default(), &Progress::hidden())?;
+//! let answer = engine.answer(&Request::new("Who owns the MIT License?", Mode::Rag))?;
+//! println!("{}", answer.text);
+//! for (n, source) in answer.sources.iter().enumerate() {
+//!     println!("[{}] {} ({:.3})", n + 1, source.doc_id, source.score);
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! Retrieval alone:
 //!
 //! ```no_run
 //! use ragtune::retrieve::{Query, Retriever};
