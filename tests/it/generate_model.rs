@@ -366,3 +366,33 @@ fn seeded_sampling_is_reproducible() {
         assert_eq!(a.tokens.last(), Some(&id));
     }
 }
+
+/// A prompt prefix computed once and copied into a request's cache gives the logits of
+/// computing the whole prompt in that cache, bit for bit (the same calls on the same values).
+#[test]
+fn a_copied_prefix_continues_like_the_original() {
+    let f = fixture();
+    let c = &cases()[0];
+    let (prefix, rest) = c.prompt.split_at(16);
+    let mut whole = f.model.new_cache(c.prompt.len() + 4).expect("cache");
+    f.model.forward(prefix, 0, &mut whole).expect("prefix");
+    let want: Vec<f32> = f
+        .model
+        .forward_last(rest, prefix.len(), &mut whole)
+        .and_then(|l| Ok(l.to_vec1()?))
+        .expect("rest");
+
+    let mut shared = f.model.new_cache(prefix.len()).expect("cache");
+    f.model.forward(prefix, 0, &mut shared).expect("prefix");
+    let mut copy = shared
+        .copy_prefix(prefix.len(), c.prompt.len() + 4)
+        .expect("copy");
+    assert_eq!(copy.len(), prefix.len());
+    let got: Vec<f32> = f
+        .model
+        .forward_last(rest, prefix.len(), &mut copy)
+        .and_then(|l| Ok(l.to_vec1()?))
+        .expect("rest");
+    assert_eq!(got, want);
+    assert!(shared.copy_prefix(prefix.len() + 1, 64).is_err());
+}

@@ -93,6 +93,35 @@ impl KvCache {
         self.len = self.len.min(len);
     }
 
+    /// A new cache of `capacity` positions holding a copy of this one's first `len`
+    /// positions (and its adapter): a computed prompt prefix (e.g. a constant system prompt)
+    /// reused by many requests. Copies `len` positions, not the whole capacity.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParams`] when `len` exceeds the filled positions or `capacity`.
+    pub fn copy_prefix(&self, len: usize, capacity: usize) -> Result<KvCache> {
+        if len > self.len || len > capacity {
+            return Err(Error::InvalidParams {
+                detail: format!(
+                    "prefix of {len} positions from a cache holding {} into a capacity of {capacity}",
+                    self.len
+                ),
+            });
+        }
+        let (kvh, d) = (self.n_kv_heads, self.head_dim);
+        let mut out = KvCache::new(self.layers.len(), kvh, d, capacity);
+        for (src, dst) in self.layers.iter().zip(&mut out.layers) {
+            for g in 0..kvh {
+                let (from, to) = (g * self.capacity * d, g * capacity * d);
+                dst.keys[to..to + len * d].copy_from_slice(&src.keys[from..from + len * d]);
+                dst.values[to..to + len * d].copy_from_slice(&src.values[from..from + len * d]);
+            }
+        }
+        out.len = len;
+        out.adapter = if len > 0 { self.adapter.clone() } else { None };
+        Ok(out)
+    }
+
     /// The name of the adapter the cached positions were computed with (`None`: the base
     /// model, or an empty cache).
     pub fn adapter_name(&self) -> Option<&str> {
