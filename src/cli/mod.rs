@@ -1,6 +1,7 @@
 //! Argument parsing (clap) into plain structs, then one module per subcommand.
 
 mod ask;
+mod chat;
 mod embed;
 mod fetch;
 mod generate;
@@ -65,6 +66,9 @@ enum Command {
     Embed(embed::Args),
     /// Answer a question (or one per stdin line) in hybrid, rag, finetune or base mode.
     Ask(ask::Args),
+    /// The offline chat: questions with conversation memory, streamed answers, `/mode`,
+    /// `/k`, `/sources`; reads stdin line by line when it is not a terminal.
+    Chat(chat::Args),
     /// Generate text with the GGUF model (chat-templated or raw), optionally with a LoRA
     /// adapter; streamed, or one JSON object.
     Generate(generate::Args),
@@ -82,6 +86,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Index(args) => index::run(&ctx, args),
         Command::Generate(args) => generate::run(&ctx, args),
         Command::Ask(args) => ask::run(&ctx, args),
+        Command::Chat(args) => chat::run(&ctx, args),
     }
 }
 

@@ -24,12 +24,14 @@ pub mod prompt;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Instant;
 
 use ragtune_embed::SentenceEncoder;
 use ragtune_generate::{
-    end_of_generation_ids, read_gguf, ChatTemplate, GenerateParams, Generator, LlamaModel,
-    LlamaProps, LoraAdapter, Sampling, Tokenizer,
+    end_of_generation_ids, read_gguf, ChatMessage, ChatTemplate, GenerateParams, Generator,
+    LlamaModel, LlamaProps, LoraAdapter, Sampling, StopReason, Tokenizer,
 };
 use ragtune_index::Filter;
 use serde::Serialize;
@@ -121,6 +123,14 @@ pub struct Request {
     pub max_tokens: Option<usize>,
     /// The adapter of `hybrid`/`finetune` (a loaded adapter's name); `None`: the default.
     pub adapter: Option<String>,
+    /// Earlier turns of the conversation, oldest first: user messages (the questions alone)
+    /// and assistant messages (the answers). As many of the most recent turns as fit the
+    /// prompt budget after the sources go into the prompt (see [`prompt`]); empty: a single
+    /// question.
+    pub history: Vec<ChatMessage>,
+    /// When set, storing `true` stops the answer at the next token: it ends with the text
+    /// so far and [`Answer::cancelled`] set, not an error.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl Request {
@@ -134,6 +144,8 @@ impl Request {
             sampling: Sampling::Greedy,
             max_tokens: None,
             adapter: None,
+            history: Vec::new(),
+            cancel: None,
         }
     }
 }
@@ -188,6 +200,10 @@ pub struct Answer {
     pub prefill_tokens_per_s: f64,
     /// Decode tokens/s of this answer.
     pub decode_tokens_per_s: f64,
+    /// How many messages of [`Request::history`] (its most recent) fit into the prompt.
+    pub history_messages: usize,
+    /// Whether [`Request::cancel`] stopped the answer (the text is what came before).
+    pub cancelled: bool,
 }
 
 /// The engine (see the module docs).
@@ -362,10 +378,10 @@ impl Engine {
         let (adapter_name, adapter) = self.adapter_for(request)?;
 
         let mut timings = Timings::default();
-        let (sources, prompt) = if request.mode.uses_retrieval() {
+        let (sources, single) = if request.mode.uses_retrieval() {
             let candidates = self.retrieve(question, k, request.filter.clone(), &mut timings)?;
             let t = Instant::now();
-            let fitted = prompt::fit_sources(
+            let (sources, ids) = prompt::fit_sources(
                 &self.template,
                 &self.tokenizer,
                 question,
@@ -373,7 +389,7 @@ impl Engine {
                 budget,
             )?;
             timings.prompt = ms(t);
-            fitted
+            (sources, ids)
         } else {
             let t = Instant::now();
             let ids = prompt::encode(
@@ -392,10 +408,30 @@ impl Engine {
             }
             (Vec::new(), ids)
         };
+        let (history_messages, prompt) = if request.history.is_empty() {
+            (0, single)
+        } else {
+            let t = Instant::now();
+            let messages = if request.mode.uses_retrieval() {
+                prompt::rag_messages(question, &sources)
+            } else {
+                prompt::closed_book_messages(question)
+            };
+            let fitted = prompt::fit_history(
+                &self.template,
+                &self.tokenizer,
+                &messages,
+                &request.history,
+                budget,
+            )?;
+            timings.prompt += ms(t);
+            fitted
+        };
 
         let params = GenerateParams {
             max_new_tokens: max_tokens,
             sampling: request.sampling,
+            cancel: request.cancel.clone(),
             ..GenerateParams::default()
         };
         let mut cache = self.model.new_cache(prompt.len() + max_tokens)?;
@@ -426,6 +462,8 @@ impl Engine {
             },
             prefill_tokens_per_s: generation.timings.prefill_tok_s,
             decode_tokens_per_s: generation.timings.decode_tok_s,
+            history_messages,
+            cancelled: generation.stop == StopReason::Cancelled,
         })
     }
 

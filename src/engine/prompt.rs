@@ -24,10 +24,22 @@
 //!
 //! Sources are numbered from 1 in the order given; a source is whole or absent, never cut
 //! ([`fit_sources`]).
+//!
+//! **Conversation memory** (the chat): earlier turns go between the system message and the
+//! current user message, oldest first, as plain user/assistant messages (the earlier
+//! questions without their sources, the answers as generated): system, history, then the
+//! current user message exactly as above ([`with_history`]). With no history the prompt is
+//! the single-turn prompt of version 1, byte for byte, so the format version is unchanged.
+//!
+//! The prompt budget is the context window minus the new tokens to generate. Sources come
+//! first: they are fitted into the whole budget as if there were no history
+//! ([`fit_sources`]); the history then gets what remains ([`fit_history`]): as many of the
+//! most recent turns as fit, dropping the oldest whole turn (a user message and the replies
+//! after it) first and never cutting a message. The prompt always fits the budget.
 
 use std::collections::BTreeSet;
 
-use ragtune_generate::{ChatMessage, ChatTemplate, Tokenizer};
+use ragtune_generate::{ChatMessage, ChatTemplate, Role, Tokenizer};
 
 use crate::retrieve::RetrievedChunk;
 use crate::{Error, Result};
@@ -127,6 +139,57 @@ pub fn fit_sources(
     Ok((kept, ids))
 }
 
+/// `messages` (a single-turn prompt: a system message, then the current user message) with
+/// `history` (earlier user/assistant messages, oldest first) inserted after the system
+/// message. Without a leading system message the history goes first.
+pub fn with_history(messages: &[ChatMessage], history: &[ChatMessage]) -> Vec<ChatMessage> {
+    let split = usize::from(messages.first().is_some_and(|m| m.role == Role::System));
+    let mut out = Vec::with_capacity(messages.len() + history.len());
+    out.extend_from_slice(&messages[..split]);
+    out.extend_from_slice(history);
+    out.extend_from_slice(&messages[split..]);
+    out
+}
+
+/// The prompt of `messages` (see [`with_history`]) with as many of the most recent turns of
+/// `history` as fit `budget` prompt tokens. A turn starts at a user message; the oldest
+/// whole turn is dropped first and no message is ever cut. Returns how many messages of
+/// `history` (its last ones) were kept and the prompt's token ids (at most `budget`).
+///
+/// # Errors
+/// [`Error::InvalidRequest`] when `messages` alone exceed `budget`; template and tokenizer
+/// errors.
+pub fn fit_history(
+    template: &ChatTemplate,
+    tokenizer: &Tokenizer,
+    messages: &[ChatMessage],
+    history: &[ChatMessage],
+    budget: usize,
+) -> Result<(usize, Vec<u32>)> {
+    // Where the kept history may start, oldest (longest) first: the start, each later turn,
+    // then nothing.
+    let starts = std::iter::once(0)
+        .chain((1..history.len()).filter(|&i| history[i].role == Role::User))
+        .chain(std::iter::once(history.len()));
+    let mut last = 0;
+    for start in starts {
+        let ids = encode(
+            template,
+            tokenizer,
+            &with_history(messages, &history[start..]),
+        )?;
+        last = ids.len();
+        if ids.len() <= budget {
+            return Ok((history.len() - start, ids));
+        }
+    }
+    Err(Error::InvalidRequest(format!(
+        "the prompt takes {last} tokens without any earlier turn, more than the {budget} \
+         tokens left for the prompt (context window minus max new tokens): shorten the \
+         question, lower --max-tokens, or raise the context window"
+    )))
+}
+
 /// A citation `[n]` found in an answer.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Citation {
@@ -215,6 +278,98 @@ mod tests {
         );
         assert!(citations("no citations", &sources).is_empty());
         assert_eq!(citations("[0]", &sources)[0].valid, false);
+    }
+
+    /// One token per word or run of punctuation (every one `[UNK]`), and the ChatML template
+    /// of SmolLM2: token counts that are easy to reason about.
+    fn word_tokenizer() -> (ChatTemplate, Tokenizer) {
+        let json = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],
+            "normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,
+            "decoder":null,"model":{"type":"WordLevel","vocab":{"[UNK]":0},"unk_token":"[UNK]"}}"#;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tokenizer.json");
+        std::fs::write(&path, json).expect("write tokenizer.json");
+        let tokenizer = Tokenizer::from_file(&path).expect("tokenizer");
+        let chatml = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' \
+            + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt \
+            %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+        let template = ChatTemplate::new(chatml, "<|im_start|>", "<|im_end|>").expect("template");
+        (template, tokenizer)
+    }
+
+    fn turns(n: usize) -> Vec<ChatMessage> {
+        (0..n)
+            .flat_map(|i| {
+                [
+                    ChatMessage::user(format!("question {i} about the license terms")),
+                    ChatMessage::assistant(format!("answer {i} with several words in it")),
+                ]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn without_history_the_prompt_is_the_single_turn_prompt() {
+        let (t, tok) = word_tokenizer();
+        let sources = [chunk("mit"), chunk("isc")];
+        for messages in [
+            rag_messages("Which?", &sources),
+            closed_book_messages("Which?"),
+        ] {
+            assert_eq!(with_history(&messages, &[]), messages);
+            let (kept, ids) = fit_history(&t, &tok, &messages, &[], 10_000).expect("fits");
+            assert_eq!(kept, 0);
+            assert_eq!(ids, encode(&t, &tok, &messages).expect("encode"));
+        }
+        let (kept, sources_ids) = fit_sources(&t, &tok, "Which?", &sources, 10_000)
+            .map(|(k, ids)| (k.len(), ids))
+            .expect("fits");
+        assert_eq!(kept, 2);
+        let single = encode(
+            &t,
+            &tok,
+            &rag_messages("Which?", &[chunk("isc"), chunk("mit")]),
+        );
+        assert_eq!(sources_ids, single.expect("encode"));
+    }
+
+    #[test]
+    fn history_goes_between_system_and_question_oldest_first() {
+        let history = turns(2);
+        let m = with_history(&closed_book_messages("Now?"), &history);
+        assert_eq!(m.len(), 6);
+        assert_eq!(m[0].content, CLOSED_BOOK_SYSTEM_PROMPT);
+        assert_eq!(&m[1..5], &history[..]);
+        assert_eq!(m[5], ChatMessage::user("Now?"));
+    }
+
+    #[test]
+    fn a_small_budget_drops_the_oldest_turns_first_and_always_fits() {
+        let (t, tok) = word_tokenizer();
+        let messages = rag_messages("Which one?", &[chunk("mit")]);
+        let history = turns(5);
+        let alone = encode(&t, &tok, &messages).expect("encode").len();
+        let all = encode(&t, &tok, &with_history(&messages, &history))
+            .expect("encode")
+            .len();
+        let mut previous = 0;
+        for budget in alone..=all + 3 {
+            let (kept, ids) = fit_history(&t, &tok, &messages, &history, budget).expect("fits");
+            assert!(ids.len() <= budget, "{} > {budget}", ids.len());
+            // Whole turns, the most recent ones.
+            assert_eq!(kept % 2, 0);
+            assert!(kept >= previous);
+            previous = kept;
+            let expected = with_history(&messages, &history[history.len() - kept..]);
+            assert_eq!(ids, encode(&t, &tok, &expected).expect("encode"));
+            // One more turn would not have fit.
+            if kept < history.len() {
+                let more = with_history(&messages, &history[history.len() - kept - 2..]);
+                assert!(encode(&t, &tok, &more).expect("encode").len() > budget);
+            }
+        }
+        assert_eq!(previous, history.len());
+        assert!(fit_history(&t, &tok, &messages, &history, alone - 1).is_err());
     }
 
     #[test]

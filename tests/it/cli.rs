@@ -1,5 +1,5 @@
 //! The `ragtune` binary: the JSON contract of `search`, batch mode, bad input to `ingest`,
-//! and a killed ingest.
+//! a killed ingest, and the chat driven through stdin.
 
 use std::io::Write;
 use std::path::Path;
@@ -234,4 +234,84 @@ fn index_delete_and_compact_through_the_cli() {
     assert_eq!(compacted["tombstones"], 0);
     assert_eq!(compacted["chunks"], deleted["chunks"]);
     assert_eq!(search_json(&index, "zlib license"), hits);
+}
+
+/// The chat, driven through stdin, switches modes and answers.
+#[test]
+fn the_chat_driven_through_stdin_switches_modes_and_answers() {
+    let ix = util::subset_index();
+    let mut child = ragtune(&ix.index)
+        .args(["chat", "--max-tokens", "24", "--no-history-file"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let script = [
+        "/mode base",
+        "What does the MIT license allow?",
+        "/mode foo",
+        "/mode rag",
+        "/k 2",
+        "What is the SPDX identifier of the Apache License 2.0?",
+        "/sources",
+        "/quit",
+        "This line is after /quit and never answered.",
+    ];
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(script.join("\n").as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("wait");
+    let stdout = String::from_utf8(out.stdout).expect("utf8");
+    let stderr = String::from_utf8(out.stderr).expect("utf8");
+    assert!(out.status.success(), "{stderr}");
+    // No prompt or escape sequence on a piped stdout.
+    assert!(
+        !stdout.contains('\x1b') && !stdout.contains("> "),
+        "{stdout}"
+    );
+
+    // stdout: the base answer, the rag answer, then what /sources lists.
+    let (answers, sources) = stdout
+        .split_once("\n[1] ")
+        .unwrap_or_else(|| panic!("no /sources listing in {stdout:?}\nstderr: {stderr}"));
+    // Each answer is followed by a newline (an answer may hold newlines itself): the first
+    // line starts the base answer, the last ends the rag answer; that the base answer was
+    // not empty also shows in the rag answer's memory (below).
+    let lines: Vec<&str> = answers.lines().collect();
+    assert!(lines.len() >= 2, "{stdout:?}");
+    assert!(!lines[0].trim().is_empty(), "empty base answer: {stdout:?}");
+    assert!(
+        !lines[lines.len() - 1].trim().is_empty(),
+        "empty rag answer: {stdout:?}"
+    );
+    let listed: Vec<&str> = std::iter::once(sources)
+        .chain(sources.split("\n[").skip(1))
+        .collect();
+    assert_eq!(listed.len(), 2, "k 2: {sources}");
+    assert!(sources.contains("apache-2.0 chunk "), "{sources}");
+    assert!(
+        sources.contains("The SPDX license identifier is Apache-2.0"),
+        "/sources shows the text: {sources}"
+    );
+
+    // stderr: the modes, the unknown mode, the rag answer's sources; one line per answer
+    // with its timings.
+    assert!(stderr.contains("unknown mode `foo`"), "{stderr}");
+    let timings: Vec<&str> = stderr.lines().filter(|l| l.starts_with('[')).collect();
+    assert_eq!(timings.len(), 2, "{stderr}");
+    assert!(timings[0].starts_with("[base;"), "{stderr}");
+    assert!(timings[1].starts_with("[rag;"), "{stderr}");
+    assert!(
+        timings[1].contains("memory 2 of 2 messages"),
+        "the rag question is asked with the base turn: {stderr}"
+    );
+    let sources_line = stderr
+        .lines()
+        .find(|l| l.starts_with("sources:"))
+        .expect("a sources line after the rag answer");
+    assert!(sources_line.contains("apache-2.0#"), "{sources_line}");
 }

@@ -2,6 +2,8 @@
 //! token with a [`Sampling`] policy, stop on end-of-generation ids or stop strings, and
 //! stream text deltas that never split a UTF-8 character.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::Tensor;
@@ -45,7 +47,7 @@ pub struct RepeatPenalty {
 }
 
 /// What to generate.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct GenerateParams {
     /// At most this many tokens are generated (the end-of-generation token counts).
     pub max_new_tokens: usize,
@@ -57,6 +59,35 @@ pub struct GenerateParams {
     pub stop: Vec<String>,
     /// Prompt tokens per forward call during prefill (llama.cpp's `n_batch`), >= 1.
     pub prefill_batch: usize,
+    /// When set and the flag becomes `true` (from another thread, a signal handler or the
+    /// `on_text` callback), generation ends at the next check with
+    /// [`StopReason::Cancelled`] and returns what it has. The flag is checked before each
+    /// prefill batch and before each decode step; the generator never resets it.
+    pub cancel: Option<Arc<AtomicBool>>,
+}
+
+impl PartialEq for GenerateParams {
+    /// Field by field; two cancel flags are equal when they are the same flag.
+    fn eq(&self, other: &Self) -> bool {
+        self.max_new_tokens == other.max_new_tokens
+            && self.sampling == other.sampling
+            && self.repeat_penalty == other.repeat_penalty
+            && self.stop == other.stop
+            && self.prefill_batch == other.prefill_batch
+            && match (&self.cancel, &other.cancel) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            }
+    }
+}
+
+impl GenerateParams {
+    fn cancelled(&self) -> bool {
+        self.cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+    }
 }
 
 impl Default for GenerateParams {
@@ -68,6 +99,7 @@ impl Default for GenerateParams {
             repeat_penalty: None,
             stop: Vec::new(),
             prefill_batch: 512,
+            cancel: None,
         }
     }
 }
@@ -82,6 +114,8 @@ pub enum StopReason {
     StopString(usize),
     /// `max_new_tokens` were generated.
     MaxTokens,
+    /// [`GenerateParams::cancel`] was set; the generation holds what was produced before.
+    Cancelled,
 }
 
 /// Wall-clock time per phase.
@@ -192,14 +226,15 @@ impl<'m> Generator<'m> {
         let start = Instant::now();
         let mut logits = None;
         for chunk in prompt.chunks(params.prefill_batch) {
+            if params.cancelled() {
+                logits = None;
+                break;
+            }
             logits = Some(
                 self.model
                     .forward_last_with(chunk, cache.len(), cache, adapter)?,
             );
         }
-        let mut logits = logits.ok_or_else(|| Error::InvalidParams {
-            detail: "empty prompt".into(),
-        })?;
         let prefill = start.elapsed();
 
         let start = Instant::now();
@@ -207,10 +242,18 @@ impl<'m> Generator<'m> {
         let mut stream = TextStream::new(&params.stop);
         let mut decode_steps = 0usize;
         let stop = loop {
+            if params.cancelled() {
+                break StopReason::Cancelled;
+            }
+            // `None` only when prefill was cancelled, which the check above caught (the
+            // flag is never reset).
+            let Some(current) = logits.as_ref() else {
+                break StopReason::Cancelled;
+            };
             if tokens.len() == params.max_new_tokens {
                 break StopReason::MaxTokens;
             }
-            let next = sampler.next(&logits, &history)?;
+            let next = sampler.next(current, &history)?;
             tokens.push(next);
             history.push(next);
             if self.eog.contains(&next) {
@@ -223,9 +266,13 @@ impl<'m> Generator<'m> {
             if tokens.len() == params.max_new_tokens {
                 break StopReason::MaxTokens;
             }
-            logits = self
-                .model
-                .forward_last_with(&[next], cache.len(), cache, adapter)?;
+            if params.cancelled() {
+                break StopReason::Cancelled;
+            }
+            logits = Some(
+                self.model
+                    .forward_last_with(&[next], cache.len(), cache, adapter)?,
+            );
             decode_steps += 1;
         };
         let text = stream.finish(&mut on_text);
@@ -624,6 +671,118 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(s.next(&logits, &[1]).expect("test"), 2);
+    }
+
+    /// The tiny llama of `props::tests::tiny` (2 layers, hidden 8, vocabulary 6) with seeded
+    /// F32 weights, written to a GGUF file and loaded; every token is plain text.
+    fn tiny_model() -> (LlamaModel, Tokenizer) {
+        use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+        use candle_core::Device;
+        use gguf_file::Value;
+
+        let mut md = crate::props::tests::tiny();
+        md.insert("tokenizer.ggml.model".into(), Value::String("gpt2".into()));
+        md.insert("tokenizer.ggml.pre".into(), Value::String("smollm".into()));
+        md.insert(
+            "tokenizer.ggml.token_type".into(),
+            Value::Array((0..6).map(|_| Value::I32(1)).collect()),
+        );
+        md.insert(
+            "tokenizer.ggml.merges".into(),
+            Value::Array(vec![Value::String("a b".into())]),
+        );
+        let mut state = 7u64;
+        let mut tensor = |name: String, shape: &[usize]| {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n)
+                .map(|_| {
+                    state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                    (SplitMix64(state).next_f32() - 0.5) * 0.8
+                })
+                .collect();
+            let t = Tensor::from_vec(v, shape, &Device::Cpu).expect("tensor");
+            (
+                name,
+                QTensor::quantize(&t, GgmlDType::F32).expect("f32 qtensor"),
+            )
+        };
+        // GGUF dims are (out, in) in candle's order for a weight of `in` -> `out`.
+        let mut tensors = vec![
+            tensor("token_embd.weight".into(), &[6, 8]),
+            tensor("output_norm.weight".into(), &[8]),
+        ];
+        for i in 0..2 {
+            for (name, shape) in [
+                ("attn_norm", &[8][..]),
+                ("attn_q", &[8, 8]),
+                ("attn_k", &[4, 8]),
+                ("attn_v", &[4, 8]),
+                ("attn_output", &[8, 8]),
+                ("ffn_norm", &[8]),
+                ("ffn_gate", &[16, 8]),
+                ("ffn_up", &[16, 8]),
+                ("ffn_down", &[8, 16]),
+            ] {
+                tensors.push(tensor(format!("blk.{i}.{name}.weight"), shape));
+            }
+        }
+        let path =
+            std::env::temp_dir().join(format!("ragtune-session-test-{}.gguf", std::process::id()));
+        {
+            let mut f = std::fs::File::create(&path).expect("create gguf");
+            let pairs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+            let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+            gguf_file::write(&mut f, &pairs, &ts).expect("write gguf");
+        }
+        let model = LlamaModel::from_gguf(&path).expect("load tiny model");
+        let tokenizer = Tokenizer::from_metadata(&md).expect("tokenizer");
+        let _ = std::fs::remove_file(&path);
+        (model, tokenizer)
+    }
+
+    #[test]
+    fn a_cancel_flag_ends_generation_with_what_it_has() {
+        let (model, tokenizer) = tiny_model();
+        let gen = Generator::new(&model, &tokenizer, &[]);
+        let prompt = [2u32, 3, 4, 5];
+        let mut cache = model.new_cache(64).expect("cache");
+
+        // Uncancelled: runs to max_new_tokens.
+        let flag = Arc::new(AtomicBool::new(false));
+        let params = GenerateParams {
+            max_new_tokens: 40,
+            cancel: Some(flag.clone()),
+            ..Default::default()
+        };
+        let full = gen
+            .generate(&mut cache, &prompt, &params, |_| {})
+            .expect("generate");
+        assert_eq!(full.stop, StopReason::MaxTokens);
+        assert_eq!(full.tokens.len(), 40);
+
+        // Set from the callback after the first delta: stops at the next check.
+        let mut deltas = Vec::new();
+        let g = gen
+            .generate(&mut cache, &prompt, &params, |d| {
+                deltas.push(d.to_string());
+                flag.store(true, Ordering::Relaxed);
+            })
+            .expect("generate");
+        assert_eq!(g.stop, StopReason::Cancelled);
+        assert!(
+            !g.tokens.is_empty() && g.tokens.len() <= 3,
+            "{:?}",
+            g.tokens
+        );
+        assert_eq!(g.tokens[..], full.tokens[..g.tokens.len()]);
+        assert_eq!(deltas.concat(), g.text);
+
+        // Already set: nothing is computed, and it is not an error.
+        let g = gen
+            .generate(&mut cache, &prompt, &params, |_| {})
+            .expect("generate");
+        assert_eq!(g.stop, StopReason::Cancelled);
+        assert!(g.tokens.is_empty() && g.text.is_empty());
     }
 
     #[test]
