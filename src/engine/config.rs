@@ -52,6 +52,8 @@ pub struct EngineConfig {
     pub max_chunks_per_doc: usize,
     /// Default maximum of generated tokens.
     pub max_tokens: usize,
+    /// Reuse the KV cache of the constant system prompt across requests (prefix caching).
+    pub prefix_cache: bool,
 }
 
 impl Default for EngineConfig {
@@ -67,6 +69,7 @@ impl Default for EngineConfig {
             k: 4,
             max_chunks_per_doc: 2,
             max_tokens: 128,
+            prefix_cache: true,
         }
     }
 }

@@ -22,16 +22,16 @@
 mod config;
 pub mod prompt;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use ragtune_embed::SentenceEncoder;
 use ragtune_generate::{
     end_of_generation_ids, read_gguf, ChatMessage, ChatTemplate, GenerateParams, Generator,
-    LlamaModel, LlamaProps, LoraAdapter, Sampling, StopReason, Tokenizer,
+    KvCache, LlamaModel, LlamaProps, LoraAdapter, Sampling, StopReason, Tokenizer,
 };
 use ragtune_index::Filter;
 use serde::Serialize;
@@ -216,6 +216,15 @@ pub struct Engine {
     eog: Vec<u32>,
     adapters: BTreeMap<String, LoraAdapter>,
     config: EngineConfig,
+    /// Computed system-prompt prefixes by (retrieval prompt?, adapter name).
+    prefixes: Mutex<HashMap<(bool, Option<String>), Arc<Prefix>>>,
+}
+
+/// The KV cache of a prompt's constant start (BOS and the system message).
+#[derive(Debug)]
+struct Prefix {
+    ids: Vec<u32>,
+    cache: KvCache,
 }
 
 impl Engine {
@@ -313,7 +322,65 @@ impl Engine {
             eog,
             adapters,
             config,
+            prefixes: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// A request's KV cache for `prompt`: a copy of the cached system-prompt prefix of its
+    /// kind (computed on first use, under the request's adapter) when the prompt starts with
+    /// it, else an empty cache. `capacity` positions.
+    fn cache_for(
+        &self,
+        retrieval: bool,
+        adapter: Option<(&str, &LoraAdapter)>,
+        prompt: &[u32],
+        capacity: usize,
+    ) -> Result<KvCache> {
+        if !self.config.prefix_cache {
+            return Ok(self.model.new_cache(capacity)?);
+        }
+        let key = (retrieval, adapter.map(|(name, _)| name.to_string()));
+        let prefix = {
+            let mut map = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
+            match map.get(&key) {
+                Some(p) => Arc::clone(p),
+                None => {
+                    let system = if retrieval {
+                        prompt::RAG_SYSTEM_PROMPT
+                    } else {
+                        prompt::CLOSED_BOOK_SYSTEM_PROMPT
+                    };
+                    let text = self
+                        .template
+                        .render(&[ChatMessage::system(system)], false)?;
+                    let ids = self.tokenizer.encode_prompt(&text)?;
+                    let mut cache = self.model.new_cache(ids.len().max(1))?;
+                    if !ids.is_empty() {
+                        self.model.forward_last_with(
+                            &ids,
+                            0,
+                            &mut cache,
+                            adapter.map(|(_, a)| a),
+                        )?;
+                    }
+                    let p = Arc::new(Prefix { ids, cache });
+                    map.insert(key, Arc::clone(&p));
+                    p
+                }
+            }
+        };
+        // The shared start; at least one prompt token is left to prefill.
+        let common = prefix
+            .ids
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(prompt.len().saturating_sub(1));
+        if common == 0 {
+            return Ok(self.model.new_cache(capacity)?);
+        }
+        Ok(prefix.cache.copy_prefix(common, capacity)?)
     }
 
     /// The configuration the engine runs with.
@@ -434,11 +501,17 @@ impl Engine {
             cancel: request.cancel.clone(),
             ..GenerateParams::default()
         };
-        let mut cache = self.model.new_cache(prompt.len() + max_tokens)?;
+        let named = adapter_name.as_deref().zip(adapter);
+        let mut cache = self.cache_for(
+            request.mode.uses_retrieval(),
+            named,
+            &prompt,
+            prompt.len() + max_tokens,
+        )?;
         let generator = Generator::new(&self.model, &self.tokenizer, &self.eog);
         let mut first_token = None;
         let generation =
-            generator.generate_with(&mut cache, &prompt, &params, adapter, |text| {
+            generator.generate_after_prefix(&mut cache, &prompt, &params, adapter, |text| {
                 if first_token.is_none() {
                     first_token = Some(ms(started));
                 }

@@ -318,3 +318,26 @@ fn ask_json_matches_the_contract_and_batch_mode_keeps_order() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown mode"));
 }
+
+/// Prefix caching (the system prompt's KV cache computed once per kind and adapter, copied
+/// into each request) changes the work, not the answers: the same prompts, sources and
+/// greedy text as without it, request after request.
+#[test]
+fn prefix_caching_gives_the_same_answers() {
+    let mut off = config();
+    off.prefix_cache = false;
+    let plain = engine_with(off);
+    let cached = engine();
+    for (q, mode) in [
+        (APACHE, Mode::Rag),
+        ("Who owns the MIT License?", Mode::Base),
+        (APACHE, Mode::Hybrid),
+        ("What category is the ISC license?", Mode::Rag),
+    ] {
+        let a = plain.answer(&request(q, mode, 2, 12)).expect("plain");
+        let b = cached.answer(&request(q, mode, 2, 12)).expect("cached");
+        assert_eq!(a.tokens.prompt, b.tokens.prompt, "{mode} {q}");
+        assert_eq!(a.sources.len(), b.sources.len());
+        assert_eq!(a.text, b.text, "{mode} {q}");
+    }
+}

@@ -201,9 +201,41 @@ impl<'m> Generator<'m> {
         prompt: &[u32],
         params: &GenerateParams,
         adapter: Option<&LoraAdapter>,
+        on_text: impl FnMut(&str),
+    ) -> Result<Generation> {
+        cache.clear();
+        self.generate_after_prefix(cache, prompt, params, adapter, on_text)
+    }
+
+    /// [`generate_with`](Self::generate_with) on a cache that already holds the first
+    /// `cache.len()` tokens of `prompt` (for example a copy of a constant system prompt's
+    /// cache, [`KvCache::copy_prefix`]): only the rest of the prompt is prefilled. The caller
+    /// guarantees that the cached positions are those tokens, computed under `adapter`.
+    /// [`Generation::prompt_tokens`] is the whole prompt; [`Timings::prefill_tok_s`] counts the
+    /// prefilled tokens only.
+    ///
+    /// # Errors
+    /// As [`generate_with`](Self::generate_with); [`Error::InvalidParams`] when the cache
+    /// holds the whole prompt or more (at least one token must be prefilled to get logits).
+    pub fn generate_after_prefix(
+        &self,
+        cache: &mut KvCache,
+        prompt: &[u32],
+        params: &GenerateParams,
+        adapter: Option<&LoraAdapter>,
         mut on_text: impl FnMut(&str),
     ) -> Result<Generation> {
         validate(params)?;
+        let cached = cache.len();
+        if cached >= prompt.len() && !prompt.is_empty() {
+            return Err(Error::InvalidParams {
+                detail: format!(
+                    "the cache holds {cached} positions of a {}-token prompt: at least one \
+                     prompt token must be left to prefill",
+                    prompt.len()
+                ),
+            });
+        }
         if prompt.is_empty() {
             return Err(Error::InvalidParams {
                 detail: "empty prompt".into(),
@@ -219,13 +251,12 @@ impl<'m> Generator<'m> {
                 excess: total - capacity,
             });
         }
-        cache.clear();
         let mut sampler = Sampler::new(params);
         let mut history: Vec<u32> = prompt.to_vec();
 
         let start = Instant::now();
         let mut logits = None;
-        for chunk in prompt.chunks(params.prefill_batch) {
+        for chunk in prompt[cached..].chunks(params.prefill_batch) {
             if params.cancelled() {
                 logits = None;
                 break;
@@ -293,7 +324,7 @@ impl<'m> Generator<'m> {
             timings: Timings {
                 prefill_ms: ms(prefill),
                 decode_ms: ms(decode),
-                prefill_tok_s: per_s(prompt.len(), prefill),
+                prefill_tok_s: per_s(prompt.len() - cached, prefill),
                 decode_tok_s: per_s(decode_steps, decode),
             },
         })
