@@ -1,7 +1,8 @@
 //! ragtune: an offline hybrid inference engine. This crate composes retrieval
 //! ([`ragtune_index`], [`ragtune_embed`]) over a local corpus into the engine: fetching the
 //! pinned models ([`fetch`]), reading a corpus ([`corpus`]), ingesting it into an index
-//! ([`ingest`]) and searching it ([`retrieve`]).
+//! ([`ingest`]) and searching it ([`retrieve`]); and the question sets of the mode benchmark
+//! with their scoring rule ([`questions`]).
 //!
 //! ```no_run
 //! use ragtune::retrieve::{Query, Retriever};
@@ -21,6 +22,7 @@ mod error;
 pub mod fetch;
 pub mod ingest;
 pub mod progress;
+pub mod questions;
 pub mod retrieve;
 pub mod util;
 
