@@ -2,7 +2,8 @@
 //! ([`ragtune_index`], [`ragtune_embed`]) over a local corpus and generation
 //! ([`ragtune_generate`]) into the [`engine`]: fetching the pinned models ([`fetch`]), reading
 //! a corpus ([`corpus`]), ingesting it into an index ([`ingest`]), searching it
-//! ([`retrieve`]), and answering in hybrid, RAG-only, fine-tune-only or base mode.
+//! ([`retrieve`]), and answering in hybrid, RAG-only, fine-tune-only or base mode; and the
+//! question sets of the mode benchmark with their scoring rule ([`questions`]).
 //!
 //! ```no_run
 //! use ragtune::engine::{Engine, EngineConfig, Mode, Request};
@@ -38,6 +39,7 @@ mod error;
 pub mod fetch;
 pub mod ingest;
 pub mod progress;
+pub mod questions;
 pub mod retrieve;
 pub mod util;
 

@@ -1,6 +1,7 @@
 //! Argument parsing (clap) into plain structs, then one module per subcommand.
 
 mod ask;
+mod bench;
 mod chat;
 mod embed;
 mod fetch;
@@ -72,6 +73,9 @@ enum Command {
     /// Generate text with the GGUF model (chat-templated or raw), optionally with a LoRA
     /// adapter; streamed, or one JSON object.
     Generate(generate::Args),
+    /// The mode benchmark: a question set through hybrid/rag/finetune/base, latency and
+    /// accuracy (seen/fresh) into bench.json, bench.md and bench.svg.
+    Bench(bench::Args),
 }
 
 /// Runs the command line.
@@ -87,6 +91,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(&ctx, args),
         Command::Ask(args) => ask::run(&ctx, args),
         Command::Chat(args) => chat::run(&ctx, args),
+        Command::Bench(args) => bench::run(&ctx, args),
     }
 }
 

@@ -315,3 +315,134 @@ fn the_chat_driven_through_stdin_switches_modes_and_answers() {
         .expect("a sources line after the rag answer");
     assert!(sources_line.contains("apache-2.0#"), "{sources_line}");
 }
+
+#[test]
+fn bench_writes_json_markdown_and_svg_with_the_per_mode_fields() {
+    let ix = util::subset_index();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out_dir = tmp.path().join("bench");
+    let out = ragtune(&ix.index)
+        .args([
+            "bench",
+            "--modes",
+            "rag,base,finetune",
+            "--warmup",
+            "0",
+            "--max-tokens",
+            "8",
+            "--limit",
+            "3",
+            "--out",
+        ])
+        .arg(&out_dir)
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for name in ["bench.json", "bench.md", "bench.svg"] {
+        assert!(out_dir.join(name).is_file(), "{name} missing: {stderr}");
+    }
+    let md = std::fs::read_to_string(out_dir.join("bench.md")).expect("md");
+    assert_eq!(stdout, md, "the table is printed as written");
+    assert!(md.contains("| rag |") && md.contains("| base |"), "{md}");
+    let svg = std::fs::read_to_string(out_dir.join("bench.svg")).expect("svg");
+    assert!(svg.starts_with("<svg") && svg.contains("accuracy"), "{svg}");
+
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("bench.json")).expect("json"))
+            .expect("valid JSON");
+    assert_eq!(v["settings"]["n_questions"], 3);
+    let modes = v["modes"].as_array().expect("modes");
+    assert_eq!(
+        modes.iter().map(|m| m["mode"].clone()).collect::<Vec<_>>(),
+        ["rag", "base", "finetune"]
+    );
+    for m in &modes[..2] {
+        assert_eq!(m["status"], "ran", "{m}");
+        assert_eq!(m["answered"], 3, "{m}");
+        for field in [
+            "first_token_ms",
+            "prefill_tokens_per_s",
+            "decode_tokens_per_s",
+            "end_to_end_ms",
+        ] {
+            let median = m[field]["median"].as_f64().expect(field);
+            assert!(median > 0.0, "{field}: {m}");
+            assert!(
+                m[field]["p95"].as_f64().expect(field) >= median,
+                "{field}: {m}"
+            );
+        }
+        let acc = &m["accuracy"];
+        assert_eq!(acc["all"]["scored"], 3, "{m}");
+        assert_eq!(
+            acc["seen"]["scored"].as_u64().expect("seen")
+                + acc["fresh"]["scored"].as_u64().expect("fresh"),
+            3
+        );
+    }
+    assert!(
+        modes[0]["retrieval_ms"]["median"]
+            .as_f64()
+            .expect("rag retrieval")
+            > 0.0
+    );
+    assert!(modes[1]["retrieval_ms"].is_null(), "base does not retrieve");
+    // No adapter is configured in the tests: finetune is skipped with a note.
+    assert_eq!(modes[2]["status"], "skipped");
+    assert!(modes[2]["note"].as_str().expect("note").contains("adapter"));
+    assert!(md.contains("| finetune | skipped"), "{md}");
+    assert_eq!(v["results"].as_array().expect("results").len(), 6);
+}
+
+#[test]
+fn the_committed_question_set_regenerates_byte_for_byte() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out_file = tmp.path().join("licenses.jsonl");
+    let out = Command::new(env!("CARGO_BIN_EXE_ragtune"))
+        .arg("--quiet")
+        .args(["bench", "--make-questions"])
+        .arg(&out_file)
+        .arg("--corpus")
+        .arg(util::licenses_dir())
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let made = std::fs::read(&out_file).expect("made");
+    let committed =
+        std::fs::read(util::repo().join("benches/questions/licenses.jsonl")).expect("committed");
+    assert!(
+        made == committed,
+        "benches/questions/licenses.jsonl is not what `ragtune bench --make-questions` makes \
+         from the pinned LicenseDB: regenerate it (benches/questions/README.md)"
+    );
+    let set = ragtune::questions::parse_jsonl(
+        std::str::from_utf8(&committed).expect("utf8"),
+        "licenses.jsonl",
+    )
+    .expect("parse");
+    assert_eq!(set.len(), 120);
+    for q in &set {
+        let key = q.doc_id.as_deref().expect("doc_id");
+        assert_eq!(
+            q.fresh,
+            Some(ragtune::corpus::is_fresh(key)),
+            "{key} is marked wrongly"
+        );
+        assert!(q.answer.is_some());
+    }
+    for kind in ragtune::questions::Kind::GENERATED {
+        for fresh in [false, true] {
+            let n = set
+                .iter()
+                .filter(|q| q.kind == kind && q.fresh == Some(fresh))
+                .count();
+            assert_eq!(n, 20, "{kind} fresh={fresh}");
+        }
+    }
+}
