@@ -29,6 +29,10 @@
 //!   letters that is not a generic word such as "software", "foundation", "university",
 //!   "corporation" ([`GENERIC_OWNER_WORDS`]), e.g. "Oracle" for "Oracle Corporation";
 //! - `text` (any other kind): the answer contains the expected answer as whole words.
+//!
+//! [`Question::score`] applies these to an answer from which, for `owner` questions made
+//! from a template, the license name has been removed first ("Sencha Software License is
+//! owned by a company" does not name Sencha as the owner).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -116,10 +120,17 @@ impl Question {
     }
 
     /// Whether `answer` is correct ([`is_correct`]); `None` when the question has no answer.
+    /// For an `owner` question made from a template, the license name is first removed from
+    /// the answer ([`without_name`]): many names contain their owner, and repeating the name
+    /// does not say who owns it.
     pub fn score(&self, answer: &str) -> Option<bool> {
-        self.answer
-            .as_deref()
-            .map(|expected| is_correct(self.kind, expected, answer))
+        let expected = self.answer.as_deref()?;
+        Some(match license_name(self.kind, &self.question) {
+            Some(name) if self.kind == Kind::Owner => {
+                is_correct(self.kind, expected, &without_name(answer, name))
+            }
+            _ => is_correct(self.kind, expected, answer),
+        })
     }
 }
 
@@ -159,6 +170,25 @@ pub fn templates(kind: Kind) -> &'static [&'static str] {
         .find(|(k, _)| *k == kind)
         .map(|(_, t)| *t)
         .unwrap_or(&[])
+}
+
+/// The `{name}` of `question` when it is one of the [`TEMPLATES`] of `kind`.
+pub fn license_name(kind: Kind, question: &str) -> Option<&str> {
+    templates(kind).iter().find_map(|t| {
+        let (pre, post) = t.split_once("{name}")?;
+        question.strip_prefix(pre)?.strip_suffix(post)
+    })
+}
+
+/// `answer` normalised (see [`is_correct`]) with every whole-word occurrence of the
+/// normalised `name` replaced by ` | `.
+pub fn without_name(answer: &str, name: &str) -> String {
+    let name = normalize(name);
+    let text = format!(" {} ", normalize(answer));
+    if name.is_empty() {
+        return text;
+    }
+    text.replace(&format!(" {name} "), " | ")
 }
 
 /// Owner values that name nobody: no owner question is made for them.
@@ -570,6 +600,49 @@ mod tests {
     }
 
     #[test]
+    fn owner_scoring_ignores_the_license_name_repeated_in_the_answer() {
+        let q = |name: &str, owner: &str| Question {
+            question: format!("Who owns {name}?"),
+            answer: Some(owner.into()),
+            kind: Kind::Owner,
+            fresh: None,
+            doc_id: None,
+        };
+        let sencha = q("Sencha Software License Agreement v3.9", "Sencha");
+        assert_eq!(
+            license_name(Kind::Owner, &sencha.question),
+            Some("Sencha Software License Agreement v3.9")
+        );
+        // Real base-mode answers of the default set.
+        assert_eq!(
+            sencha.score(
+                "Sencha Software License Agreement v3.9 is owned by the company, which is a \
+                 subsidiary of the Japanese company"
+            ),
+            Some(false)
+        );
+        assert_eq!(sencha.score("It is published by Sencha, Inc."), Some(true));
+        let eclipse = q(
+            "Eclipse Foundation Specification License - v1.0",
+            "Eclipse Foundation",
+        );
+        assert_eq!(
+            eclipse.score(
+                "The Eclipse Foundation Specification License - v1.0 is owned by the Eclipse \
+                 Foundation, which is a non-profit"
+            ),
+            Some(true)
+        );
+        // Not from a template: scored on the whole answer.
+        let free = Question {
+            question: "Whose is the Sencha license?".into(),
+            ..sencha.clone()
+        };
+        assert_eq!(free.score("Sencha Software License"), Some(true));
+        assert_eq!(license_name(Kind::Spdx, &sencha.question), None);
+    }
+
+    #[test]
     fn text_answers_are_whole_word_containment() {
         assert!(is_correct(
             Kind::Text,
@@ -663,9 +736,10 @@ mod tests {
         assert_eq!(qs[1].kind, Kind::Text);
         assert_eq!(qs[1].is_fresh(), Some(true));
         assert_eq!(qs[1].score("a b"), Some(true));
-        let err = parse_jsonl("{\"question\": \"q\"}\n{\"answer\": 1}\n", "f.jsonl").unwrap_err();
+        let err = parse_jsonl("{\"question\": \"q\"}\n{\"answer\": 1}\n", "f.jsonl")
+            .expect_err("an error");
         assert!(err.to_string().contains("f.jsonl line 2"), "{err}");
-        let err = parse_jsonl("{\"question\": \" \"}\n", "f.jsonl").unwrap_err();
+        let err = parse_jsonl("{\"question\": \" \"}\n", "f.jsonl").expect_err("an error");
         assert!(err.to_string().contains("empty"), "{err}");
     }
 }

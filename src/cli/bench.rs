@@ -105,25 +105,30 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
 
     let engine = ctx.engine(args.adapter.as_deref())?;
     let adapter = engine.config().default_adapter.clone();
+    let loaded = adapter
+        .as_deref()
+        .is_some_and(|a| engine.adapter_names().contains(&a));
     let mut notes = HashMap::new();
     let runnable: Vec<Mode> = modes
         .iter()
         .copied()
         .filter(|m| {
-            if m.uses_adapter() && adapter.is_none() {
-                notes.insert(
-                    *m,
-                    format!(
-                        "skipped: mode {m} needs a LoRA adapter and none is configured (train \
-                         models/adapters/licenses-lora, pass --adapter, or set default_adapter \
-                         in {})",
-                        ragtune::engine::CONFIG_FILE
-                    ),
-                );
-                false
-            } else {
-                true
+            if !m.uses_adapter() || loaded {
+                return true;
             }
+            let why = match &adapter {
+                None => format!(
+                    "none is configured (train models/adapters/licenses-lora, pass --adapter, \
+                     or set default_adapter in {})",
+                    ragtune::engine::CONFIG_FILE
+                ),
+                Some(a) => format!("`{a}` is configured but could not be found on disk"),
+            };
+            notes.insert(
+                *m,
+                format!("skipped: mode {m} needs a LoRA adapter and {why}"),
+            );
+            false
         })
         .collect();
 
