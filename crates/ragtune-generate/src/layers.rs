@@ -174,13 +174,13 @@ impl Linear {
     /// `x: (.., in)` f32 -> `(.., out)` f32: `W x`, plus `scale * B (A x)` when `delta` is
     /// given (`r * (in + out)` multiply-adds per token against `in * out` for the base).
     pub(crate) fn forward(&self, x: &Tensor, delta: Option<&LoraPair>) -> Result<Tensor> {
-        let y = self.weight.forward(x)?;
         let Some(d) = delta else {
-            return Ok(y);
+            return self.weight.forward(x);
         };
         let (r, inp) = d.a.dims2()?;
         let rows = x.elem_count() / inp;
         if rows > SMALL_BATCH {
+            let y = self.weight.forward(x)?;
             let low = x.broadcast_matmul(&d.a.t()?)?.broadcast_matmul(&d.b.t()?)?;
             return Ok((y + (low * d.scale)?)?);
         }
@@ -188,8 +188,17 @@ impl Linear {
         // gemm calls, a scale and an add per projection cost more in dispatch and thread
         // wake-ups than their arithmetic; these loops cost a few microseconds.
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let mut out = y.flatten_all()?.to_vec1::<f32>()?;
+        // The base product straight into a Vec when this crate computes it (no tensor round
+        // trip), else through the tensor.
         let n_out = d.bt_scaled.len() / r;
+        let mut out = match self.weight.forward_rows(&xs, rows) {
+            Some(v) => v,
+            None => self.weight.forward(x)?.flatten_all()?.to_vec1::<f32>()?,
+        };
+        let mut shape = x.dims().to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = n_out;
+        }
         for (xr, yr) in xs.chunks_exact(inp).zip(out.chunks_exact_mut(n_out)) {
             for (aj, btj) in d
                 .a_rows
@@ -202,7 +211,7 @@ impl Linear {
                 }
             }
         }
-        Ok(Tensor::from_vec(out, y.shape(), y.device())?)
+        Ok(Tensor::from_vec(out, shape, x.device())?)
     }
 }
 

@@ -106,6 +106,17 @@ impl Weight {
             Self::Dense(w) => x.broadcast_matmul(&w.t()?)?,
         })
     }
+
+    /// `x: (.., in)` as a row-major `Vec` of `(rows, out)` values, for the weights this crate
+    /// multiplies itself (`None` for the others), so a caller can add to the result in place
+    /// before it becomes a tensor. `xs` is `x`'s values.
+    pub(crate) fn forward_rows(&self, xs: &[f32], rows: usize) -> Option<Vec<f32>> {
+        match self {
+            Self::Q4_1(m) => Some(m.matmul(xs, rows)),
+            Self::Q8_0(m) => Some(m.matmul(xs, rows)),
+            Self::Quantized(_) | Self::Dense(_) => None,
+        }
+    }
 }
 
 /// `x: (.., in)` times a [`QMatrix`] `(out, in)` -> `(.., out)`.
