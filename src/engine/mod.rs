@@ -218,6 +218,8 @@ pub struct Engine {
     config: EngineConfig,
     /// Computed system-prompt prefixes by (retrieval prompt?, adapter name).
     prefixes: Mutex<HashMap<(bool, Option<String>), Arc<Prefix>>>,
+    /// The metadata keys of the index (and `doc_id`), read on the first filtered request.
+    filter_keys: std::sync::OnceLock<std::collections::BTreeSet<String>>,
 }
 
 /// The KV cache of a prompt's constant start (BOS and the system message).
@@ -323,6 +325,7 @@ impl Engine {
             adapters,
             config,
             prefixes: Mutex::new(HashMap::new()),
+            filter_keys: std::sync::OnceLock::new(),
         })
     }
 
@@ -540,6 +543,35 @@ impl Engine {
         })
     }
 
+    /// Refuses a filter on a field no chunk of the index has (a typo would otherwise filter
+    /// every source out silently).
+    fn check_filter(&self, filter: &Filter) -> Result<()> {
+        let keys = match self.filter_keys.get() {
+            Some(k) => k,
+            None => {
+                let index = self.retriever.index();
+                let mut keys =
+                    std::collections::BTreeSet::from([ragtune_index::DOC_ID_KEY.to_string()]);
+                for id in index.ids()? {
+                    keys.extend(index.chunk(id)?.metadata.into_keys());
+                }
+                self.filter_keys.get_or_init(|| keys)
+            }
+        };
+        for (key, _) in filter.conditions() {
+            if !keys.contains(key) {
+                return Err(Error::InvalidRequest(format!(
+                    "unknown filter field `{key}`: the index's chunks have {}",
+                    keys.iter()
+                        .map(String::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// The adapter a request runs with: none outside `hybrid`/`finetune`.
     fn adapter_for(&self, request: &Request) -> Result<(Option<String>, Option<&LoraAdapter>)> {
         if !request.mode.uses_adapter() {
@@ -574,6 +606,9 @@ impl Engine {
         filter: Option<Filter>,
         timings: &mut Timings,
     ) -> Result<Vec<RetrievedChunk>> {
+        if let Some(f) = &filter {
+            self.check_filter(f)?;
+        }
         let mut query = Query::new(question, k * 3);
         query.filter = filter;
         let result = self.retriever.search(&query)?;

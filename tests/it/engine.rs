@@ -201,6 +201,16 @@ fn bad_requests_are_typed_errors_and_the_engine_keeps_serving() {
     let missing = e.answer(&r).expect_err("missing adapter");
     assert!(missing.to_string().contains("missing"), "{missing}");
     assert!("nope".parse::<Mode>().is_err());
+    let mut r = request(APACHE, Mode::Rag, 2, 8);
+    r.filter = Some(ragtune_index::Filter::parse("colour=red").expect("parses"));
+    let unknown = e.answer(&r).expect_err("unknown filter field");
+    assert!(unknown.to_string().contains("colour"), "{unknown}");
+    r.filter = Some(ragtune_index::Filter::parse("category=Permissive").expect("parses"));
+    let permissive = e.answer(&r).expect("a known field");
+    assert!(permissive
+        .sources
+        .iter()
+        .all(|s| s.metadata.get("category").map(String::as_str) == Some("Permissive")));
     e.answer(&request(APACHE, Mode::Base, 2, 4))
         .expect("still serving");
 }
