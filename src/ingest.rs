@@ -141,7 +141,7 @@ pub fn ingest(
         Index::create_or_replace(
             index_dir,
             crate::embedder_id(encoder),
-            options.hnsw.clone(),
+            options.hnsw,
             chunks,
             &embeddings.data,
         )?;

@@ -105,7 +105,7 @@ mod tests {
         assert_eq!(c.adapters["x"], PathBuf::from("a/b"));
         assert_eq!(c.context_window, 2048);
         std::fs::write(&path, "kk = 2\n").expect("write");
-        let err = EngineConfig::load_or_default(&path).unwrap_err();
+        let err = EngineConfig::load_or_default(&path).expect_err("unknown key");
         assert!(err.to_string().contains("kk"), "{err}");
     }
 }

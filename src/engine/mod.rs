@@ -217,10 +217,13 @@ pub struct Engine {
     adapters: BTreeMap<String, LoraAdapter>,
     config: EngineConfig,
     /// Computed system-prompt prefixes by (retrieval prompt?, adapter name).
-    prefixes: Mutex<HashMap<(bool, Option<String>), Arc<Prefix>>>,
+    prefixes: Mutex<HashMap<PrefixKey, Arc<Prefix>>>,
     /// The metadata keys of the index (and `doc_id`), read on the first filtered request.
     filter_keys: std::sync::OnceLock<std::collections::BTreeSet<String>>,
 }
+
+/// (retrieval prompt?, adapter name): what a system-prompt prefix depends on.
+type PrefixKey = (bool, Option<String>);
 
 /// The KV cache of a prompt's constant start (BOS and the system message).
 #[derive(Debug)]

@@ -277,7 +277,7 @@ mod tests {
             ]
         );
         assert!(citations("no citations", &sources).is_empty());
-        assert_eq!(citations("[0]", &sources)[0].valid, false);
+        assert!(!citations("[0]", &sources)[0].valid);
     }
 
     /// One token per word or run of punctuation (every one `[UNK]`), and the ChatML template

@@ -168,8 +168,8 @@ fn free_greedy_generation_follows_llama_cpp() {
 /// weights as stored, prefill (>= 8 tokens) also takes another path than decode: Q4_1 panels
 /// dequantized for an f32 gemm, without the q8_1 rounding of the activations. Measured: cosine
 /// 0.998-0.99997, max abs diff 0.5-1.0 on logits of magnitude ~20, and an argmax that flips
-/// where the top two are close. So with the weights as stored the test asks for a cosine
-/// >= 0.995 and the incremental argmax within the full forward's top 3, and with the weights
+/// where the top two are close. So with the weights as stored the test asks for a cosine of
+/// at least 0.995 and the incremental argmax within the full forward's top 3, and with the weights
 /// dequantized to f32 (one arithmetic path) for agreement within 1e-3 absolute and the same
 /// argmax. A cache written at the wrong position or a wrong mask fails all of them by far.
 #[test]

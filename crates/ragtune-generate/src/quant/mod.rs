@@ -311,8 +311,8 @@ mod tests {
                 ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
             })
             .collect();
-        let t = Tensor::from_vec(vals.clone(), (rows, cols), &Device::Cpu).unwrap();
-        (QTensor::quantize(&t, dtype).unwrap(), vals)
+        let t = Tensor::from_vec(vals.clone(), (rows, cols), &Device::Cpu).expect("test value");
+        (QTensor::quantize(&t, dtype).expect("test value"), vals)
     }
 
     fn assert_close(got: &[f32], want: &[f32], rel: f32) {
@@ -325,12 +325,17 @@ mod tests {
     fn dequantize_matches_candle<F: QuantFormat>() {
         let (q, _) = matrix(70, 64, 1, F::DTYPE);
         let ours = QMatrix::<F>::from_qtensor(&q)
-            .unwrap()
+            .expect("test value")
             .dequantize()
-            .unwrap();
-        let theirs = q.dequantize(&Device::Cpu).unwrap();
-        let diff = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap();
-        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+            .expect("test value");
+        let theirs = q.dequantize(&Device::Cpu).expect("test value");
+        let diff = (ours - theirs)
+            .expect("test value")
+            .abs()
+            .expect("test value")
+            .max_all()
+            .expect("test value");
+        assert_eq!(diff.to_scalar::<f32>().expect("test value"), 0.0);
     }
 
     #[test]
@@ -352,17 +357,17 @@ mod tests {
     fn quantized_path_matches_candle<F: QuantFormat>() {
         let cols = 18 * QK;
         let (q, _) = matrix(70, cols, 2, F::DTYPE);
-        let ours = QMatrix::<F>::from_qtensor(&q).unwrap();
+        let ours = QMatrix::<F>::from_qtensor(&q).expect("test value");
         let (_, xs) = matrix(3, cols, 3, GgmlDType::F32);
-        let x = Tensor::from_vec(xs.clone(), (3, cols), &Device::Cpu).unwrap();
-        let mm = candle_core::quantized::QMatMul::from_qtensor(q).unwrap();
+        let x = Tensor::from_vec(xs.clone(), (3, cols), &Device::Cpu).expect("test value");
+        let mm = candle_core::quantized::QMatMul::from_qtensor(q).expect("test value");
         let theirs: Vec<f32> = mm
             .forward(&x)
-            .unwrap()
+            .expect("test value")
             .flatten_all()
-            .unwrap()
+            .expect("test value")
             .to_vec1()
-            .unwrap();
+            .expect("test value");
         let three = ours.matmul_quantized(&xs, 3);
         for (j, xrow) in xs.chunks_exact(cols).enumerate() {
             let act = ActRow::quantize(xrow);
@@ -411,14 +416,14 @@ mod tests {
             let (_, xs) = matrix(1, cols, 5, GgmlDType::F32);
             let x = ActRow::quantize(&xs);
             let (q, _) = matrix(1, cols, 4, GgmlDType::Q4_1);
-            let w = QMatrix::<Q4_1>::from_qtensor(&q).unwrap();
+            let w = QMatrix::<Q4_1>::from_qtensor(&q).expect("test value");
             let (a, b) = (Q4_1::dot(w.row(0), &x), kernels::scalar_q4_1(w.row(0), &x));
             assert!(
                 (a - b).abs() <= 1e-5 * b.abs().max(1.0),
                 "{nb} blocks: {a} vs {b}"
             );
             let (q, _) = matrix(1, cols, 6, GgmlDType::Q8_0);
-            let w = QMatrix::<Q8_0>::from_qtensor(&q).unwrap();
+            let w = QMatrix::<Q8_0>::from_qtensor(&q).expect("test value");
             let (a, b) = (Q8_0::dot(w.row(0), &x), kernels::scalar_q8_0(w.row(0), &x));
             assert!(
                 (a - b).abs() <= 1e-5 * b.abs().max(1.0),
@@ -431,24 +436,24 @@ mod tests {
     #[test]
     fn dense_path_matches_dequantized_matmul() {
         let (q, _) = matrix(130, 64, 6, GgmlDType::Q4_1);
-        let m = QMatrix::<Q4_1>::from_qtensor(&q).unwrap();
+        let m = QMatrix::<Q4_1>::from_qtensor(&q).expect("test value");
         let (_, xs) = matrix(9, 64, 7, GgmlDType::F32);
-        let x = Tensor::from_vec(xs.clone(), (9, 64), &Device::Cpu).unwrap();
-        let w = m.dequantize().unwrap();
+        let x = Tensor::from_vec(xs.clone(), (9, 64), &Device::Cpu).expect("test value");
+        let w = m.dequantize().expect("test value");
         let want: Vec<f32> = x
-            .matmul(&w.t().unwrap())
-            .unwrap()
+            .matmul(&w.t().expect("test value"))
+            .expect("test value")
             .flatten_all()
-            .unwrap()
+            .expect("test value")
             .to_vec1()
-            .unwrap();
+            .expect("test value");
         assert_close(&m.matmul(&xs, 9), &want, 1e-4);
     }
 
     #[test]
     fn other_types_are_refused() {
         let (q, _) = matrix(2, 64, 8, GgmlDType::Q8_0);
-        let err = QMatrix::<Q4_1>::from_qtensor(&q).unwrap_err();
+        let err = QMatrix::<Q4_1>::from_qtensor(&q).expect_err("an error");
         assert!(err.to_string().contains("Q8_0"), "{err}");
     }
 }
