@@ -5,6 +5,7 @@ mod bench;
 mod chat;
 mod embed;
 mod fetch;
+mod finetune;
 mod generate;
 mod index;
 mod ingest;
@@ -73,6 +74,9 @@ enum Command {
     /// Generate text with the GGUF model (chat-templated or raw), optionally with a LoRA
     /// adapter; streamed, or one JSON object.
     Generate(generate::Args),
+    /// Train a LoRA adapter on chat-format JSONL (PEFT output, loss log and plot,
+    /// checkpoints, --resume).
+    Finetune(finetune::Args),
     /// The mode benchmark: a question set through hybrid/rag/finetune/base, latency and
     /// accuracy (seen/fresh) into bench.json, bench.md and bench.svg.
     Bench(bench::Args),
@@ -92,6 +96,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Ask(args) => ask::run(&ctx, args),
         Command::Chat(args) => chat::run(&ctx, args),
         Command::Bench(args) => bench::run(&ctx, args),
+        Command::Finetune(args) => finetune::run(&ctx, args),
     }
 }
 

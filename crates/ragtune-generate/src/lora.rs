@@ -124,7 +124,7 @@ impl TargetModule {
     }
 
     /// Position in [`ALL`](Self::ALL).
-    pub(crate) fn index(self) -> usize {
+    pub fn index(self) -> usize {
         self as usize
     }
 
@@ -142,8 +142,9 @@ impl TargetModule {
         }
     }
 
-    /// Heads whose rows the GGUF converter permutes (q: query heads, k: KV heads).
-    fn permuted_heads(self, p: &LlamaProps) -> Option<usize> {
+    /// Heads whose rows the GGUF converter permutes (q: query heads, k: KV heads); `None`
+    /// for the other modules. See the module docs.
+    pub fn permuted_heads(self, p: &LlamaProps) -> Option<usize> {
         match self {
             Self::QProj => Some(p.head_count),
             Self::KProj => Some(p.head_count_kv),
@@ -755,7 +756,10 @@ fn parse_tensor_name(name: &str) -> Option<(usize, TargetModule, Factor)> {
 
 /// Rows of `w: (heads * d, cols)` from HF order to GGUF order, per head:
 /// `w.reshape(heads, 2, d / 2, cols).swapaxes(1, 2)` (llama.cpp's `permute`).
-pub(crate) fn permute_rows_hf_to_gguf(w: &Tensor, heads: usize) -> Result<Tensor> {
+///
+/// # Errors
+/// Tensor errors when the rows are not `heads * d` with `d` even.
+pub fn permute_rows_hf_to_gguf(w: &Tensor, heads: usize) -> Result<Tensor> {
     let (rows, cols) = w.dims2()?;
     let d = rows / heads;
     Ok(w.reshape((heads, 2, d / 2, cols))?
@@ -765,7 +769,10 @@ pub(crate) fn permute_rows_hf_to_gguf(w: &Tensor, heads: usize) -> Result<Tensor
 }
 
 /// The inverse of [`permute_rows_hf_to_gguf`].
-pub(crate) fn permute_rows_gguf_to_hf(w: &Tensor, heads: usize) -> Result<Tensor> {
+///
+/// # Errors
+/// As [`permute_rows_hf_to_gguf`].
+pub fn permute_rows_gguf_to_hf(w: &Tensor, heads: usize) -> Result<Tensor> {
     let (rows, cols) = w.dims2()?;
     let d = rows / heads;
     Ok(w.reshape((heads, d / 2, 2, cols))?

@@ -1,0 +1,568 @@
+//! The llama forward pass for training: the frozen base dequantized to f32, LoRA factors as
+//! candle `Var`s, every op differentiable (see [`crate::ops`]).
+//!
+//! The arithmetic is the one `ragtune-generate` serves (`LlamaModel` with
+//! `WeightFormat::F32`): pre-norm blocks, grouped-query attention with interleaved RoPE on
+//! the GGUF q/k layout, a SwiGLU MLP, tied or separate output projection. A test checks the
+//! two agree on logits, and that an adapter saved from here and loaded there reproduces the
+//! trained model's logits.
+//!
+//! Inputs are *packed* sequences ([`PackedSeq`]): several examples concatenated, each with
+//! its own positions (from 0) and attending only to itself (a block-diagonal causal mask).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::Content;
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use ragtune_generate::lora::Factor;
+use ragtune_generate::{LlamaProps, LoraConfig, RopeScaling, TargetModule};
+
+use crate::error::io;
+use crate::ops::{frozen_linear, lora_linear, rms_norm, rope_interleaved, softmax_last_dim};
+use crate::{Error, Result};
+
+/// The additive mask value of a position a query may not see (finite, so that no `inf - inf`
+/// appears in the backward pass).
+const MASKED: f32 = -1e9;
+
+/// What to adapt and how: PEFT's `r`, `lora_alpha`, `lora_dropout`, `target_modules`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LoraSpec {
+    /// Rank `r` of each update `B A`.
+    pub rank: usize,
+    /// `lora_alpha`; the update is scaled by `alpha / rank` (Hu et al. 2021, LoRA, §4.1).
+    pub alpha: f64,
+    /// Dropout probability on the input of the LoRA branch (training only), in `[0, 1)`.
+    pub dropout: f64,
+    /// The adapted projections (PEFT names in JSON).
+    #[serde(with = "peft_names")]
+    pub targets: Vec<TargetModule>,
+}
+
+mod peft_names {
+    use ragtune_generate::TargetModule;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &[TargetModule], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(t.iter().map(|m| m.peft_name()))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<TargetModule>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|n| {
+                TargetModule::from_peft_name(n)
+                    .ok_or_else(|| serde::de::Error::custom(format!("unknown module {n}")))
+            })
+            .collect()
+    }
+}
+
+impl LoraSpec {
+    /// `alpha / rank`.
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank as f64
+    }
+
+    /// Checks the ranges.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for `rank = 0`, a non-finite `alpha`, a dropout outside `[0, 1)`,
+    /// no target.
+    pub fn validate(&self) -> Result<()> {
+        if self.rank == 0 || !self.alpha.is_finite() || !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::Config(format!(
+                "LoRA rank must be >= 1, alpha finite and dropout in [0, 1); got r = {}, \
+                 alpha = {}, dropout = {}",
+                self.rank, self.alpha, self.dropout
+            )));
+        }
+        if self.targets.is_empty() {
+            return Err(Error::Config("no LoRA target module".into()));
+        }
+        Ok(())
+    }
+
+    /// The PEFT `adapter_config.json` of this spec.
+    pub fn peft_config(&self, base_model: &str) -> LoraConfig {
+        let mut config = LoraConfig::new(self.rank, self.alpha, &self.targets);
+        config
+            .other
+            .insert("lora_dropout".into(), self.dropout.into());
+        config
+            .other
+            .insert("base_model_name_or_path".into(), base_model.into());
+        config
+    }
+}
+
+/// How `lora_B` starts. PEFT's default is zeros (the adapted model starts as the base); the
+/// other choice exists for gradient tests, where a zero `B` makes `dL/dA` exactly zero.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum InitB {
+    /// `B = 0` (PEFT's `init_lora_weights = True`).
+    Zeros,
+    /// `B ~ N(0, std²)`.
+    Gaussian {
+        /// Standard deviation.
+        std: f64,
+    },
+}
+
+/// One packed training sequence: `tokens[i]` at position `positions[i]` in example
+/// `segments[i]`; `targets` lists `(i, next)` where the loss asks for token `next` after
+/// reading `tokens[..=i]` (assistant tokens only).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PackedSeq {
+    /// Token ids, `t` of them.
+    pub tokens: Vec<u32>,
+    /// Position of each token within its example (RoPE), from 0.
+    pub positions: Vec<u32>,
+    /// Example index of each token within this sequence; tokens attend within one example.
+    pub segments: Vec<u32>,
+    /// `(index into tokens, target id)`, in increasing index order.
+    pub targets: Vec<(u32, u32)>,
+}
+
+impl PackedSeq {
+    /// Number of tokens.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Whether there are no tokens.
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+}
+
+#[derive(Debug)]
+struct FrozenBlock {
+    attn_norm: Tensor,
+    ffn_norm: Tensor,
+    /// Per [`TargetModule::ALL`] index, `(out, in)` f32.
+    weights: Vec<Tensor>,
+}
+
+/// The LoRA factors of one projection, in GGUF row order: `a: (r, in)`, `b: (out, r)`.
+#[derive(Debug, Clone)]
+pub struct LoraFactors {
+    /// `lora_A`.
+    pub a: Var,
+    /// `lora_B`.
+    pub b: Var,
+}
+
+/// The frozen base (f32) with trainable LoRA factors.
+#[derive(Debug)]
+pub struct TrainModel {
+    props: LlamaProps,
+    /// `(vocab, hidden)`.
+    embeddings: Tensor,
+    blocks: Vec<FrozenBlock>,
+    norm: Tensor,
+    /// `(vocab, hidden)`; the embeddings when tied.
+    output: Tensor,
+    /// `(context_length, d / 2)`.
+    cos: Tensor,
+    sin: Tensor,
+    spec: LoraSpec,
+    /// Per layer, per [`TargetModule::ALL`] index.
+    lora: Vec<Vec<Option<LoraFactors>>>,
+}
+
+fn dequantize(content: &Content, reader: &mut std::fs::File, name: &str) -> Result<Tensor> {
+    let q = content.tensor(reader, name, &Device::Cpu)?;
+    Ok(q.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?)
+}
+
+impl TrainModel {
+    /// Loads the GGUF at `path`, dequantizes every weight to f32 (SmolLM2-135M: 0.5 GiB) and
+    /// adds LoRA factors for `spec`: `A` Kaiming-uniform in `±1/sqrt(in)` (PEFT's init),
+    /// `B` per `init_b`, from a generator seeded with `seed`.
+    ///
+    /// # Errors
+    /// GGUF and props errors of `ragtune-generate`, [`Error::Config`] for a bad `spec` or
+    /// RoPE scaling other than none/linear.
+    pub fn load(path: impl AsRef<Path>, spec: LoraSpec, init_b: InitB, seed: u64) -> Result<Self> {
+        spec.validate()?;
+        let path = path.as_ref();
+        let mut file = std::fs::File::open(path).map_err(io(path))?;
+        let content = Content::read(&mut file).map_err(|source| ragtune_generate::Error::Gguf {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let props = LlamaProps::try_from(&content)?;
+        let embeddings = dequantize(&content, &mut file, "token_embd.weight")?;
+        let output = if content.tensor_infos.contains_key("output.weight") {
+            dequantize(&content, &mut file, "output.weight")?
+        } else {
+            embeddings.clone()
+        };
+        let norm = dequantize(&content, &mut file, "output_norm.weight")?;
+        let mut blocks = Vec::with_capacity(props.block_count);
+        for i in 0..props.block_count {
+            let mut t = |n: &str| dequantize(&content, &mut file, &format!("blk.{i}.{n}.weight"));
+            let attn_norm = t("attn_norm")?;
+            let ffn_norm = t("ffn_norm")?;
+            let mut weights = Vec::with_capacity(7);
+            for m in TargetModule::ALL {
+                let w = t(m.gguf_name())?;
+                let (out, inp) = m.dims(&props);
+                if w.dims() != [out, inp] {
+                    return Err(Error::Config(format!(
+                        "blk.{i}.{} has shape {:?}, the metadata says ({out}, {inp})",
+                        m.gguf_name(),
+                        w.dims()
+                    )));
+                }
+                weights.push(w);
+            }
+            blocks.push(FrozenBlock {
+                attn_norm,
+                ffn_norm,
+                weights,
+            });
+        }
+        let (cos, sin) = rope_tables(&props)?;
+        let mut model = Self {
+            props,
+            embeddings,
+            blocks,
+            norm,
+            output,
+            cos,
+            sin,
+            spec,
+            lora: Vec::new(),
+        };
+        model.init_lora(init_b, seed)?;
+        Ok(model)
+    }
+
+    fn init_lora(&mut self, init_b: InitB, seed: u64) -> Result<()> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let r = self.spec.rank;
+        let mut layers = Vec::with_capacity(self.props.block_count);
+        for _ in 0..self.props.block_count {
+            let mut modules: Vec<Option<LoraFactors>> = vec![None; 7];
+            for m in TargetModule::ALL {
+                if !self.spec.targets.contains(&m) {
+                    continue;
+                }
+                let (out, inp) = m.dims(&self.props);
+                let bound = 1.0 / (inp as f64).sqrt();
+                let a: Vec<f32> = (0..r * inp)
+                    .map(|_| rng.random_range(-bound..bound) as f32)
+                    .collect();
+                let b: Vec<f32> = match init_b {
+                    InitB::Zeros => vec![0.0; out * r],
+                    InitB::Gaussian { std } => (0..out * r)
+                        .map(|_| {
+                            // Box-Muller.
+                            let u1: f64 = rng.random_range(f64::EPSILON..1.0);
+                            let u2: f64 = rng.random();
+                            (std * (-2.0 * u1.ln()).sqrt()
+                                * (2.0 * std::f64::consts::PI * u2).cos())
+                                as f32
+                        })
+                        .collect(),
+                };
+                modules[m.index()] = Some(LoraFactors {
+                    a: Var::from_tensor(&Tensor::from_vec(a, (r, inp), &Device::Cpu)?)?,
+                    b: Var::from_tensor(&Tensor::from_vec(b, (out, r), &Device::Cpu)?)?,
+                });
+            }
+            layers.push(modules);
+        }
+        self.lora = layers;
+        Ok(())
+    }
+
+    /// The base model's typed metadata.
+    pub fn props(&self) -> &LlamaProps {
+        &self.props
+    }
+
+    /// The LoRA spec.
+    pub fn spec(&self) -> &LoraSpec {
+        &self.spec
+    }
+
+    /// Every trainable tensor with a stable name `layers.{i}.{peft module}.lora_{A|B}` (GGUF
+    /// row order), in a fixed order (layer, module, A before B).
+    pub fn named_params(&self) -> Vec<(String, &Var)> {
+        let mut out = Vec::new();
+        for (i, modules) in self.lora.iter().enumerate() {
+            for m in TargetModule::ALL {
+                if let Some(f) = &modules[m.index()] {
+                    out.push((format!("layers.{i}.{}.lora_A", m.peft_name()), &f.a));
+                    out.push((format!("layers.{i}.{}.lora_B", m.peft_name()), &f.b));
+                }
+            }
+        }
+        out
+    }
+
+    /// Number of trainable parameters.
+    pub fn param_count(&self) -> usize {
+        self.named_params()
+            .iter()
+            .map(|(_, v)| v.as_tensor().elem_count())
+            .sum()
+    }
+
+    /// The factors of `module` in `layer`, if adapted.
+    pub fn factors(&self, layer: usize, module: TargetModule) -> Option<&LoraFactors> {
+        self.lora.get(layer)?[module.index()].as_ref()
+    }
+
+    /// The adapter's tensors under PEFT names in HF row order (q/k `lora_B` rows permuted
+    /// back, see `ragtune_generate::lora`), as `adapter_model.safetensors` holds them.
+    ///
+    /// # Errors
+    /// Tensor errors only.
+    pub fn peft_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        for (i, modules) in self.lora.iter().enumerate() {
+            for m in TargetModule::ALL {
+                let Some(f) = &modules[m.index()] else {
+                    continue;
+                };
+                let mut b = f.b.as_tensor().copy()?;
+                if let Some(heads) = m.permuted_heads(&self.props) {
+                    b = ragtune_generate::lora::permute_rows_gguf_to_hf(&b, heads)?;
+                }
+                out.insert(m.tensor_name(i, Factor::A), f.a.as_tensor().copy()?);
+                out.insert(m.tensor_name(i, Factor::B), b);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes the adapter as a PEFT directory (`adapter_config.json`,
+    /// `adapter_model.safetensors`), each file atomically.
+    ///
+    /// # Errors
+    /// File-system errors as `ragtune_generate::Error::Io`.
+    pub fn save_adapter(&self, dir: impl AsRef<Path>, base_model: &str) -> Result<()> {
+        self.spec
+            .peft_config(base_model)
+            .save(dir, &self.peft_tensors()?)?;
+        Ok(())
+    }
+
+    /// The projection `x: (t, in)` -> `(t, out)` of `module` in `layer`, with its LoRA
+    /// branch `scale · dropout(x) Aᵀ Bᵀ` when adapted.
+    fn project(
+        &self,
+        layer: usize,
+        module: TargetModule,
+        x: &Tensor,
+        dropout: &mut Option<&mut rand::rngs::StdRng>,
+    ) -> Result<Tensor> {
+        let w = &self.blocks[layer].weights[module.index()];
+        let Some(f) = &self.lora[layer][module.index()] else {
+            return frozen_linear(x, w);
+        };
+        let p = self.spec.dropout;
+        let x_lora = match dropout {
+            Some(rng) if p > 0.0 => {
+                let keep = (1.0 / (1.0 - p)) as f32;
+                let mask: Vec<f32> = (0..x.elem_count())
+                    .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
+                    .collect();
+                (x * Tensor::from_vec(mask, x.shape(), x.device())?)?
+            }
+            _ => x.clone(),
+        };
+        lora_linear(x, &x_lora, w, f.a.as_tensor(), f.b.as_tensor(), self.spec.scale())
+    }
+
+    /// The final hidden states (after the output norm) of `seq`: `(t, hidden)`.
+    /// `dropout`: the generator for LoRA dropout (training), `None` for evaluation.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for an empty sequence, a token outside the vocabulary or a position
+    /// past the context length; tensor errors.
+    pub fn hidden(
+        &self,
+        seq: &PackedSeq,
+        mut dropout: Option<&mut rand::rngs::StdRng>,
+    ) -> Result<Tensor> {
+        let p = &self.props;
+        let t = seq.len();
+        if t == 0 || seq.positions.len() != t || seq.segments.len() != t {
+            return Err(Error::Config(
+                "a packed sequence needs tokens, positions and segments of one length >= 1".into(),
+            ));
+        }
+        if let Some(&bad) = seq.tokens.iter().find(|&&id| id as usize >= p.vocab_size) {
+            return Err(Error::Config(format!(
+                "token id {bad} outside the vocabulary of {}",
+                p.vocab_size
+            )));
+        }
+        if let Some(&bad) = seq
+            .positions
+            .iter()
+            .find(|&&x| x as usize >= p.context_length)
+        {
+            return Err(Error::Config(format!(
+                "position {bad} past the context length {}",
+                p.context_length
+            )));
+        }
+        let dev = Device::Cpu;
+        let (h, kv, d) = (p.head_count, p.head_count_kv, p.head_dim);
+        let rep = h / kv;
+        let ids = Tensor::new(seq.tokens.as_slice(), &dev)?;
+        let pos = Tensor::new(seq.positions.as_slice(), &dev)?;
+        let cos = self.cos.index_select(&pos, 0)?;
+        let sin = self.sin.index_select(&pos, 0)?;
+        // Block-diagonal causal mask, tiled for the `rep` query heads of each KV head.
+        let mut mask = vec![MASKED; rep * t * t];
+        for r in 0..rep {
+            for i in 0..t {
+                let row = &mut mask[(r * t + i) * t..(r * t + i + 1) * t];
+                for j in (0..=i).rev() {
+                    if seq.segments[j] != seq.segments[i] {
+                        break;
+                    }
+                    row[j] = 0.0;
+                }
+            }
+        }
+        let mask = Tensor::from_vec(mask, (rep * t, t), &dev)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let eps = f64::from(p.rms_norm_eps);
+
+        let mut x = self.embeddings.index_select(&ids, 0)?;
+        for (l, block) in self.blocks.iter().enumerate() {
+            let n = rms_norm(&x, &block.attn_norm, eps)?;
+            let heads = |y: Tensor, count: usize| -> Result<Tensor> {
+                Ok(y.reshape((t, count, d))?.transpose(0, 1)?.contiguous()?)
+            };
+            let q = heads(self.project(l, TargetModule::QProj, &n, &mut dropout)?, h)?;
+            let k = heads(self.project(l, TargetModule::KProj, &n, &mut dropout)?, kv)?;
+            let v = heads(self.project(l, TargetModule::VProj, &n, &mut dropout)?, kv)?;
+            let q = rope_interleaved(&q, &cos, &sin)?.reshape((kv, rep * t, d))?;
+            let k = rope_interleaved(&k, &cos, &sin)?;
+            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
+            let attn = softmax_last_dim(&scores)?.matmul(&v)?; // (kv, rep*t, d)
+            let attn = attn
+                .reshape((h, t, d))?
+                .transpose(0, 1)?
+                .contiguous()?
+                .reshape((t, h * d))?;
+            x = (x + self.project(l, TargetModule::OProj, &attn, &mut dropout)?)?;
+
+            let n = rms_norm(&x, &block.ffn_norm, eps)?;
+            let gate = self.project(l, TargetModule::GateProj, &n, &mut dropout)?;
+            let up = self.project(l, TargetModule::UpProj, &n, &mut dropout)?;
+            let mlp = self.project(l, TargetModule::DownProj, &(gate.silu()? * up)?, &mut dropout)?;
+            x = (x + mlp)?;
+        }
+        rms_norm(&x, &self.norm, eps)
+    }
+
+    /// Logits of every position of a single example `tokens` (positions from 0): `(t, vocab)`.
+    /// For tests and evaluation; training uses [`loss`](Self::loss).
+    ///
+    /// # Errors
+    /// As [`hidden`](Self::hidden).
+    pub fn logits(&self, tokens: &[u32]) -> Result<Tensor> {
+        let seq = PackedSeq {
+            tokens: tokens.to_vec(),
+            positions: (0..tokens.len() as u32).collect(),
+            segments: vec![0; tokens.len()],
+            targets: Vec::new(),
+        };
+        frozen_linear(&self.hidden(&seq, None)?, &self.output)
+    }
+
+    /// The summed cross-entropy (nats) of `seq`'s targets, a scalar f32 tensor that tracks
+    /// the LoRA parameters, and the number of targets. The output projection runs only at
+    /// the target positions (the vocabulary is a fifth of SmolLM2-135M's weights).
+    ///
+    /// # Errors
+    /// As [`hidden`](Self::hidden); [`Error::Config`] for a sequence without targets.
+    pub fn loss(
+        &self,
+        seq: &PackedSeq,
+        dropout: Option<&mut rand::rngs::StdRng>,
+    ) -> Result<(Tensor, usize)> {
+        if seq.targets.is_empty() {
+            return Err(Error::Config("a packed sequence without loss targets".into()));
+        }
+        let hidden = self.hidden(seq, dropout)?;
+        let dev = Device::Cpu;
+        let rows: Vec<u32> = seq.targets.iter().map(|&(i, _)| i).collect();
+        let next: Vec<u32> = seq.targets.iter().map(|&(_, id)| id).collect();
+        let rows = Tensor::new(rows.as_slice(), &dev)?;
+        let next = Tensor::new(next.as_slice(), &dev)?.unsqueeze(1)?;
+        let logits = frozen_linear(&hidden.index_select(&rows, 0)?, &self.output)?;
+        let log_probs = candle_nn::ops::log_softmax(&logits, 1)?;
+        let nll = log_probs.gather(&next, 1)?.sum_all()?.neg()?;
+        Ok((nll, seq.targets.len()))
+    }
+
+    /// Replaces the LoRA factors with `tensors` named as [`named_params`](Self::named_params)
+    /// (a checkpoint).
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming a missing tensor or a shape that differs.
+    pub fn set_params(&self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        for (name, var) in self.named_params() {
+            let t = tensors
+                .get(&name)
+                .ok_or_else(|| Error::Config(format!("checkpoint has no tensor {name}")))?;
+            if t.dims() != var.as_tensor().dims() {
+                return Err(Error::Config(format!(
+                    "checkpoint tensor {name} has shape {:?}, the model needs {:?}",
+                    t.dims(),
+                    var.as_tensor().dims()
+                )));
+            }
+            var.set(&t.to_dtype(DType::F32)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// RoPE tables `(context_length, d / 2)` as `ragtune-generate` builds them.
+fn rope_tables(p: &LlamaProps) -> Result<(Tensor, Tensor)> {
+    let d = p.head_dim;
+    if p.rope.dimension_count != d {
+        return Err(Error::Config(format!(
+            "rotary dimension {} differs from the head dimension {d}",
+            p.rope.dimension_count
+        )));
+    }
+    let position_scale = match p.rope.scaling {
+        RopeScaling::None => 1.0f32,
+        RopeScaling::Linear { factor } => 1.0 / factor,
+        other => return Err(Error::Config(format!("RoPE scaling {other:?} is not supported"))),
+    };
+    let half = d / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0 / p.rope.freq_base.powf((2 * i) as f32 / d as f32))
+        .collect();
+    let n = p.context_length;
+    let mut cos = Vec::with_capacity(n * half);
+    let mut sin = Vec::with_capacity(n * half);
+    for pos in 0..n {
+        let pos = pos as f32 * position_scale;
+        for f in &inv_freq {
+            let (s, c) = (pos * f).sin_cos();
+            cos.push(c);
+            sin.push(s);
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (n, half), &Device::Cpu)?,
+        Tensor::from_vec(sin, (n, half), &Device::Cpu)?,
+    ))
+}
