@@ -21,3 +21,5 @@ mod generate_lora;
 mod generate_model;
 #[path = "it/retrieval.rs"]
 mod retrieval;
+#[path = "it/train.rs"]
+mod train;

@@ -106,7 +106,8 @@ pub struct Args {
 }
 
 fn sha256_file(path: &Path) -> anyhow::Result<String> {
-    let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut hasher = sha2::Sha256::new();
     std::io::copy(&mut file, &mut hasher).with_context(|| format!("reading {}", path.display()))?;
     Ok(format!("{:x}", hasher.finalize()))
@@ -185,7 +186,10 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     let tokenizer = Tokenizer::from_gguf(&content)?;
     drop(content);
     let template = ChatTemplate::from_props(&props, &tokenizer)?.with_context(|| {
-        format!("{} has no chat template to render the examples with", gguf.display())
+        format!(
+            "{} has no chat template to render the examples with",
+            gguf.display()
+        )
     })?;
     if args.seq_len > props.context_length {
         bail!(
@@ -207,7 +211,12 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     );
     let dev = match &args.eval {
         Some(path) => {
-            let d = data::prepare(&data::read_jsonl(path)?, &template, &tokenizer, args.seq_len)?;
+            let d = data::prepare(
+                &data::read_jsonl(path)?,
+                &template,
+                &tokenizer,
+                args.seq_len,
+            )?;
             eprintln!(
                 "eval: {} examples, {} tokens ({} skipped as too long)",
                 d.examples.len(),
@@ -222,7 +231,13 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     let base_sha256 = sha256_file(&gguf)?;
     let model = TrainModel::load(&gguf, config.lora.clone(), InitB::Zeros, config.seed)?;
     let params = model.param_count();
-    let mut trainer = Trainer::new(model, config.clone(), &train.examples, &dev.examples, &base_sha256)?;
+    let mut trainer = Trainer::new(
+        model,
+        config.clone(),
+        &train.examples,
+        &dev.examples,
+        &base_sha256,
+    )?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let log_path = out.join("loss.jsonl");
     if args.resume {
@@ -344,7 +359,8 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
 
 /// Draws train loss (per step) and eval loss (per evaluation) from `loss.jsonl` as an SVG.
 fn plot_losses(log: &Path, svg: &Path) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))?;
+    let text =
+        std::fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))?;
     let (mut train, mut eval) = (Vec::new(), Vec::new());
     for line in text.lines() {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
@@ -359,12 +375,7 @@ fn plot_losses(log: &Path, svg: &Path) -> anyhow::Result<()> {
         }
     }
     let max_step = train.iter().map(|p| p.0).fold(1.0, f64::max);
-    let max_loss = train
-        .iter()
-        .chain(&eval)
-        .map(|p| p.1)
-        .fold(0.1, f64::max)
-        * 1.05;
+    let max_loss = train.iter().chain(&eval).map(|p| p.1).fold(0.1, f64::max) * 1.05;
     let mut buf = String::new();
     {
         let root = SVGBackend::with_string(&mut buf, (720, 420)).into_drawing_area();
@@ -388,8 +399,7 @@ fn plot_losses(log: &Path, svg: &Path) -> anyhow::Result<()> {
             .draw_series(LineSeries::new(eval.iter().copied(), RED.stroke_width(2)))?
             .label("eval (held-out)")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], RED));
-        chart
-            .draw_series(eval.iter().map(|&p| Circle::new(p, 3, RED.filled())))?;
+        chart.draw_series(eval.iter().map(|&p| Circle::new(p, 3, RED.filled())))?;
         chart
             .configure_series_labels()
             .border_style(BLACK)

@@ -13,7 +13,9 @@ use ragtune_train::{InitB, LoraSpec, PackedSeq, TrainConfig, TrainModel, Trainer
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let gguf = args.first().ok_or("usage: train_bench GGUF [seq_len] [steps] [rank]")?;
+    let gguf = args
+        .first()
+        .ok_or("usage: train_bench GGUF [seq_len] [steps] [rank]")?;
     let seq_len: usize = args.get(1).map_or(Ok(256), |s| s.parse())?;
     let steps: usize = args.get(2).map_or(Ok(6), |s| s.parse())?;
     let rank: usize = args.get(3).map_or(Ok(16), |s| s.parse())?;
@@ -70,7 +72,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(m) = rest.get(rest.len() / 2) {
         println!(
             "median: forward {:.0} ms, backward {:.0} ms, optimizer {:.0} ms, {:.1} tokens/s",
-            m.forward_ms, m.backward_ms, m.optimizer_ms, m.tokens_per_s()
+            m.forward_ms,
+            m.backward_ms,
+            m.optimizer_ms,
+            m.tokens_per_s()
         );
     }
     let _ = PackedSeq::default();

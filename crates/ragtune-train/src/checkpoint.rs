@@ -77,8 +77,8 @@ pub fn save(
             tensors.insert(format!("adam_m.{n}"), m[i].clone());
             tensors.insert(format!("adam_v.{n}"), v[i].clone());
         }
-        let bytes = safetensors::tensor::serialize(&tensors, None)
-            .map_err(candle_core::Error::from)?;
+        let bytes =
+            safetensors::tensor::serialize(&tensors, None).map_err(candle_core::Error::from)?;
         write_synced(&tmp.join(TENSORS_FILE), &bytes)?;
         let json = serde_json::to_vec_pretty(state).map_err(|e| Error::Config(e.to_string()))?;
         write_synced(&tmp.join(STATE_FILE), &json)?;
@@ -129,9 +129,7 @@ pub fn load_latest(dir: &Path) -> Result<(PathBuf, CheckpointState, HashMap<Stri
     let latest = root.join(LATEST_FILE);
     let name = std::fs::read_to_string(&latest).map_err(|e| Error::Checkpoint {
         path: root.clone(),
-        message: format!(
-            "no checkpoint to resume ({e}); run without --resume to start a new run"
-        ),
+        message: format!("no checkpoint to resume ({e}); run without --resume to start a new run"),
     })?;
     let path = root.join(name.trim());
     let fail = |message: String| Error::Checkpoint {

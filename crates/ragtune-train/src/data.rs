@@ -113,7 +113,11 @@ impl Tokenized {
 /// # Errors
 /// Template and tokenizer errors; [`Error::Config`] when the template does not render
 /// prefixes of the conversation as prefixes of its rendering (it cannot be masked).
-pub fn tokenize(example: &Example, template: &ChatTemplate, tokenizer: &Tokenizer) -> Result<Tokenized> {
+pub fn tokenize(
+    example: &Example,
+    template: &ChatTemplate,
+    tokenizer: &Tokenizer,
+) -> Result<Tokenized> {
     let msgs = &example.messages;
     let full = template.render(msgs, false)?;
     let mut ids = Vec::new();
@@ -246,7 +250,8 @@ mod tests {
         let err = read_jsonl(&path).expect_err("line 3 is bad").to_string();
         assert!(err.contains("d.jsonl:3:"), "{err}");
         assert!(err.contains("messages"), "{err}");
-        std::fs::write(&path, r#"{"messages": [{"role": "user", "content": "q"}]}"#).expect("write");
+        std::fs::write(&path, r#"{"messages": [{"role": "user", "content": "q"}]}"#)
+            .expect("write");
         let err = read_jsonl(&path).expect_err("no answer").to_string();
         assert!(err.contains(":1:") && err.contains("assistant"), "{err}");
         std::fs::write(&path, "\n\n").expect("write");

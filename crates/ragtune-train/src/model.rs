@@ -15,9 +15,9 @@ use std::path::Path;
 
 use candle_core::quantized::gguf_file::Content;
 use candle_core::{DType, Device, Tensor, Var};
-use rand::{Rng, SeedableRng};
 use ragtune_generate::lora::Factor;
 use ragtune_generate::{LlamaProps, LoraConfig, RopeScaling, TargetModule};
+use rand::{Rng, SeedableRng};
 
 use crate::error::io;
 use crate::ops::{frozen_linear, lora_linear, rms_norm, rope_interleaved, softmax_last_dim};
@@ -378,7 +378,14 @@ impl TrainModel {
             }
             _ => x.clone(),
         };
-        lora_linear(x, &x_lora, w, f.a.as_tensor(), f.b.as_tensor(), self.spec.scale())
+        lora_linear(
+            x,
+            &x_lora,
+            w,
+            f.a.as_tensor(),
+            f.b.as_tensor(),
+            self.spec.scale(),
+        )
     }
 
     /// The final hidden states (after the output norm) of `seq`: `(t, hidden)`.
@@ -462,7 +469,12 @@ impl TrainModel {
             let n = rms_norm(&x, &block.ffn_norm, eps)?;
             let gate = self.project(l, TargetModule::GateProj, &n, &mut dropout)?;
             let up = self.project(l, TargetModule::UpProj, &n, &mut dropout)?;
-            let mlp = self.project(l, TargetModule::DownProj, &(gate.silu()? * up)?, &mut dropout)?;
+            let mlp = self.project(
+                l,
+                TargetModule::DownProj,
+                &(gate.silu()? * up)?,
+                &mut dropout,
+            )?;
             x = (x + mlp)?;
         }
         rms_norm(&x, &self.norm, eps)
@@ -495,7 +507,9 @@ impl TrainModel {
         dropout: Option<&mut rand::rngs::StdRng>,
     ) -> Result<(Tensor, usize)> {
         if seq.targets.is_empty() {
-            return Err(Error::Config("a packed sequence without loss targets".into()));
+            return Err(Error::Config(
+                "a packed sequence without loss targets".into(),
+            ));
         }
         let hidden = self.hidden(seq, dropout)?;
         let dev = Device::Cpu;
@@ -544,7 +558,11 @@ fn rope_tables(p: &LlamaProps) -> Result<(Tensor, Tensor)> {
     let position_scale = match p.rope.scaling {
         RopeScaling::None => 1.0f32,
         RopeScaling::Linear { factor } => 1.0 / factor,
-        other => return Err(Error::Config(format!("RoPE scaling {other:?} is not supported"))),
+        other => {
+            return Err(Error::Config(format!(
+                "RoPE scaling {other:?} is not supported"
+            )))
+        }
     };
     let half = d / 2;
     let inv_freq: Vec<f32> = (0..half)

@@ -129,7 +129,11 @@ impl CustomOp1 for FrozenLinear {
         "frozen-linear"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (m, k) = layout.shape().dims2()?;
         let (n, _) = self.weight.dims2()?;
         let Some((start, end)) = layout.contiguous_offsets() else {
@@ -154,7 +158,12 @@ impl CustomOp1 for FrozenLinear {
         Ok((out, Shape::from((m, n))))
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         // dL/dx (m, k) = dL/dy (m, n) · W (n, k).
         Ok(Some(grad_res.contiguous()?.matmul(&self.weight)?))
     }
@@ -241,9 +250,7 @@ mod tests {
     fn lora_linear_gradients_match_finite_differences() {
         use candle_core::DType;
         let dev = Device::Cpu;
-        let randn = |shape: (usize, usize)| {
-            Tensor::randn(0f64, 1.0, shape, &dev).expect("randn")
-        };
+        let randn = |shape: (usize, usize)| Tensor::randn(0f64, 1.0, shape, &dev).expect("randn");
         let (t, inp, out, r, scale) = (3, 6, 5, 2, 1.5);
         let x = Var::from_tensor(&randn((t, inp))).expect("x");
         let w = randn((out, inp));
@@ -255,14 +262,33 @@ mod tests {
                 .and_then(|y| Ok((y * &c)?.sum_all()?.to_scalar::<f64>()?))
                 .expect("loss")
         };
-        let y = lora_linear(x.as_tensor(), x.as_tensor(), &w, a.as_tensor(), b.as_tensor(), scale)
-            .expect("y");
-        let grads = (y * &c).and_then(|p| p.sum_all()).expect("L").backward().expect("bwd");
+        let y = lora_linear(
+            x.as_tensor(),
+            x.as_tensor(),
+            &w,
+            a.as_tensor(),
+            b.as_tensor(),
+            scale,
+        )
+        .expect("y");
+        let grads = (y * &c)
+            .and_then(|p| p.sum_all())
+            .expect("L")
+            .backward()
+            .expect("bwd");
         let h = 1e-6;
         for var in [&x, &a, &b] {
-            let g = grads.get(var.as_tensor()).expect("gradient").flatten_all().expect("flat");
+            let g = grads
+                .get(var.as_tensor())
+                .expect("gradient")
+                .flatten_all()
+                .expect("flat");
             let g = g.to_vec1::<f64>().expect("vec");
-            let base = var.as_tensor().flatten_all().and_then(|f| f.to_vec1::<f64>()).expect("v");
+            let base = var
+                .as_tensor()
+                .flatten_all()
+                .and_then(|f| f.to_vec1::<f64>())
+                .expect("v");
             let shape = var.as_tensor().shape().clone();
             for i in 0..base.len() {
                 let mut plus = base.clone();
@@ -271,11 +297,20 @@ mod tests {
                 minus[i] -= h;
                 let at = |v: Vec<f64>| Tensor::from_vec(v, shape.clone(), &dev).expect("t");
                 let (lp, lm) = if std::ptr::eq(var, &x) {
-                    (loss(&at(plus), a.as_tensor(), b.as_tensor()), loss(&at(minus), a.as_tensor(), b.as_tensor()))
+                    (
+                        loss(&at(plus), a.as_tensor(), b.as_tensor()),
+                        loss(&at(minus), a.as_tensor(), b.as_tensor()),
+                    )
                 } else if std::ptr::eq(var, &a) {
-                    (loss(x.as_tensor(), &at(plus), b.as_tensor()), loss(x.as_tensor(), &at(minus), b.as_tensor()))
+                    (
+                        loss(x.as_tensor(), &at(plus), b.as_tensor()),
+                        loss(x.as_tensor(), &at(minus), b.as_tensor()),
+                    )
                 } else {
-                    (loss(x.as_tensor(), a.as_tensor(), &at(plus)), loss(x.as_tensor(), a.as_tensor(), &at(minus)))
+                    (
+                        loss(x.as_tensor(), a.as_tensor(), &at(plus)),
+                        loss(x.as_tensor(), a.as_tensor(), &at(minus)),
+                    )
                 };
                 let numeric = (lp - lm) / (2.0 * h);
                 assert!(
@@ -308,6 +343,10 @@ mod tests {
         let fused = candle_nn::rotary_emb::rope_i(&x.unsqueeze(0).expect("4d"), &cos, &sin)
             .and_then(|t| t.squeeze(0))
             .expect("fused");
-        assert!(close(&rope_interleaved(&x, &cos, &sin).expect("ours"), &fused, 1e-5));
+        assert!(close(
+            &rope_interleaved(&x, &cos, &sin).expect("ours"),
+            &fused,
+            1e-5
+        ));
     }
 }

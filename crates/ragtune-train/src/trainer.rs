@@ -221,7 +221,8 @@ impl Trainer {
         let mut plan = Vec::new();
         for epoch in 0..config.epochs {
             let mut order: Vec<usize> = (0..train.len()).collect();
-            let mut rng = rand::rngs::StdRng::seed_from_u64(derive_seed(&[config.seed, 1, epoch as u64]));
+            let mut rng =
+                rand::rngs::StdRng::seed_from_u64(derive_seed(&[config.seed, 1, epoch as u64]));
             order.shuffle(&mut rng);
             let seqs = pack(train, &order, config.seq_len);
             for chunk in seqs.chunks(config.grad_accum) {
@@ -352,7 +353,13 @@ impl Trainer {
             None => clip_grad_norm(&mut grads, f64::INFINITY)?,
         };
         let c = &self.config;
-        let lr = learning_rate(index, self.plan.len(), c.warmup_steps, c.learning_rate, c.min_lr_ratio);
+        let lr = learning_rate(
+            index,
+            self.plan.len(),
+            c.warmup_steps,
+            c.learning_rate,
+            c.min_lr_ratio,
+        );
         let params = self.model.named_params();
         let vars: Vec<_> = params.iter().map(|(_, v)| *v).collect();
         self.optimizer.step(&vars, &grads, lr)?;
@@ -440,7 +447,9 @@ impl Trainer {
                 self.plan.len()
             )));
         }
-        self.model.set_params(&tensors).map_err(|e| fail(e.to_string()))?;
+        self.model
+            .set_params(&tensors)
+            .map_err(|e| fail(e.to_string()))?;
         let params = self.model.named_params();
         let take = |prefix: &str| -> Result<Vec<Tensor>> {
             params
