@@ -5,6 +5,7 @@ mod bench;
 mod chat;
 mod embed;
 mod fetch;
+mod finetune_data;
 mod generate;
 mod index;
 mod ingest;
@@ -76,6 +77,9 @@ enum Command {
     /// The mode benchmark: a question set through hybrid/rag/finetune/base, latency and
     /// accuracy (seen/fresh) into bench.json, bench.md and bench.svg.
     Bench(bench::Args),
+    /// Write the LicenseDB fine-tuning data (chat JSON Lines: closed-book and
+    /// retrieval-augmented examples of seen licenses) into train.jsonl, dev.jsonl, stats.json.
+    FinetuneData(finetune_data::Args),
 }
 
 /// Runs the command line.
@@ -92,6 +96,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Ask(args) => ask::run(&ctx, args),
         Command::Chat(args) => chat::run(&ctx, args),
         Command::Bench(args) => bench::run(&ctx, args),
+        Command::FinetuneData(args) => finetune_data::run(&ctx, args),
     }
 }
 
