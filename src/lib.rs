@@ -3,7 +3,8 @@
 //! ([`ragtune_generate`]) into the [`engine`]: fetching the pinned models ([`fetch`]), reading
 //! a corpus ([`corpus`]), ingesting it into an index ([`ingest`]), searching it
 //! ([`retrieve`]), and answering in hybrid, RAG-only, fine-tune-only or base mode; and the
-//! question sets of the mode benchmark with their scoring rule ([`questions`]).
+//! question sets of the mode benchmark with their scoring rule ([`questions`]); and the
+//! fine-tuning data generated from the corpus ([`train_data`]).
 //!
 //! ```no_run
 //! use ragtune::engine::{Engine, EngineConfig, Mode, Request};
@@ -41,6 +42,7 @@ pub mod ingest;
 pub mod progress;
 pub mod questions;
 pub mod retrieve;
+pub mod train_data;
 pub mod util;
 
 pub use error::{Error, Result};

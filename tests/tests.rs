@@ -13,6 +13,8 @@ mod cli;
 mod embed_golden;
 #[path = "it/engine.rs"]
 mod engine;
+#[path = "it/finetune_data.rs"]
+mod finetune_data;
 #[path = "it/generate_golden.rs"]
 mod generate_golden;
 #[path = "it/generate_lora.rs"]

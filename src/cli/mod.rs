@@ -6,6 +6,7 @@ mod chat;
 mod embed;
 mod fetch;
 mod finetune;
+mod finetune_data;
 mod generate;
 mod index;
 mod ingest;
@@ -80,6 +81,9 @@ enum Command {
     /// The mode benchmark: a question set through hybrid/rag/finetune/base, latency and
     /// accuracy (seen/fresh) into bench.json, bench.md and bench.svg.
     Bench(bench::Args),
+    /// Write the LicenseDB fine-tuning data (chat JSON Lines: closed-book and
+    /// retrieval-augmented examples of seen licenses) into train.jsonl, dev.jsonl, stats.json.
+    FinetuneData(finetune_data::Args),
 }
 
 /// Runs the command line.
@@ -97,6 +101,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Chat(args) => chat::run(&ctx, args),
         Command::Bench(args) => bench::run(&ctx, args),
         Command::Finetune(args) => finetune::run(&ctx, args),
+        Command::FinetuneData(args) => finetune_data::run(&ctx, args),
     }
 }
 
