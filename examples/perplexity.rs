@@ -42,6 +42,9 @@ fn nll(
         .sum())
 }
 
+/// Token ids of one text and the positions whose token is scored.
+type Scored = (Vec<u32>, Vec<usize>);
+
 fn dev_split(key: &str) -> bool {
     sha2::Sha256::digest(format!("dev:{key}").as_bytes())[0] < 13
 }
@@ -59,7 +62,7 @@ fn main() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("no chat template"))?;
     let adapter = LoraAdapter::load(adapter_dir, &model)?;
 
-    let mut sets: Vec<(String, Vec<(Vec<u32>, Vec<usize>)>)> = Vec::new();
+    let mut sets: Vec<(String, Vec<Scored>)> = Vec::new();
     if let Some(dev) = args.get(1) {
         let examples = data::read_jsonl(dev)?;
         let items = examples

@@ -300,6 +300,28 @@ fn the_loss_mask_covers_exactly_the_answers() {
             .expect("ids")
     );
 
+    // A sequence length between the shortest and the longest example skips (and counts)
+    // exactly the longer ones, keeping the rest whole.
+    let lens: Vec<usize> = tokenized().iter().map(|t| t.ids.len()).collect();
+    let (shortest, longest) = (lens.iter().min().copied(), lens.iter().max().copied());
+    let (shortest, longest) = (shortest.expect("examples"), longest.expect("examples"));
+    assert!(
+        shortest < longest,
+        "the fixture's examples differ in length: {lens:?}"
+    );
+    let seq_len = longest - 1;
+    let some = data::prepare(&examples(), &f.template, &f.tokenizer, seq_len).expect("some fit");
+    assert_eq!(
+        some.skipped_too_long,
+        lens.iter().filter(|&&n| n > seq_len).count()
+    );
+    assert!(some.skipped_too_long >= 1);
+    assert_eq!(
+        some.examples.len() + some.skipped_too_long,
+        examples().len()
+    );
+    assert!(some.examples.iter().all(|t| t.ids.len() <= seq_len));
+
     let too_long =
         data::prepare(&examples(), &f.template, &f.tokenizer, 20).expect_err("all too long");
     assert!(
