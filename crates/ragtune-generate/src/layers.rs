@@ -26,52 +26,18 @@ pub(crate) struct Rope {
 }
 
 impl Rope {
-    /// Tables for positions `0..max_positions`.
+    /// Tables for positions `0..max_positions` ([`rope_tables`]).
     ///
     /// # Errors
-    /// [`Error::Unsupported`] for YaRN scaling, or a rotary dimension that is not the whole
-    /// head (partial rotary embeddings are not llama).
+    /// As [`rope_tables`].
     pub(crate) fn new(
         rope: &RopeParams,
         head_dim: usize,
         max_positions: usize,
         device: &Device,
     ) -> Result<Self> {
-        if rope.dimension_count != head_dim {
-            return Err(Error::Unsupported {
-                what: format!(
-                    "rotary dimension {} differs from the head dimension {head_dim}",
-                    rope.dimension_count
-                ),
-            });
-        }
-        let position_scale = match rope.scaling {
-            RopeScaling::None => 1.0f32,
-            RopeScaling::Linear { factor } => 1.0 / factor,
-            other => {
-                return Err(Error::Unsupported {
-                    what: format!("RoPE scaling {other:?}"),
-                })
-            }
-        };
-        let half = head_dim / 2;
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0 / rope.freq_base.powf((2 * i) as f32 / head_dim as f32))
-            .collect();
-        let mut cos = Vec::with_capacity(max_positions * half);
-        let mut sin = Vec::with_capacity(max_positions * half);
-        for p in 0..max_positions {
-            let p = p as f32 * position_scale;
-            for f in &inv_freq {
-                let (s, c) = (p * f).sin_cos();
-                cos.push(c);
-                sin.push(s);
-            }
-        }
-        Ok(Self {
-            cos: Tensor::from_vec(cos, (max_positions, half), device)?,
-            sin: Tensor::from_vec(sin, (max_positions, half), device)?,
-        })
+        let (cos, sin) = rope_tables(rope, head_dim, max_positions, device)?;
+        Ok(Self { cos, sin })
     }
 
     /// Rotates `x: (1, heads, t, d)` (contiguous) whose first token is at position `pos`.
@@ -81,6 +47,58 @@ impl Rope {
         let sin = self.sin.narrow(0, pos, t)?;
         Ok(candle_nn::rotary_emb::rope_i(x, &cos, &sin)?)
     }
+}
+
+/// The interleaved RoPE tables `(cos, sin)`, each `(max_positions, head_dim / 2)` f32:
+/// angle `p · s · base^(-2i / head_dim)` for position `p`, frequency `i` and the linear
+/// scaling factor's inverse `s` (RoFormer, Su et al. 2021; the GGUF keys
+/// `{arch}.rope.freq_base` and `{arch}.rope.scaling.factor`). The training crate builds its
+/// differentiable rope from the same tables.
+///
+/// # Errors
+/// [`Error::Unsupported`] for YaRN scaling, or a rotary dimension that is not the whole head
+/// (partial rotary embeddings are not llama).
+pub fn rope_tables(
+    rope: &RopeParams,
+    head_dim: usize,
+    max_positions: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    if rope.dimension_count != head_dim {
+        return Err(Error::Unsupported {
+            what: format!(
+                "rotary dimension {} differs from the head dimension {head_dim}",
+                rope.dimension_count
+            ),
+        });
+    }
+    let position_scale = match rope.scaling {
+        RopeScaling::None => 1.0f32,
+        RopeScaling::Linear { factor } => 1.0 / factor,
+        other => {
+            return Err(Error::Unsupported {
+                what: format!("RoPE scaling {other:?}"),
+            })
+        }
+    };
+    let half = head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0 / rope.freq_base.powf((2 * i) as f32 / head_dim as f32))
+        .collect();
+    let mut cos = Vec::with_capacity(max_positions * half);
+    let mut sin = Vec::with_capacity(max_positions * half);
+    for p in 0..max_positions {
+        let p = p as f32 * position_scale;
+        for f in &inv_freq {
+            let (s, c) = (p * f).sin_cos();
+            cos.push(c);
+            sin.push(s);
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (max_positions, half), device)?,
+        Tensor::from_vec(sin, (max_positions, half), device)?,
+    ))
 }
 
 /// Root-mean-square normalisation with a learned scale: `x / sqrt(mean(x²) + eps) * w`.

@@ -60,6 +60,7 @@ pub use attention::KvCache;
 pub use candle_core;
 pub use chat::{ChatMessage, ChatTemplate, Role};
 pub use error::{Error, Result};
+pub use layers::rope_tables;
 pub use lora::{LoraAdapter, LoraConfig, TargetModule};
 pub use model::LlamaModel;
 pub use props::{read_gguf, LlamaProps, RopeParams, RopeScaling, SpecialTokenIds, ARCHITECTURE};

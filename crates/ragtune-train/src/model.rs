@@ -16,7 +16,7 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::Content;
 use candle_core::{DType, Device, Tensor, Var};
 use ragtune_generate::lora::Factor;
-use ragtune_generate::{LlamaProps, LoraConfig, RopeScaling, TargetModule};
+use ragtune_generate::{rope_tables, LlamaProps, LoraConfig, TargetModule};
 use rand::{Rng, SeedableRng};
 
 use crate::error::io;
@@ -226,7 +226,12 @@ impl TrainModel {
                 weights,
             });
         }
-        let (cos, sin) = rope_tables(&props)?;
+        let (cos, sin) = rope_tables(
+            &props.rope,
+            props.head_dim,
+            props.context_length,
+            &Device::Cpu,
+        )?;
         let mut model = Self {
             props,
             embeddings,
@@ -544,43 +549,4 @@ impl TrainModel {
         }
         Ok(())
     }
-}
-
-/// RoPE tables `(context_length, d / 2)` as `ragtune-generate` builds them.
-fn rope_tables(p: &LlamaProps) -> Result<(Tensor, Tensor)> {
-    let d = p.head_dim;
-    if p.rope.dimension_count != d {
-        return Err(Error::Config(format!(
-            "rotary dimension {} differs from the head dimension {d}",
-            p.rope.dimension_count
-        )));
-    }
-    let position_scale = match p.rope.scaling {
-        RopeScaling::None => 1.0f32,
-        RopeScaling::Linear { factor } => 1.0 / factor,
-        other => {
-            return Err(Error::Config(format!(
-                "RoPE scaling {other:?} is not supported"
-            )))
-        }
-    };
-    let half = d / 2;
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| 1.0 / p.rope.freq_base.powf((2 * i) as f32 / d as f32))
-        .collect();
-    let n = p.context_length;
-    let mut cos = Vec::with_capacity(n * half);
-    let mut sin = Vec::with_capacity(n * half);
-    for pos in 0..n {
-        let pos = pos as f32 * position_scale;
-        for f in &inv_freq {
-            let (s, c) = (pos * f).sin_cos();
-            cos.push(c);
-            sin.push(s);
-        }
-    }
-    Ok((
-        Tensor::from_vec(cos, (n, half), &Device::Cpu)?,
-        Tensor::from_vec(sin, (n, half), &Device::Cpu)?,
-    ))
 }
