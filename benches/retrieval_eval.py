@@ -5,7 +5,7 @@ Each query is a LicenseDB `.RULE` text (front matter removed, whitespace collaps
 spaces so that it fits on one line); its answer is the rule's `license_expression` (one
 license key). A query is a hit at k when any of the top-k chunks has that key as `doc_id`.
 Reports recall@1/5/10 and MRR@10, overall and by rule type, as
-`../shared/anchors/retrieval_anchor.py` does. Standard library only.
+`benches/anchors/retrieval_anchor.py` does. Standard library only.
 
     python3 benches/retrieval_eval.py [--ragtune target/release/ragtune] [-- extra ragtune args]
 """
@@ -47,7 +47,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ragtune", default=str(ROOT / "target/release/ragtune"))
     ap.add_argument("--rules", default=str(ROOT / "models/licensedcode-data-32.1.0/rules"))
-    ap.add_argument("--queries", default=str(ROOT.parent / "shared/anchors/queries_dev.txt"))
+    ap.add_argument("--queries", default=str(HERE / "anchors/queries_dev.txt"))
     ap.add_argument("--out", help="write the JSON result here too")
     ap.add_argument("extra", nargs="*", help="extra arguments for `ragtune search` (after --)")
     a = ap.parse_args()

@@ -1,4 +1,4 @@
-//! MiniLM embeddings against sentence-transformers (`../shared/golden/minilm_l6_v2.json`).
+//! MiniLM embeddings against sentence-transformers (`tests/golden/minilm_l6_v2.json`).
 
 use crate::util;
 

@@ -1,5 +1,5 @@
 //! `ragtune-generate` against llama.cpp on the pinned SmolLM2 GGUF
-//! (`../shared/golden/smollm2_q4_1.json`): tokenizer ids, chat prompts and their ids.
+//! (`tests/golden/smollm2_q4_1.json`): tokenizer ids, chat prompts and their ids.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;

@@ -1,5 +1,5 @@
 //! The forward pass and generation of `ragtune-generate` against llama.cpp's greedy outputs on
-//! the pinned SmolLM2 GGUF (`../shared/golden/smollm2_q4_1.json`, `chat.cases`).
+//! the pinned SmolLM2 GGUF (`tests/golden/smollm2_q4_1.json`, `chat.cases`).
 
 use std::path::PathBuf;
 use std::sync::OnceLock;

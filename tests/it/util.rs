@@ -76,11 +76,12 @@ pub fn rules_dir() -> PathBuf {
     package(Role::Corpus).join("rules")
 }
 
-/// `../shared/golden/NAME` (or `$RAGTUNE_GOLDEN/NAME`).
+/// `tests/golden/NAME` (or `$RAGTUNE_GOLDEN/NAME`): reference outputs of llama.cpp and
+/// sentence-transformers, made by `benches/anchors/` (see `tests/golden/README.md`).
 pub fn golden(name: &str) -> serde_json::Value {
     let dir = std::env::var_os("RAGTUNE_GOLDEN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("../shared/golden"));
+        .unwrap_or_else(|| repo().join("tests/golden"));
     let path = dir.join(name);
     let bytes =
         std::fs::read(&path).unwrap_or_else(|e| panic!("golden file {}: {e}", path.display()));

@@ -1,4 +1,4 @@
-//! Prefill and decode speed on a GGUF, with the protocol of `../shared/anchors/llama_anchor.py`
+//! Prefill and decode speed on a GGUF, with the protocol of `benches/anchors/llama_anchor.py`
 //! (llama.cpp): a prompt of `--prompt-tokens` tokens (default 512) cut from a text file and run
 //! in one batch, then `--gen-tokens` (default 128) greedy tokens decoded one at a time; one
 //! warm-up run and `--runs` timed runs (default 5); the median is printed as one JSON line.

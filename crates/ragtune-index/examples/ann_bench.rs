@@ -1,4 +1,4 @@
-//! The ANN benchmark on real vectors, measured the way `../shared/anchors/ann_anchor.py`
+//! The ANN benchmark on real vectors, measured the way `benches/anchors/ann_anchor.py`
 //! measures hnswlib/faiss/usearch: M = 16, ef_construction = 200, k = 10, recall@10 against
 //! exact inner-product top-10, the same ef sweep, QPS of 1,000 queries on one thread
 //! (repeated for >= 0.5 s, median of 5), open time (median of 5, file in the page cache).
