@@ -39,6 +39,7 @@ pub mod engine;
 mod error;
 pub mod fetch;
 pub mod ingest;
+pub mod profile;
 pub mod progress;
 pub mod questions;
 pub mod retrieve;

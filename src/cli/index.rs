@@ -23,6 +23,9 @@ enum Action {
     },
     /// Rewrite the index into one segment with a fresh graph, dropping deleted chunks.
     Compact,
+    /// Add what this version's format has and the index lacks: the lexical (BM25) postings
+    /// of indexes built before lexical search, from the stored chunk texts (no re-embedding).
+    Upgrade,
 }
 
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
@@ -52,6 +55,18 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
                 } else {
                     eprintln!("{id}: deleted {n} chunks");
                 }
+            }
+        }
+        Action::Upgrade => {
+            let n = index.add_lexical()?;
+            if n == 0 {
+                eprintln!("{}: already up to date", ctx.index.display());
+            } else {
+                eprintln!(
+                    "{}: added lexical postings to {n} segment(s); now {} bytes",
+                    ctx.index.display(),
+                    index.stats().bytes
+                );
             }
         }
         Action::Compact => {

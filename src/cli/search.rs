@@ -3,7 +3,7 @@
 use std::io::{BufRead, Write};
 
 use anyhow::Context as _;
-use ragtune::retrieve::{Query, Retriever, SearchResult};
+use ragtune::retrieve::{Query, RetrievalMode, Retriever, SearchResult};
 use ragtune_embed::SentenceEncoder;
 use ragtune_index::Filter;
 use serde::Serialize;
@@ -36,6 +36,10 @@ pub struct Args {
     /// Metadata filter, e.g. `category=Copyleft` or `category=Permissive,owner=MIT`.
     #[arg(long)]
     filter: Option<String>,
+    /// Which lists to search: `dense` (embeddings), `lexical` (BM25 + identifier matches)
+    /// or `hybrid` (all, fused by RRF); default: `[retrieval] mode` of the config, `hybrid`.
+    #[arg(long, value_enum)]
+    retrieval: Option<RetrievalMode>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
@@ -68,18 +72,25 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             report.documents, report.chunks, report.total_secs
         );
     }
-    let retriever = Retriever::with_encoder(encoder, &ctx.index).with_context(|| {
-        format!(
-            "opening the index at {} (build it with `ragtune ingest`, or pass --index)",
-            ctx.index.display()
-        )
-    })?;
+    let config = ctx.engine_config(None)?;
+    let retriever = Retriever::with_encoder(encoder, &ctx.index)
+        .with_context(|| {
+            format!(
+                "opening the index at {} (build it with `ragtune ingest`, or pass --index)",
+                ctx.index.display()
+            )
+        })?
+        .with_config(config.retrieval)?;
+    if let Some(notice) = retriever.lexical_notice() {
+        eprintln!("{notice}");
+    }
     let make_query = |text: &str| Query {
         text: text.to_string(),
         k: args.k,
         ef_search: args.ef,
         filter: filter.clone(),
         exact: args.exact,
+        mode: args.retrieval,
     };
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
@@ -98,6 +109,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
                         hits: Vec::new(),
                         embed_ms: 0.0,
                         search_ms: 0.0,
+                        mode: retriever.config().mode,
                     }
                 } else {
                     retriever
@@ -141,8 +153,9 @@ fn print_result(
             }
             writeln!(
                 out,
-                "({} hits; embed {:.1} ms, search {:.2} ms)\n",
+                "({} hits, {}; embed {:.1} ms, search {:.2} ms)\n",
                 result.hits.len(),
+                result.mode,
                 result.embed_ms,
                 result.search_ms
             )?;

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::retrieve::RetrievalConfig;
 use crate::{Error, Result};
 
 /// The configuration file read from the working directory when present.
@@ -22,6 +23,15 @@ pub const CONFIG_FILE: &str = "ragtune.toml";
 /// max_chunks_per_doc = 2
 /// max_tokens = 128
 /// default_adapter = "licenses-lora"
+///
+/// [retrieval]
+/// mode = "hybrid"          # or "dense", "lexical"
+/// rrf_k = 60.0
+/// dense_weight = 1.0
+/// lexical_weight = 1.0
+/// identifier_weight = 1.0
+/// candidates = 50
+/// identifier_fields = { doc_id = 1.0, name = 1.0, short_name = 1.0, spdx_license_key = 1.0 }
 ///
 /// [adapters]
 /// licenses-lora = "models/adapters/licenses-lora"
@@ -54,6 +64,9 @@ pub struct EngineConfig {
     pub max_tokens: usize,
     /// Reuse the KV cache of the constant system prompt across requests (prefix caching).
     pub prefix_cache: bool,
+    /// How sources are retrieved: `mode` (`hybrid`, `dense`, `lexical`), RRF constant and
+    /// weights, identifier fields (see [`RetrievalConfig`]).
+    pub retrieval: RetrievalConfig,
 }
 
 impl Default for EngineConfig {
@@ -70,6 +83,7 @@ impl Default for EngineConfig {
             max_chunks_per_doc: 2,
             max_tokens: 128,
             prefix_cache: true,
+            retrieval: RetrievalConfig::default(),
         }
     }
 }

@@ -262,7 +262,11 @@ impl Engine {
                 progress,
             )?;
         }
-        let retriever = Retriever::with_encoder(encoder, &config.index)?;
+        let retriever =
+            Retriever::with_encoder(encoder, &config.index)?.with_config(config.retrieval.clone())?;
+        if let Some(notice) = retriever.lexical_notice() {
+            eprintln!("{notice}");
+        }
         let gguf = match &config.gguf {
             Some(path) => path.clone(),
             None => default_gguf(&fetch, progress)?,

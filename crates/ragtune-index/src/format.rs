@@ -19,6 +19,8 @@ pub const MAGIC_VECTORS: [u8; 8] = *b"RTVEC\0\0\0";
 pub const MAGIC_GRAPH: [u8; 8] = *b"RTGRAPH\0";
 /// Magic of the chunk-store file.
 pub const MAGIC_CHUNKS: [u8; 8] = *b"RTCHUNK\0";
+/// Magic of the lexical (BM25 postings) file.
+pub const MAGIC_LEXICAL: [u8; 8] = *b"RTLEX\0\0\0";
 
 /// The fixed 64-byte header of a binary file (all integers little-endian).
 ///
@@ -237,6 +239,10 @@ pub struct SegmentEntry {
     pub graph: FileEntry,
     /// The chunk-store file.
     pub chunks: FileEntry,
+    /// The lexical postings file (`aux1` of its header = term count). Absent in indexes
+    /// written before lexical search existed; `Index::add_lexical` adds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lexical: Option<FileEntry>,
 }
 
 /// The manifest: the single source of truth naming the live files of an index.

@@ -10,8 +10,9 @@ use crate::error::{Error, Result};
 use crate::filter::{Filter, DOC_ID_KEY};
 use crate::format::{
     cast_slice, verify_file, write_file, FileEntry, Manifest, SegmentEntry, FORMAT_VERSION,
-    HEADER_LEN, MAGIC_CHUNKS, MAGIC_GRAPH, MAGIC_VECTORS, MANIFEST,
+    HEADER_LEN, MAGIC_CHUNKS, MAGIC_GRAPH, MAGIC_LEXICAL, MAGIC_VECTORS, MANIFEST,
 };
+use crate::lexical::{self, LexicalView};
 use crate::graph::{self, GraphView};
 use crate::{ChunkRecord, EmbedderId, Hit, HnswParams, IndexStats, Metric, SearchParams};
 
@@ -38,6 +39,18 @@ struct Segment {
     deleted: Vec<u64>,
     n_deleted: usize,
     meta: OnceLock<SegMeta>,
+    lexical: Option<LexicalView>,
+    phrases: OnceLock<PhraseMap>,
+}
+
+/// Identifier phrases of a segment: for each metadata field value (and the document id),
+/// its [`lexical::phrase_tokens`] joined by spaces → (field, first row of each document
+/// carrying it).
+#[derive(Debug, Default)]
+struct PhraseMap {
+    fields: Vec<String>,
+    by_phrase: HashMap<String, Vec<(u16, u32)>>,
+    max_words: usize,
 }
 
 impl Segment {
@@ -131,6 +144,76 @@ impl Segment {
     fn row_of(&self, id: u64) -> Result<Option<usize>> {
         Ok(self.chunks.ids()?.binary_search(&id).ok())
     }
+
+    fn phrases(&self) -> Result<&PhraseMap> {
+        if let Some(p) = self.phrases.get() {
+            return Ok(p);
+        }
+        let meta = self.meta()?;
+        let mut map = PhraseMap::default();
+        let mut field_ix: HashMap<&str, u16> = HashMap::new();
+        for ((field, value), rows) in &meta.postings {
+            let words = lexical::phrase_tokens(value);
+            if words.is_empty() || words.len() > 16 {
+                continue;
+            }
+            let f = match field_ix.get(field.as_str()) {
+                Some(&f) => f,
+                None => {
+                    let Ok(f) = u16::try_from(map.fields.len()) else {
+                        continue;
+                    };
+                    map.fields.push(field.clone());
+                    field_ix.insert(field, f);
+                    f
+                }
+            };
+            map.max_words = map.max_words.max(words.len());
+            let entry = map.by_phrase.entry(words.join(" ")).or_default();
+            let mut last_doc = None;
+            for &row in rows {
+                let doc = meta.doc_of_row[row as usize];
+                if last_doc != Some(doc) {
+                    entry.push((f, row));
+                    last_doc = Some(doc);
+                }
+            }
+        }
+        Ok(self.phrases.get_or_init(|| map))
+    }
+
+    /// Rows allowed by the filter and not deleted, as a bitset; `None` = every live row.
+    fn allowed(&self, filter: Option<&Filter>) -> Result<Option<Vec<u64>>> {
+        match filter {
+            Some(f) if !f.conditions().is_empty() => {
+                let mut bits = vec![0u64; self.rows().div_ceil(64)];
+                for r in self.filter_rows(f)? {
+                    bits[r as usize / 64] |= 1 << (r % 64);
+                }
+                Ok(Some(bits))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    #[inline]
+    fn accepts(&self, allowed: &Option<Vec<u64>>, row: u32) -> bool {
+        match allowed {
+            Some(bits) => bits[row as usize / 64] >> (row % 64) & 1 == 1,
+            None => !self.is_deleted(row),
+        }
+    }
+}
+
+/// Best `k` of `(score, row)` pairs, score descending then row ascending.
+fn top_rows(mut scored: Vec<(f32, u32)>, k: usize) -> Vec<(f32, u32)> {
+    let cmp = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+    if scored.len() > k {
+        scored.select_nth_unstable_by(k - 1, cmp);
+        scored.truncate(k);
+    }
+    scored.sort_by(cmp);
+    scored
 }
 
 /// A vector index with its chunk store, opened from a [`Directory`].
@@ -240,13 +323,31 @@ fn write_segment(
         seg_name(seg, "chunks"),
         &write_file(MAGIC_CHUNKS, rows, 0, &payload),
     )?;
+    drop(payload);
+    let lexical_e = write_lexical(dir, seg, rows, records.iter().map(|r| r.text.as_str()))?;
     Ok(SegmentEntry {
         seg,
         rows,
         vectors: vectors_e,
         graph: graph_e,
         chunks: chunks_e,
+        lexical: Some(lexical_e),
     })
+}
+
+/// Writes the lexical postings of a segment's chunk texts (row order).
+fn write_lexical<'a>(
+    dir: &dyn Directory,
+    seg: u64,
+    rows: u64,
+    texts: impl Iterator<Item = &'a str>,
+) -> Result<FileEntry> {
+    let (payload, n_terms) = lexical::build(texts)?;
+    write_one(
+        dir,
+        seg_name(seg, "lexical"),
+        &write_file(MAGIC_LEXICAL, rows, n_terms, &payload),
+    )
 }
 
 fn open_checked(
@@ -318,6 +419,19 @@ fn open_segment(dir: &dyn Directory, e: &SegmentEntry, dim: usize, m: usize) -> 
         ));
     }
     let chunks = ChunkStore::open(cbytes, &cpath, e.rows)?;
+    let lexical = match &e.lexical {
+        None => None,
+        Some(fe) => {
+            let (lbytes, lpath, lh) = open_checked(dir, fe, MAGIC_LEXICAL)?;
+            if lh.aux0 != e.rows {
+                return Err(Error::corrupt(
+                    &lpath,
+                    "lexical postings row count differs from the manifest",
+                ));
+            }
+            Some(LexicalView::open(lbytes, &lpath, e.rows, lh.aux1)?)
+        }
+    };
     Ok(Segment {
         dim,
         vectors,
@@ -327,6 +441,8 @@ fn open_segment(dir: &dyn Directory, e: &SegmentEntry, dim: usize, m: usize) -> 
         deleted: vec![0; rows.div_ceil(64)],
         n_deleted: 0,
         meta: OnceLock::new(),
+        lexical,
+        phrases: OnceLock::new(),
     })
 }
 
@@ -494,10 +610,13 @@ impl Index {
             .iter()
             .flat_map(|s| {
                 [
-                    s.vectors.name.as_str(),
-                    s.graph.name.as_str(),
-                    s.chunks.name.as_str(),
+                    Some(s.vectors.name.as_str()),
+                    Some(s.graph.name.as_str()),
+                    Some(s.chunks.name.as_str()),
+                    s.lexical.as_ref().map(|l| l.name.as_str()),
                 ]
+                .into_iter()
+                .flatten()
             })
             .collect();
         if let Ok(names) = dir.list() {
@@ -604,7 +723,10 @@ impl Index {
                 }
                 last_id = Some(l);
             }
-            bytes_on_disk += e.vectors.len + e.graph.len + e.chunks.len;
+            bytes_on_disk += e.vectors.len
+                + e.graph.len
+                + e.chunks.len
+                + e.lexical.as_ref().map_or(0, |l| l.len);
             segments.push(seg);
         }
         let mut prev = None;
@@ -724,6 +846,170 @@ impl Index {
         hits.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
         hits.truncate(k);
         Ok(hits)
+    }
+
+    /// Top-`k` chunks by BM25 over their analyzed text ([`crate::lexical`]), best first;
+    /// [`Hit::score`] is the BM25 score (> 0). Tombstoned chunks and chunks failing
+    /// `params.filter` are never returned; `ef_search` and `exact` are ignored. A query with no
+    /// index terms left after analysis (only stop words or punctuation) gives no hits, and so
+    /// do segments without lexical postings (see [`lexical_missing`](Self::lexical_missing)).
+    ///
+    /// # Errors
+    /// [`Error::DataCorruption`] for a malformed posting list.
+    pub fn search_lexical(&self, query: &str, params: &SearchParams) -> Result<Vec<Hit>> {
+        let k = params.k;
+        if k == 0 {
+            return Ok(Vec::new());
+        }
+        let mut terms = lexical::analyze_to_vec(query);
+        terms.sort_unstable();
+        terms.dedup();
+        if terms.is_empty() {
+            return Ok(Vec::new());
+        }
+        let segs: Vec<&Segment> = self
+            .segments
+            .iter()
+            .filter(|s| s.lexical.is_some() && s.live() > 0)
+            .collect();
+        // Corpus statistics over every segment, so scores do not depend on segmentation.
+        let mut n_rows = 0u64;
+        let mut total_len = 0u64;
+        let mut found: Vec<Vec<Option<usize>>> = Vec::with_capacity(segs.len());
+        let mut df = vec![0u64; terms.len()];
+        for seg in &segs {
+            let Some(lex) = &seg.lexical else { continue };
+            n_rows += lex.rows() as u64;
+            total_len += lex.total_len;
+            let mut ids = Vec::with_capacity(terms.len());
+            for (j, t) in terms.iter().enumerate() {
+                let i = lex.find(t)?;
+                if let Some(i) = i {
+                    df[j] += u64::from(lex.df(i)?);
+                }
+                ids.push(i);
+            }
+            found.push(ids);
+        }
+        if n_rows == 0 {
+            return Ok(Vec::new());
+        }
+        let avgdl = (total_len as f32 / n_rows as f32).max(1.0);
+        let idfs: Vec<f32> = df.iter().map(|&d| lexical::idf(n_rows, d)).collect();
+        let mut hits = Vec::new();
+        for (seg, ids) in segs.iter().zip(&found) {
+            let Some(lex) = &seg.lexical else { continue };
+            let allowed = seg.allowed(params.filter.as_ref())?;
+            let doc_len = lex.doc_len()?;
+            let mut scores = vec![0f32; lex.rows()];
+            for (j, i) in ids.iter().enumerate() {
+                let Some(i) = *i else { continue };
+                let w = idfs[j];
+                lex.for_each_posting(i, &mut |row, tf| {
+                    scores[row as usize] += lexical::bm25(w, tf, doc_len[row as usize], avgdl);
+                })?;
+            }
+            let scored: Vec<(f32, u32)> = scores
+                .iter()
+                .enumerate()
+                .filter(|&(r, &sc)| sc > 0.0 && seg.accepts(&allowed, r as u32))
+                .map(|(r, &sc)| (sc, r as u32))
+                .collect();
+            let sids = seg.chunks.ids()?;
+            hits.extend(top_rows(scored, k).into_iter().map(|(score, row)| Hit {
+                id: sids[row as usize],
+                score,
+            }));
+        }
+        hits.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
+        hits.truncate(k);
+        Ok(hits)
+    }
+
+    /// Documents whose identifier fields occur verbatim in `query`: for each metadata field
+    /// named in `fields` (with its weight; [`DOC_ID_KEY`] names the document id), a value whose
+    /// [`lexical::phrase_tokens`] appear as consecutive words of the query counts
+    /// `weight x words`. One hit per document (its first chunk, usually the metadata record),
+    /// best first; [`Hit::score`] is that sum. Values of more than 16 words are not matched.
+    ///
+    /// So "What is the SPDX id of the MIT license?" finds the document whose `name` is
+    /// "MIT License" (2 words) and whose id is `mit` (1 word), but not one named
+    /// "MIT License 1998".
+    ///
+    /// # Errors
+    /// [`Error::DataCorruption`] if a chunk record cannot be decoded.
+    pub fn search_identifiers(
+        &self,
+        query: &str,
+        fields: &[(String, f32)],
+        params: &SearchParams,
+    ) -> Result<Vec<Hit>> {
+        if params.k == 0 || fields.is_empty() {
+            return Ok(Vec::new());
+        }
+        let words = lexical::phrase_tokens(query);
+        let mut hits = Vec::new();
+        for seg in &self.segments {
+            if seg.live() == 0 {
+                continue;
+            }
+            let phrases = seg.phrases()?;
+            let weight: Vec<f32> = phrases
+                .fields
+                .iter()
+                .map(|f| {
+                    fields
+                        .iter()
+                        .find(|(n, _)| n == f)
+                        .map_or(0.0, |&(_, w)| w)
+                })
+                .collect();
+            if weight.iter().all(|&w| w <= 0.0) {
+                continue;
+            }
+            let allowed = seg.allowed(params.filter.as_ref())?;
+            let mut score: HashMap<u32, f32> = HashMap::new();
+            let mut seen: HashSet<(u16, u32)> = HashSet::new();
+            let mut gram = String::new();
+            for start in 0..words.len() {
+                gram.clear();
+                for (n, w) in words[start..].iter().take(phrases.max_words).enumerate() {
+                    if n > 0 {
+                        gram.push(' ');
+                    }
+                    gram.push_str(w);
+                    let Some(list) = phrases.by_phrase.get(&gram) else {
+                        continue;
+                    };
+                    for &(f, row) in list {
+                        let w = weight[f as usize];
+                        // A field counts once per document, by its longest match.
+                        if w > 0.0 && seg.accepts(&allowed, row) && seen.insert((f, row)) {
+                            *score.entry(row).or_insert(0.0) += w * (n + 1) as f32;
+                        }
+                    }
+                }
+            }
+            let sids = seg.chunks.ids()?;
+            let scored: Vec<(f32, u32)> = score.into_iter().map(|(r, sc)| (sc, r)).collect();
+            hits.extend(
+                top_rows(scored, params.k)
+                    .into_iter()
+                    .map(|(score, row)| Hit {
+                        id: sids[row as usize],
+                        score,
+                    }),
+            );
+        }
+        hits.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
+        hits.truncate(params.k);
+        Ok(hits)
+    }
+
+    /// Segments that have no lexical postings (written before lexical search existed); their
+    /// chunks are found by dense search only until [`add_lexical`](Self::add_lexical) runs.
+    pub fn lexical_missing(&self) -> usize {
+        self.segments.iter().filter(|s| s.lexical.is_none()).count()
     }
 
     /// The chunk with stable id `id`.
@@ -912,6 +1198,37 @@ impl Index {
             .max()
             .map_or(0, |m| m + 1);
         Ok(self.manifest.next_segment.max(listed))
+    }
+
+    /// Writes lexical postings for every segment that lacks them (from the stored chunk
+    /// texts; nothing is re-embedded), then swaps the manifest atomically. Returns how many
+    /// segments were upgraded (0 when none needed it).
+    ///
+    /// # Errors
+    /// [`Error::Io`], [`Error::DataCorruption`].
+    pub fn add_lexical(&mut self) -> Result<usize> {
+        let mut m = self.manifest.clone();
+        let mut done = 0;
+        for (e, seg) in m.segments.iter_mut().zip(&self.segments) {
+            if e.lexical.is_some() {
+                continue;
+            }
+            let texts = (0..seg.rows())
+                .map(|r| Ok(seg.chunks.get(r)?.text.to_string()))
+                .collect::<Result<Vec<String>>>()?;
+            e.lexical = Some(write_lexical(
+                self.dir.as_ref(),
+                e.seg,
+                e.rows,
+                texts.iter().map(String::as_str),
+            )?);
+            done += 1;
+        }
+        if done > 0 {
+            m.generation += 1;
+            *self = Index::commit(self.dir.clone(), &m)?;
+        }
+        Ok(done)
     }
 
     /// Tombstones every live chunk of document `doc_id`; returns how many.

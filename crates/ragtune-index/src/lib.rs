@@ -100,6 +100,8 @@ mod filter;
 mod format;
 mod graph;
 mod index;
+pub mod lexical;
+mod fusion;
 mod simd;
 pub mod synthetic;
 
@@ -113,6 +115,7 @@ pub use crate::directory::{Directory, FileBytes, FsDirectory, RamDirectory, TMP_
 pub use crate::error::{Error, Result};
 pub use crate::filter::{Filter, DOC_ID_KEY};
 pub use crate::format::{Header, FORMAT_VERSION, HEADER_LEN, MANIFEST};
+pub use crate::fusion::{rrf, RRF_K};
 pub use crate::index::{Index, EXACT_BELOW};
 pub use crate::simd::dot;
 

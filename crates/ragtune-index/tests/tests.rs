@@ -103,9 +103,9 @@ fn tiny_indexes_and_errors() {
     .expect("replace");
     assert_eq!(ix.len(), 3);
     assert_eq!(Index::open(&p1, &embedder(dim)).expect("open").len(), 3);
-    // only the new segment's files remain
+    // only the new segment's files remain (vectors, graph, chunks, lexical) and the manifest
     let names = list(&p1);
-    assert_eq!(names.len(), 4, "{names:?}");
+    assert_eq!(names.len(), 5, "{names:?}");
     // embedder mismatch
     let mut other = embedder(dim);
     other.model_sha256 = "ffff".into();
@@ -411,7 +411,7 @@ fn lifecycle(dir: Arc<dyn Directory>) {
         .into_iter()
         .filter(|f| f.starts_with("seg-"))
         .collect();
-    assert_eq!(files.len(), 3, "{files:?}");
+    assert_eq!(files.len(), 4, "{files:?}");
     let reopened = Index::open_in(dir.clone(), &embedder(dim)).expect("reopen");
     assert_eq!(reopened.ids().expect("ids"), ix.ids().expect("ids"));
 
@@ -538,4 +538,139 @@ fn golden_index_of_format_v1_still_opens_and_answers() {
     assert_eq!(first, records(40, 8)[0]);
     let docs: HashSet<String> = ix.doc_ids().expect("docs").into_iter().collect();
     assert!(docs.contains("added") && !docs.contains("doc-1") && docs.len() == 8);
+
+    // Written before lexical search existed: dense search works, lexical finds nothing and
+    // says so through `lexical_missing`; `add_lexical` upgrades it without re-embedding.
+    assert_eq!(ix.lexical_missing(), 2);
+    let lex = SearchParams::top(3);
+    assert!(ix.search_lexical("chunk 7", &lex).expect("lexical").is_empty());
+    let mut ix = ix;
+    assert_eq!(ix.add_lexical().expect("upgrade"), 2);
+    assert_eq!(ix.lexical_missing(), 0);
+    let hits = ix.search_lexical("added", &lex).expect("lexical");
+    assert_eq!(hits.len(), 3);
+    for h in &hits {
+        assert_eq!(ix.chunk(h.id).expect("chunk").doc_id, "added");
+    }
+    // The upgrade is committed: a fresh open sees it, and a second upgrade does nothing.
+    let mut again = Index::open(&dir, &embedder(16)).expect("reopen");
+    assert_eq!(again.lexical_missing(), 0);
+    assert_eq!(again.add_lexical().expect("noop"), 0);
+}
+
+fn licence_like(doc: &str, name: &str, text: &str, category: &str) -> ragtune_index::ChunkRecord {
+    ragtune_index::ChunkRecord {
+        doc_id: doc.into(),
+        chunk: 0,
+        start: 0,
+        end: text.len() as u64,
+        text: text.into(),
+        metadata: meta(&[("name", name), ("category", category)]),
+    }
+}
+
+/// BM25 and identifier matching on both directories, kept consistent through add, delete
+/// and compact; filters apply to both; corpus statistics span segments.
+#[test]
+fn lexical_and_identifier_search_through_updates() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let fs: Arc<dyn Directory> = Arc::new(FsDirectory::create(tmp.path().join("ix")).expect("fs"));
+    for dir in [fs, Arc::new(RamDirectory::new()) as Arc<dyn Directory>] {
+        let recs = vec![
+            licence_like("mit", "MIT License", "Permission is hereby granted, free of charge, MIT", "Permissive"),
+            licence_like("mit-license-1998", "MIT License 1998", "Permission to use, copy, modify and distribute this software, M.I.T. 1998", "Permissive"),
+            licence_like("gpl-2.0-plus", "GPL 2.0 or later", "This program is free software; you can redistribute it under the GNU General Public License version 2 or any later version. SPDX: gpl-2.0-plus", "Copyleft"),
+            licence_like("apache-2.0", "Apache License 2.0", "Licensed under the Apache License, Version 2.0 (the License)", "Permissive"),
+        ];
+        let n = recs.len();
+        let vecs = clustered(n, 8, 2, 0.2, 5);
+        let mut ix = Index::create_in(dir.clone(), embedder(8), HnswParams::default(), recs, &vecs)
+            .expect("create");
+        assert_eq!(ix.lexical_missing(), 0);
+        let doc = |ix: &Index, h: &ragtune_index::Hit| ix.chunk(h.id).expect("chunk").doc_id;
+        let p = SearchParams::top(4);
+
+        // An identifier is matched whole; its parts match too.
+        let hits = ix.search_lexical("licensed as gpl-2.0-plus", &p).expect("lexical");
+        assert_eq!(doc(&ix, &hits[0]), "gpl-2.0-plus");
+        let hits = ix.search_lexical("Version 2.0", &p).expect("lexical");
+        assert_eq!(doc(&ix, &hits[0]), "apache-2.0");
+        assert!(hits.windows(2).all(|w| w[0].score >= w[1].score));
+        assert!(hits.iter().all(|h| h.score > 0.0));
+        // Only stop words or punctuation: no lexical hits (the dense list still answers).
+        assert!(ix.search_lexical("what is the ?!", &p).expect("stop").is_empty());
+
+        // The name found verbatim in the question ranks its document first; a longer name
+        // that the question does not contain never matches.
+        let fields = vec![("name".to_string(), 1.0), ("doc_id".to_string(), 1.0)];
+        let named = ix
+            .search_identifiers("What is the SPDX id of the MIT license?", &fields, &p)
+            .expect("identifiers");
+        assert_eq!(named.len(), 1, "only `mit` is named");
+        assert_eq!(doc(&ix, &named[0]), "mit");
+        assert!((named[0].score - 3.0).abs() < 1e-6, "name (2 words) + id (1 word)");
+        let named = ix
+            .search_identifiers("Is apache-2.0 permissive?", &fields, &p)
+            .expect("identifiers");
+        assert_eq!(doc(&ix, &named[0]), "apache-2.0");
+        // Fields not asked for are not matched.
+        let named = ix
+            .search_identifiers("permissive", &[("name".to_string(), 1.0)], &p)
+            .expect("identifiers");
+        assert!(named.is_empty());
+
+        // Filters apply to both.
+        let filtered = SearchParams {
+            filter: Some(Filter::eq("category", "Copyleft")),
+            ..SearchParams::top(4)
+        };
+        let hits = ix.search_lexical("permission software license", &filtered).expect("lexical");
+        assert!(!hits.is_empty());
+        assert!(hits.iter().all(|h| doc(&ix, h) == "gpl-2.0-plus"));
+        assert!(ix
+            .search_identifiers("the MIT License", &fields, &filtered)
+            .expect("identifiers")
+            .is_empty());
+
+        // Add a segment: its chunks are found, and the idf spans both segments.
+        let before = ix.search_lexical("charge", &p).expect("lexical")[0].score;
+        ix.add(
+            vec![licence_like("zlib", "zlib License", "free of charge zlib", "Permissive")],
+            &clustered(1, 8, 1, 0.2, 6),
+        )
+        .expect("add");
+        let hits = ix.search_lexical("zlib", &p).expect("lexical");
+        assert_eq!(doc(&ix, &hits[0]), "zlib");
+        let after = ix
+            .search_lexical("charge", &p)
+            .expect("lexical")
+            .iter()
+            .find(|h| doc(&ix, h) == "mit")
+            .expect("mit still found")
+            .score;
+        assert!(after < before, "df of `charge` grew from 1 to 2: {after} < {before}");
+
+        // Delete: gone from both lists; compact keeps everything else consistent.
+        ix.delete_doc("mit").expect("delete");
+        assert!(ix
+            .search_lexical("hereby granted", &p)
+            .expect("lexical")
+            .iter()
+            .all(|h| doc(&ix, h) != "mit"));
+        assert!(ix
+            .search_identifiers("the MIT License", &fields, &p)
+            .expect("identifiers")
+            .is_empty());
+        ix.compact().expect("compact");
+        assert_eq!(ix.stats().segments, 1);
+        assert_eq!(ix.lexical_missing(), 0);
+        let hits = ix.search_lexical("zlib gpl-2.0-plus", &p).expect("lexical");
+        let docs: HashSet<String> = hits.iter().map(|h| doc(&ix, h)).collect();
+        assert!(docs.contains("zlib") && docs.contains("gpl-2.0-plus"), "{docs:?}");
+        let reopened = Index::open_in(dir.clone(), &embedder(8)).expect("reopen");
+        assert_eq!(
+            reopened.search_lexical("zlib", &p).expect("lexical"),
+            ix.search_lexical("zlib", &p).expect("lexical")
+        );
+    }
 }
