@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use ragtune_embed::{ChunkParams, Chunker, SentenceEncoder};
-use ragtune_index::{ChunkRecord, HnswParams, Index};
+use ragtune_index::{ChunkRecord, HnswParams, Index, WriterLock, DEFAULT_LOCK_TIMEOUT};
 
 use crate::corpus::{read_corpus, CorpusOptions, Document, Skipped};
 use crate::progress::Progress;
@@ -123,6 +123,9 @@ pub fn ingest(
     let index_started = Instant::now();
     let spinner = progress.spinner(format!("building HNSW index of {} chunks", chunks.len()));
     let n_chunks = chunks.len();
+    // One writer at a time across processes, from reading the manifest to the commit
+    // (embedding, the slow part, runs before, unlocked).
+    let _lock = WriterLock::acquire(index_dir, DEFAULT_LOCK_TIMEOUT)?;
     let existing = if options.add {
         match Index::open(index_dir, &crate::embedder_id(encoder)) {
             Ok(index) => Some(index),

@@ -6,7 +6,7 @@
 //! Measured on the 1,000 dev queries of `benches/retrieval_eval.py` (see `benches/README.md`):
 //! hybrid is the default because it beats either list alone.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::Instant;
 
@@ -85,14 +85,21 @@ pub struct RetrievalConfig {
     pub dense_weight: f32,
     /// RRF weight of the BM25 list.
     pub lexical_weight: f32,
-    /// RRF weight of the identifier-match list.
+    /// RRF weight of the identifier-match list (whole field values found in the query).
     pub identifier_weight: f32,
+    /// RRF weight of the field list: BM25 of the query against the identifier fields alone
+    /// (a name found in other words: "Apache Software License, Version 2.0").
+    pub field_weight: f32,
     /// Metadata fields whose whole value, found verbatim among the query's words, marks the
     /// document as named by the query; each with its weight (a match counts `weight x words`).
     /// `doc_id` is the document id. The default comes from the corpus profile.
     pub identifier_fields: BTreeMap<String, f32>,
     /// Candidates taken from each list before fusion (at least `k`).
     pub candidates: usize,
+    /// Fuse at document level ([`ragtune_index::rrf_by_doc`]: a list ranks documents by
+    /// their best chunk, and the hits give each document's best chunk first); `false` fuses
+    /// chunks ([`ragtune_index::rrf`]).
+    pub fuse_documents: bool,
 }
 
 impl Default for RetrievalConfig {
@@ -103,8 +110,10 @@ impl Default for RetrievalConfig {
             dense_weight: 1.0,
             lexical_weight: 1.0,
             identifier_weight: 1.0,
+            field_weight: 1.0,
             identifier_fields: crate::profile::default_identifier_fields(),
             candidates: 50,
+            fuse_documents: true,
         }
     }
 }
@@ -119,6 +128,7 @@ impl RetrievalConfig {
             ("dense_weight", self.dense_weight),
             ("lexical_weight", self.lexical_weight),
             ("identifier_weight", self.identifier_weight),
+            ("field_weight", self.field_weight),
         ];
         for (name, w) in weights
             .into_iter()
@@ -182,6 +192,7 @@ pub struct Retriever {
     encoder: SentenceEncoder,
     index: Index,
     config: RetrievalConfig,
+    filter_keys: std::sync::OnceLock<std::collections::BTreeSet<String>>,
 }
 
 impl Retriever {
@@ -209,6 +220,7 @@ impl Retriever {
             encoder,
             index,
             config: RetrievalConfig::default(),
+            filter_keys: std::sync::OnceLock::new(),
         })
     }
 
@@ -225,6 +237,30 @@ impl Retriever {
     /// The retrieval configuration.
     pub fn config(&self) -> &RetrievalConfig {
         &self.config
+    }
+
+    /// Refuses a filter on a field no chunk of the index has (a typo would otherwise filter
+    /// every hit out silently).
+    ///
+    /// # Errors
+    /// [`Error::InvalidRequest`] naming the field and listing the ones there are.
+    pub fn check_filter(&self, filter: &Filter) -> Result<()> {
+        let keys = match self.filter_keys.get() {
+            Some(k) => k,
+            None => {
+                let keys = self.index.metadata_keys()?;
+                self.filter_keys.get_or_init(|| keys)
+            }
+        };
+        for (key, _) in filter.conditions() {
+            if !keys.contains(key) {
+                return Err(Error::InvalidRequest(format!(
+                    "unknown filter field `{key}`: the index's chunks have {}",
+                    keys.iter().map(String::as_str).collect::<Vec<_>>().join(", ")
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// A notice for the user when the index cannot serve lexical search in full (built before
@@ -262,6 +298,9 @@ impl Retriever {
         }
         if query.k == 0 {
             return Err(Error::InvalidRequest("k must be at least 1".into()));
+        }
+        if let Some(f) = &query.filter {
+            self.check_filter(f)?;
         }
         let mut mode = query.mode.unwrap_or(self.config.mode);
         let all_lexical = self.index.lexical_missing() == 0;
@@ -303,15 +342,32 @@ impl Retriever {
                 .map(|(k, &w)| (k.clone(), w))
                 .collect();
             let named = self.index.search_identifiers(&query.text, &fields, &params)?;
-            ragtune_index::rrf(
-                &[
-                    (&dense, cfg.dense_weight),
-                    (&lexical, cfg.lexical_weight),
-                    (&named, cfg.identifier_weight),
-                ],
-                cfg.rrf_k,
-                query.k,
-            )
+            let by_fields = if cfg.field_weight > 0.0 {
+                self.index.search_fields(&query.text, &fields, &params)?
+            } else {
+                Vec::new()
+            };
+            let lists = [
+                (&dense[..], cfg.dense_weight),
+                (&lexical[..], cfg.lexical_weight),
+                (&named[..], cfg.identifier_weight),
+                (&by_fields[..], cfg.field_weight),
+            ];
+            if cfg.fuse_documents {
+                let mut doc_of: HashMap<u64, String> = HashMap::new();
+                for (list, _) in &lists {
+                    for h in list.iter() {
+                        if let std::collections::hash_map::Entry::Vacant(e) = doc_of.entry(h.id) {
+                            e.insert(self.index.chunk(h.id)?.doc_id);
+                        }
+                    }
+                }
+                ragtune_index::rrf_by_doc(&lists, cfg.rrf_k, query.k, |id| {
+                    doc_of.get(&id).cloned().unwrap_or_default()
+                })
+            } else {
+                ragtune_index::rrf(&lists, cfg.rrf_k, query.k)
+            }
         };
         let hits = hits
             .into_iter()

@@ -1,6 +1,6 @@
 //! `ragtune ask`: one question (or one per stdin line) through the engine.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 
 use anyhow::Context as _;
 use ragtune::engine::{Answer, Engine, Mode, Request};
@@ -32,11 +32,14 @@ pub struct AnswerArgs {
     /// Metadata filter on the sources, e.g. `category=Copyleft`.
     #[arg(long)]
     pub filter: Option<String>,
+    /// How sources are found: dense, lexical or hybrid (default: `[retrieval] mode`, hybrid).
+    #[arg(long, value_enum)]
+    pub retrieval: Option<ragtune::retrieve::RetrievalMode>,
     /// The adapter of hybrid/finetune: a configured name, or a directory to load.
     #[arg(long)]
     pub adapter: Option<String>,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    /// Sampling temperature, a finite number >= 0; 0 is greedy.
+    #[arg(long, default_value_t = 0.0, value_parser = super::parse_temperature)]
     pub temperature: f32,
     /// Generated tokens at most (default: the configuration's, 128).
     #[arg(long)]
@@ -60,6 +63,7 @@ impl AnswerArgs {
         let mut r = Request::new(question, self.mode(engine)?);
         r.k = self.k;
         r.filter = self.filter.as_deref().map(Filter::parse).transpose()?;
+        r.retrieval = self.retrieval;
         r.max_tokens = self.max_tokens;
         r.adapter = self.adapter.clone();
         if self.temperature > 0.0 {
@@ -231,12 +235,19 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             let mut failures = 0usize;
             let stdin = std::io::stdin();
             let mut out = std::io::BufWriter::new(stdout.lock());
-            for line in stdin.lock().lines() {
-                let line = line.context("reading questions from stdin")?;
-                let result = args
-                    .answer
-                    .request(&engine, &line)
-                    .and_then(|r| Ok(engine.answer(&r)?));
+            for input in super::input_lines(stdin.lock()) {
+                let input = input?;
+                let (line, result) = match input.text {
+                    Ok(line) => {
+                        let result = args
+                            .answer
+                            .request(&engine, &line)
+                            .and_then(|r| Ok(engine.answer(&r)?))
+                            .with_context(|| format!("line {}", input.number));
+                        (line, result)
+                    }
+                    Err(e) => (String::new(), Err(anyhow::anyhow!(e))),
+                };
                 match (args.format, result) {
                     (Format::Json, Ok(a)) => writeln!(out, "{}", to_json(&line, &a)?)?,
                     (Format::Text, Ok(a)) => {

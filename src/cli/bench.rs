@@ -53,6 +53,11 @@ pub struct Args {
     /// Sources to retrieve (retrieval modes; default: the configuration's).
     #[arg(short, long)]
     k: Option<usize>,
+    /// How the retrieval modes find sources: dense, lexical or hybrid (default: the
+    /// configuration's `[retrieval] mode`, hybrid). `--retrieval dense` is the dense-only
+    /// baseline.
+    #[arg(long, value_enum)]
+    retrieval: Option<ragtune::retrieve::RetrievalMode>,
     /// Generated tokens at most per answer.
     #[arg(long, default_value_t = 48)]
     max_tokens: usize,
@@ -135,6 +140,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     let request = |q: &Question, mode: Mode| {
         let mut r = Request::new(q.question.clone(), mode);
         r.k = args.k;
+        r.retrieval = args.retrieval;
         r.max_tokens = Some(args.max_tokens);
         r
     };
@@ -184,6 +190,9 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             sampling: "greedy",
             context_window: engine.config().context_window,
             index: engine.config().index.display().to_string(),
+            retrieval: args
+                .retrieval
+                .unwrap_or(engine.config().retrieval.mode),
             adapter,
         },
         modes: modes
@@ -204,7 +213,12 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     write_atomic(&args.out.join("bench.md"), md.as_bytes())?;
     let svg = chart(&report).context("drawing the chart")?;
     write_atomic(&args.out.join("bench.svg"), svg.as_bytes())?;
-    print!("{md}");
+    {
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        write!(out, "{md}")?;
+        out.flush()?;
+    }
     eprintln!(
         "wrote {}/bench.json, bench.md and bench.svg",
         args.out.display()
@@ -288,6 +302,7 @@ struct Settings {
     sampling: &'static str,
     context_window: usize,
     index: String,
+    retrieval: ragtune::retrieve::RetrievalMode,
     adapter: Option<String>,
 }
 
@@ -619,7 +634,7 @@ fn markdown(r: &Report) -> String {
     }
     md.push_str(&format!(
         "\nMachine: {} ({} logical CPUs, {} rayon threads, {}/{}). Questions: {} (sha256 {}). \
-         Index: {}. Adapter: {}.\n",
+         Index: {} ({} retrieval). Adapter: {}.\n",
         r.machine.cpu,
         r.machine.logical_cpus,
         r.machine.rayon_threads,
@@ -628,6 +643,7 @@ fn markdown(r: &Report) -> String {
         r.settings.questions,
         &r.settings.questions_sha256[..12],
         r.settings.index,
+        r.settings.retrieval,
         r.settings.adapter.as_deref().unwrap_or("none"),
     ));
     md

@@ -8,7 +8,7 @@
 //! (`ragtune::engine::prompt`). Ctrl-C during an answer stops that answer (its text so far
 //! is kept in the conversation); at the prompt it clears the line.
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -44,6 +44,8 @@ Ctrl-C stops the answer being written.";
 /// One line of input.
 enum Line {
     Text(String),
+    /// A piped line that cannot be read (not UTF-8): the message names it.
+    Bad(String),
     /// Ctrl-C at the prompt: the line was dropped.
     Interrupted,
     Eof,
@@ -55,13 +57,19 @@ enum Input {
         editor: Box<rustyline::DefaultEditor>,
         history_file: Option<PathBuf>,
     },
-    Piped(std::io::StdinLock<'static>),
+    Piped {
+        stdin: std::io::StdinLock<'static>,
+        number: usize,
+    },
 }
 
 impl Input {
     fn new(history_file: Option<PathBuf>) -> anyhow::Result<Input> {
         if !std::io::stdin().is_terminal() {
-            return Ok(Input::Piped(std::io::stdin().lock()));
+            return Ok(Input::Piped {
+                stdin: std::io::stdin().lock(),
+                number: 0,
+            });
         }
         let mut editor = rustyline::DefaultEditor::new().context("starting the line editor")?;
         if let Some(path) = &history_file {
@@ -91,17 +99,15 @@ impl Input {
                 Err(ReadlineError::Eof) => Ok(Line::Eof),
                 Err(e) => Err(e).context("reading a line"),
             },
-            Input::Piped(stdin) => {
-                let mut line = String::new();
-                let n = stdin
-                    .read_line(&mut line)
-                    .context("reading questions from stdin")?;
-                if n == 0 {
-                    return Ok(Line::Eof);
-                }
-                let trimmed = line.trim_end_matches(['\n', '\r']).len();
-                line.truncate(trimmed);
-                Ok(Line::Text(line))
+            Input::Piped { stdin, number } => {
+                *number += 1;
+                Ok(match super::read_input_line(stdin, *number)? {
+                    None => Line::Eof,
+                    Some(line) => match line.text {
+                        Ok(t) => Line::Text(t),
+                        Err(e) => Line::Bad(e),
+                    },
+                })
             }
         }
     }
@@ -129,6 +135,9 @@ struct Chat {
     cancel: Arc<AtomicBool>,
     /// Whether an answer is being written (Ctrl-C then stops it instead of the program).
     busy: Arc<AtomicBool>,
+    /// Questions asked, and how many of them (or of unreadable lines) failed.
+    asked: usize,
+    failed: usize,
 }
 
 /// What to do after a line.
@@ -174,6 +183,8 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         last: None,
         cancel,
         busy,
+        asked: 0,
+        failed: 0,
     };
     if input.interactive() {
         eprintln!("ragtune chat: mode {mode}. /help for commands, /quit or Ctrl-D to leave.");
@@ -183,6 +194,11 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         let line = match input.read(&prompt) {
             Ok(Line::Text(line)) => line,
             Ok(Line::Interrupted) => continue,
+            Ok(Line::Bad(e)) => {
+                eprintln!("error: {e}");
+                chat.failed += 1;
+                continue;
+            }
             Ok(Line::Eof) => break Ok(()),
             Err(e) => break Err(e),
         };
@@ -193,7 +209,16 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         }
     };
     input.save_history();
-    result
+    result?;
+    // Piped, a session in which every question failed is a failure (for scripts); at a
+    // terminal the user saw each error already.
+    if !input.interactive() && chat.failed > 0 && chat.failed >= chat.asked {
+        anyhow::bail!(
+            "all {} question(s) of the session failed (see the errors above)",
+            chat.failed
+        );
+    }
+    Ok(())
 }
 
 impl Chat {
@@ -304,10 +329,12 @@ impl Chat {
 
     /// Answers `question`, streaming to stdout; a failed question is reported on stderr.
     fn ask(&mut self, question: &str) -> anyhow::Result<()> {
+        self.asked += 1;
         let mut request = match self.args.request(&self.engine, question) {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("error: {e:#}");
+                self.failed += 1;
                 return Ok(());
             }
         };
@@ -348,6 +375,7 @@ impl Chat {
             Err(e) => {
                 drop(out);
                 eprintln!("error: {e}");
+                self.failed += 1;
             }
         }
         Ok(())

@@ -1,10 +1,9 @@
 //! `ragtune embed`: embeddings of stdin lines, as JSON lines or a `.npy` file.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::Context as _;
 use ragtune_embed::SentenceEncoder;
 
 use super::Context;
@@ -19,11 +18,27 @@ pub struct Args {
 
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     let encoder = SentenceEncoder::load(ctx.embedder_dir()?)?;
-    let lines: Vec<String> = std::io::stdin()
-        .lock()
-        .lines()
-        .collect::<Result<_, _>>()
-        .context("reading texts from stdin")?;
+    // Every line is read; lines that are not UTF-8 are reported by number, and (in JSON
+    // output) get an error object in their place so the output stays line-aligned.
+    let mut lines: Vec<String> = Vec::new();
+    let mut bad: Vec<(usize, String)> = Vec::new();
+    for input in super::input_lines(std::io::stdin().lock()) {
+        let input = input?;
+        match input.text {
+            Ok(t) => lines.push(t),
+            Err(e) => {
+                eprintln!("{e}");
+                bad.push((input.number - 1, e));
+            }
+        }
+    }
+    if args.npy.is_some() && !bad.is_empty() {
+        anyhow::bail!(
+            "{} input line(s) are not valid UTF-8 (first: {}): nothing was written",
+            bad.len(),
+            bad[0].1
+        );
+    }
     let bar = ctx.progress.bar(lines.len() as u64, "embedding");
     let started = Instant::now();
     let mut tokens = 0usize;
@@ -47,11 +62,26 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         }
         None => {
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            for i in 0..emb.len() {
-                serde_json::to_writer(&mut out, &serde_json::json!({ "embedding": emb.row(i) }))?;
+            let mut bad_iter = bad.iter().peekable();
+            let mut row = 0usize;
+            for line in 0..emb.len() + bad.len() {
+                if let Some((_, e)) = bad_iter.next_if(|(l, _)| *l == line) {
+                    serde_json::to_writer(
+                        &mut out,
+                        &serde_json::json!({ "line": line + 1, "error": e }),
+                    )?;
+                } else {
+                    serde_json::to_writer(&mut out, &serde_json::json!({ "embedding": emb.row(row) }))?;
+                    row += 1;
+                }
                 writeln!(out)?;
             }
             out.flush()?;
+            anyhow::ensure!(
+                bad.is_empty(),
+                "{} input line(s) are not valid UTF-8 (see their error lines)",
+                bad.len()
+            );
         }
     }
     Ok(())

@@ -103,6 +103,10 @@ pub struct Args {
     /// Continue the run whose checkpoints are in --out (same data and flags).
     #[arg(long)]
     resume: bool,
+    /// Replace a trained adapter already in --out (its weights, loss log, plot and summary).
+    /// Without it, an --out holding an adapter is refused.
+    #[arg(long)]
+    overwrite: bool,
 }
 
 fn sha256_file(path: &Path) -> anyhow::Result<String> {
@@ -169,12 +173,26 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     config.validate()?;
     let out = &args.out;
     let has_checkpoint = out.join("checkpoints").join("latest").exists();
-    if has_checkpoint && !args.resume {
+    if has_checkpoint && !args.resume && !args.overwrite {
         bail!(
-            "{} already holds a training run's checkpoints: pass --resume to continue it, or \
-             choose another --out",
+            "{} already holds a training run's checkpoints: pass --resume to continue it, \
+             --overwrite to start over, or choose another --out",
             out.display()
         );
+    }
+    let trained = ["adapter_model.safetensors", "adapter_config.json"]
+        .iter()
+        .any(|f| out.join(f).exists());
+    if trained && !args.resume && !args.overwrite {
+        bail!(
+            "{} already holds a trained adapter: pass --overwrite to replace it (its weights, \
+             loss.jsonl, loss.svg and train_summary.json), or choose another --out",
+            out.display()
+        );
+    }
+    if args.overwrite && has_checkpoint && !args.resume {
+        let dir = out.join("checkpoints");
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     }
 
     let gguf = match &args.gguf {

@@ -42,8 +42,8 @@ pub struct Args {
     /// adapter_model.safetensors, or the name of one under `<models-dir>/adapters/`.
     #[arg(long)]
     adapter: Option<String>,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    /// Sampling temperature, a finite number >= 0; 0 is greedy.
+    #[arg(long, default_value_t = 0.0, value_parser = super::parse_temperature)]
     temperature: f32,
     /// Keep the k most likely tokens (with --temperature > 0).
     #[arg(long)]

@@ -1,6 +1,8 @@
 //! `ragtune index`: inspect and maintain an index (info, delete documents, compact).
 
-use ragtune_index::Index;
+use std::io::Write;
+
+use ragtune_index::{Index, WriterLock, DEFAULT_LOCK_TIMEOUT};
 
 use super::Context;
 
@@ -29,7 +31,12 @@ enum Action {
 }
 
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
-    // Maintenance does not embed anything, so any embedder's index can be opened.
+    // Updates hold the writer lock from reading the manifest to the commit; `info` only
+    // reads. Maintenance does not embed anything, so any embedder's index can be opened.
+    let _lock = match args.action {
+        Action::Info => None,
+        _ => Some(WriterLock::acquire(&ctx.index, DEFAULT_LOCK_TIMEOUT)?),
+    };
     let mut index = Index::open_any(&ctx.index)?;
     match args.action {
         Action::Info => {
@@ -45,17 +52,30 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
                 "embedder": index.embedder(),
                 "hnsw": index.params(),
             });
-            println!("{}", serde_json::to_string_pretty(&info)?);
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{}", serde_json::to_string_pretty(&info)?)?;
+            out.flush()?;
         }
         Action::Delete { doc_ids } => {
+            let mut unknown = Vec::new();
             for id in &doc_ids {
                 let n = index.delete_doc(id)?;
                 if n == 0 {
                     eprintln!("{id}: not in the index");
+                    unknown.push(id.as_str());
                 } else {
                     eprintln!("{id}: deleted {n} chunks");
                 }
             }
+            anyhow::ensure!(
+                unknown.is_empty(),
+                "{} of {} document id(s) are not in the index at {}: {} (`ragtune search` or \
+                 `ragtune index info` shows what is there)",
+                unknown.len(),
+                doc_ids.len(),
+                ctx.index.display(),
+                unknown.join(", ")
+            );
         }
         Action::Upgrade => {
             let n = index.add_lexical()?;

@@ -111,6 +111,8 @@ pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
     err.chain().any(|e| {
         e.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            || e.downcast_ref::<serde_json::Error>()
+                .is_some_and(|j| j.io_error_kind() == Some(std::io::ErrorKind::BrokenPipe))
     })
 }
 
@@ -194,4 +196,62 @@ impl Context {
     fn default_corpus(&self) -> anyhow::Result<PathBuf> {
         Ok(ragtune::fetch::ensure(&self.fetch, Role::Corpus, &self.progress)?.join("licenses"))
     }
+}
+
+/// One line of a stdin batch: its 1-based number and its text, or why it cannot be read.
+pub struct InputLine {
+    /// 1-based line number.
+    pub number: usize,
+    /// The text without its line ending, or a message naming the line (not UTF-8).
+    pub text: Result<String, String>,
+}
+
+/// The lines of `reader`, each read on its own so that one bad line (not UTF-8) is reported
+/// with its number and the batch goes on. Ends at EOF; an I/O error ends it with that error.
+pub fn input_lines(
+    mut reader: impl std::io::BufRead,
+) -> impl Iterator<Item = anyhow::Result<InputLine>> {
+    let mut number = 0usize;
+    std::iter::from_fn(move || {
+        number += 1;
+        read_input_line(&mut reader, number).transpose()
+    })
+}
+
+/// Reads line `number` (1-based, for messages) of `reader`; `None` at EOF.
+///
+/// # Errors
+/// The I/O error of the read.
+pub fn read_input_line(
+    reader: &mut impl std::io::BufRead,
+    number: usize,
+) -> anyhow::Result<Option<InputLine>> {
+    let mut buf = Vec::new();
+    if reader.read_until(b'\n', &mut buf).map_err(|e| anyhow::Error::new(e).context("reading stdin"))? == 0 {
+        return Ok(None);
+    }
+    while buf.last().is_some_and(|&b| b == b'\n' || b == b'\r') {
+        buf.pop();
+    }
+    let text = String::from_utf8(buf).map_err(|e| {
+        format!(
+            "line {number} is not valid UTF-8 (invalid byte at offset {}): re-encode the input as UTF-8",
+            e.utf8_error().valid_up_to()
+        )
+    });
+    Ok(Some(InputLine { number, text }))
+}
+
+/// `--temperature`: a finite number >= 0 (0 is greedy). NaN, infinities and negative
+/// values are refused instead of silently falling back to greedy.
+pub fn parse_temperature(s: &str) -> Result<f32, String> {
+    let t: f32 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number"))?;
+    if !t.is_finite() || t < 0.0 {
+        return Err(format!(
+            "{s} is out of range: use a finite number >= 0 (0 is greedy, 0.7 is typical)"
+        ));
+    }
+    Ok(t)
 }

@@ -1,6 +1,6 @@
 //! `ragtune search`.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 
 use anyhow::Context as _;
 use ragtune::retrieve::{Query, RetrievalMode, Retriever, SearchResult};
@@ -27,8 +27,8 @@ pub struct Args {
     /// Number of chunks to return.
     #[arg(short, long, default_value_t = 5)]
     k: usize,
-    /// HNSW ef_search (candidate list size); default: the index's.
-    #[arg(long)]
+    /// HNSW ef_search (candidate list size, >= k); default: the index's.
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     ef: Option<usize>,
     /// Exact (flat) search instead of HNSW.
     #[arg(long)]
@@ -50,7 +50,24 @@ struct JsonOut<'a> {
     hits: &'a [ragtune::retrieve::RetrievedChunk],
 }
 
+/// Most hits one query may ask for.
+const MAX_K: usize = 1000;
+
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (1..=MAX_K).contains(&args.k),
+        "-k {} is out of range: ask for 1 to {MAX_K} hits",
+        args.k
+    );
+    if let Some(ef) = args.ef {
+        anyhow::ensure!(
+            ef >= args.k,
+            "--ef {ef} is smaller than -k {}: the candidate list must hold at least k hits \
+             (use --ef {} or more)",
+            args.k,
+            args.k
+        );
+    }
     let filter = args.filter.as_deref().map(Filter::parse).transpose()?;
     let encoder = SentenceEncoder::load(ctx.embedder_dir()?)?;
     let missing = !ctx.index.exists();
@@ -101,8 +118,18 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         }
         None => {
             let stdin = std::io::stdin();
-            for (n, line) in stdin.lock().lines().enumerate() {
-                let line = line.context("reading queries from stdin")?;
+            let mut failures = 0usize;
+            for input in super::input_lines(stdin.lock()) {
+                let input = input?;
+                let n = input.number - 1;
+                let line = match input.text {
+                    Ok(line) => line,
+                    Err(e) => {
+                        failures += 1;
+                        print_error(&mut out, args.format, n + 1, &e)?;
+                        continue;
+                    }
+                };
                 let result = if line.trim().is_empty() {
                     eprintln!("line {}: empty query, no hits", n + 1);
                     SearchResult {
@@ -112,14 +139,40 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
                         mode: retriever.config().mode,
                     }
                 } else {
-                    retriever
-                        .search(&make_query(&line))
-                        .with_context(|| format!("query on line {}", n + 1))?
+                    match retriever.search(&make_query(&line)) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            failures += 1;
+                            print_error(&mut out, args.format, n + 1, &format!("{e:#}"))?;
+                            continue;
+                        }
+                    }
                 };
                 print_result(&mut out, args.format, &line, &result)?;
                 out.flush()?;
             }
+            out.flush()?;
+            anyhow::ensure!(
+                failures == 0,
+                "{failures} query line(s) failed (see their error lines)"
+            );
         }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// A failed query line: `{"line": N, "error": "..."}` in JSON (so the output keeps one line
+/// per input line), an `error:` line in text; the message also goes to stderr.
+fn print_error(out: &mut impl Write, format: Format, line: usize, error: &str) -> anyhow::Result<()> {
+    eprintln!("line {line}: {error}");
+    match format {
+        Format::Json => {
+            let j = serde_json::json!({"line": line, "error": error, "hits": []});
+            writeln!(out, "{j}")?;
+        }
+        Format::Text => writeln!(out, "line {line}: error: {error}
+")?,
     }
     out.flush()?;
     Ok(())

@@ -41,7 +41,7 @@ pub use prompt::{Citation, PROMPT_FORMAT_VERSION};
 
 use crate::fetch::{FetchConfig, Role};
 use crate::progress::Progress;
-use crate::retrieve::{Query, RetrievedChunk, Retriever};
+use crate::retrieve::{Query, RetrievalMode, RetrievedChunk, Retriever};
 use crate::{Error, Result};
 
 /// How a question is answered.
@@ -117,6 +117,8 @@ pub struct Request {
     pub k: Option<usize>,
     /// Metadata filter on the retrieved chunks.
     pub filter: Option<Filter>,
+    /// How sources are found (dense, lexical or hybrid); `None`: `[retrieval] mode`.
+    pub retrieval: Option<RetrievalMode>,
     /// Token choice; greedy by default.
     pub sampling: Sampling,
     /// Generated tokens at most; `None`: the engine's default.
@@ -141,6 +143,7 @@ impl Request {
             mode,
             k: None,
             filter: None,
+            retrieval: None,
             sampling: Sampling::Greedy,
             max_tokens: None,
             adapter: None,
@@ -218,8 +221,6 @@ pub struct Engine {
     config: EngineConfig,
     /// Computed system-prompt prefixes by (retrieval prompt?, adapter name).
     prefixes: Mutex<HashMap<PrefixKey, Arc<Prefix>>>,
-    /// The metadata keys of the index (and `doc_id`), read on the first filtered request.
-    filter_keys: std::sync::OnceLock<std::collections::BTreeSet<String>>,
 }
 
 /// (retrieval prompt?, adapter name): what a system-prompt prefix depends on.
@@ -332,7 +333,6 @@ impl Engine {
             adapters,
             config,
             prefixes: Mutex::new(HashMap::new()),
-            filter_keys: std::sync::OnceLock::new(),
         })
     }
 
@@ -439,6 +439,16 @@ impl Engine {
         if k == 0 {
             return Err(Error::InvalidRequest("k must be at least 1".into()));
         }
+        // A source takes at least MIN_SOURCE_TOKENS of the prompt (its header and a short
+        // chunk), so more than this many can never fit; asking for them only costs time.
+        let max_k = (self.config.context_window / MIN_SOURCE_TOKENS).max(1);
+        if request.mode.uses_retrieval() && k > max_k {
+            return Err(Error::InvalidRequest(format!(
+                "k {k} asks for more sources than fit the context window of {} tokens: use \
+                 k <= {max_k}",
+                self.config.context_window
+            )))
+        }
         let max_tokens = request.max_tokens.unwrap_or(self.config.max_tokens);
         let budget = self
             .config
@@ -456,7 +466,13 @@ impl Engine {
 
         let mut timings = Timings::default();
         let (sources, single) = if request.mode.uses_retrieval() {
-            let candidates = self.retrieve(question, k, request.filter.clone(), &mut timings)?;
+            let candidates = self.retrieve(
+                question,
+                k,
+                request.filter.clone(),
+                request.retrieval,
+                &mut timings,
+            )?;
             let t = Instant::now();
             let (sources, ids) = prompt::fit_sources(
                 &self.template,
@@ -550,35 +566,6 @@ impl Engine {
         })
     }
 
-    /// Refuses a filter on a field no chunk of the index has (a typo would otherwise filter
-    /// every source out silently).
-    fn check_filter(&self, filter: &Filter) -> Result<()> {
-        let keys = match self.filter_keys.get() {
-            Some(k) => k,
-            None => {
-                let index = self.retriever.index();
-                let mut keys =
-                    std::collections::BTreeSet::from([ragtune_index::DOC_ID_KEY.to_string()]);
-                for id in index.ids()? {
-                    keys.extend(index.chunk(id)?.metadata.into_keys());
-                }
-                self.filter_keys.get_or_init(|| keys)
-            }
-        };
-        for (key, _) in filter.conditions() {
-            if !keys.contains(key) {
-                return Err(Error::InvalidRequest(format!(
-                    "unknown filter field `{key}`: the index's chunks have {}",
-                    keys.iter()
-                        .map(String::as_str)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )));
-            }
-        }
-        Ok(())
-    }
-
     /// The adapter a request runs with: none outside `hybrid`/`finetune`.
     fn adapter_for(&self, request: &Request) -> Result<(Option<String>, Option<&LoraAdapter>)> {
         if !request.mode.uses_adapter() {
@@ -611,13 +598,12 @@ impl Engine {
         question: &str,
         k: usize,
         filter: Option<Filter>,
+        retrieval: Option<RetrievalMode>,
         timings: &mut Timings,
     ) -> Result<Vec<RetrievedChunk>> {
-        if let Some(f) = &filter {
-            self.check_filter(f)?;
-        }
         let mut query = Query::new(question, k * 3);
         query.filter = filter;
+        query.mode = retrieval;
         let result = self.retriever.search(&query)?;
         timings.embed = result.embed_ms;
         timings.retrieve = result.search_ms;
@@ -633,6 +619,10 @@ impl Engine {
         Ok(kept)
     }
 }
+
+/// The fewest prompt tokens one source takes (its numbered header and a short chunk); bounds
+/// `k` by the context window.
+const MIN_SOURCE_TOKENS: usize = 32;
 
 /// The pinned GGUF (fetched if missing).
 ///

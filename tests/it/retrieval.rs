@@ -2,7 +2,7 @@
 //! subset, filters, and refusing an index built by another embedder.
 
 use ragtune::corpus::parse_front_matter;
-use ragtune::retrieve::{Query, Retriever};
+use ragtune::retrieve::{Query, RetrievalMode, Retriever};
 use ragtune_index::{ChunkRecord, EmbedderId, Filter, HnswParams, Index, SearchParams};
 
 use crate::util;
@@ -142,6 +142,107 @@ fn apache_question_retrieves_apache_2_0() {
 
     // Empty queries are refused with a message.
     assert!(retriever.search(&Query::new("   ", 4)).is_err());
+}
+
+/// The README's example questions: in every retrieval mode that reads the names, the license
+/// the question names is the first source, ahead of its look-alikes (`mit-license-1998`,
+/// `mit-1995`, `gpl-3.0-plus`, `apache-1.1` are in the subset).
+#[test]
+fn readme_questions_rank_the_named_license_first() {
+    let ix = util::subset_index();
+    let encoder =
+        ragtune_embed::SentenceEncoder::load(util::package(ragtune::fetch::Role::Embedder))
+            .expect("enc");
+    let retriever = Retriever::with_encoder(encoder, &ix.index).expect("open");
+    assert!(retriever.lexical_notice().is_none(), "a new index has lexical postings");
+    let cases = [
+        ("What is the SPDX id of the MIT license?", "mit"),
+        ("What is the SPDX identifier of the Apache License 2.0?", "apache-2.0"),
+        ("Is the GNU General Public License 3.0 a copyleft license?", "gpl-3.0"),
+        ("Who owns the MIT License 1998?", "mit-license-1998"),
+    ];
+    for mode in [RetrievalMode::Hybrid, RetrievalMode::Lexical] {
+        for (question, want) in cases {
+            let mut q = Query::new(question, 4);
+            q.mode = Some(mode);
+            let r = retriever.search(&q).expect("search");
+            assert_eq!(r.mode, mode);
+            let docs: Vec<&str> = r.hits.iter().map(|h| h.doc_id.as_str()).collect();
+            assert_eq!(docs.first(), Some(&want), "{mode}: {question} -> {docs:?}");
+            assert!(r.hits.windows(2).all(|w| w[0].score >= w[1].score));
+        }
+    }
+    // Only stop words and punctuation: the lexical lists are empty and hybrid still answers
+    // from the dense list.
+    let r = retriever.search(&Query::new("what is the ... ?", 3)).expect("search");
+    assert_eq!(r.hits.len(), 3);
+    let mut q = Query::new("what is the ... ?", 3);
+    q.mode = Some(RetrievalMode::Lexical);
+    assert!(retriever.search(&q).expect("lexical").hits.is_empty());
+    // Filters apply to every list, and an unknown field is refused.
+    let mut q = Query::new("What is the SPDX id of the MIT license?", 4);
+    q.filter = Some(Filter::parse("category=Copyleft").expect("filter"));
+    let r = retriever.search(&q).expect("filtered");
+    assert!(r.hits.iter().all(|h| h.metadata["category"] == "Copyleft"), "{:?}", r.hits);
+    q.filter = Some(Filter::parse("categroy=Copyleft").expect("filter"));
+    let err = retriever.search(&q).expect_err("unknown field");
+    assert!(err.to_string().contains("categroy"), "{err}");
+}
+
+/// An index written before lexical search (no `.lexical` files) opens, hybrid runs as dense
+/// with a notice that says how to upgrade, lexical mode is refused with that advice, and
+/// `Index::add_lexical` (`ragtune index upgrade`) restores hybrid search.
+#[test]
+fn an_index_without_lexical_postings_searches_dense_and_upgrades() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("old");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    for e in std::fs::read_dir(&util::subset_index().index).expect("subset index") {
+        let e = e.expect("entry");
+        std::fs::copy(e.path(), dir.join(e.file_name())).expect("copy");
+    }
+    // Make it an old index: drop the lexical files and their manifest entries.
+    let manifest_path = dir.join(ragtune_index::MANIFEST);
+    let text = std::fs::read_to_string(&manifest_path).expect("manifest");
+    let body = &text[..text.rfind("\ncrc32 ").expect("trailer")];
+    let mut m: serde_json::Value = serde_json::from_str(body).expect("json");
+    for seg in m["segments"].as_array_mut().expect("segments") {
+        let name = seg["lexical"]["name"].as_str().expect("lexical entry").to_string();
+        std::fs::remove_file(dir.join(name)).expect("rm");
+        seg.as_object_mut().expect("object").remove("lexical");
+    }
+    let body = serde_json::to_string_pretty(&m).expect("json");
+    let crc = crc32fast::hash(body.as_bytes());
+    std::fs::write(&manifest_path, format!("{body}\ncrc32 {crc:08x}\n")).expect("write");
+
+    let encoder =
+        ragtune_embed::SentenceEncoder::load(util::package(ragtune::fetch::Role::Embedder))
+            .expect("enc");
+    let retriever = Retriever::with_encoder(encoder, &dir).expect("old index opens");
+    let notice = retriever.lexical_notice().expect("a notice");
+    assert!(notice.contains("ragtune index upgrade"), "{notice}");
+    let r = retriever
+        .search(&Query::new("What is the SPDX id of the MIT license?", 4))
+        .expect("hybrid on an old index");
+    assert_eq!(r.mode, RetrievalMode::Dense);
+    assert_eq!(r.hits.len(), 4);
+    let mut q = Query::new("MIT", 4);
+    q.mode = Some(RetrievalMode::Lexical);
+    let err = retriever.search(&q).expect_err("lexical needs the postings");
+    assert!(err.to_string().contains("ragtune index upgrade"), "{err}");
+
+    let mut index = Index::open_any(&dir).expect("open");
+    assert_eq!(index.add_lexical().expect("upgrade"), index.stats().segments);
+    let encoder =
+        ragtune_embed::SentenceEncoder::load(util::package(ragtune::fetch::Role::Embedder))
+            .expect("enc");
+    let retriever = Retriever::with_encoder(encoder, &dir).expect("reopen");
+    assert!(retriever.lexical_notice().is_none());
+    let r = retriever
+        .search(&Query::new("What is the SPDX id of the MIT license?", 4))
+        .expect("hybrid");
+    assert_eq!(r.mode, RetrievalMode::Hybrid);
+    assert_eq!(r.hits[0].doc_id, "mit");
 }
 
 #[test]

@@ -41,6 +41,12 @@ pub const SUBSET: &[&str] = &[
     "json",
     "beerware",
     "curl",
+    // Look-alikes of the README's examples: the retriever must still rank the license the
+    // question names first.
+    "mit-license-1998",
+    "mit-1995",
+    "gpl-3.0-plus",
+    "apache-1.1",
 ];
 
 pub fn repo() -> PathBuf {

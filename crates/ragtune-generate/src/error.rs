@@ -205,6 +205,19 @@ pub enum Error {
         detail: String,
     },
 
+    /// A LoRA factor holds values that are not finite numbers (a diverged training run or a
+    /// damaged file).
+    #[error(
+        "LoRA adapter tensor `{tensor}`: {detail}: the adapter is unusable; retrain it or \
+         restore it from a backup"
+    )]
+    AdapterTensorValues {
+        /// The PEFT tensor name.
+        tensor: String,
+        /// What is wrong.
+        detail: String,
+    },
+
     /// `adapter_model.safetensors` is not a readable safetensors file.
     #[error("LoRA adapter weights {path}: not a readable safetensors file: {source}")]
     AdapterWeights {

@@ -460,6 +460,23 @@ impl LoraAdapter {
         props: &LlamaProps,
     ) -> Result<Self> {
         let resolved = Resolved::from_config(&config)?;
+        for (name, t) in &tensors {
+            let bad = t
+                .to_dtype(candle_core::DType::F32)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<f32>())
+                .map(|v| v.iter().filter(|x| !x.is_finite()).count())
+                .map_err(|source| Error::AdapterTensorValues {
+                    tensor: name.clone(),
+                    detail: source.to_string(),
+                })?;
+            if bad > 0 {
+                return Err(Error::AdapterTensorValues {
+                    tensor: name.clone(),
+                    detail: format!("{bad} values are NaN or infinite"),
+                });
+            }
+        }
         let base = BaseShape::of(props);
         let layers_used: Vec<usize> = match &config.layers_to_transform {
             None => (0..base.block_count).collect(),
@@ -645,6 +662,9 @@ fn empty_layer() -> LayerDeltas {
     [None, None, None, None, None, None, None]
 }
 
+/// The largest `|lora_alpha|` accepted.
+pub const MAX_LORA_ALPHA: f64 = 1e4;
+
 /// The config after validation.
 struct Resolved {
     rank: usize,
@@ -693,10 +713,28 @@ impl Resolved {
                 detail: "the rank must be >= 1".into(),
             });
         }
+        if let Some(t) = c.other.get("peft_type").filter(|v| !v.is_null()) {
+            if t.as_str() != Some("LORA") {
+                return Err(Error::Unsupported {
+                    what: format!("PEFT adapter with peft_type = {t}; only \"LORA\" is supported"),
+                });
+            }
+        }
         if !c.lora_alpha.is_finite() {
             return Err(Error::AdapterConfigValue {
                 key: "lora_alpha".into(),
                 detail: format!("{} is not a finite number", c.lora_alpha),
+            });
+        }
+        // PEFT's own configs use alpha of the order of r (8..64); beyond 1e4 the update is
+        // noise that drowns the base model (and empty answers follow), so it is refused.
+        if c.lora_alpha.abs() > MAX_LORA_ALPHA {
+            return Err(Error::AdapterConfigValue {
+                key: "lora_alpha".into(),
+                detail: format!(
+                    "{} is out of range: |lora_alpha| must be at most {MAX_LORA_ALPHA}",
+                    c.lora_alpha
+                ),
             });
         }
         let mut targets = Vec::new();

@@ -376,9 +376,9 @@ fn validate(p: &GenerateParams) -> Result<()> {
         ..
     } = p.sampling
     {
-        if temperature.is_nan() || temperature <= 0.0 {
+        if !temperature.is_finite() || temperature <= 0.0 {
             return bad(format!(
-                "temperature {temperature} must be > 0 (use Sampling::Greedy)"
+                "temperature {temperature} must be a finite number > 0 (use Sampling::Greedy)"
             ));
         }
         if top_k == Some(0) {

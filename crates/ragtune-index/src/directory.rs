@@ -159,6 +159,35 @@ pub(crate) fn tmp_name(base: &str) -> String {
     format!("{base}.{}-{n}{TMP_SUFFIX}", std::process::id())
 }
 
+/// Whether a temporary name made by [`tmp_name`] (`<base>.<pid>-<n>.tmp`) was left by a
+/// process that no longer runs (its writer crashed), so it can be swept. Names of live
+/// processes, and names this cannot parse, are kept.
+pub(crate) fn is_stale_tmp(name: &str) -> bool {
+    let Some(stem) = name.strip_suffix(TMP_SUFFIX) else {
+        return false;
+    };
+    let Some(tail) = stem.rsplit('.').next() else {
+        return false;
+    };
+    let Some(pid) = tail.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+        return false;
+    };
+    if pid == std::process::id() {
+        return false;
+    }
+    process_gone(pid)
+}
+
+#[cfg(target_os = "linux")]
+fn process_gone(pid: u32) -> bool {
+    !Path::new("/proc").join(pid.to_string()).exists()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn process_gone(_pid: u32) -> bool {
+    false
+}
+
 /// A directory on the filesystem. Files are memory-mapped for reading.
 #[derive(Debug, Clone)]
 pub struct FsDirectory {
@@ -400,6 +429,16 @@ pub(crate) fn contract_suite(dir: &dyn Directory) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stale_temporary_names() {
+        assert!(!is_stale_tmp("seg-000001.vectors"));
+        assert!(!is_stale_tmp(&tmp_name("manifest.json")), "our own");
+        // pid 0 is never a user process: /proc/0 does not exist.
+        #[cfg(target_os = "linux")]
+        assert!(is_stale_tmp("seg-000001.vectors.0-3.tmp"));
+        assert!(!is_stale_tmp("x.notapid.tmp"));
+    }
 
     #[test]
     fn ram_contract() {

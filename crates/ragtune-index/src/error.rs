@@ -104,6 +104,34 @@ pub enum Error {
     /// Arguments that are inconsistent (lengths, non-finite values, parameters out of range).
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// Another process holds the index's writer lock.
+    #[error(
+        "the index at {path} is being updated by another ragtune process{} (waited {waited:?}): \
+         wait for it to finish and try again",
+        pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    Locked {
+        /// The index directory.
+        path: PathBuf,
+        /// The holder's process id, when it could be read.
+        pid: Option<u32>,
+        /// How long this process waited.
+        waited: std::time::Duration,
+    },
+    /// The manifest changed on disk since this handle read it: another writer committed in
+    /// between, and committing now would drop its changes.
+    #[error(
+        "the index at {path} was changed by another writer (generation {expected} -> {found}) \
+         since it was opened: nothing was committed; open it again and retry"
+    )]
+    ConcurrentUpdate {
+        /// The index directory.
+        path: PathBuf,
+        /// The generation this handle read.
+        expected: u64,
+        /// The generation on disk.
+        found: u64,
+    },
 }
 
 /// `Result` with this crate's [`Error`].

@@ -35,6 +35,52 @@ pub fn rrf(lists: &[(&[Hit], f32)], rrf_k: f32, k: usize) -> Vec<Hit> {
     out.into_iter().map(|(id, score, _)| Hit { id, score }).collect()
 }
 
+/// Document-level RRF: like [`rrf`], but a list's ranks count *documents* (`doc_of` maps a
+/// hit id to its document; a document is ranked where its best chunk is), so one document
+/// with many matching chunks cannot crowd the others out of a list. Documents are ordered by
+/// `Σ weight / (rrf_k + document rank)`; the result gives each document's best chunk (by
+/// chunk-level RRF) in that order, then the remaining chunks by chunk-level RRF, and keeps
+/// `k`. [`Hit::score`] is the document's score for its best chunk and the chunk-level score
+/// for the others.
+pub fn rrf_by_doc<D: std::hash::Hash + Eq + Clone>(
+    lists: &[(&[Hit], f32)],
+    rrf_k: f32,
+    k: usize,
+    doc_of: impl Fn(u64) -> D,
+) -> Vec<Hit> {
+    let chunks = rrf(lists, rrf_k, usize::MAX);
+    let mut doc_score: HashMap<D, f32> = HashMap::new();
+    for (list, weight) in lists {
+        let mut seen = std::collections::HashSet::new();
+        for hit in list.iter() {
+            let d = doc_of(hit.id);
+            if seen.insert(d.clone()) {
+                *doc_score.entry(d).or_insert(0.0) += weight / (rrf_k + seen.len() as f32);
+            }
+        }
+    }
+    // Best chunk of each document (chunks are in chunk-score order), then the rest.
+    let mut firsts: Vec<(f32, usize, Hit)> = Vec::new();
+    let mut rest: Vec<Hit> = Vec::new();
+    let mut placed = std::collections::HashSet::new();
+    for (pos, hit) in chunks.into_iter().enumerate() {
+        let d = doc_of(hit.id);
+        if placed.insert(d.clone()) {
+            let s = doc_score.get(&d).copied().unwrap_or(0.0);
+            firsts.push((s, pos, Hit { id: hit.id, score: s }));
+        } else {
+            rest.push(hit);
+        }
+    }
+    firsts.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    firsts
+        .into_iter()
+        .map(|(_, _, h)| h)
+        .chain(rest)
+        .take(k)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,5 +111,21 @@ mod tests {
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].id, 2);
         assert!(rrf(&[], 60.0, 5).is_empty());
+    }
+
+    #[test]
+    fn documents_are_ranked_by_their_best_chunks() {
+        // Chunks 10, 11, 12 belong to document 1; 20 to document 2; 30 to document 3.
+        let doc = |id: u64| id / 10;
+        let a = hits(&[10, 11, 12, 20]);
+        let b = hits(&[30, 20]);
+        let got = rrf_by_doc(&[(&a, 1.0), (&b, 1.0)], 60.0, 10, doc);
+        // doc 2: rank 2 in a, rank 2 in b; doc 1: rank 1 in a; doc 3: rank 1 in b.
+        let ids: Vec<u64> = got.iter().map(|h| h.id).collect();
+        assert_eq!(ids[0], 20, "{ids:?}");
+        assert!((got[0].score - 2.0 / 62.0).abs() < 1e-7);
+        assert_eq!(&ids[1..3], &[10, 30]);
+        assert_eq!(&ids[3..], &[11, 12]);
+        assert_eq!(rrf_by_doc(&[(&a, 1.0)], 60.0, 2, doc).len(), 2);
     }
 }

@@ -51,6 +51,12 @@ struct PhraseMap {
     fields: Vec<String>,
     by_phrase: HashMap<String, Vec<(u16, u32)>>,
     max_words: usize,
+    /// Analyzed terms of the field values: term → (field, first row of the document, tf).
+    terms: HashMap<String, Vec<(u16, u32, u32)>>,
+    /// Analyzed length of each (field, first row).
+    field_len: HashMap<(u16, u32), u32>,
+    /// Per field: documents that have it, and their summed analyzed length.
+    field_docs: Vec<(u32, u64)>,
 }
 
 impl Segment {
@@ -169,15 +175,34 @@ impl Segment {
                 }
             };
             map.max_words = map.max_words.max(words.len());
-            let entry = map.by_phrase.entry(words.join(" ")).or_default();
+            let mut firsts = Vec::new();
             let mut last_doc = None;
             for &row in rows {
                 let doc = meta.doc_of_row[row as usize];
                 if last_doc != Some(doc) {
-                    entry.push((f, row));
+                    firsts.push(row);
                     last_doc = Some(doc);
                 }
             }
+            let mut tf: HashMap<String, u32> = HashMap::new();
+            let mut len = 0u32;
+            lexical::analyze(value, &mut |t| {
+                len += 1;
+                *tf.entry(t.to_string()).or_insert(0) += 1;
+            });
+            while map.field_docs.len() <= f as usize {
+                map.field_docs.push((0, 0));
+            }
+            for &row in &firsts {
+                map.field_len.insert((f, row), len);
+                map.field_docs[f as usize].0 += 1;
+                map.field_docs[f as usize].1 += u64::from(len);
+                for (t, &n) in &tf {
+                    map.terms.entry(t.clone()).or_default().push((f, row, n));
+                }
+            }
+            let entry = map.by_phrase.entry(words.join(" ")).or_default();
+            entry.extend(firsts.iter().map(|&row| (f, row)));
         }
         Ok(self.phrases.get_or_init(|| map))
     }
@@ -220,8 +245,10 @@ fn top_rows(mut scored: Vec<(f32, u32)>, k: usize) -> Vec<(f32, u32)> {
 ///
 /// `Index` is `Send + Sync`; [`search`](Index::search) takes `&self` and may run on many
 /// threads at once. Updates ([`add`](Index::add), [`delete_doc`](Index::delete_doc),
-/// [`compact`](Index::compact)) take `&mut self`; one process should update a directory at a
-/// time (there is no cross-process lock).
+/// [`compact`](Index::compact)) take `&mut self`. Across processes, hold a
+/// [`WriterLock`](crate::WriterLock) from opening the index to the last update: an update
+/// whose handle is stale (another writer committed since it was opened) is refused with
+/// [`Error::ConcurrentUpdate`] rather than dropping the other writer's segment.
 #[derive(Debug)]
 pub struct Index {
     dir: Arc<dyn Directory>,
@@ -492,6 +519,16 @@ impl Index {
             _ => PathBuf::from("."),
         };
         std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+        // Half-built indexes of crashed ingests (`.<name>.<pid>-<n>.tmp`) are swept.
+        if let Ok(rd) = std::fs::read_dir(&parent) {
+            let prefix = format!(".{name}.");
+            for entry in rd.flatten() {
+                let n = entry.file_name().to_string_lossy().into_owned();
+                if n.starts_with(&prefix) && crate::directory::is_stale_tmp(&n) {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
         let tmp = parent.join(format!(".{}", crate::directory::tmp_name(name)));
         let built = (|| {
             let d: Arc<dyn Directory> = Arc::new(FsDirectory::create(&tmp)?);
@@ -602,6 +639,22 @@ impl Index {
         Index::commit(dir, &manifest)
     }
 
+    /// Commits an update of `self`: refuses when the manifest on disk is no longer the one
+    /// this handle read (another writer committed meanwhile; committing would drop its
+    /// segment), then [`commit`](Self::commit)s.
+    fn commit_update(&self, manifest: &Manifest) -> Result<Index> {
+        let mpath = self.dir.path_of(MANIFEST);
+        let on_disk = Manifest::decode(&self.dir.open_read(MANIFEST)?, &mpath)?;
+        if on_disk.generation != self.manifest.generation {
+            return Err(Error::ConcurrentUpdate {
+                path: self.dir.root(),
+                expected: self.manifest.generation,
+                found: on_disk.generation,
+            });
+        }
+        Index::commit(self.dir.clone(), manifest)
+    }
+
     /// Atomically installs `manifest`, removes files no longer referenced, and opens the result.
     fn commit(dir: Arc<dyn Directory>, manifest: &Manifest) -> Result<Index> {
         dir.atomic_write(MANIFEST, &manifest.encode()?)?;
@@ -621,11 +674,12 @@ impl Index {
             .collect();
         if let Ok(names) = dir.list() {
             for name in names {
-                if parse_seg_no(&name).is_some()
+                let orphan = parse_seg_no(&name).is_some()
                     && !name.ends_with(TMP_SUFFIX)
-                    && !live.contains(name.as_str())
-                {
-                    // Best effort: an orphan left behind is ignored by `open` and retried later.
+                    && !live.contains(name.as_str());
+                // Best effort: an orphan left behind is ignored by `open` and retried later.
+                // Temporary files are swept only when the process that wrote them is gone.
+                if orphan || crate::directory::is_stale_tmp(&name) {
                     let _ = dir.delete(&name);
                 }
             }
@@ -1006,6 +1060,87 @@ impl Index {
         Ok(hits)
     }
 
+    /// The metadata keys present on any chunk, with [`DOC_ID_KEY`]: what a [`Filter`] can
+    /// name (a condition on another key matches nothing).
+    ///
+    /// # Errors
+    /// [`Error::DataCorruption`] if a chunk record cannot be decoded.
+    pub fn metadata_keys(&self) -> Result<BTreeSet<String>> {
+        let mut keys = BTreeSet::from([DOC_ID_KEY.to_string()]);
+        for seg in &self.segments {
+            keys.extend(seg.meta()?.postings.keys().map(|(k, _)| k.clone()));
+        }
+        Ok(keys)
+    }
+
+    /// Documents by BM25 of `query` against their metadata fields named in `fields` (each
+    /// field its own BM25 with its own statistics, weighted by the field's weight and summed:
+    /// BM25F without shared length normalisation). One hit per document (its first chunk),
+    /// best first; [`Hit::score`] is that sum. Where [`search_identifiers`](Self::search_identifiers)
+    /// needs a whole value verbatim, this finds "the Apache Software License, Version 2.0"
+    /// for a document named "Apache License 2.0".
+    ///
+    /// # Errors
+    /// [`Error::DataCorruption`] if a chunk record cannot be decoded.
+    pub fn search_fields(
+        &self,
+        query: &str,
+        fields: &[(String, f32)],
+        params: &SearchParams,
+    ) -> Result<Vec<Hit>> {
+        if params.k == 0 || fields.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut terms = lexical::analyze_to_vec(query);
+        terms.sort_unstable();
+        terms.dedup();
+        let mut hits = Vec::new();
+        for seg in &self.segments {
+            if seg.live() == 0 || terms.is_empty() {
+                continue;
+            }
+            let pm = seg.phrases()?;
+            let weight: Vec<f32> = pm
+                .fields
+                .iter()
+                .map(|f| fields.iter().find(|(n, _)| n == f).map_or(0.0, |&(_, w)| w))
+                .collect();
+            let allowed = seg.allowed(params.filter.as_ref())?;
+            let mut score: HashMap<u32, f32> = HashMap::new();
+            for t in &terms {
+                let Some(list) = pm.terms.get(t) else { continue };
+                let mut df = vec![0u64; pm.fields.len()];
+                for &(f, _, _) in list {
+                    df[f as usize] += 1;
+                }
+                for &(f, row, tf) in list {
+                    let w = weight[f as usize];
+                    if w <= 0.0 || !seg.accepts(&allowed, row) {
+                        continue;
+                    }
+                    let (n_docs, total) = pm.field_docs[f as usize];
+                    let avg = (total as f32 / n_docs.max(1) as f32).max(1.0);
+                    let dl = pm.field_len.get(&(f, row)).copied().unwrap_or(1);
+                    let idf = lexical::idf(u64::from(n_docs), df[f as usize]);
+                    *score.entry(row).or_insert(0.0) += w * lexical::bm25(idf, tf, dl, avg);
+                }
+            }
+            let sids = seg.chunks.ids()?;
+            let scored: Vec<(f32, u32)> = score
+                .into_iter()
+                .filter(|&(_, sc)| sc > 0.0)
+                .map(|(r, sc)| (sc, r))
+                .collect();
+            hits.extend(top_rows(scored, params.k).into_iter().map(|(score, row)| Hit {
+                id: sids[row as usize],
+                score,
+            }));
+        }
+        hits.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
+        hits.truncate(params.k);
+        Ok(hits)
+    }
+
     /// Segments that have no lexical postings (written before lexical search existed); their
     /// chunks are found by dense search only until [`add_lexical`](Self::add_lexical) runs.
     pub fn lexical_missing(&self) -> usize {
@@ -1185,7 +1320,7 @@ impl Index {
         m.live_chunks += chunks.len() as u64;
         m.segments.push(entry);
         m.notes.insert("live_docs".into(), docs.to_string());
-        *self = Index::commit(self.dir.clone(), &m)?;
+        *self = self.commit_update(&m)?;
         Ok(())
     }
 
@@ -1226,7 +1361,7 @@ impl Index {
         }
         if done > 0 {
             m.generation += 1;
-            *self = Index::commit(self.dir.clone(), &m)?;
+            *self = self.commit_update(&m)?;
         }
         Ok(done)
     }
@@ -1255,7 +1390,7 @@ impl Index {
         m.generation += 1;
         m.live_chunks -= newly.len() as u64;
         m.notes.insert("live_docs".into(), docs.to_string());
-        *self = Index::commit(self.dir.clone(), &m)?;
+        *self = self.commit_update(&m)?;
         Ok(newly.len())
     }
 
@@ -1300,7 +1435,7 @@ impl Index {
             )?);
             m.next_segment = seg + 1;
         }
-        *self = Index::commit(self.dir.clone(), &m)?;
+        *self = self.commit_update(&m)?;
         Ok(())
     }
 }

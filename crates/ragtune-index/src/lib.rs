@@ -100,6 +100,7 @@ mod filter;
 mod format;
 mod graph;
 mod index;
+mod lock;
 pub mod lexical;
 mod fusion;
 mod simd;
@@ -115,8 +116,9 @@ pub use crate::directory::{Directory, FileBytes, FsDirectory, RamDirectory, TMP_
 pub use crate::error::{Error, Result};
 pub use crate::filter::{Filter, DOC_ID_KEY};
 pub use crate::format::{Header, FORMAT_VERSION, HEADER_LEN, MANIFEST};
-pub use crate::fusion::{rrf, RRF_K};
+pub use crate::fusion::{rrf, rrf_by_doc, RRF_K};
 pub use crate::index::{Index, EXACT_BELOW};
+pub use crate::lock::{lock_path, WriterLock, DEFAULT_LOCK_TIMEOUT};
 pub use crate::simd::dot;
 
 /// Identity of the embedding model that produced an index's vectors.
