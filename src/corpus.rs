@@ -194,6 +194,9 @@ pub fn read_document(
     if !options.include_deprecated && metadata.get("is_deprecated").is_some_and(|v| is_yes(v)) {
         return Err("deprecated license (is_deprecated: yes)".to_string());
     }
+    if text[body_start..].trim().is_empty() && metadata.is_empty() {
+        return Err("empty file (no text and no front matter)".to_string());
+    }
     Ok(Document {
         doc_id,
         path: path.to_path_buf(),
@@ -239,21 +242,21 @@ pub fn parse_front_matter(
         pos = end;
     };
     let yaml = &text[first_line_end..close.0];
-    let value: serde_yaml::Value = if yaml.trim().is_empty() {
-        serde_yaml::Value::Mapping(Default::default())
+    let value: serde_yaml_ng::Value = if yaml.trim().is_empty() {
+        serde_yaml_ng::Value::Mapping(Default::default())
     } else {
-        serde_yaml::from_str(yaml).map_err(|e| format!("malformed front matter: {e}"))?
+        serde_yaml_ng::from_str(yaml).map_err(|e| format!("malformed front matter: {e}"))?
     };
     let mapping = match value {
-        serde_yaml::Value::Mapping(m) => m,
-        serde_yaml::Value::Null => Default::default(),
+        serde_yaml_ng::Value::Mapping(m) => m,
+        serde_yaml_ng::Value::Null => Default::default(),
         _ => return Err("malformed front matter: not a mapping of fields".to_string()),
     };
     let mut out = BTreeMap::new();
     for (k, v) in mapping {
         let Some(key) = scalar(&k) else { continue };
         let value = match &v {
-            serde_yaml::Value::Sequence(items) => {
+            serde_yaml_ng::Value::Sequence(items) => {
                 let parts: Vec<String> = items.iter().filter_map(scalar).collect();
                 if parts.is_empty() {
                     continue;
@@ -270,11 +273,11 @@ pub fn parse_front_matter(
     Ok((out, close.1))
 }
 
-fn scalar(v: &serde_yaml::Value) -> Option<String> {
+fn scalar(v: &serde_yaml_ng::Value) -> Option<String> {
     match v {
-        serde_yaml::Value::String(s) => Some(s.clone()),
-        serde_yaml::Value::Bool(b) => Some(if *b { "yes" } else { "no" }.to_string()),
-        serde_yaml::Value::Number(n) => Some(n.to_string()),
+        serde_yaml_ng::Value::String(s) => Some(s.clone()),
+        serde_yaml_ng::Value::Bool(b) => Some(if *b { "yes" } else { "no" }.to_string()),
+        serde_yaml_ng::Value::Number(n) => Some(n.to_string()),
         _ => None,
     }
 }

@@ -256,7 +256,10 @@ impl Retriever {
             if !keys.contains(key) {
                 return Err(Error::InvalidRequest(format!(
                     "unknown filter field `{key}`: the index's chunks have {}",
-                    keys.iter().map(String::as_str).collect::<Vec<_>>().join(", ")
+                    keys.iter()
+                        .map(String::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )));
             }
         }
@@ -306,12 +309,15 @@ impl Retriever {
         let all_lexical = self.index.lexical_missing() == 0;
         if mode == RetrievalMode::Lexical && !all_lexical {
             return Err(Error::InvalidRequest(
-                self.lexical_notice()
-                    .unwrap_or_default()
-                    .replace("their chunks are found by dense search only", "lexical search needs them"),
+                self.lexical_notice().unwrap_or_default().replace(
+                    "their chunks are found by dense search only",
+                    "lexical search needs them",
+                ),
             ));
         }
-        if mode == RetrievalMode::Hybrid && self.index.lexical_missing() == self.index.stats().segments {
+        if mode == RetrievalMode::Hybrid
+            && self.index.lexical_missing() == self.index.stats().segments
+        {
             mode = RetrievalMode::Dense;
         }
         let t0 = Instant::now();
@@ -323,7 +329,11 @@ impl Retriever {
         let cfg = &self.config;
         let n = query.k.max(cfg.candidates);
         let params = SearchParams {
-            k: if mode == RetrievalMode::Dense { query.k } else { n },
+            k: if mode == RetrievalMode::Dense {
+                query.k
+            } else {
+                n
+            },
             ef_search: query.ef_search,
             filter: query.filter.clone(),
             exact: query.exact,
@@ -341,7 +351,9 @@ impl Retriever {
                 .iter()
                 .map(|(k, &w)| (k.clone(), w))
                 .collect();
-            let named = self.index.search_identifiers(&query.text, &fields, &params)?;
+            let named = self
+                .index
+                .search_identifiers(&query.text, &fields, &params)?;
             let by_fields = if cfg.field_weight > 0.0 {
                 self.index.search_fields(&query.text, &fields, &params)?
             } else {

@@ -190,9 +190,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             sampling: "greedy",
             context_window: engine.config().context_window,
             index: engine.config().index.display().to_string(),
-            retrieval: args
-                .retrieval
-                .unwrap_or(engine.config().retrieval.mode),
+            retrieval: args.retrieval.unwrap_or(engine.config().retrieval.mode),
             adapter,
         },
         modes: modes

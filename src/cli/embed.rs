@@ -71,7 +71,10 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
                         &serde_json::json!({ "line": line + 1, "error": e }),
                     )?;
                 } else {
-                    serde_json::to_writer(&mut out, &serde_json::json!({ "embedding": emb.row(row) }))?;
+                    serde_json::to_writer(
+                        &mut out,
+                        &serde_json::json!({ "embedding": emb.row(row) }),
+                    )?;
                     row += 1;
                 }
                 writeln!(out)?;

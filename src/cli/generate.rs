@@ -215,7 +215,12 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
 }
 
 /// The pinned GGUF (fetched if missing).
+/// The GGUF of the configuration (`gguf` in ragtune.toml), else the pinned one (fetched if
+/// missing).
 pub fn default_gguf(ctx: &Context) -> anyhow::Result<PathBuf> {
+    if let Some(path) = &ctx.config.gguf {
+        return Ok(path.clone());
+    }
     Ok(ragtune::engine::default_gguf(&ctx.fetch, &ctx.progress)?)
 }
 

@@ -38,15 +38,16 @@ pub struct Cli {
 /// Options every subcommand takes.
 #[derive(Debug, clap::Args)]
 pub struct GlobalArgs {
-    /// Where the pinned models and corpus are (fetched on first use).
-    #[arg(long, global = true, env = "RAGTUNE_MODELS", default_value = "models")]
-    models_dir: PathBuf,
+    /// Where the pinned models and corpus are (fetched on first use) [default: `models_dir`
+    /// of ragtune.toml, else models].
+    #[arg(long, global = true, env = "RAGTUNE_MODELS")]
+    models_dir: Option<PathBuf>,
     /// A sentence-transformers model directory to use instead of the pinned MiniLM.
     #[arg(long, global = true, env = "RAGTUNE_EMBEDDER")]
     embedder: Option<PathBuf>,
-    /// The index directory.
-    #[arg(long, global = true, env = "RAGTUNE_INDEX", default_value = DEFAULT_INDEX)]
-    index: PathBuf,
+    /// The index directory [default: `index` of ragtune.toml, else index/licenses].
+    #[arg(long, global = true, env = "RAGTUNE_INDEX")]
+    index: Option<PathBuf>,
     /// No progress bars.
     #[arg(long, short, global = true)]
     quiet: bool,
@@ -89,7 +90,7 @@ enum Command {
 /// Runs the command line.
 pub fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let ctx = Context::new(&cli.global);
+    let ctx = Context::new(&cli.global)?;
     match cli.command {
         Command::Fetch(args) => fetch::run(&ctx, args),
         Command::Ingest(args) => ingest::run(&ctx, args),
@@ -116,10 +117,11 @@ pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
     })
 }
 
-/// Settings resolved from the global arguments.
+/// Settings resolved once for every subcommand: flags, then environment variables (both
+/// through clap), then `ragtune.toml` (or `--config`), then the defaults.
 pub struct Context {
-    config_file: PathBuf,
-    models_dir: PathBuf,
+    /// The configuration file's settings with the global flags applied.
+    config: EngineConfig,
     fetch: FetchConfig,
     embedder: Option<PathBuf>,
     index: PathBuf,
@@ -128,20 +130,34 @@ pub struct Context {
 }
 
 impl Context {
-    fn new(args: &GlobalArgs) -> Context {
-        Context {
-            config_file: args.config.clone(),
-            models_dir: args.models_dir.clone(),
-            fetch: FetchConfig::new(&args.models_dir),
-            embedder: args.embedder.clone(),
-            index: args.index.clone(),
-            index_is_default: args.index == std::path::Path::new(DEFAULT_INDEX),
+    /// Resolves the settings.
+    ///
+    /// # Errors
+    /// A configuration file that cannot be read or parsed (every command refuses it, not
+    /// only those that run the engine).
+    fn new(args: &GlobalArgs) -> anyhow::Result<Context> {
+        let mut config = EngineConfig::load_or_default(&args.config)?;
+        if let Some(m) = &args.models_dir {
+            config.models_dir = m.clone();
+        }
+        if let Some(i) = &args.index {
+            config.index = i.clone();
+        }
+        if let Some(e) = &args.embedder {
+            config.embedder = Some(e.clone());
+        }
+        Ok(Context {
+            fetch: FetchConfig::new(&config.models_dir),
+            embedder: config.embedder.clone(),
+            index: config.index.clone(),
+            index_is_default: config.index == std::path::Path::new(DEFAULT_INDEX),
             progress: if args.quiet {
                 Progress::hidden()
             } else {
                 Progress::stderr()
             },
-        }
+            config,
+        })
     }
 
     /// The encoder directory: `--embedder`, else the pinned MiniLM (fetched if missing).
@@ -162,20 +178,31 @@ impl Context {
     /// `<models-dir>/adapters/licenses-lora` is configured as the default when the file names
     /// no adapter and it exists.
     fn engine_config(&self, adapter: Option<&str>) -> anyhow::Result<EngineConfig> {
-        let mut config = EngineConfig::load_or_default(&self.config_file)?;
-        if self.models_dir != std::path::Path::new("models") {
-            config.models_dir = self.models_dir.clone();
-        }
-        if !self.index_is_default {
-            config.index = self.index.clone();
-        }
-        if self.embedder.is_some() {
-            config.embedder = self.embedder.clone();
-        }
+        let mut config = self.config.clone();
         let shipped = config.models_dir.join("adapters").join(SHIPPED_ADAPTER);
         if config.adapters.is_empty() && shipped.join("adapter_config.json").exists() {
             config.adapters.insert(SHIPPED_ADAPTER.to_string(), shipped);
-            config.default_adapter = Some(SHIPPED_ADAPTER.to_string());
+            if config.default_adapter.is_none() {
+                config.default_adapter = Some(SHIPPED_ADAPTER.to_string());
+            }
+        }
+        if let Some(name) = &config.default_adapter {
+            if adapter.is_none() && !config.adapters.contains_key(name) {
+                anyhow::bail!(
+                    "default_adapter = \"{name}\" is not among the configured adapters ({}): \
+                     add it under [adapters] in the configuration file, or remove the key",
+                    if config.adapters.is_empty() {
+                        "none".to_string()
+                    } else {
+                        config
+                            .adapters
+                            .keys()
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    }
+                );
+            }
         }
         if let Some(a) = adapter {
             if !config.adapters.contains_key(a) {
@@ -227,7 +254,11 @@ pub fn read_input_line(
     number: usize,
 ) -> anyhow::Result<Option<InputLine>> {
     let mut buf = Vec::new();
-    if reader.read_until(b'\n', &mut buf).map_err(|e| anyhow::Error::new(e).context("reading stdin"))? == 0 {
+    if reader
+        .read_until(b'\n', &mut buf)
+        .map_err(|e| anyhow::Error::new(e).context("reading stdin"))?
+        == 0
+    {
         return Ok(None);
     }
     while buf.last().is_some_and(|&b| b == b'\n' || b == b'\r') {
@@ -245,9 +276,7 @@ pub fn read_input_line(
 /// `--temperature`: a finite number >= 0 (0 is greedy). NaN, infinities and negative
 /// values are refused instead of silently falling back to greedy.
 pub fn parse_temperature(s: &str) -> Result<f32, String> {
-    let t: f32 = s
-        .parse()
-        .map_err(|_| format!("`{s}` is not a number"))?;
+    let t: f32 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
     if !t.is_finite() || t < 0.0 {
         return Err(format!(
             "{s} is out of range: use a finite number >= 0 (0 is greedy, 0.7 is typical)"

@@ -164,15 +164,23 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
 
 /// A failed query line: `{"line": N, "error": "..."}` in JSON (so the output keeps one line
 /// per input line), an `error:` line in text; the message also goes to stderr.
-fn print_error(out: &mut impl Write, format: Format, line: usize, error: &str) -> anyhow::Result<()> {
+fn print_error(
+    out: &mut impl Write,
+    format: Format,
+    line: usize,
+    error: &str,
+) -> anyhow::Result<()> {
     eprintln!("line {line}: {error}");
     match format {
         Format::Json => {
             let j = serde_json::json!({"line": line, "error": error, "hits": []});
             writeln!(out, "{j}")?;
         }
-        Format::Text => writeln!(out, "line {line}: error: {error}
-")?,
+        Format::Text => writeln!(
+            out,
+            "line {line}: error: {error}
+"
+        )?,
     }
     out.flush()?;
     Ok(())

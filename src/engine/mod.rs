@@ -263,8 +263,8 @@ impl Engine {
                 progress,
             )?;
         }
-        let retriever =
-            Retriever::with_encoder(encoder, &config.index)?.with_config(config.retrieval.clone())?;
+        let retriever = Retriever::with_encoder(encoder, &config.index)?
+            .with_config(config.retrieval.clone())?;
         if let Some(notice) = retriever.lexical_notice() {
             eprintln!("{notice}");
         }
@@ -447,7 +447,7 @@ impl Engine {
                 "k {k} asks for more sources than fit the context window of {} tokens: use \
                  k <= {max_k}",
                 self.config.context_window
-            )))
+            )));
         }
         let max_tokens = request.max_tokens.unwrap_or(self.config.max_tokens);
         let budget = self

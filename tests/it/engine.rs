@@ -160,13 +160,14 @@ fn a_tiny_context_drops_whole_sources_and_the_prompt_fits() {
         ))
         .expect("search")
         .hits;
-    let mut last = usize::MAX;
+    let mut last = 0;
     for budget in [2000, 600, 400, 250, 150, 110] {
         let (kept, ids) =
             prompt::fit_sources(&template, &tokenizer, "Which is permissive?", &hits, budget)
                 .expect("the question alone fits");
         assert!(ids.len() <= budget, "{} > {budget}", ids.len());
-        assert!(kept.len() <= last);
+        // Not monotone in general: a smaller budget may skip a long source and keep two
+        // short ones. At the smallest budget some sources must be dropped (below).
         last = kept.len();
         let text = tokenizer.decode(&ids, false).expect("decode");
         for s in &kept {
@@ -184,7 +185,7 @@ fn a_tiny_context_drops_whole_sources_and_the_prompt_fits() {
     small.context_window = 64;
     let e = engine_with(small);
     let err = e
-        .answer(&request(&"license ".repeat(80), Mode::Rag, 4, 16))
+        .answer(&request(&"license ".repeat(80), Mode::Rag, 2, 16))
         .expect_err("too long");
     assert!(err.to_string().contains("prompt tokens"), "{err}");
 }

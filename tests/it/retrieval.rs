@@ -154,11 +154,20 @@ fn readme_questions_rank_the_named_license_first() {
         ragtune_embed::SentenceEncoder::load(util::package(ragtune::fetch::Role::Embedder))
             .expect("enc");
     let retriever = Retriever::with_encoder(encoder, &ix.index).expect("open");
-    assert!(retriever.lexical_notice().is_none(), "a new index has lexical postings");
+    assert!(
+        retriever.lexical_notice().is_none(),
+        "a new index has lexical postings"
+    );
     let cases = [
         ("What is the SPDX id of the MIT license?", "mit"),
-        ("What is the SPDX identifier of the Apache License 2.0?", "apache-2.0"),
-        ("Is the GNU General Public License 3.0 a copyleft license?", "gpl-3.0"),
+        (
+            "What is the SPDX identifier of the Apache License 2.0?",
+            "apache-2.0",
+        ),
+        (
+            "Is the GNU General Public License 3.0 a copyleft license?",
+            "gpl-3.0",
+        ),
         ("Who owns the MIT License 1998?", "mit-license-1998"),
     ];
     for mode in [RetrievalMode::Hybrid, RetrievalMode::Lexical] {
@@ -174,7 +183,9 @@ fn readme_questions_rank_the_named_license_first() {
     }
     // Only stop words and punctuation: the lexical lists are empty and hybrid still answers
     // from the dense list.
-    let r = retriever.search(&Query::new("what is the ... ?", 3)).expect("search");
+    let r = retriever
+        .search(&Query::new("what is the ... ?", 3))
+        .expect("search");
     assert_eq!(r.hits.len(), 3);
     let mut q = Query::new("what is the ... ?", 3);
     q.mode = Some(RetrievalMode::Lexical);
@@ -183,7 +194,11 @@ fn readme_questions_rank_the_named_license_first() {
     let mut q = Query::new("What is the SPDX id of the MIT license?", 4);
     q.filter = Some(Filter::parse("category=Copyleft").expect("filter"));
     let r = retriever.search(&q).expect("filtered");
-    assert!(r.hits.iter().all(|h| h.metadata["category"] == "Copyleft"), "{:?}", r.hits);
+    assert!(
+        r.hits.iter().all(|h| h.metadata["category"] == "Copyleft"),
+        "{:?}",
+        r.hits
+    );
     q.filter = Some(Filter::parse("categroy=Copyleft").expect("filter"));
     let err = retriever.search(&q).expect_err("unknown field");
     assert!(err.to_string().contains("categroy"), "{err}");
@@ -207,7 +222,10 @@ fn an_index_without_lexical_postings_searches_dense_and_upgrades() {
     let body = &text[..text.rfind("\ncrc32 ").expect("trailer")];
     let mut m: serde_json::Value = serde_json::from_str(body).expect("json");
     for seg in m["segments"].as_array_mut().expect("segments") {
-        let name = seg["lexical"]["name"].as_str().expect("lexical entry").to_string();
+        let name = seg["lexical"]["name"]
+            .as_str()
+            .expect("lexical entry")
+            .to_string();
         std::fs::remove_file(dir.join(name)).expect("rm");
         seg.as_object_mut().expect("object").remove("lexical");
     }
@@ -228,11 +246,16 @@ fn an_index_without_lexical_postings_searches_dense_and_upgrades() {
     assert_eq!(r.hits.len(), 4);
     let mut q = Query::new("MIT", 4);
     q.mode = Some(RetrievalMode::Lexical);
-    let err = retriever.search(&q).expect_err("lexical needs the postings");
+    let err = retriever
+        .search(&q)
+        .expect_err("lexical needs the postings");
     assert!(err.to_string().contains("ragtune index upgrade"), "{err}");
 
     let mut index = Index::open_any(&dir).expect("open");
-    assert_eq!(index.add_lexical().expect("upgrade"), index.stats().segments);
+    assert_eq!(
+        index.add_lexical().expect("upgrade"),
+        index.stats().segments
+    );
     let encoder =
         ragtune_embed::SentenceEncoder::load(util::package(ragtune::fetch::Role::Embedder))
             .expect("enc");

@@ -269,6 +269,13 @@ impl ChunkStore {
                 self.count
             )));
         }
+        if !self.bytes.still_intact() {
+            return Err(Error::corrupt(
+                &self.path,
+                "the file was truncated while the index was open (index files must never be \
+                 edited in place)",
+            ));
+        }
         let offs = self.offsets()?;
         // Offsets were validated monotone and in range on open.
         let a = self.records_at + offs[row] as usize;

@@ -26,6 +26,8 @@ pub const TMP_SUFFIX: &str = ".tmp";
 #[derive(Clone)]
 pub struct FileBytes {
     owner: Arc<dyn Deref<Target = [u8]> + Send + Sync>,
+    /// The mapped file, kept open to detect a truncation by another process.
+    file: Option<Arc<fs::File>>,
 }
 
 impl fmt::Debug for FileBytes {
@@ -39,7 +41,22 @@ impl fmt::Debug for FileBytes {
 impl FileBytes {
     /// Wraps any owner of bytes.
     pub fn new(owner: Arc<dyn Deref<Target = [u8]> + Send + Sync>) -> Self {
-        FileBytes { owner }
+        FileBytes { owner, file: None }
+    }
+
+    /// Whether the file behind a memory map is still at least as long as the map. Index
+    /// files are immutable once written (see the crate docs); a file truncated in place by
+    /// another process would make reading the lost pages a SIGBUS, so searches call this
+    /// (one `fstat`) before reading a segment and report corruption instead. A truncation
+    /// between this check and the read can still fault: the check narrows the window, it
+    /// cannot close it. Always true for bytes not backed by a file.
+    pub fn still_intact(&self) -> bool {
+        match &self.file {
+            None => true,
+            Some(f) => f
+                .metadata()
+                .is_ok_and(|m| m.len() >= self.owner.len() as u64),
+        }
     }
 
     /// Copies `bytes` into a fresh 64-byte-aligned buffer.
@@ -272,7 +289,9 @@ impl Directory for FsDirectory {
         }
         // SAFETY: index files are immutable once renamed into place (see `map_file`).
         let map = unsafe { map_file(&file) }.map_err(|e| Error::io(&path, e))?;
-        Ok(FileBytes::new(Arc::new(MmapOwner(map))))
+        let mut bytes = FileBytes::new(Arc::new(MmapOwner(map)));
+        bytes.file = Some(Arc::new(file));
+        Ok(bytes)
     }
 
     fn atomic_write(&self, name: &str, bytes: &[u8]) -> Result<()> {

@@ -32,7 +32,9 @@ pub fn rrf(lists: &[(&[Hit], f32)], rrf_k: f32, k: usize) -> Vec<Hit> {
     let mut out: Vec<(u64, f32, usize)> = acc.into_iter().map(|(id, (s, r))| (id, s, r)).collect();
     out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.2.cmp(&b.2)).then(a.0.cmp(&b.0)));
     out.truncate(k);
-    out.into_iter().map(|(id, score, _)| Hit { id, score }).collect()
+    out.into_iter()
+        .map(|(id, score, _)| Hit { id, score })
+        .collect()
 }
 
 /// Document-level RRF: like [`rrf`], but a list's ranks count *documents* (`doc_of` maps a
@@ -67,7 +69,14 @@ pub fn rrf_by_doc<D: std::hash::Hash + Eq + Clone>(
         let d = doc_of(hit.id);
         if placed.insert(d.clone()) {
             let s = doc_score.get(&d).copied().unwrap_or(0.0);
-            firsts.push((s, pos, Hit { id: hit.id, score: s }));
+            firsts.push((
+                s,
+                pos,
+                Hit {
+                    id: hit.id,
+                    score: s,
+                },
+            ));
         } else {
             rest.push(hit);
         }

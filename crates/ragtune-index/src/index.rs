@@ -12,9 +12,13 @@ use crate::format::{
     cast_slice, verify_file, write_file, FileEntry, Manifest, SegmentEntry, FORMAT_VERSION,
     HEADER_LEN, MAGIC_CHUNKS, MAGIC_GRAPH, MAGIC_LEXICAL, MAGIC_VECTORS, MANIFEST,
 };
-use crate::lexical::{self, LexicalView};
 use crate::graph::{self, GraphView};
+use crate::lexical::{self, LexicalView};
 use crate::{ChunkRecord, EmbedderId, Hit, HnswParams, IndexStats, Metric, SearchParams};
+
+/// The least share of a field value's idf that a query must contain for
+/// [`Index::search_fields`] to count the value.
+pub const FIELD_MIN_COVERAGE: f32 = 0.5;
 
 /// Segments with fewer rows than this are searched exactly (a graph is still stored).
 pub const EXACT_BELOW: usize = 1000;
@@ -57,6 +61,8 @@ struct PhraseMap {
     field_len: HashMap<(u16, u32), u32>,
     /// Per field: documents that have it, and their summed analyzed length.
     field_docs: Vec<(u32, u64)>,
+    /// Sum of the idf of the distinct terms of each (field, first row) value.
+    field_idf: HashMap<(u16, u32), f32>,
 }
 
 impl Segment {
@@ -69,6 +75,13 @@ impl Segment {
     }
 
     fn vectors(&self) -> Result<&[f32]> {
+        if !self.vectors.still_intact() {
+            return Err(Error::corrupt(
+                &self.vec_path,
+                "the file was truncated while the index was open (index files must never be \
+                 edited in place)",
+            ));
+        }
         cast_slice(&self.vectors[HEADER_LEN..], &self.vec_path, "vectors")
     }
 
@@ -204,6 +217,23 @@ impl Segment {
             let entry = map.by_phrase.entry(words.join(" ")).or_default();
             entry.extend(firsts.iter().map(|&row| (f, row)));
         }
+        // Second pass: how much idf each value holds, for the coverage rule of
+        // `search_fields` (df per field, as there).
+        let mut df: HashMap<(u16, &str), u64> = HashMap::new();
+        for (t, list) in &map.terms {
+            for &(f, _, _) in list {
+                *df.entry((f, t.as_str())).or_insert(0) += 1;
+            }
+        }
+        let mut field_idf: HashMap<(u16, u32), f32> = HashMap::new();
+        for (t, list) in &map.terms {
+            for &(f, row, _) in list {
+                let n = u64::from(map.field_docs[f as usize].0);
+                *field_idf.entry((f, row)).or_insert(0.0) +=
+                    lexical::idf(n, df[&(f, t.as_str())]);
+            }
+        }
+        map.field_idf = field_idf;
         Ok(self.phrases.get_or_init(|| map))
     }
 
@@ -933,6 +963,7 @@ impl Index {
         let mut df = vec![0u64; terms.len()];
         for seg in &segs {
             let Some(lex) = &seg.lexical else { continue };
+            lex.doc_len()?; // fails, instead of faulting, on a file truncated under us
             n_rows += lex.rows() as u64;
             total_len += lex.total_len;
             let mut ids = Vec::with_capacity(terms.len());
@@ -1011,12 +1042,7 @@ impl Index {
             let weight: Vec<f32> = phrases
                 .fields
                 .iter()
-                .map(|f| {
-                    fields
-                        .iter()
-                        .find(|(n, _)| n == f)
-                        .map_or(0.0, |&(_, w)| w)
-                })
+                .map(|f| fields.iter().find(|(n, _)| n == f).map_or(0.0, |&(_, w)| w))
                 .collect();
             if weight.iter().all(|&w| w <= 0.0) {
                 continue;
@@ -1080,6 +1106,11 @@ impl Index {
     /// needs a whole value verbatim, this finds "the Apache Software License, Version 2.0"
     /// for a document named "Apache License 2.0".
     ///
+    /// A field value counts only when the query covers at least [`FIELD_MIN_COVERAGE`] of
+    /// it, measured in idf (the idf of its terms found in the query over the idf of all its
+    /// terms), and its BM25 is scaled by that coverage: sharing "public license" with
+    /// "GNU General Public License 3.0 or later" does not make a query name it.
+    ///
     /// # Errors
     /// [`Error::DataCorruption`] if a chunk record cannot be decoded.
     pub fn search_fields(
@@ -1106,9 +1137,12 @@ impl Index {
                 .map(|f| fields.iter().find(|(n, _)| n == f).map_or(0.0, |&(_, w)| w))
                 .collect();
             let allowed = seg.allowed(params.filter.as_ref())?;
-            let mut score: HashMap<u32, f32> = HashMap::new();
+            // (field, row) -> (BM25, matched idf)
+            let mut matched: HashMap<(u16, u32), (f32, f32)> = HashMap::new();
             for t in &terms {
-                let Some(list) = pm.terms.get(t) else { continue };
+                let Some(list) = pm.terms.get(t) else {
+                    continue;
+                };
                 let mut df = vec![0u64; pm.fields.len()];
                 for &(f, _, _) in list {
                     df[f as usize] += 1;
@@ -1122,7 +1156,21 @@ impl Index {
                     let avg = (total as f32 / n_docs.max(1) as f32).max(1.0);
                     let dl = pm.field_len.get(&(f, row)).copied().unwrap_or(1);
                     let idf = lexical::idf(u64::from(n_docs), df[f as usize]);
-                    *score.entry(row).or_insert(0.0) += w * lexical::bm25(idf, tf, dl, avg);
+                    let e = matched.entry((f, row)).or_insert((0.0, 0.0));
+                    e.0 += w * lexical::bm25(idf, tf, dl, avg);
+                    e.1 += idf;
+                }
+            }
+            let mut score: HashMap<u32, f32> = HashMap::new();
+            for ((f, row), (bm25, idf)) in matched {
+                let total = pm.field_idf.get(&(f, row)).copied().unwrap_or(0.0);
+                let coverage = if total > 0.0 {
+                    (idf / total).min(1.0)
+                } else {
+                    0.0
+                };
+                if coverage >= FIELD_MIN_COVERAGE {
+                    *score.entry(row).or_insert(0.0) += bm25 * coverage;
                 }
             }
             let sids = seg.chunks.ids()?;
@@ -1131,10 +1179,14 @@ impl Index {
                 .filter(|&(_, sc)| sc > 0.0)
                 .map(|(r, sc)| (sc, r))
                 .collect();
-            hits.extend(top_rows(scored, params.k).into_iter().map(|(score, row)| Hit {
-                id: sids[row as usize],
-                score,
-            }));
+            hits.extend(
+                top_rows(scored, params.k)
+                    .into_iter()
+                    .map(|(score, row)| Hit {
+                        id: sids[row as usize],
+                        score,
+                    }),
+            );
         }
         hits.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
         hits.truncate(params.k);

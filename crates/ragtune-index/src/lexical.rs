@@ -58,9 +58,9 @@ pub const BM25_B: f32 = 0.75;
 pub const STOP_WORDS: &[&str] = &[
     "a", "about", "an", "and", "are", "as", "at", "be", "been", "but", "by", "can", "do", "does",
     "for", "from", "had", "has", "have", "how", "i", "if", "in", "into", "is", "it", "its", "me",
-    "my", "of", "on", "or", "our", "shall", "so", "such", "that", "the", "their", "then",
-    "there", "these", "this", "those", "to", "was", "we", "were", "what", "when", "which", "who",
-    "will", "with", "you", "your",
+    "my", "of", "on", "or", "our", "shall", "so", "such", "that", "the", "their", "then", "there",
+    "these", "this", "those", "to", "was", "we", "were", "what", "when", "which", "who", "will",
+    "with", "you", "your",
 ];
 
 const JOINERS: &[char] = &['-', '.', '_', '+', '/', ':', '@'];
@@ -234,7 +234,8 @@ pub(crate) fn build<'a>(texts: impl Iterator<Item = &'a str>) -> Result<(Vec<u8>
         post_off.push(u32::try_from(blob.len()).map_err(|_| too_big())?);
     }
     let n_terms = df.len();
-    let mut out = Vec::with_capacity(4 * (doc_len.len() + 3 * n_terms + 2) + terms.len() + blob.len());
+    let mut out =
+        Vec::with_capacity(4 * (doc_len.len() + 3 * n_terms + 2) + terms.len() + blob.len());
     for x in doc_len.iter().chain(&df).chain(&term_off).chain(&post_off) {
         put_u32(&mut out, *x);
     }
@@ -273,7 +274,11 @@ impl LexicalView {
         let rows = usize::try_from(rows).map_err(|_| bad("row count too large"))?;
         let n_terms = usize::try_from(n_terms).map_err(|_| bad("term count too large"))?;
         let words = rows
-            .checked_add(n_terms.checked_mul(3).ok_or_else(|| bad("term count too large"))?)
+            .checked_add(
+                n_terms
+                    .checked_mul(3)
+                    .ok_or_else(|| bad("term count too large"))?,
+            )
             .and_then(|x| x.checked_add(2))
             .and_then(|x| x.checked_mul(4))
             .ok_or_else(|| bad("term count too large"))?;
@@ -340,8 +345,16 @@ impl LexicalView {
         self.rows
     }
 
-    /// Analyzed length of each row.
+    /// Analyzed length of each row. Fails if the file was truncated under us (see
+    /// [`FileBytes::still_intact`]); searches call this first.
     pub(crate) fn doc_len(&self) -> Result<&[u32]> {
+        if !self.bytes.still_intact() {
+            return Err(Error::corrupt(
+                &self.path,
+                "the file was truncated while the index was open (index files must never be \
+                 edited in place)",
+            ));
+        }
         self.table(HEADER_LEN, self.rows)
     }
 
@@ -377,7 +390,8 @@ impl LexicalView {
     pub(crate) fn for_each_posting(&self, i: usize, f: &mut dyn FnMut(u32, u32)) -> Result<()> {
         let off = self.table(self.post_off_at, self.n_terms + 1)?;
         let df = self.df(i)?;
-        let mut b = &self.bytes[self.postings_at + off[i] as usize..self.postings_at + off[i + 1] as usize];
+        let mut b =
+            &self.bytes[self.postings_at + off[i] as usize..self.postings_at + off[i + 1] as usize];
         let bad = || Error::corrupt(&self.path, format!("lexical posting list {i} is malformed"));
         let mut row = 0u32;
         for n in 0..df {
@@ -386,7 +400,9 @@ impl LexicalView {
             row = if n == 0 {
                 delta
             } else {
-                row.checked_add(delta).filter(|_| delta > 0).ok_or_else(bad)?
+                row.checked_add(delta)
+                    .filter(|_| delta > 0)
+                    .ok_or_else(bad)?
             };
             if row as usize >= self.rows {
                 return Err(bad());
@@ -454,10 +470,15 @@ mod tests {
     #[test]
     fn versions_and_glued_names() {
         let t = analyze_to_vec("version v1.1 of GPLv2 and LGPL2.1 or gpl-2.0+");
-        for want in ["v1.1", "1.1", "gplv2", "gpl", "2", "lgpl2.1", "lgpl", "2.1", "gpl-2.0+", "2.0"] {
+        for want in [
+            "v1.1", "1.1", "gplv2", "gpl", "2", "lgpl2.1", "lgpl", "2.1", "gpl-2.0+", "2.0",
+        ] {
             assert!(t.iter().any(|x| x == want), "{want} missing from {t:?}");
         }
-        assert!(!t.iter().any(|x| x == "of" || x == "and" || x == "or"), "{t:?}");
+        assert!(
+            !t.iter().any(|x| x == "of" || x == "and" || x == "or"),
+            "{t:?}"
+        );
     }
 
     #[test]
@@ -468,9 +489,15 @@ mod tests {
 
     #[test]
     fn phrase_tokens_ignore_punctuation() {
-        assert_eq!(phrase_tokens("Apache License 2.0"), ["apache", "license", "2.0"]);
+        assert_eq!(
+            phrase_tokens("Apache License 2.0"),
+            ["apache", "license", "2.0"]
+        );
         assert_eq!(phrase_tokens("apache-2.0"), ["apache", "2.0"]);
-        assert_eq!(phrase_tokens("What is the MIT license?"), ["what", "is", "the", "mit", "license"]);
+        assert_eq!(
+            phrase_tokens("What is the MIT license?"),
+            ["what", "is", "the", "mit", "license"]
+        );
     }
 
     #[test]
@@ -483,11 +510,13 @@ mod tests {
         let i = view.find("license").expect("find").expect("term");
         assert_eq!(view.df(i).expect("df"), 2);
         let mut got = Vec::new();
-        view.for_each_posting(i, &mut |r, tf| got.push((r, tf))).expect("postings");
+        view.for_each_posting(i, &mut |r, tf| got.push((r, tf)))
+            .expect("postings");
         assert_eq!(got, [(0, 1), (1, 1)]);
         let g = view.find("gpl").expect("find").expect("gpl");
         let mut got = Vec::new();
-        view.for_each_posting(g, &mut |r, tf| got.push((r, tf))).expect("postings");
+        view.for_each_posting(g, &mut |r, tf| got.push((r, tf)))
+            .expect("postings");
         assert_eq!(got, [(1, 2)]);
         assert!(view.find("absent").expect("find").is_none());
         assert_eq!(view.doc_len().expect("len"), &[3, 6, 1]);

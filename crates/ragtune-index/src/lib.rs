@@ -98,11 +98,11 @@ mod directory;
 mod error;
 mod filter;
 mod format;
+mod fusion;
 mod graph;
 mod index;
-mod lock;
 pub mod lexical;
-mod fusion;
+mod lock;
 mod simd;
 pub mod synthetic;
 
@@ -117,7 +117,7 @@ pub use crate::error::{Error, Result};
 pub use crate::filter::{Filter, DOC_ID_KEY};
 pub use crate::format::{Header, FORMAT_VERSION, HEADER_LEN, MANIFEST};
 pub use crate::fusion::{rrf, rrf_by_doc, RRF_K};
-pub use crate::index::{Index, EXACT_BELOW};
+pub use crate::index::{Index, EXACT_BELOW, FIELD_MIN_COVERAGE};
 pub use crate::lock::{lock_path, WriterLock, DEFAULT_LOCK_TIMEOUT};
 pub use crate::simd::dot;
 

@@ -118,7 +118,10 @@ mod tests {
             Error::Locked { pid, .. } => assert_eq!(*pid, Some(std::process::id())),
             other => panic!("unexpected {other}"),
         }
-        assert!(err.to_string().contains(&std::process::id().to_string()), "{err}");
+        assert!(
+            err.to_string().contains(&std::process::id().to_string()),
+            "{err}"
+        );
         drop(held);
         WriterLock::acquire(&ix, Duration::from_millis(200)).expect("free again");
     }

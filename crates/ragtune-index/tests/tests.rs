@@ -543,7 +543,10 @@ fn golden_index_of_format_v1_still_opens_and_answers() {
     // says so through `lexical_missing`; `add_lexical` upgrades it without re-embedding.
     assert_eq!(ix.lexical_missing(), 2);
     let lex = SearchParams::top(3);
-    assert!(ix.search_lexical("chunk 7", &lex).expect("lexical").is_empty());
+    assert!(ix
+        .search_lexical("chunk 7", &lex)
+        .expect("lexical")
+        .is_empty());
     let mut ix = ix;
     assert_eq!(ix.add_lexical().expect("upgrade"), 2);
     assert_eq!(ix.lexical_missing(), 0);
@@ -591,14 +594,19 @@ fn lexical_and_identifier_search_through_updates() {
         let p = SearchParams::top(4);
 
         // An identifier is matched whole; its parts match too.
-        let hits = ix.search_lexical("licensed as gpl-2.0-plus", &p).expect("lexical");
+        let hits = ix
+            .search_lexical("licensed as gpl-2.0-plus", &p)
+            .expect("lexical");
         assert_eq!(doc(&ix, &hits[0]), "gpl-2.0-plus");
         let hits = ix.search_lexical("Version 2.0", &p).expect("lexical");
         assert_eq!(doc(&ix, &hits[0]), "apache-2.0");
         assert!(hits.windows(2).all(|w| w[0].score >= w[1].score));
         assert!(hits.iter().all(|h| h.score > 0.0));
         // Only stop words or punctuation: no lexical hits (the dense list still answers).
-        assert!(ix.search_lexical("what is the ?!", &p).expect("stop").is_empty());
+        assert!(ix
+            .search_lexical("what is the ?!", &p)
+            .expect("stop")
+            .is_empty());
 
         // The name found verbatim in the question ranks its document first; a longer name
         // that the question does not contain never matches.
@@ -608,7 +616,10 @@ fn lexical_and_identifier_search_through_updates() {
             .expect("identifiers");
         assert_eq!(named.len(), 1, "only `mit` is named");
         assert_eq!(doc(&ix, &named[0]), "mit");
-        assert!((named[0].score - 3.0).abs() < 1e-6, "name (2 words) + id (1 word)");
+        assert!(
+            (named[0].score - 3.0).abs() < 1e-6,
+            "name (2 words) + id (1 word)"
+        );
         let named = ix
             .search_identifiers("Is apache-2.0 permissive?", &fields, &p)
             .expect("identifiers");
@@ -624,7 +635,9 @@ fn lexical_and_identifier_search_through_updates() {
             filter: Some(Filter::eq("category", "Copyleft")),
             ..SearchParams::top(4)
         };
-        let hits = ix.search_lexical("permission software license", &filtered).expect("lexical");
+        let hits = ix
+            .search_lexical("permission software license", &filtered)
+            .expect("lexical");
         assert!(!hits.is_empty());
         assert!(hits.iter().all(|h| doc(&ix, h) == "gpl-2.0-plus"));
         assert!(ix
@@ -635,7 +648,12 @@ fn lexical_and_identifier_search_through_updates() {
         // Add a segment: its chunks are found, and the idf spans both segments.
         let before = ix.search_lexical("charge", &p).expect("lexical")[0].score;
         ix.add(
-            vec![licence_like("zlib", "zlib License", "free of charge zlib", "Permissive")],
+            vec![licence_like(
+                "zlib",
+                "zlib License",
+                "free of charge zlib",
+                "Permissive",
+            )],
             &clustered(1, 8, 1, 0.2, 6),
         )
         .expect("add");
@@ -648,7 +666,10 @@ fn lexical_and_identifier_search_through_updates() {
             .find(|h| doc(&ix, h) == "mit")
             .expect("mit still found")
             .score;
-        assert!(after < before, "df of `charge` grew from 1 to 2: {after} < {before}");
+        assert!(
+            after < before,
+            "df of `charge` grew from 1 to 2: {after} < {before}"
+        );
 
         // Delete: gone from both lists; compact keeps everything else consistent.
         ix.delete_doc("mit").expect("delete");
@@ -666,11 +687,60 @@ fn lexical_and_identifier_search_through_updates() {
         assert_eq!(ix.lexical_missing(), 0);
         let hits = ix.search_lexical("zlib gpl-2.0-plus", &p).expect("lexical");
         let docs: HashSet<String> = hits.iter().map(|h| doc(&ix, h)).collect();
-        assert!(docs.contains("zlib") && docs.contains("gpl-2.0-plus"), "{docs:?}");
+        assert!(
+            docs.contains("zlib") && docs.contains("gpl-2.0-plus"),
+            "{docs:?}"
+        );
         let reopened = Index::open_in(dir.clone(), &embedder(8)).expect("reopen");
         assert_eq!(
             reopened.search_lexical("zlib", &p).expect("lexical"),
             ix.search_lexical("zlib", &p).expect("lexical")
         );
+    }
+}
+
+/// A segment file truncated in place by another process while an index is open (which breaks
+/// the files-are-immutable contract) is reported as corruption by the next search instead of
+/// crashing the reader with SIGBUS.
+#[test]
+fn a_file_truncated_under_an_open_reader_is_an_error_not_a_crash() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("idx");
+    let dim = 16;
+    let vecs = clustered(2000, dim, 8, 0.2, 9);
+    let ix = Index::create(
+        &dir,
+        embedder(dim),
+        HnswParams::default(),
+        records(2000, 50),
+        &vecs,
+    )
+    .expect("create");
+    let q = &vecs[..dim];
+    ix.search(q, &SearchParams::top(5)).expect("search before");
+    for ext in ["vectors", "chunks", "lexical"] {
+        let name = list(&dir)
+            .into_iter()
+            .find(|n| n.ends_with(ext))
+            .expect("segment file");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join(&name))
+            .expect("open");
+        let len = f.metadata().expect("meta").len();
+        // Keep the bytes, shrink the file: the last pages vanish from the map.
+        let keep = std::fs::read(dir.join(&name)).expect("read");
+        f.set_len(len / 2).expect("truncate");
+        let err = match ext {
+            "vectors" => ix.search(q, &SearchParams::top(5)).map(|_| ()),
+            "chunks" => ix.chunk(1999).map(|_| ()),
+            _ => ix
+                .search_lexical("chunk", &SearchParams::top(5))
+                .map(|_| ()),
+        }
+        .expect_err("a truncated file is an error");
+        assert!(matches!(err, Error::DataCorruption { .. }), "{ext}: {err}");
+        assert!(err.to_string().contains("truncated"), "{ext}: {err}");
+        std::fs::write(dir.join(&name), &keep).expect("restore");
     }
 }

@@ -1,0 +1,255 @@
+//! The binary under careless and hostile use (issue: reliability): concurrent writers, closed
+//! pipes, unreadable stdin lines, out-of-range values, an adapter that would be overwritten,
+//! and temporary files left by a crashed writer. Each test failed before its fix.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use crate::util;
+
+fn ragtune(index: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ragtune"));
+    cmd.arg("--quiet")
+        .arg("--models-dir")
+        .arg(util::fetch_config().models_dir)
+        .arg("--index")
+        .arg(index)
+        // A ragtune.toml in the working directory must not change what these tests run.
+        .arg("--config")
+        .arg("/nonexistent/ragtune.toml");
+    cmd
+}
+
+fn copy_index(to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(&util::subset_index().index).expect("subset index") {
+        let e = e.expect("entry");
+        std::fs::copy(e.path(), to.join(e.file_name())).expect("copy");
+    }
+}
+
+fn documents(index: &Path) -> u64 {
+    let out = ragtune(index)
+        .args(["index", "info"])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    v["documents"].as_u64().expect("documents")
+}
+
+/// Two `ingest --add` processes started together both land: the writer lock serialises
+/// their commits (before it, the later committer's stale manifest dropped the other's
+/// segment in 3 of 5 trials).
+#[test]
+fn concurrent_ingest_add_keeps_both_documents() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    for trial in 0..2 {
+        let index = tmp.path().join(format!("index-{trial}"));
+        copy_index(&index);
+        let before = documents(&index);
+        let mut children = Vec::new();
+        for key in ["afl-3.0", "bsd-2-clause-views"] {
+            let corpus = tmp.path().join(format!("corpus-{trial}-{key}"));
+            util::copy_subset(&corpus, &[key]);
+            children.push(
+                ragtune(&index)
+                    .args(["ingest", "--add"])
+                    .arg(&corpus)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("spawn"),
+            );
+        }
+        for child in children {
+            let out = child.wait_with_output().expect("wait");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert_eq!(documents(&index), before + 2, "trial {trial}");
+    }
+}
+
+/// `| head` closes stdout early: the command ends quietly with status 0, never a panic
+/// (exit 101) or an error (exit 1).
+#[test]
+fn a_closed_stdout_ends_commands_quietly() {
+    let index = &util::subset_index().index;
+    let cases: [(&[&str], &str); 3] = [
+        (&["index", "info"], ""),
+        (
+            &["search", "--format", "json", "-k", "2"],
+            "MIT\nzlib\nApache\n",
+        ),
+        (&["embed"], "one\ntwo\nthree\n"),
+    ];
+    for (args, input) in cases {
+        let mut child = ragtune(index)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        // Close the read end before the command writes anything.
+        drop(child.stdout.take());
+        let mut stdin = child.stdin.take().expect("stdin");
+        let _ = stdin.write_all(input.as_bytes());
+        drop(stdin);
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .expect("stderr")
+            .read_to_string(&mut err)
+            .expect("stderr");
+        let status = child.wait().expect("wait");
+        assert!(status.success(), "{args:?}: {status}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+/// One line that is not UTF-8 gets an error line with its number; the lines after it still
+/// run; the exit status is non-zero at the end.
+#[test]
+fn an_unreadable_stdin_line_fails_alone() {
+    let index = &util::subset_index().index;
+    let input: &[u8] = b"MIT License\n\xff\xfe broken\nzlib license\n";
+    for args in [
+        &["search", "--format", "json", "-k", "2"][..],
+        &["embed"][..],
+    ] {
+        let mut child = ragtune(index)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input)
+            .expect("write");
+        let out = child.wait_with_output().expect("wait");
+        assert!(
+            !out.status.success(),
+            "{args:?}: a failed line must fail the batch"
+        );
+        let stdout = String::from_utf8(out.stdout).expect("utf-8 output");
+        let lines: Vec<serde_json::Value> = stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json line"))
+            .collect();
+        assert_eq!(
+            lines.len(),
+            3,
+            "{args:?}: one output line per input line: {stdout}"
+        );
+        assert_eq!(lines[1]["line"], 2, "{args:?}");
+        assert!(
+            lines[1]["error"]
+                .as_str()
+                .expect("error")
+                .contains("not valid UTF-8"),
+            "{args:?}"
+        );
+        assert!(
+            lines[0]["error"].is_null() && lines[2]["error"].is_null(),
+            "{args:?}"
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("line 2"), "{args:?}: {stderr}");
+    }
+}
+
+/// Out-of-range values are refused with a message instead of silently doing something else.
+#[test]
+fn out_of_range_values_are_refused() {
+    let index = &util::subset_index().index;
+    let cases: [(&[&str], &str); 6] = [
+        (&["search", "--ef", "0", "MIT"], "--ef"),
+        (
+            &["search", "--ef", "3", "-k", "5", "MIT"],
+            "smaller than -k",
+        ),
+        (&["search", "-k", "100000", "MIT"], "out of range"),
+        (&["ask", "--temperature", "nan", "MIT?"], "finite"),
+        (&["ask", "--temperature=-1", "MIT?"], "finite"),
+        (&["index", "delete", "no-such-license"], "not in the index"),
+    ];
+    for (args, needle) in cases {
+        let out = ragtune(index).args(args).output().expect("run");
+        assert!(!out.status.success(), "{args:?} must fail");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+}
+
+/// `finetune --out` on a trained adapter is refused without `--overwrite`, and nothing in
+/// it changes (a 1-step run used to replace the shipped adapter's weights and log).
+#[test]
+fn finetune_refuses_to_replace_a_trained_adapter() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out_dir = tmp.path().join("adapter");
+    std::fs::create_dir_all(&out_dir).expect("mkdir");
+    let shipped = util::repo().join("models/adapters/licenses-lora");
+    for name in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(shipped.join(name), out_dir.join(name)).expect("copy");
+    }
+    let data = tmp.path().join("train.jsonl");
+    std::fs::write(
+        &data,
+        r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}"#,
+    )
+    .expect("write");
+    let before = std::fs::read(out_dir.join("adapter_model.safetensors")).expect("read");
+    let out = ragtune(tmp.path())
+        .args(["finetune", "--max-steps", "1", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--overwrite"), "{stderr}");
+    assert_eq!(
+        std::fs::read(out_dir.join("adapter_model.safetensors")).expect("read"),
+        before
+    );
+}
+
+/// A temporary file left by a writer that crashed (its pid is gone) is swept by the next
+/// update; the index is unharmed.
+#[test]
+fn stale_temporary_files_are_swept_by_the_next_update() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let index = tmp.path().join("index");
+    copy_index(&index);
+    // pid 0 is never a running user process.
+    let stale = index.join("seg-000099.vectors.0-7.tmp");
+    std::fs::write(&stale, vec![0u8; 4096]).expect("write");
+    let before = documents(&index);
+    let out = ragtune(&index)
+        .args(["index", "delete", "zlib"])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!stale.exists(), "the stale temporary file is swept");
+    assert_eq!(documents(&index), before - 1);
+}
