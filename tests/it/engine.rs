@@ -352,3 +352,70 @@ fn prefix_caching_gives_the_same_answers() {
         assert_eq!(a.text, b.text, "{mode} {q}");
     }
 }
+
+/// The README's example questions, answered by the shipped adapter (`hybrid`) and by the
+/// base model (`rag`) with the default settings (k = 2, hybrid retrieval, greedy) over the
+/// subset index, whose look-alikes (`mit-license-1998`, `mit-1995`, `gpl-3.0-plus`,
+/// `apache-1.1`) are the sources that used to win. SPDX ids compare case-insensitively
+/// (SPDX License List: identifiers are case-insensitive); "MIT" must be the whole id.
+#[test]
+fn the_readme_questions_are_answered_right_in_hybrid_and_rag() {
+    let shipped = util::repo().join("models/adapters/licenses-lora");
+    let encoder = SentenceEncoder::load(util::package(Role::Embedder)).expect("MiniLM");
+    let index = util::subset_index().index.clone();
+    let retriever = Retriever::with_encoder(encoder, &index).expect("subset index");
+    let gguf = gguf();
+    let model = LlamaModel::from_gguf(&gguf).expect("model");
+    let adapter = LoraAdapter::load(&shipped, &model).expect("the shipped adapter");
+    let config = EngineConfig {
+        models_dir: util::fetch_config().models_dir,
+        index,
+        default_adapter: Some("licenses-lora".into()),
+        adapters: BTreeMap::from([("licenses-lora".into(), shipped)]),
+        ..EngineConfig::default()
+    };
+    let adapters = BTreeMap::from([("licenses-lora".to_string(), adapter)]);
+    let e = Engine::from_parts(retriever, model, &gguf, adapters, config).expect("engine");
+    let spdx = |want: &'static str| {
+        move |a: &str| {
+            a.split_whitespace()
+                .map(|w| w.trim_matches(|c: char| "\"'.,;:()[]".contains(c)))
+                .any(|w| w.eq_ignore_ascii_case(want))
+        }
+    };
+    type Check = Box<dyn Fn(&str) -> bool>;
+    let cases: [(&str, &str, Check); 3] = [
+        (
+            "What is the SPDX id of the MIT license?",
+            "mit",
+            Box::new(spdx("MIT")),
+        ),
+        (
+            "What is the SPDX identifier of the Apache License 2.0?",
+            "apache-2.0",
+            Box::new(spdx("Apache-2.0")),
+        ),
+        (
+            "Is the GPL 3.0 a copyleft license?",
+            "gpl-3.0",
+            Box::new(|a: &str| {
+                let a = a.to_lowercase();
+                a.contains("copyleft") && !a.contains("not a copyleft") && !a.contains("is not")
+            }),
+        ),
+    ];
+    for mode in [Mode::Hybrid, Mode::Rag] {
+        for (question, doc, ok) in &cases {
+            let mut r = Request::new(*question, mode);
+            r.max_tokens = Some(48);
+            let a = e.answer(&r).expect("answer");
+            assert_eq!(a.sources.len(), 2, "{mode}: the default k");
+            assert!(
+                a.sources.iter().any(|s| s.doc_id == *doc),
+                "{mode}: {question}: {doc} not among {:?}",
+                a.sources.iter().map(|s| &s.doc_id).collect::<Vec<_>>()
+            );
+            assert!(ok(&a.text), "{mode}: {question} -> {:?}", a.text);
+        }
+    }
+}

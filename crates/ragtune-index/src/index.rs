@@ -229,8 +229,7 @@ impl Segment {
         for (t, list) in &map.terms {
             for &(f, row, _) in list {
                 let n = u64::from(map.field_docs[f as usize].0);
-                *field_idf.entry((f, row)).or_insert(0.0) +=
-                    lexical::idf(n, df[&(f, t.as_str())]);
+                *field_idf.entry((f, row)).or_insert(0.0) += lexical::idf(n, df[&(f, t.as_str())]);
             }
         }
         map.field_idf = field_idf;
