@@ -286,11 +286,16 @@ pub struct DataOptions {
     pub closed_per_fact: usize,
     /// Retrieval hits searched per question (default 8).
     pub candidates: usize,
-    /// Sources in a retrieval prompt (default: the engine's `k`, 4).
+    /// Sources in a retrieval prompt (default 4, the number the shipped adapter was trained
+    /// with: more than the engine's default k = 2, so that it learns to pick the right source
+    /// among look-alikes).
     pub sources: usize,
     /// At most this many chunks of one document among the sources (default: the engine's, 2).
     pub max_chunks_per_doc: usize,
 }
+
+/// Sources per retrieval-augmented training example by default.
+pub const TRAIN_SOURCES: usize = 4;
 
 impl Default for DataOptions {
     fn default() -> Self {
@@ -301,7 +306,7 @@ impl Default for DataOptions {
             rag_per_license: 2,
             closed_per_fact: 2,
             candidates: 8,
-            sources: engine.k,
+            sources: TRAIN_SOURCES,
             max_chunks_per_doc: engine.max_chunks_per_doc,
         }
     }
