@@ -253,3 +253,98 @@ fn stale_temporary_files_are_swept_by_the_next_update() {
     assert!(!stale.exists(), "the stale temporary file is swept");
     assert_eq!(documents(&index), before - 1);
 }
+
+/// Every command resolves its settings the same way (flags > environment > ragtune.toml >
+/// defaults): `index`, `models_dir` and `gguf` from the file are honoured by `index`,
+/// `search`, `ingest` and `generate`; a file that is not TOML fails every command; a
+/// `default_adapter` that names nothing is an error, not ignored.
+#[test]
+fn every_command_honours_the_configuration_file() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let index = tmp.path().join("configured-index");
+    copy_index(&index);
+    let models = util::fetch_config().models_dir;
+    let config = tmp.path().join("ragtune.toml");
+    let write_config = |extra: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "models_dir = {:?}\nindex = {:?}\n{extra}",
+                models.display().to_string(),
+                index.display().to_string()
+            ),
+        )
+        .expect("write config");
+    };
+    write_config("");
+    // Run from an empty working directory, so no default path could be the one used.
+    let work = tmp.path().join("cwd");
+    std::fs::create_dir_all(&work).expect("mkdir");
+    let cmd = |args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_ragtune"));
+        c.current_dir(&work)
+            .env_remove("RAGTUNE_INDEX")
+            .env_remove("RAGTUNE_MODELS")
+            .arg("--quiet")
+            .arg("--config")
+            .arg(&config)
+            .args(args);
+        c.output().expect("run")
+    };
+    let out = cmd(&["index", "info"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(info["path"], index.display().to_string());
+
+    let out = cmd(&["search", "--format", "json", "-k", "1", "zlib license"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["hits"][0]["doc_id"], "zlib");
+
+    let corpus = tmp.path().join("more");
+    util::copy_subset(&corpus, &["afl-3.0"]);
+    let before = documents(&index);
+    let out = cmd(&["ingest", "--add", corpus.to_str().expect("utf-8")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        documents(&index),
+        before + 1,
+        "ingest --add wrote the configured index"
+    );
+    assert!(!work.join("index").exists() && !work.join("models").exists());
+
+    write_config("gguf = \"/nonexistent/model.gguf\"\n");
+    let out = cmd(&["generate", "--max-tokens", "1", "hello"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/nonexistent/model.gguf"), "{stderr}");
+
+    write_config("default_adapter = \"nope\"\n");
+    let out = cmd(&["ask", "--mode", "rag", "What is MIT?"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("nope"), "{stderr}");
+
+    std::fs::write(&config, [0xffu8, 0xfe, 0x00, 0x13, 0x37]).expect("write");
+    for args in [&["search", "MIT"][..], &["index", "info"][..]] {
+        let out = cmd(args);
+        assert!(
+            !out.status.success(),
+            "{args:?} must refuse a broken config file"
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("ragtune.toml"), "{args:?}: {stderr}");
+    }
+}

@@ -55,6 +55,9 @@ mod session;
 mod tokenizer;
 mod weight;
 
+#[cfg(test)]
+mod fuzz_tests;
+
 pub use attention::KvCache;
 /// The candle version this crate is built on: [`LlamaModel::forward`] returns its `Tensor`.
 pub use candle_core;

@@ -1006,6 +1006,46 @@ mod tests {
         }
     }
 
+    /// Values a diverged run or a damaged file can hold are refused on load, naming what is
+    /// wrong (they used to give empty answers with exit 0).
+    #[test]
+    fn non_finite_weights_a_huge_alpha_and_other_peft_types_are_refused() {
+        let (config, mut t) = all(2);
+        let name = TargetModule::VProj.tensor_name(1, Factor::B);
+        let shape = t[&name].dims2().expect("2-d");
+        let mut v = vec![0.1f32; shape.0 * shape.1];
+        v[3] = f32::NAN;
+        t.insert(
+            name.clone(),
+            Tensor::from_vec(v, shape, &Device::Cpu).expect("t"),
+        );
+        match build(config.clone(), t) {
+            Err(Error::AdapterTensorValues { tensor, detail }) => {
+                assert_eq!(tensor, name);
+                assert!(detail.contains("1 values"), "{detail}");
+            }
+            other => panic!("expected AdapterTensorValues, got {other:?}"),
+        }
+        let (mut config, t) = all(2);
+        config.lora_alpha = 1e300;
+        match build(config, t) {
+            Err(Error::AdapterConfigValue { key, .. }) => assert_eq!(key, "lora_alpha"),
+            other => panic!("expected AdapterConfigValue, got {other:?}"),
+        }
+        let (mut config, t) = all(2);
+        config
+            .other
+            .insert("peft_type".into(), "PREFIX_TUNING".into());
+        match build(config, t) {
+            Err(Error::Unsupported { what }) => assert!(what.contains("PREFIX_TUNING"), "{what}"),
+            other => panic!("expected Unsupported, got {other:?}"),
+        }
+        // PEFT's own value is accepted.
+        let (mut config, t) = all(2);
+        config.other.insert("peft_type".into(), "LORA".into());
+        build(config, t).expect("a LoRA adapter");
+    }
+
     #[test]
     fn layers_to_transform_limits_the_layers() {
         let mut config = LoraConfig::new(2, 4.0, &[TargetModule::DownProj]);

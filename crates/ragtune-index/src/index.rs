@@ -921,10 +921,18 @@ impl Index {
                     }
                 }
             };
-            hits.extend(found.into_iter().take(k).map(|(score, row)| Hit {
-                id: ids[row as usize],
-                score,
-            }));
+            // A stored vector with NaN or infinite components (a crafted file: `add` refuses
+            // them) has no meaningful score; it is never a hit, rather than ranking first.
+            hits.extend(
+                found
+                    .into_iter()
+                    .filter(|(score, _)| score.is_finite())
+                    .take(k)
+                    .map(|(score, row)| Hit {
+                        id: ids[row as usize],
+                        score,
+                    }),
+            );
         }
         hits.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
         hits.truncate(k);

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use ragtune_index::synthetic::clustered;
 use ragtune_index::{
-    Directory, Error, Filter, FsDirectory, HnswParams, Index, RamDirectory, SearchParams,
+    Directory, Error, Filter, FsDirectory, HnswParams, Index, RamDirectory, SearchParams, MANIFEST,
 };
 use util::*;
 
@@ -743,4 +743,58 @@ fn a_file_truncated_under_an_open_reader_is_an_error_not_a_crash() {
         assert!(err.to_string().contains("truncated"), "{ext}: {err}");
         std::fs::write(dir.join(&name), &keep).expect("restore");
     }
+}
+
+/// A vectors file holding NaN (crafted, with valid checksums: `add` refuses such vectors)
+/// never puts that chunk first with a `null` score: it is not a hit at all.
+#[test]
+fn nan_vectors_in_a_crafted_file_are_never_hits() {
+    let dir = RamDirectory::new();
+    let shared: Arc<dyn Directory> = Arc::new(dir.clone());
+    let dim = 4;
+    let vecs = clustered(10, dim, 2, 0.2, 1);
+    Index::create_in(
+        shared.clone(),
+        embedder(dim),
+        HnswParams::default(),
+        records(10, 5),
+        &vecs,
+    )
+    .expect("create");
+    let name = dir
+        .list()
+        .expect("list")
+        .into_iter()
+        .find(|n| n.ends_with(".vectors"))
+        .expect("vectors");
+    let mut b = dir.open_read(&name).expect("read").to_vec();
+    let at = ragtune_index::HEADER_LEN + 3 * dim * 4; // row 3
+    for i in 0..dim {
+        b[at + 4 * i..at + 4 * i + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    }
+    let crc = crc32fast::hash(&b[ragtune_index::HEADER_LEN..]);
+    b[24..28].copy_from_slice(&crc.to_le_bytes());
+    let hcrc = crc32fast::hash(&b[0..60]);
+    b[60..64].copy_from_slice(&hcrc.to_le_bytes());
+    dir.write_raw(&name, &b);
+    let m = dir.open_read(MANIFEST).expect("manifest").to_vec();
+    let text = String::from_utf8(m).expect("utf-8");
+    let body = &text[..text.rfind("\ncrc32 ").expect("trailer")];
+    let mut v: serde_json::Value = serde_json::from_str(body).expect("json");
+    v["segments"][0]["vectors"]["crc32"] = crc.into();
+    let body = serde_json::to_string_pretty(&v).expect("json");
+    let trailer = crc32fast::hash(body.as_bytes());
+    dir.write_raw(
+        MANIFEST,
+        format!("{body}\ncrc32 {trailer:08x}\n").as_bytes(),
+    );
+    let ix = Index::open_in(shared, &embedder(dim)).expect("opens: the checksums are valid");
+    let hits = ix
+        .search(&vecs[3 * dim..4 * dim], &SearchParams::top(10))
+        .expect("search");
+    assert_eq!(hits.len(), 9);
+    assert!(
+        hits.iter().all(|h| h.id != 3 && h.score.is_finite()),
+        "{hits:?}"
+    );
 }
