@@ -257,6 +257,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
                     }
                     (Format::Json, Err(e)) => {
                         failures += 1;
+                        eprintln!("error: {e:#}");
                         let j = JsonError {
                             question: &line,
                             error: format!("{e:#}"),
