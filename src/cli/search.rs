@@ -2,7 +2,6 @@
 
 use std::io::Write;
 
-use anyhow::Context as _;
 use ragtune::retrieve::{Query, RetrievalMode, Retriever, SearchResult};
 use ragtune_embed::SentenceEncoder;
 use ragtune_index::Filter;
@@ -90,14 +89,9 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         );
     }
     let config = ctx.engine_config(None)?;
-    let retriever = Retriever::with_encoder(encoder, &ctx.index)
-        .with_context(|| {
-            format!(
-                "opening the index at {} (build it with `ragtune ingest`, or pass --index)",
-                ctx.index.display()
-            )
-        })?
-        .with_config(config.retrieval)?;
+    // The index's own errors name the path and say what to do; no context on top, which
+    // would say it twice.
+    let retriever = Retriever::with_encoder(encoder, &ctx.index)?.with_config(config.retrieval)?;
     if let Some(notice) = retriever.lexical_notice() {
         eprintln!("{notice}");
     }
