@@ -5,17 +5,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use crate::util;
-
-fn ragtune(index: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ragtune"));
-    cmd.arg("--quiet")
-        .arg("--models-dir")
-        .arg(util::fetch_config().models_dir)
-        .arg("--index")
-        .arg(index);
-    cmd
-}
+use crate::util::{self, ragtune};
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).expect("mkdir");

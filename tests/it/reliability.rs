@@ -6,20 +6,7 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use crate::util;
-
-fn ragtune(index: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ragtune"));
-    cmd.arg("--quiet")
-        .arg("--models-dir")
-        .arg(util::fetch_config().models_dir)
-        .arg("--index")
-        .arg(index)
-        // A ragtune.toml in the working directory must not change what these tests run.
-        .arg("--config")
-        .arg("/nonexistent/ragtune.toml");
-    cmd
-}
+use crate::util::{self, ragtune};
 
 fn copy_index(to: &Path) {
     std::fs::create_dir_all(to).expect("mkdir");

@@ -135,3 +135,17 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
     let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
     dot / (na * nb)
 }
+
+/// The `ragtune` binary on the pinned models and `index`, isolated from any `ragtune.toml`
+/// in the working directory (`--config` names a file that does not exist).
+pub fn ragtune(index: &Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ragtune"));
+    cmd.arg("--quiet")
+        .arg("--models-dir")
+        .arg(fetch_config().models_dir)
+        .arg("--index")
+        .arg(index)
+        .arg("--config")
+        .arg("/nonexistent/ragtune.toml");
+    cmd
+}

@@ -65,6 +65,16 @@ struct PhraseMap {
     field_idf: HashMap<(u16, u32), f32>,
 }
 
+impl PhraseMap {
+    /// The weight of each of this segment's fields in `fields` (0 when not named).
+    fn weights(&self, fields: &[(String, f32)]) -> Vec<f32> {
+        self.fields
+            .iter()
+            .map(|f| fields.iter().find(|(n, _)| n == f).map_or(0.0, |&(_, w)| w))
+            .collect()
+    }
+}
+
 impl Segment {
     fn rows(&self) -> usize {
         self.chunks.len()
@@ -236,6 +246,18 @@ impl Segment {
         Ok(self.phrases.get_or_init(|| map))
     }
 
+    /// The best `k` of `scored` `(score, row)` pairs of this segment as hits (stable ids).
+    fn top_hits(&self, scored: Vec<(f32, u32)>, k: usize) -> Result<Vec<Hit>> {
+        let ids = self.chunks.ids()?;
+        Ok(top_rows(scored, k)
+            .into_iter()
+            .map(|(score, row)| Hit {
+                id: ids[row as usize],
+                score,
+            })
+            .collect())
+    }
+
     /// Rows allowed by the filter and not deleted, as a bitset; `None` = every live row.
     fn allowed(&self, filter: Option<&Filter>) -> Result<Option<Vec<u64>>> {
         match filter {
@@ -257,6 +279,13 @@ impl Segment {
             None => !self.is_deleted(row),
         }
     }
+}
+
+/// The best `k` of hits gathered from several segments: score descending, then id.
+fn best_hits(mut hits: Vec<Hit>, k: usize) -> Vec<Hit> {
+    hits.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
+    hits.truncate(k);
+    hits
 }
 
 /// Best `k` of `(score, row)` pairs, score descending then row ascending.
@@ -934,9 +963,7 @@ impl Index {
                     }),
             );
         }
-        hits.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
-        hits.truncate(k);
-        Ok(hits)
+        Ok(best_hits(hits, k))
     }
 
     /// Top-`k` chunks by BM25 over their analyzed text ([`crate::lexical`]), best first;
@@ -1007,15 +1034,9 @@ impl Index {
                 .filter(|&(r, &sc)| sc > 0.0 && seg.accepts(&allowed, r as u32))
                 .map(|(r, &sc)| (sc, r as u32))
                 .collect();
-            let sids = seg.chunks.ids()?;
-            hits.extend(top_rows(scored, k).into_iter().map(|(score, row)| Hit {
-                id: sids[row as usize],
-                score,
-            }));
+            hits.extend(seg.top_hits(scored, k)?);
         }
-        hits.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
-        hits.truncate(k);
-        Ok(hits)
+        Ok(best_hits(hits, k))
     }
 
     /// Documents whose identifier fields occur verbatim in `query`: for each metadata field
@@ -1046,11 +1067,7 @@ impl Index {
                 continue;
             }
             let phrases = seg.phrases()?;
-            let weight: Vec<f32> = phrases
-                .fields
-                .iter()
-                .map(|f| fields.iter().find(|(n, _)| n == f).map_or(0.0, |&(_, w)| w))
-                .collect();
+            let weight = phrases.weights(fields);
             if weight.iter().all(|&w| w <= 0.0) {
                 continue;
             }
@@ -1077,20 +1094,10 @@ impl Index {
                     }
                 }
             }
-            let sids = seg.chunks.ids()?;
             let scored: Vec<(f32, u32)> = score.into_iter().map(|(r, sc)| (sc, r)).collect();
-            hits.extend(
-                top_rows(scored, params.k)
-                    .into_iter()
-                    .map(|(score, row)| Hit {
-                        id: sids[row as usize],
-                        score,
-                    }),
-            );
+            hits.extend(seg.top_hits(scored, params.k)?);
         }
-        hits.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
-        hits.truncate(params.k);
-        Ok(hits)
+        Ok(best_hits(hits, params.k))
     }
 
     /// The metadata keys present on any chunk, with [`DOC_ID_KEY`]: what a [`Filter`] can
@@ -1138,11 +1145,7 @@ impl Index {
                 continue;
             }
             let pm = seg.phrases()?;
-            let weight: Vec<f32> = pm
-                .fields
-                .iter()
-                .map(|f| fields.iter().find(|(n, _)| n == f).map_or(0.0, |&(_, w)| w))
-                .collect();
+            let weight = pm.weights(fields);
             let allowed = seg.allowed(params.filter.as_ref())?;
             // (field, row) -> (BM25, matched idf)
             let mut matched: HashMap<(u16, u32), (f32, f32)> = HashMap::new();
@@ -1180,24 +1183,14 @@ impl Index {
                     *score.entry(row).or_insert(0.0) += bm25 * coverage;
                 }
             }
-            let sids = seg.chunks.ids()?;
             let scored: Vec<(f32, u32)> = score
                 .into_iter()
                 .filter(|&(_, sc)| sc > 0.0)
                 .map(|(r, sc)| (sc, r))
                 .collect();
-            hits.extend(
-                top_rows(scored, params.k)
-                    .into_iter()
-                    .map(|(score, row)| Hit {
-                        id: sids[row as usize],
-                        score,
-                    }),
-            );
+            hits.extend(seg.top_hits(scored, params.k)?);
         }
-        hits.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
-        hits.truncate(params.k);
-        Ok(hits)
+        Ok(best_hits(hits, params.k))
     }
 
     /// Segments that have no lexical postings (written before lexical search existed); their
