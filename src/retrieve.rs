@@ -53,9 +53,10 @@ impl Query {
 pub enum RetrievalMode {
     /// Embedding similarity only (HNSW over the chunk vectors).
     Dense,
-    /// BM25 over the chunk text, fused with identifier matches; no embedding.
+    /// BM25 over the chunk text, identifier matches and BM25 over the identifier fields,
+    /// fused by RRF; no embedding.
     Lexical,
-    /// Dense, BM25 and identifier matches, fused by RRF.
+    /// The dense list and the three lexical ones, fused by RRF.
     #[default]
     Hybrid,
 }
@@ -269,12 +270,17 @@ impl Retriever {
     /// A notice for the user when the index cannot serve lexical search in full (built before
     /// lexical postings existed), saying how to add them; `None` when it can.
     pub fn lexical_notice(&self) -> Option<String> {
+        self.missing_lexical("their chunks are found by dense search only")
+    }
+
+    /// "The index has N segment(s) without lexical postings ...: `consequence`; run ...".
+    fn missing_lexical(&self, consequence: &str) -> Option<String> {
         let missing = self.index.lexical_missing();
         (missing > 0).then(|| {
             format!(
                 "the index has {missing} segment(s) without lexical postings (built by an older \
-                 ragtune): their chunks are found by dense search only; run `ragtune index \
-                 upgrade` to add them (no re-embedding), or re-run `ragtune ingest`"
+                 ragtune): {consequence}; run `ragtune index upgrade` to add them (no \
+                 re-embedding), or re-run `ragtune ingest`"
             )
         })
     }
@@ -306,14 +312,10 @@ impl Retriever {
             self.check_filter(f)?;
         }
         let mut mode = query.mode.unwrap_or(self.config.mode);
-        let all_lexical = self.index.lexical_missing() == 0;
-        if mode == RetrievalMode::Lexical && !all_lexical {
-            return Err(Error::InvalidRequest(
-                self.lexical_notice().unwrap_or_default().replace(
-                    "their chunks are found by dense search only",
-                    "lexical search needs them",
-                ),
-            ));
+        if mode == RetrievalMode::Lexical {
+            if let Some(why) = self.missing_lexical("lexical search needs them") {
+                return Err(Error::InvalidRequest(why));
+            }
         }
         if mode == RetrievalMode::Hybrid
             && self.index.lexical_missing() == self.index.stats().segments
