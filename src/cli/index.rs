@@ -51,6 +51,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
                 "dim": index.dim(),
                 "embedder": index.embedder(),
                 "hnsw": index.params(),
+                "segments_without_lexical": index.lexical_missing(),
             });
             let mut out = std::io::stdout().lock();
             writeln!(out, "{}", serde_json::to_string_pretty(&info)?)?;
