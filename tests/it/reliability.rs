@@ -342,3 +342,49 @@ fn every_command_honours_the_configuration_file() {
         assert!(stderr.contains("ragtune.toml"), "{args:?}: {stderr}");
     }
 }
+
+/// An empty file is skipped with its reason, not counted as indexed; a chat session in which
+/// every question failed exits non-zero (it exited 0).
+#[test]
+fn empty_files_are_skipped_and_an_all_failed_chat_fails() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let corpus = tmp.path().join("corpus");
+    util::copy_subset(&corpus, &["zlib"]);
+    std::fs::write(corpus.join("empty.md"), "").expect("write");
+    let index = tmp.path().join("index");
+    let out = ragtune(&index)
+        .arg("ingest")
+        .arg(&corpus)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("empty.md") && stderr.contains("empty file"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("indexed 1 documents"), "{stderr}");
+    assert_eq!(documents(&index), 1);
+
+    let mut child = ragtune(&index)
+        .args(["chat", "--mode", "rag", "--no-history-file"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"\xff\xfe\n")
+        .expect("write");
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "every question failed: {stderr}");
+    assert!(stderr.contains("line 1 is not valid UTF-8"), "{stderr}");
+}
