@@ -176,18 +176,7 @@ fn index_delete_and_compact_through_the_cli() {
     let tmp = tempfile::tempdir().expect("tmp");
     let index = tmp.path().join("index");
     copy_dir(&util::subset_index().index, &index);
-    let info = |index: &Path| -> serde_json::Value {
-        let out = ragtune(index)
-            .args(["index", "info"])
-            .output()
-            .expect("run");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("json")
-    };
+    let info = util::index_info;
     let before = info(&index);
     assert_eq!(before["documents"], util::SUBSET.len());
     assert_eq!(before["tombstones"], 0);

@@ -17,17 +17,9 @@ fn copy_index(to: &Path) {
 }
 
 fn documents(index: &Path) -> u64 {
-    let out = ragtune(index)
-        .args(["index", "info"])
-        .output()
-        .expect("run");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    v["documents"].as_u64().expect("documents")
+    util::index_info(index)["documents"]
+        .as_u64()
+        .expect("documents")
 }
 
 /// Two `ingest --add` processes started together both land: the writer lock serialises

@@ -149,3 +149,17 @@ pub fn ragtune(index: &Path) -> std::process::Command {
         .arg("/nonexistent/ragtune.toml");
     cmd
 }
+
+/// `ragtune index info` of `index` as JSON (the command must succeed).
+pub fn index_info(index: &Path) -> serde_json::Value {
+    let out = ragtune(index)
+        .args(["index", "info"])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json")
+}
