@@ -368,16 +368,16 @@ impl Retriever {
                 (&by_fields[..], cfg.field_weight),
             ];
             if cfg.fuse_documents {
-                let mut doc_of: HashMap<u64, String> = HashMap::new();
+                let mut doc_of: HashMap<u64, &str> = HashMap::new();
                 for (list, _) in &lists {
                     for h in list.iter() {
                         if let std::collections::hash_map::Entry::Vacant(e) = doc_of.entry(h.id) {
-                            e.insert(self.index.chunk(h.id)?.doc_id);
+                            e.insert(self.index.doc_id(h.id)?);
                         }
                     }
                 }
                 ragtune_index::rrf_by_doc(&lists, cfg.rrf_k, query.k, |id| {
-                    doc_of.get(&id).cloned().unwrap_or_default()
+                    doc_of.get(&id).copied().unwrap_or_default()
                 })
             } else {
                 ragtune_index::rrf(&lists, cfg.rrf_k, query.k)

@@ -9,11 +9,7 @@ use std::process::{Command, Stdio};
 use crate::util::{self, ragtune};
 
 fn copy_index(to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for e in std::fs::read_dir(&util::subset_index().index).expect("subset index") {
-        let e = e.expect("entry");
-        std::fs::copy(e.path(), to.join(e.file_name())).expect("copy");
-    }
+    util::copy_dir(&util::subset_index().index, to);
 }
 
 fn documents(index: &Path) -> u64 {

@@ -211,11 +211,7 @@ fn readme_questions_rank_the_named_license_first() {
 fn an_index_without_lexical_postings_searches_dense_and_upgrades() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path().join("old");
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    for e in std::fs::read_dir(&util::subset_index().index).expect("subset index") {
-        let e = e.expect("entry");
-        std::fs::copy(e.path(), dir.join(e.file_name())).expect("copy");
-    }
+    util::copy_dir(&util::subset_index().index, &dir);
     // Make it an old index: drop the lexical files and their manifest entries.
     let manifest_path = dir.join(ragtune_index::MANIFEST);
     let text = std::fs::read_to_string(&manifest_path).expect("manifest");

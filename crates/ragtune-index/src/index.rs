@@ -1215,6 +1215,24 @@ impl Index {
         Err(Error::UnknownChunk { id })
     }
 
+    /// The document of chunk `id`, without decoding its record (from the segment's document
+    /// table, built once per segment).
+    ///
+    /// # Errors
+    /// [`Error::UnknownChunk`] if no live chunk has that id.
+    pub fn doc_id(&self, id: u64) -> Result<&str> {
+        for seg in &self.segments {
+            if let Some(row) = seg.row_of(id)? {
+                if seg.is_deleted(row as u32) {
+                    break;
+                }
+                let meta = seg.meta()?;
+                return Ok(&meta.docs[meta.doc_of_row[row] as usize]);
+            }
+        }
+        Err(Error::UnknownChunk { id })
+    }
+
     /// The stored (unit-norm) vector of chunk `id`: `dim` f32.
     ///
     /// # Errors

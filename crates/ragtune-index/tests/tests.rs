@@ -590,7 +590,11 @@ fn lexical_and_identifier_search_through_updates() {
         let mut ix = Index::create_in(dir.clone(), embedder(8), HnswParams::default(), recs, &vecs)
             .expect("create");
         assert_eq!(ix.lexical_missing(), 0);
-        let doc = |ix: &Index, h: &ragtune_index::Hit| ix.chunk(h.id).expect("chunk").doc_id;
+        let doc = |ix: &Index, h: &ragtune_index::Hit| {
+            let d = ix.chunk(h.id).expect("chunk").doc_id;
+            assert_eq!(ix.doc_id(h.id).expect("doc_id"), d);
+            d
+        };
         let p = SearchParams::top(4);
 
         // An identifier is matched whole; its parts match too.
