@@ -9,7 +9,7 @@ REPEAT times so machine noise hits both. Needs the anchors venv (numpy, hnswlib 
     python benches/ann_side_by_side.py BASE.npy QUERIES.npy [--repeat 3]
 
 To get the vectors: `ragtune ingest`, then `ragtune embed --npy QUERIES.npy < queries.txt`, and
-`cargo run --release -p ragtune-index --example ann_bench -- index/licenses QUERIES.npy
+`cargo run --release -p ragtune-index --example ann_bench -- index/licensedb QUERIES.npy
 --export-base BASE.npy`.
 """
 import argparse

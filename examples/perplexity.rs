@@ -9,11 +9,12 @@
 //! - the answers of `DEV_JSONL` (chat examples; loss on assistant tokens only), if given;
 //! - license text: the first 256 tokens of the bodies of `N_LICENSES` (default 40) dev-split
 //!   licenses (seen licenses held out of training: `sha256("dev:" + key)[0] < 13`, as
-//!   `ragtune::train_data` splits) and of as many fresh licenses (never in training data).
+//!   `ragtune::licensedb::train_data` splits) and of as many fresh licenses (never in training data).
 
 use std::path::Path;
 
-use ragtune::corpus::{is_fresh, read_corpus, CorpusOptions};
+use ragtune::corpus::read_corpus;
+use ragtune::licensedb::{corpus_options, is_fresh};
 use ragtune_generate::candle_core::D;
 use ragtune_generate::{
     read_gguf, ChatTemplate, LlamaModel, LoraAdapter, SpecialTokens, Tokenizer, WeightFormat,
@@ -78,7 +79,7 @@ fn main() -> anyhow::Result<()> {
             items,
         ));
     }
-    let corpus = read_corpus(Path::new(LICENSES), &CorpusOptions::default())?;
+    let corpus = read_corpus(Path::new(LICENSES), &corpus_options())?;
     let mut docs: Vec<_> = corpus
         .documents
         .iter()

@@ -4,19 +4,20 @@
 //! What is skipped, and reported with the file's path and the reason: files with other
 //! extensions (silently), files larger than [`CorpusOptions::max_file_bytes`], binary files
 //! (a NUL byte in the first 8 KiB), files that are not UTF-8, files whose front matter does
-//! not parse, and LicenseDB licenses marked `is_deprecated: yes` unless
-//! [`CorpusOptions::include_deprecated`]. Nothing is written while reading.
+//! not parse, and documents that a [`SkipRule`] of the profile names (the LicenseDB profile
+//! skips licenses marked `is_deprecated: yes`). Nothing is written while reading.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use crate::profile::SkipRule;
 use crate::{Error, Result};
 
 /// One document of the corpus.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Document {
-    /// The file stem (for the LicenseDB: the license key, e.g. `apache-2.0`).
+    /// The file stem (e.g. `apache-2.0` for `apache-2.0.LICENSE`).
     pub doc_id: String,
     /// Where it was read from.
     pub path: PathBuf,
@@ -33,35 +34,6 @@ impl Document {
     pub fn body(&self) -> &str {
         &self.text[self.body_start..]
     }
-
-    /// A short record of the license's facts in words (name, SPDX id, category, owner), so
-    /// that questions about those facts can be retrieved. `None` when the document has none
-    /// of these fields.
-    pub fn metadata_record(&self) -> Option<String> {
-        let m = &self.metadata;
-        let name = m.get("name").or_else(|| m.get("short_name"));
-        let fields = [
-            ("short name", m.get("short_name")),
-            ("SPDX license identifier", m.get("spdx_license_key")),
-            ("category", m.get("category")),
-            ("owner", m.get("owner")),
-        ];
-        if name.is_none() && fields.iter().all(|(_, v)| v.is_none()) {
-            return None;
-        }
-        let mut out = format!(
-            "{} (license key {})",
-            name.map(String::as_str).unwrap_or(&self.doc_id),
-            self.doc_id
-        );
-        for (label, value) in fields {
-            if let Some(v) = value {
-                out.push_str(&format!(". The {label} is {v}"));
-            }
-        }
-        out.push('.');
-        Some(out)
-    }
 }
 
 /// A file that was not read, and why.
@@ -76,8 +48,8 @@ pub struct Skipped {
 /// What to read.
 #[derive(Debug, Clone)]
 pub struct CorpusOptions {
-    /// Keep licenses marked `is_deprecated: yes` (default false).
-    pub include_deprecated: bool,
+    /// Documents left out by their metadata (default none; the profile's `skip` rules).
+    pub skip: Vec<SkipRule>,
     /// Files larger than this are skipped (default 8 MiB).
     pub max_file_bytes: u64,
     /// Extensions read (default `LICENSE`, `RULE`, `md`, `txt`).
@@ -87,7 +59,7 @@ pub struct CorpusOptions {
 impl Default for CorpusOptions {
     fn default() -> Self {
         CorpusOptions {
-            include_deprecated: false,
+            skip: Vec::new(),
             max_file_bytes: 8 << 20,
             extensions: ["LICENSE", "RULE", "md", "txt"].map(String::from).to_vec(),
         }
@@ -191,8 +163,8 @@ pub fn read_document(
         .ok_or_else(|| "file name is not UTF-8".to_string())?
         .to_string();
     let (metadata, body_start) = parse_front_matter(&text)?;
-    if !options.include_deprecated && metadata.get("is_deprecated").is_some_and(|v| is_yes(v)) {
-        return Err("deprecated license (is_deprecated: yes)".to_string());
+    if let Some(reason) = options.skip.iter().find_map(|r| r.applies(&metadata)) {
+        return Err(reason);
     }
     if text[body_start..].trim().is_empty() && metadata.is_empty() {
         return Err("empty file (no text and no front matter)".to_string());
@@ -204,10 +176,6 @@ pub fn read_document(
         body_start,
         metadata,
     })
-}
-
-fn is_yes(v: &str) -> bool {
-    matches!(v, "yes" | "true" | "Yes" | "True" | "YES" | "TRUE")
 }
 
 /// Splits YAML front matter (between a first line `---` and the next line `---`) from the
@@ -282,14 +250,6 @@ fn scalar(v: &serde_yaml_ng::Value) -> Option<String> {
     }
 }
 
-/// True when `key` is *fresh* (DESIGN.md, "the fresh split"): its sha256 in hex starts with
-/// `0` or `1`. Fresh licenses are never in fine-tuning data.
-pub fn is_fresh(key: &str) -> bool {
-    use sha2::Digest;
-    let digest = sha2::Sha256::digest(key.as_bytes());
-    digest[0] >> 4 <= 1
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -310,21 +270,5 @@ mod tests {
         assert_eq!(parse_front_matter("plain text").expect("ok").1, 0);
         assert!(parse_front_matter("---\nkey: a\nno close\n").is_err());
         assert!(parse_front_matter("---\nkey: [unclosed\n---\nbody").is_err());
-    }
-
-    #[test]
-    fn fresh_split_matches_sha256_prefix() {
-        // Hashes computed independently with `printf KEY | sha256sum`.
-        for key in [
-            "acroname-bdk",
-            "actuate-birt-ihub-ftype-sla",
-            "adi-bsd",
-            "adobe-general-tou",
-        ] {
-            assert!(is_fresh(key), "{key} hashes to 0.. or 1..");
-        }
-        for key in ["mit", "gpl-3.0", "apache-2.0", "bsd-new"] {
-            assert!(!is_fresh(key), "{key} hashes to 7.., 7.., 4.., c..");
-        }
     }
 }

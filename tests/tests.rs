@@ -21,6 +21,8 @@ mod generate_golden;
 mod generate_lora;
 #[path = "it/generate_model.rs"]
 mod generate_model;
+#[path = "it/generic_corpus.rs"]
+mod generic_corpus;
 #[path = "it/reliability.rs"]
 mod reliability;
 #[path = "it/retrieval.rs"]

@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use ragtune::engine::{Answer, Mode, Request};
-use ragtune::questions::{self, Kind, Question};
+use ragtune::licensedb::questions::{self, Kind, Question};
 use ragtune::util::write_atomic;
 use serde::Serialize;
 use sha2::Digest;
@@ -189,7 +189,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             max_tokens: args.max_tokens,
             sampling: "greedy",
             context_window: engine.config().context_window,
-            index: engine.config().index.display().to_string(),
+            index: engine.index_dir().display().to_string(),
             retrieval: args.retrieval.unwrap_or(engine.config().retrieval.mode),
             adapter,
         },

@@ -343,7 +343,10 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     let wall = started.elapsed().as_secs_f64();
     trainer.model().save_adapter(out, &args.base_name)?;
     plot_losses(&log_path, &out.join("loss.svg"))?;
+    let (profile, prompt_format_version) = trained_for(ctx, &args.data);
     let summary = json!({
+        "profile": profile,
+        "prompt_format_version": prompt_format_version,
         "base_gguf": gguf.display().to_string(),
         "base_sha256": base_sha256,
         "config": config,
@@ -373,6 +376,26 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         last_eval.map_or(String::new(), |l| format!(", eval loss {l:.4}"))
     );
     Ok(())
+}
+
+/// The profile and prompt-format version the examples in `data` were rendered with: the
+/// `profile` and `prompt_format_version` of the `stats.json` that `ragtune finetune-data`
+/// writes beside them, else the running profile and prompt format. The engine warns when an
+/// adapter's differ from its own (`ragtune::engine::adapter_mismatch`).
+fn trained_for(ctx: &Context, data: &Path) -> (String, u32) {
+    let stats: Option<serde_json::Value> = data
+        .parent()
+        .and_then(|dir| std::fs::read_to_string(dir.join("stats.json")).ok())
+        .and_then(|text| serde_json::from_str(&text).ok());
+    let field = |key: &str| stats.as_ref().and_then(|s| s.get(key).cloned());
+    let profile = field("profile")
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_else(|| ctx.profile.name.clone());
+    let version = field("prompt_format_version")
+        .and_then(|v| v.as_u64())
+        .and_then(|v| u32::try_from(v).ok())
+        .unwrap_or(ragtune::engine::PROMPT_FORMAT_VERSION);
+    (profile, version)
 }
 
 /// Draws train loss (per step) and eval loss (per evaluation) from `loss.jsonl` as an SVG.

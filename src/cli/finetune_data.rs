@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context as _;
-use ragtune::train_data::{self, DataOptions};
+use ragtune::licensedb::train_data::{self, DataOptions};
 
 use super::Context;
 

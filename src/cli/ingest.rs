@@ -10,8 +10,8 @@ use super::Context;
 /// Arguments of `ragtune ingest`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Folder of documents (.LICENSE/.RULE/.md/.txt) or one file; default: the LicenseDB
-    /// licenses.
+    /// Folder of documents (.LICENSE/.RULE/.md/.txt) or one file; default: the profile's
+    /// pinned corpus (the LicenseDB licenses).
     path: Option<PathBuf>,
     /// Chunk size in word pieces of the embedder's tokenizer.
     #[arg(long, default_value_t = ChunkParams::default().max_tokens)]
@@ -19,9 +19,10 @@ pub struct Args {
     /// Word pieces shared by consecutive chunks.
     #[arg(long, default_value_t = ChunkParams::default().overlap_tokens)]
     overlap_tokens: usize,
-    /// Also index licenses marked `is_deprecated: yes`.
-    #[arg(long)]
-    include_deprecated: bool,
+    /// Also index the documents that the profile's skip rules leave out (for the LicenseDB:
+    /// licenses marked `is_deprecated: yes`).
+    #[arg(long, alias = "include-deprecated")]
+    include_skipped: bool,
     /// Add the documents to the existing index (replacing documents with the same id)
     /// instead of rebuilding it.
     #[arg(long)]
@@ -40,9 +41,11 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             overlap_tokens: args.overlap_tokens,
         },
         add: args.add,
-        ..IngestOptions::default()
+        ..IngestOptions::for_profile(&ctx.profile)
     };
-    options.corpus.include_deprecated = args.include_deprecated;
+    if args.include_skipped {
+        options.corpus.skip.clear();
+    }
     if options.chunk.max_tokens + 2 > encoder.max_seq_len() {
         anyhow::bail!(
             "--chunk-tokens {} does not fit the encoder's window of {} word pieces ([CLS] and [SEP] included): use at most {}",

@@ -17,13 +17,14 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use ragtune::engine::{Engine, EngineConfig};
 use ragtune::fetch::{FetchConfig, Role};
+use ragtune::profile::Profile;
 use ragtune::progress::Progress;
 
 /// The adapter trained for the LicenseDB, used by default when present.
 const SHIPPED_ADAPTER: &str = "licenses-lora";
 
-/// The default index location, built from the LicenseDB on first use.
-const DEFAULT_INDEX: &str = "index/licenses";
+/// Where releases before profiles kept the LicenseDB index; moved to `index/licensedb`.
+const LEGACY_INDEX: &str = "index/licenses";
 
 /// ragtune: offline hybrid inference over a local corpus (default: the ScanCode LicenseDB).
 #[derive(Debug, Parser)]
@@ -45,9 +46,13 @@ pub struct GlobalArgs {
     /// A sentence-transformers model directory to use instead of the pinned MiniLM.
     #[arg(long, global = true, env = "RAGTUNE_EMBEDDER")]
     embedder: Option<PathBuf>,
-    /// The index directory [default: `index` of ragtune.toml, else index/licenses].
+    /// The index directory [default: `index` of ragtune.toml, else index/<profile>].
     #[arg(long, global = true, env = "RAGTUNE_INDEX")]
     index: Option<PathBuf>,
+    /// The corpus profile: `licensedb`, `generic`, or a profile TOML file [default: `profile`
+    /// of ragtune.toml, else licensedb].
+    #[arg(long, global = true, env = "RAGTUNE_PROFILE")]
+    profile: Option<String>,
     /// No progress bars.
     #[arg(long, short, global = true)]
     quiet: bool,
@@ -124,8 +129,10 @@ pub struct Context {
     config: EngineConfig,
     fetch: FetchConfig,
     embedder: Option<PathBuf>,
+    /// The corpus profile.
+    profile: Profile,
+    /// The index directory (`--index`, else the configured one, else `index/<profile>`).
     index: PathBuf,
-    index_is_default: bool,
     progress: Progress,
 }
 
@@ -141,21 +148,30 @@ impl Context {
             config.models_dir = m.clone();
         }
         if let Some(i) = &args.index {
-            config.index = i.clone();
+            config.index = Some(i.clone());
         }
         if let Some(e) = &args.embedder {
             config.embedder = Some(e.clone());
         }
+        if let Some(p) = &args.profile {
+            config.profile = p.clone();
+        }
+        let profile = config.resolve_profile()?;
+        let progress = if args.quiet {
+            // No bars, but notices still reach stderr.
+            Progress::hidden().with_notices(|line| eprintln!("{line}"))
+        } else {
+            Progress::stderr()
+        };
+        if config.index.is_none() {
+            move_legacy_index(&config.index_dir(&profile), &progress);
+        }
         Ok(Context {
             fetch: FetchConfig::new(&config.models_dir),
             embedder: config.embedder.clone(),
-            index: config.index.clone(),
-            index_is_default: config.index == std::path::Path::new(DEFAULT_INDEX),
-            progress: if args.quiet {
-                Progress::hidden()
-            } else {
-                Progress::stderr()
-            },
+            index: config.index_dir(&profile),
+            profile,
+            progress,
             config,
         })
     }
@@ -219,9 +235,40 @@ impl Context {
         Ok(Engine::open(self.engine_config(adapter)?, &self.progress)?)
     }
 
-    /// The default corpus folder: the LicenseDB licenses (fetched if missing).
+    /// The default corpus folder: the profile's pinned corpus (fetched if missing).
     fn default_corpus(&self) -> anyhow::Result<PathBuf> {
-        Ok(ragtune::fetch::ensure(&self.fetch, Role::Corpus, &self.progress)?.join("licenses"))
+        let Some(folder) = &self.profile.pinned_corpus else {
+            anyhow::bail!(
+                "profile `{}` has no pinned corpus: pass the folder of documents",
+                self.profile.name
+            );
+        };
+        Ok(ragtune::fetch::ensure(&self.fetch, Role::Corpus, &self.progress)?.join(folder))
+    }
+}
+
+/// Moves the LicenseDB index of releases before profiles (`index/licenses`) to `default`
+/// (`index/licensedb`) when only the old one exists, so that an upgrade does not rebuild it.
+fn move_legacy_index(default: &std::path::Path, progress: &Progress) {
+    let legacy = std::path::Path::new(LEGACY_INDEX);
+    if default != std::path::Path::new("index/licensedb")
+        || default.exists()
+        || !legacy.join("manifest.json").is_file()
+    {
+        return;
+    }
+    match std::fs::rename(legacy, default) {
+        Ok(()) => progress.notice(&format!(
+            "moved the index {} to {} (the default index of profile `licensedb`)",
+            legacy.display(),
+            default.display()
+        )),
+        Err(e) => progress.notice(&format!(
+            "could not move the old index {} to {}: {e}; pass --index {} to use it",
+            legacy.display(),
+            default.display(),
+            legacy.display()
+        )),
     }
 }
 

@@ -69,31 +69,14 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     }
     let filter = args.filter.as_deref().map(Filter::parse).transpose()?;
     let encoder = SentenceEncoder::load(ctx.embedder_dir()?)?;
-    let missing = !ctx.index.exists();
-    if missing && ctx.index_is_default && ctx.embedder.is_none() {
-        // First run on the embedded defaults: build the LicenseDB index now.
-        eprintln!(
-            "no index at {}: building it from the LicenseDB (first run; `ragtune ingest` rebuilds it)",
-            ctx.index.display()
-        );
-        let report = ragtune::ingest::ingest(
-            &encoder,
-            &ctx.default_corpus()?,
-            &ctx.index,
-            &Default::default(),
-            &ctx.progress,
-        )?;
-        eprintln!(
-            "indexed {} documents as {} chunks in {:.1} s",
-            report.documents, report.chunks, report.total_secs
-        );
-    }
     let config = ctx.engine_config(None)?;
+    ragtune::ingest::ensure_default_index(&config, &ctx.profile, &encoder, &ctx.progress)?;
     // The index's own errors name the path and say what to do; no context on top, which
     // would say it twice.
-    let retriever = Retriever::with_encoder(encoder, &ctx.index)?.with_config(config.retrieval)?;
+    let retriever = Retriever::with_encoder(encoder, &ctx.index)?
+        .with_profile(config.retrieval, &ctx.profile)?;
     if let Some(notice) = retriever.lexical_notice() {
-        eprintln!("{notice}");
+        ctx.progress.notice(&notice);
     }
     let make_query = |text: &str| Query {
         text: text.to_string(),

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::profile::Profile;
 use crate::retrieve::RetrievalConfig;
 use crate::{Error, Result};
 
@@ -16,8 +17,9 @@ pub const CONFIG_FILE: &str = "ragtune.toml";
 /// `ragtune.toml` sets any subset:
 ///
 /// ```toml
+/// profile = "licensedb"    # or "generic", or the path of a profile file
 /// models_dir = "models"
-/// index = "index/licenses"
+/// index = "index/licensedb"
 /// context_window = 2048
 /// k = 2
 /// max_chunks_per_doc = 2
@@ -31,7 +33,7 @@ pub const CONFIG_FILE: &str = "ragtune.toml";
 /// lexical_weight = 1.0
 /// identifier_weight = 1.0
 /// candidates = 50
-/// identifier_fields = { doc_id = 1.0, name = 1.0, short_name = 1.0, spdx_license_key = 1.0 }
+/// # identifier_fields = { doc_id = 1.0, title = 1.0 }   # default: the profile's
 ///
 /// [adapters]
 /// licenses-lora = "models/adapters/licenses-lora"
@@ -39,10 +41,14 @@ pub const CONFIG_FILE: &str = "ragtune.toml";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EngineConfig {
+    /// The corpus profile: a built-in name (`licensedb`, `generic`) or the path of a profile
+    /// TOML file (see [`crate::profile`]).
+    pub profile: String,
     /// Where the pinned models and corpus are (fetched on first use).
     pub models_dir: PathBuf,
-    /// The index directory (the default one is built from the LicenseDB on first use).
-    pub index: PathBuf,
+    /// The index directory; `None`: `index/<profile name>`, built from the profile's pinned
+    /// corpus on first use when the profile has one.
+    pub index: Option<PathBuf>,
     /// A sentence-transformers model directory instead of the pinned MiniLM.
     pub embedder: Option<PathBuf>,
     /// A GGUF file instead of the pinned SmolLM2-135M-Instruct.
@@ -72,8 +78,9 @@ pub struct EngineConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {
+            profile: crate::profile::DEFAULT_PROFILE.to_string(),
             models_dir: PathBuf::from("models"),
-            index: PathBuf::from("index/licenses"),
+            index: None,
             embedder: None,
             gguf: None,
             adapters: BTreeMap::new(),
@@ -96,17 +103,40 @@ impl EngineConfig {
     /// The defaults overridden by `path` when it exists.
     ///
     /// # Errors
-    /// [`Error::Config`] naming the file for a file that cannot be read or parsed (unknown
-    /// keys included).
+    /// [`Error::ConfigFile`] naming the file for a file that cannot be read or parsed
+    /// (unknown keys included).
     pub fn load_or_default(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         if !path.exists() {
             return Ok(Self::default());
         }
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
-        toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+        let err = |reason: String| Error::ConfigFile {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        toml::from_str(&text).map_err(|e| err(e.to_string()))
     }
+
+    /// The profile that [`profile`](Self::profile) names.
+    ///
+    /// # Errors
+    /// As [`Profile::resolve`].
+    pub fn resolve_profile(&self) -> Result<Profile> {
+        Profile::resolve(&self.profile)
+    }
+
+    /// The index directory: [`index`](Self::index), else `index/<profile name>`.
+    pub fn index_dir(&self, profile: &Profile) -> PathBuf {
+        self.index
+            .clone()
+            .unwrap_or_else(|| default_index_dir(profile))
+    }
+}
+
+/// The default index directory of `profile`: `index/<name>`.
+pub fn default_index_dir(profile: &Profile) -> PathBuf {
+    Path::new("index").join(&profile.name)
 }
 
 #[cfg(test)]

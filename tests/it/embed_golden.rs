@@ -15,12 +15,7 @@ fn cases() -> Vec<(String, Vec<u32>, Vec<f32>)> {
         .iter()
         .map(|c| {
             let text = c["text"].as_str().expect("text").to_string();
-            let ids = c["token_ids"]
-                .as_array()
-                .expect("ids")
-                .iter()
-                .map(|v| v.as_u64().expect("id") as u32)
-                .collect();
+            let ids = util::ids(&c["token_ids"]);
             let emb = c["embedding"]
                 .as_array()
                 .expect("emb")

@@ -2,14 +2,11 @@
 //! modes, the token budget, bad requests, concurrent requests, and `ragtune ask`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 
 use ragtune::engine::{prompt, Engine, EngineConfig, Mode, Request};
-use ragtune::fetch::Role;
 use ragtune::retrieve::Retriever;
-use ragtune_embed::SentenceEncoder;
 use ragtune_generate::candle_core::{Device, Tensor};
 use ragtune_generate::lora::Factor;
 use ragtune_generate::{LlamaModel, LoraAdapter, LoraConfig, TargetModule};
@@ -62,7 +59,7 @@ fn synthetic_adapter(model: &LlamaModel) -> LoraAdapter {
 fn config() -> EngineConfig {
     EngineConfig {
         models_dir: util::fetch_config().models_dir,
-        index: util::subset_index().index.clone(),
+        index: Some(util::subset_index().index.clone()),
         default_adapter: Some("synthetic".into()),
         adapters: BTreeMap::from([("synthetic".into(), "unused".into())]),
         ..EngineConfig::default()
@@ -70,8 +67,8 @@ fn config() -> EngineConfig {
 }
 
 fn engine_with(config: EngineConfig) -> Engine {
-    let encoder = SentenceEncoder::load(util::package(Role::Embedder)).expect("MiniLM");
-    let retriever = Retriever::with_encoder(encoder, &config.index).expect("subset index");
+    let index = config.index.clone().expect("the subset index");
+    let retriever = Retriever::with_encoder(util::load_encoder(), &index).expect("subset index");
     let gguf = gguf();
     let model = LlamaModel::from_gguf(&gguf).expect("model");
     let adapters = BTreeMap::from([("synthetic".to_string(), synthetic_adapter(&model))]);
@@ -148,6 +145,7 @@ fn a_tiny_context_drops_whole_sources_and_the_prompt_fits() {
     let tokenizer_dir = gguf();
     let content = ragtune_generate::read_gguf(&tokenizer_dir).expect("gguf");
     let props = ragtune_generate::LlamaProps::try_from(&content).expect("props");
+    let profile = ragtune::licensedb::profile();
     let tokenizer = ragtune_generate::Tokenizer::from_gguf(&content).expect("tokenizer");
     let template = ragtune_generate::ChatTemplate::from_props(&props, &tokenizer)
         .expect("template")
@@ -162,9 +160,15 @@ fn a_tiny_context_drops_whole_sources_and_the_prompt_fits() {
         .hits;
     let mut last = 0;
     for budget in [2000, 600, 400, 250, 150, 110] {
-        let (kept, ids) =
-            prompt::fit_sources(&template, &tokenizer, "Which is permissive?", &hits, budget)
-                .expect("the question alone fits");
+        let (kept, ids) = prompt::fit_sources(
+            &template,
+            &tokenizer,
+            &profile,
+            "Which is permissive?",
+            &hits,
+            budget,
+        )
+        .expect("the question alone fits");
         assert!(ids.len() <= budget, "{} > {budget}", ids.len());
         // Not monotone in general: a smaller budget may skip a long source and keep two
         // short ones. At the smallest budget some sources must be dropped (below).
@@ -176,9 +180,19 @@ fn a_tiny_context_drops_whole_sources_and_the_prompt_fits() {
         }
     }
     assert!(last < hits.len(), "the smallest budget must drop sources");
-    let err = prompt::fit_sources(&template, &tokenizer, "Which is permissive?", &hits, 20)
-        .expect_err("the question alone does not fit 20 tokens");
-    assert!(err.to_string().contains("question alone"), "{err}");
+    let err = prompt::fit_sources(
+        &template,
+        &tokenizer,
+        &profile,
+        "Which is permissive?",
+        &hits,
+        20,
+    )
+    .expect_err("the question alone does not fit 20 tokens");
+    assert!(
+        matches!(err, ragtune::Error::PromptTooLong { tokens, budget: 20, .. } if tokens > 20),
+        "{err}"
+    );
 
     // Through the engine: a context window that the question alone overflows.
     let mut small = config();
@@ -187,7 +201,10 @@ fn a_tiny_context_drops_whole_sources_and_the_prompt_fits() {
     let err = e
         .answer(&request(&"license ".repeat(80), Mode::Rag, 2, 16))
         .expect_err("too long");
-    assert!(err.to_string().contains("prompt tokens"), "{err}");
+    assert!(
+        matches!(err, ragtune::Error::PromptTooLong { tokens, budget: 48, .. } if tokens > 48),
+        "{err}"
+    );
 }
 
 #[test]
@@ -243,15 +260,8 @@ fn concurrent_requests_equal_sequential_ones() {
 }
 
 fn ragtune_ask() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ragtune"));
-    cmd.arg("--quiet")
-        .arg("--models-dir")
-        .arg(util::fetch_config().models_dir)
-        .arg("--index")
-        .arg(&util::subset_index().index)
-        .arg("--config")
-        .arg("/nonexistent/ragtune.toml")
-        .arg("ask");
+    let mut cmd = util::ragtune(&util::subset_index().index);
+    cmd.arg("ask");
     cmd
 }
 
@@ -260,25 +270,17 @@ fn ragtune_ask() -> Command {
 /// answered, and the exit status says something failed.
 #[test]
 fn ask_json_matches_the_contract_and_batch_mode_keeps_order() {
-    let out = ragtune_ask()
-        .args([
-            "--format",
-            "json",
-            "--mode",
-            "rag",
-            "-k",
-            "2",
-            "--max-tokens",
-            "8",
-            APACHE,
-        ])
-        .output()
-        .expect("run");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = util::run_ok(ragtune_ask().args([
+        "--format",
+        "json",
+        "--mode",
+        "rag",
+        "-k",
+        "2",
+        "--max-tokens",
+        "8",
+        APACHE,
+    ]));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
     assert_eq!(v["question"], APACHE);
     assert_eq!(v["mode"], "rag");
@@ -293,27 +295,13 @@ fn ask_json_matches_the_contract_and_batch_mode_keeps_order() {
     assert!(v["tokens"]["prompt"].as_u64().expect("prompt") > 0);
     assert!(v["tokens"]["generated"].as_u64().expect("generated") > 0);
 
-    let mut child = ragtune_ask()
-        .args(["--format", "json", "--mode", "base", "--max-tokens", "4"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
     let questions = ["Who owns the MIT License?", " ", "What is the ISC license?"];
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(questions.join("\n").as_bytes())
-        .expect("write");
-    let out = child.wait_with_output().expect("wait");
+    let out = util::run_with_stdin(
+        ragtune_ask().args(["--format", "json", "--mode", "base", "--max-tokens", "4"]),
+        questions.join("\n").as_bytes(),
+    );
     assert!(!out.status.success(), "one line was empty");
-    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
-        .expect("utf-8")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON line"))
-        .collect();
+    let lines = util::json_lines(&out.stdout);
     assert_eq!(lines.len(), 3);
     for (line, q) in lines.iter().zip(questions) {
         assert_eq!(line["question"], q);
@@ -322,12 +310,8 @@ fn ask_json_matches_the_contract_and_batch_mode_keeps_order() {
     assert!(lines[1]["error"].as_str().expect("error").contains("empty"));
     assert!(lines[0]["sources"].as_array().expect("sources").is_empty());
 
-    let out = ragtune_ask()
-        .args(["--mode", "sideways", "hello"])
-        .output()
-        .expect("run");
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown mode"));
+    let stderr = util::run_err(ragtune_ask().args(["--mode", "sideways", "hello"]));
+    assert!(stderr.contains("unknown mode"), "{stderr}");
 }
 
 /// Prefix caching (the system prompt's KV cache computed once per kind and adapter, copied
@@ -361,15 +345,14 @@ fn prefix_caching_gives_the_same_answers() {
 #[test]
 fn the_readme_questions_are_answered_right_in_hybrid_and_rag() {
     let shipped = util::repo().join("models/adapters/licenses-lora");
-    let encoder = SentenceEncoder::load(util::package(Role::Embedder)).expect("MiniLM");
     let index = util::subset_index().index.clone();
-    let retriever = Retriever::with_encoder(encoder, &index).expect("subset index");
+    let retriever = Retriever::with_encoder(util::load_encoder(), &index).expect("subset index");
     let gguf = gguf();
     let model = LlamaModel::from_gguf(&gguf).expect("model");
     let adapter = LoraAdapter::load(&shipped, &model).expect("the shipped adapter");
     let config = EngineConfig {
         models_dir: util::fetch_config().models_dir,
-        index,
+        index: Some(index),
         default_adapter: Some("licenses-lora".into()),
         adapters: BTreeMap::from([("licenses-lora".into(), shipped)]),
         ..EngineConfig::default()

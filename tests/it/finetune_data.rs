@@ -4,15 +4,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::Command;
 
 use ragtune::corpus::{read_corpus, CorpusOptions, Document};
 use ragtune::engine::prompt;
 use ragtune::fetch::Role;
+use ragtune::licensedb::questions::{templates, Kind};
+use ragtune::licensedb::train_data::{self, DataOptions};
 use ragtune::progress::Progress;
-use ragtune::questions::{templates, Kind};
 use ragtune::retrieve::Retriever;
-use ragtune::train_data::{self, DataOptions};
 use sha2::Digest;
 
 use crate::util;
@@ -99,23 +98,13 @@ fn finetune_data_on_the_subset_follows_every_rule_and_is_deterministic() {
     train_data::write_dataset(&data, &out1).expect("write");
     // ...and the binary, in another process: the same bytes.
     let out2 = tmp.path().join("out2");
-    let status = Command::new(env!("CARGO_BIN_EXE_ragtune"))
-        .arg("--quiet")
-        .arg("--models-dir")
-        .arg(util::fetch_config().models_dir)
-        .arg("--index")
-        .arg(&ix.index)
-        .arg("finetune-data")
-        .arg("--corpus")
-        .arg(&corpus_dir)
-        .arg("--out")
-        .arg(&out2)
-        .output()
-        .expect("run");
-    assert!(
-        status.status.success(),
-        "{}",
-        String::from_utf8_lossy(&status.stderr)
+    util::run_ok(
+        util::ragtune(&ix.index)
+            .arg("finetune-data")
+            .arg("--corpus")
+            .arg(&corpus_dir)
+            .arg("--out")
+            .arg(&out2),
     );
     for name in ["train.jsonl", "dev.jsonl", "stats.json"] {
         let a = std::fs::read(out1.join(name)).expect("read");
@@ -212,7 +201,7 @@ fn finetune_data_on_the_subset_follows_every_rule_and_is_deterministic() {
         let name = doc.metadata["name"].trim();
         assert_eq!(e["messages"].as_array().expect("messages").len(), 3);
         let question = content(e, 1);
-        let expected = prompt::closed_book_messages(question);
+        let expected = prompt::closed_book_messages(&ragtune::licensedb::profile(), question);
         assert_eq!(content(e, 0), expected[0].content);
         assert_eq!(e["messages"][0]["role"], "system");
         assert_eq!(e["messages"][1]["role"], "user");
@@ -285,7 +274,10 @@ fn finetune_data_on_the_subset_follows_every_rule_and_is_deterministic() {
     for e in &rag {
         let key = e["license"].as_str().expect("license");
         let doc = by_key[key];
-        assert_eq!(content(e, 0), prompt::RAG_SYSTEM_PROMPT);
+        assert_eq!(
+            content(e, 0),
+            ragtune::licensedb::profile().rag_system_prompt
+        );
         let user = content(e, 1);
         let (sources, question) = user.split_once("\n\nQuestion: ").expect("question");
         let sources: Vec<&str> = sources
@@ -397,7 +389,16 @@ fn finetune_data_errors_say_what_to_run() {
         &Progress::hidden(),
     )
     .expect_err("nothing selected");
-    assert!(err.to_string().contains("no license selected"), "{err}");
+    assert!(
+        matches!(
+            err,
+            ragtune::Error::InvalidParameter {
+                name: "max_licenses",
+                ..
+            }
+        ),
+        "{err}"
+    );
     // Only fresh licenses: nothing to select either.
     let fresh_only = tmp.path().join("fresh");
     util::copy_subset(&fresh_only, &["zlib", "json"]);
@@ -409,5 +410,14 @@ fn finetune_data_errors_say_what_to_run() {
         &Progress::hidden(),
     )
     .expect_err("nothing selected");
-    assert!(err.to_string().contains("no license selected"), "{err}");
+    assert!(
+        matches!(
+            err,
+            ragtune::Error::InvalidParameter {
+                name: "max_licenses",
+                ..
+            }
+        ),
+        "{err}"
+    );
 }

@@ -10,7 +10,7 @@ use ragtune_generate::{
 };
 use serde_json::Value;
 
-use crate::util;
+use crate::util::{self, ids};
 
 const GOLDEN: &str = "smollm2_q4_1.json";
 
@@ -37,14 +37,6 @@ fn model() -> &'static Model {
         let tokenizer = Tokenizer::from_gguf(&content).expect("tokenizer from GGUF");
         Model { props, tokenizer }
     })
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("id array")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
 }
 
 #[test]

@@ -14,11 +14,11 @@ use ragtune::fetch::Role;
 use ragtune_generate::candle_core::{Device, Tensor};
 use ragtune_generate::lora::Factor;
 use ragtune_generate::{
-    end_of_generation_ids, read_gguf, ChatMessage, ChatTemplate, Error, GenerateParams, Generator,
-    LlamaModel, LoraAdapter, LoraConfig, Sampling, TargetModule, Tokenizer, WeightFormat,
+    end_of_generation_ids, read_gguf, ChatMessage, ChatTemplate, Error, Generator, LlamaModel,
+    LoraAdapter, LoraConfig, TargetModule, Tokenizer, WeightFormat,
 };
 
-use crate::util;
+use crate::util::{self, greedy};
 
 const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const RANK: usize = 8;
@@ -59,16 +59,9 @@ fn fixture() -> &'static Fixture {
 
 /// SplitMix64 uniform values in [-1, 1) times `amp`.
 fn seeded(shape: (usize, usize), seed: u64, amp: f32) -> Tensor {
-    let mut state = seed;
+    let mut rng = ragtune_util::rng::SplitMix64::new(seed);
     let v: Vec<f32> = (0..shape.0 * shape.1)
-        .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            ((z >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * amp
-        })
+        .map(|_| rng.next_signed_f32() * amp)
         .collect();
     Tensor::from_vec(v, shape, &Device::Cpu).expect("tensor")
 }
@@ -136,14 +129,6 @@ fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
         .zip(b.iter().flatten())
         .map(|(x, y)| (x - y).abs())
         .fold(0f32, f32::max)
-}
-
-fn greedy(max_new_tokens: usize) -> GenerateParams {
-    GenerateParams {
-        max_new_tokens,
-        sampling: Sampling::Greedy,
-        ..Default::default()
-    }
 }
 
 /// With the weights in f32, the adapter at run time (`W x + 2 (x Aᵀ) Bᵀ`) equals the model

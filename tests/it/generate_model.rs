@@ -12,7 +12,7 @@ use ragtune_generate::{
 };
 use serde_json::Value;
 
-use crate::util;
+use crate::util::{self, greedy, ids};
 
 struct Fixture {
     model: LlamaModel,
@@ -48,14 +48,6 @@ fn fixture() -> &'static Fixture {
     })
 }
 
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
-}
-
 fn cases() -> Vec<Case> {
     golden()["chat"]["cases"]
         .as_array()
@@ -73,14 +65,6 @@ fn cases() -> Vec<Case> {
             text: c["greedy_text"].as_str().expect("text").to_string(),
         })
         .collect()
-}
-
-fn greedy(max_new_tokens: usize) -> GenerateParams {
-    GenerateParams {
-        max_new_tokens,
-        sampling: Sampling::Greedy,
-        ..Default::default()
-    }
 }
 
 /// Teacher forcing: prompt + llama.cpp's greedy ids in one forward; our argmax at each

@@ -6,11 +6,7 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use crate::util::{self, ragtune};
-
-fn copy_index(to: &Path) {
-    util::copy_dir(&util::subset_index().index, to);
-}
+use crate::util::{self, assert_ok, copy_subset_index, ragtune, run_ok, run_with_stdin};
 
 fn documents(index: &Path) -> u64 {
     util::index_info(index)["documents"]
@@ -26,7 +22,7 @@ fn concurrent_ingest_add_keeps_both_documents() {
     let tmp = tempfile::tempdir().expect("tmp");
     for trial in 0..2 {
         let index = tmp.path().join(format!("index-{trial}"));
-        copy_index(&index);
+        copy_subset_index(&index);
         let before = documents(&index);
         let mut children = Vec::new();
         for key in ["afl-3.0", "bsd-2-clause-views"] {
@@ -43,12 +39,7 @@ fn concurrent_ingest_add_keeps_both_documents() {
             );
         }
         for child in children {
-            let out = child.wait_with_output().expect("wait");
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            assert_ok(&child.wait_with_output().expect("wait"));
         }
         assert_eq!(documents(&index), before + 2, "trial {trial}");
     }
@@ -113,29 +104,13 @@ fn an_unreadable_stdin_line_fails_alone() {
             "4",
         ][..],
     ] {
-        let mut child = ragtune(index)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(input)
-            .expect("write");
-        let out = child.wait_with_output().expect("wait");
+        let out = run_with_stdin(ragtune(index).args(args), input);
         assert!(
             !out.status.success(),
             "{args:?}: a failed line must fail the batch"
         );
         let stdout = String::from_utf8(out.stdout).expect("utf-8 output");
-        let lines: Vec<serde_json::Value> = stdout
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("json line"))
-            .collect();
+        let lines = util::json_lines(stdout.as_bytes());
         assert_eq!(
             lines.len(),
             3,
@@ -171,9 +146,7 @@ fn out_of_range_values_are_refused() {
         (&["index", "delete", "no-such-license"], "not in the index"),
     ];
     for (args, needle) in cases {
-        let out = ragtune(index).args(args).output().expect("run");
-        assert!(!out.status.success(), "{args:?} must fail");
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr = util::run_err(ragtune(index).args(args));
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
 }
@@ -196,15 +169,13 @@ fn finetune_refuses_to_replace_a_trained_adapter() {
     )
     .expect("write");
     let before = std::fs::read(out_dir.join("adapter_model.safetensors")).expect("read");
-    let out = ragtune(tmp.path())
-        .args(["finetune", "--max-steps", "1", "--data"])
-        .arg(&data)
-        .arg("--out")
-        .arg(&out_dir)
-        .output()
-        .expect("run");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = util::run_err(
+        ragtune(tmp.path())
+            .args(["finetune", "--max-steps", "1", "--data"])
+            .arg(&data)
+            .arg("--out")
+            .arg(&out_dir),
+    );
     assert!(stderr.contains("--overwrite"), "{stderr}");
     assert_eq!(
         std::fs::read(out_dir.join("adapter_model.safetensors")).expect("read"),
@@ -218,20 +189,12 @@ fn finetune_refuses_to_replace_a_trained_adapter() {
 fn stale_temporary_files_are_swept_by_the_next_update() {
     let tmp = tempfile::tempdir().expect("tmp");
     let index = tmp.path().join("index");
-    copy_index(&index);
+    copy_subset_index(&index);
     // pid 0 is never a running user process.
     let stale = index.join("seg-000099.vectors.0-7.tmp");
     std::fs::write(&stale, vec![0u8; 4096]).expect("write");
     let before = documents(&index);
-    let out = ragtune(&index)
-        .args(["index", "delete", "zlib"])
-        .output()
-        .expect("run");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(ragtune(&index).args(["index", "delete", "zlib"]));
     assert!(!stale.exists(), "the stale temporary file is swept");
     assert_eq!(documents(&index), before - 1);
 }
@@ -244,7 +207,7 @@ fn stale_temporary_files_are_swept_by_the_next_update() {
 fn every_command_honours_the_configuration_file() {
     let tmp = tempfile::tempdir().expect("tmp");
     let index = tmp.path().join("configured-index");
-    copy_index(&index);
+    copy_subset_index(&index);
     let models = util::fetch_config().models_dir;
     let config = tmp.path().join("ragtune.toml");
     let write_config = |extra: &str| {
@@ -271,35 +234,31 @@ fn every_command_honours_the_configuration_file() {
             .arg("--config")
             .arg(&config)
             .args(args);
-        c.output().expect("run")
+        c
     };
-    let out = cmd(&["index", "info"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_ok(&mut cmd(&["index", "info"]));
     let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(info["path"], index.display().to_string());
 
-    let out = cmd(&["search", "--format", "json", "-k", "1", "zlib license"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_ok(&mut cmd(&[
+        "search",
+        "--format",
+        "json",
+        "-k",
+        "1",
+        "zlib license",
+    ]));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["hits"][0]["doc_id"], "zlib");
 
     let corpus = tmp.path().join("more");
     util::copy_subset(&corpus, &["afl-3.0"]);
     let before = documents(&index);
-    let out = cmd(&["ingest", "--add", corpus.to_str().expect("utf-8")]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(&mut cmd(&[
+        "ingest",
+        "--add",
+        corpus.to_str().expect("utf-8"),
+    ]));
     assert_eq!(
         documents(&index),
         before + 1,
@@ -308,25 +267,16 @@ fn every_command_honours_the_configuration_file() {
     assert!(!work.join("index").exists() && !work.join("models").exists());
 
     write_config("gguf = \"/nonexistent/model.gguf\"\n");
-    let out = cmd(&["generate", "--max-tokens", "1", "hello"]);
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = util::run_err(&mut cmd(&["generate", "--max-tokens", "1", "hello"]));
     assert!(stderr.contains("/nonexistent/model.gguf"), "{stderr}");
 
     write_config("default_adapter = \"nope\"\n");
-    let out = cmd(&["ask", "--mode", "rag", "What is MIT?"]);
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = util::run_err(&mut cmd(&["ask", "--mode", "rag", "What is MIT?"]));
     assert!(stderr.contains("nope"), "{stderr}");
 
     std::fs::write(&config, [0xffu8, 0xfe, 0x00, 0x13, 0x37]).expect("write");
     for args in [&["search", "MIT"][..], &["index", "info"][..]] {
-        let out = cmd(args);
-        assert!(
-            !out.status.success(),
-            "{args:?} must refuse a broken config file"
-        );
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr = util::run_err(&mut cmd(args));
         assert!(stderr.contains("ragtune.toml"), "{args:?}: {stderr}");
     }
 }
@@ -340,16 +290,7 @@ fn empty_files_are_skipped_and_an_all_failed_chat_fails() {
     util::copy_subset(&corpus, &["zlib"]);
     std::fs::write(corpus.join("empty.md"), "").expect("write");
     let index = tmp.path().join("index");
-    let out = ragtune(&index)
-        .arg("ingest")
-        .arg(&corpus)
-        .output()
-        .expect("run");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_ok(ragtune(&index).arg("ingest").arg(&corpus));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("empty.md") && stderr.contains("empty file"),
@@ -358,20 +299,10 @@ fn empty_files_are_skipped_and_an_all_failed_chat_fails() {
     assert!(stderr.contains("indexed 1 documents"), "{stderr}");
     assert_eq!(documents(&index), 1);
 
-    let mut child = ragtune(&index)
-        .args(["chat", "--mode", "rag", "--no-history-file"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(b"\xff\xfe\n")
-        .expect("write");
-    let out = child.wait_with_output().expect("wait");
+    let out = run_with_stdin(
+        ragtune(&index).args(["chat", "--mode", "rag", "--no-history-file"]),
+        b"\xff\xfe\n",
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "every question failed: {stderr}");
     assert!(stderr.contains("line 1 is not valid UTF-8"), "{stderr}");

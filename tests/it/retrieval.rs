@@ -106,10 +106,7 @@ fn hnsw_recall_at_10_against_exact_search_on_real_embeddings() {
 #[test]
 fn apache_question_retrieves_apache_2_0() {
     let ix = util::subset_index();
-    let encoder =
-        ragtune_embed::SentenceEncoder::load(util::package(ragtune::fetch::Role::Embedder))
-            .expect("enc");
-    let retriever = Retriever::with_encoder(encoder, &ix.index).expect("open");
+    let retriever = Retriever::with_encoder(util::load_encoder(), &ix.index).expect("open");
     let r = retriever
         .search(&Query::new(
             "What is the SPDX identifier of the Apache License 2.0?",
@@ -150,10 +147,7 @@ fn apache_question_retrieves_apache_2_0() {
 #[test]
 fn readme_questions_rank_the_named_license_first() {
     let ix = util::subset_index();
-    let encoder =
-        ragtune_embed::SentenceEncoder::load(util::package(ragtune::fetch::Role::Embedder))
-            .expect("enc");
-    let retriever = Retriever::with_encoder(encoder, &ix.index).expect("open");
+    let retriever = Retriever::with_encoder(util::load_encoder(), &ix.index).expect("open");
     assert!(
         retriever.lexical_notice().is_none(),
         "a new index has lexical postings"
@@ -211,7 +205,7 @@ fn readme_questions_rank_the_named_license_first() {
 fn an_index_without_lexical_postings_searches_dense_and_upgrades() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path().join("old");
-    util::copy_dir(&util::subset_index().index, &dir);
+    util::copy_subset_index(&dir);
     // Make it an old index: drop the lexical files and their manifest entries.
     let manifest_path = dir.join(ragtune_index::MANIFEST);
     let text = std::fs::read_to_string(&manifest_path).expect("manifest");
@@ -229,10 +223,7 @@ fn an_index_without_lexical_postings_searches_dense_and_upgrades() {
     let crc = crc32fast::hash(body.as_bytes());
     std::fs::write(&manifest_path, format!("{body}\ncrc32 {crc:08x}\n")).expect("write");
 
-    let encoder =
-        ragtune_embed::SentenceEncoder::load(util::package(ragtune::fetch::Role::Embedder))
-            .expect("enc");
-    let retriever = Retriever::with_encoder(encoder, &dir).expect("old index opens");
+    let retriever = Retriever::with_encoder(util::load_encoder(), &dir).expect("old index opens");
     let notice = retriever.lexical_notice().expect("a notice");
     assert!(notice.contains("ragtune index upgrade"), "{notice}");
     let r = retriever
@@ -252,10 +243,7 @@ fn an_index_without_lexical_postings_searches_dense_and_upgrades() {
         index.add_lexical().expect("upgrade"),
         index.stats().segments
     );
-    let encoder =
-        ragtune_embed::SentenceEncoder::load(util::package(ragtune::fetch::Role::Embedder))
-            .expect("enc");
-    let retriever = Retriever::with_encoder(encoder, &dir).expect("reopen");
+    let retriever = Retriever::with_encoder(util::load_encoder(), &dir).expect("reopen");
     assert!(retriever.lexical_notice().is_none());
     let r = retriever
         .search(&Query::new("What is the SPDX id of the MIT license?", 4))
@@ -288,10 +276,8 @@ fn an_index_built_by_another_embedder_is_refused() {
         &v,
     )
     .expect("create");
-    let encoder =
-        ragtune_embed::SentenceEncoder::load(util::package(ragtune::fetch::Role::Embedder))
-            .expect("enc");
-    let err = Retriever::with_encoder(encoder, tmp.path().join("ix")).expect_err("must refuse");
+    let err = Retriever::with_encoder(util::load_encoder(), tmp.path().join("ix"))
+        .expect_err("must refuse");
     assert!(
         matches!(
             err,

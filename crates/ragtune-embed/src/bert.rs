@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
+use ragtune_util::ptr::SyncPtr;
 use rayon::prelude::*;
 
 use crate::{Error, Result};
@@ -258,7 +259,7 @@ impl FastBert {
         let jobs: Vec<(usize, usize)> = (0..offsets.len() - 1)
             .flat_map(|s| (0..self.heads).map(move |hd| (s, hd)))
             .collect();
-        let ctx_ptr = SyncPtr(ctx.as_mut_ptr());
+        let ctx_ptr = SyncPtr::new(ctx);
         jobs.par_iter()
             .for_each_init(Vec::new, |scores: &mut Vec<f32>, &(s, hd)| {
                 let (o, len) = (offsets[s], offsets[s + 1] - offsets[s]);
@@ -330,18 +331,6 @@ impl FastBert {
     /// The hidden size.
     pub(crate) fn hidden(&self) -> usize {
         self.hidden
-    }
-}
-
-#[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
-// SAFETY: used only to hand disjoint output blocks to rayon jobs (see `attention`).
-unsafe impl Send for SyncPtr {}
-// SAFETY: as above.
-unsafe impl Sync for SyncPtr {}
-impl SyncPtr {
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 

@@ -77,19 +77,9 @@ fn median(v: &mut [f64]) -> f64 {
 /// A seeded adapter with non-zero `A` and `B` on all seven projections of every layer.
 fn synthetic(model: &LlamaModel) -> Result<LoraAdapter, Box<dyn std::error::Error>> {
     let (r, p) = (8, model.props());
-    let mut state = 42u64;
-    let mut uniform = |n: usize, amp: f32| -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                let mut z = state;
-                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                z ^= z >> 31;
-                ((z >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * amp
-            })
-            .collect()
-    };
+    let mut rng = ragtune_util::rng::SplitMix64::new(42);
+    let mut uniform =
+        |n: usize, amp: f32| -> Vec<f32> { (0..n).map(|_| rng.next_signed_f32() * amp).collect() };
     let mut tensors = HashMap::new();
     for layer in 0..p.block_count {
         for m in TargetModule::ALL {

@@ -11,9 +11,10 @@
 //!   per KV head group, where the gemm's packing pays off.
 
 use candle_core::{Device, Tensor};
+use ragtune_util::ptr::SyncPtr;
 
 use crate::lora::LoraAdapter;
-use crate::quant::{for_each_dynamic, SyncPtr};
+use crate::quant::for_each_dynamic;
 use crate::{Error, Result};
 
 /// From this many new tokens on, attention uses batched matmuls.
@@ -212,13 +213,13 @@ fn decode(
     let scale = 1.0 / (d as f32).sqrt();
     // (h, t, d), transposed to (t, h * d) below.
     let mut heads = vec![0f32; h * t * d];
-    let out = SyncPtr(heads.as_mut_ptr());
+    let out = SyncPtr::new(&mut heads);
     for_each_dynamic(h, |hq| {
         let g = hq / group;
         let keys = &layer.keys[g * capacity * d..];
         let values = &layer.values[g * capacity * d..];
         // SAFETY: head hq alone writes heads[hq * t * d .. (hq + 1) * t * d].
-        let y = unsafe { std::slice::from_raw_parts_mut(out.get().add(hq * t * d), t * d) };
+        let y = unsafe { out.slice_mut(hq * t * d, t * d) };
         let mut scores = Vec::with_capacity(pos + t);
         for i in 0..t {
             let qi = &q[(hq * t + i) * d..(hq * t + i + 1) * d];

@@ -35,7 +35,6 @@
 //! DoRA, per-module `rank_pattern` / `alpha_pattern`, `modules_to_save`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -303,53 +302,16 @@ impl LoraConfig {
             source: std::io::Error::other(e),
         })?;
         json.push(b'\n');
-        write_atomic(&dir.join(CONFIG_FILE), &json)?;
-        sync_dir(dir)
+        write_atomic(&dir.join(CONFIG_FILE), &json)
     }
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same directory: write, fsync,
-/// rename.
+/// [`ragtune_util::fs::write_atomic`], its error naming `path`.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let io = |p: &Path| {
-        let p = p.to_path_buf();
-        move |source| Error::Io { path: p, source }
-    };
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-    let tmp = path.with_file_name(format!(
-        ".{}.tmp-{}",
-        name.unwrap_or_default(),
-        std::process::id()
-    ));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(bytes).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(io(path))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
-/// Makes the renames in `dir` durable (a no-op where directories cannot be opened).
-fn sync_dir(dir: &Path) -> Result<()> {
-    #[cfg(unix)]
-    {
-        let d = std::fs::File::open(dir).map_err(|source| Error::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        d.sync_all().map_err(|source| Error::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-    }
-    #[cfg(not(unix))]
-    let _ = dir;
-    Ok(())
+    ragtune_util::fs::write_atomic(path, bytes).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// The base-model sizes an adapter was validated against.
@@ -831,16 +793,9 @@ mod tests {
 
     /// SplitMix64 uniform values in [-1, 1): seeded tensors without candle's RNG.
     fn seeded(shape: (usize, usize), seed: u64) -> Tensor {
-        let mut state = seed;
+        let mut rng = ragtune_util::rng::SplitMix64::new(seed);
         let v: Vec<f32> = (0..shape.0 * shape.1)
-            .map(|_| {
-                state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                let mut z = state;
-                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                z ^= z >> 31;
-                (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
+            .map(|_| rng.next_signed_f32())
             .collect();
         Tensor::from_vec(v, shape, &Device::Cpu).expect("tensor")
     }

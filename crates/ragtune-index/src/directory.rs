@@ -7,16 +7,14 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs;
-use std::io::Write;
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::error::{Error, Result};
 
 /// Suffix of temporary files; names ending with it are never part of an index.
-pub const TMP_SUFFIX: &str = ".tmp";
+pub const TMP_SUFFIX: &str = ragtune_util::fs::TMP_SUFFIX;
 
 /// Read-only bytes of one file, owned through an `Arc` (a memory map on disk, a buffer in RAM).
 ///
@@ -168,25 +166,12 @@ pub trait Directory: Send + Sync + fmt::Debug {
     fn root(&self) -> PathBuf;
 }
 
-static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// A unique temporary name for `base` (process id + counter), ending with [`TMP_SUFFIX`].
-pub(crate) fn tmp_name(base: &str) -> String {
-    let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("{base}.{}-{n}{TMP_SUFFIX}", std::process::id())
-}
-
-/// Whether a temporary name made by [`tmp_name`] (`<base>.<pid>-<n>.tmp`) was left by a
-/// process that no longer runs (its writer crashed), so it can be swept. Names of live
-/// processes, and names this cannot parse, are kept.
+/// Whether a temporary name made by [`ragtune_util::fs::tmp_name`] (`<base>.<pid>-<n>.tmp`,
+/// the scheme of every atomic write in the workspace) was left by a process that no longer
+/// runs (its writer crashed), so it can be swept. Names of live processes, and names this
+/// cannot parse, are kept.
 pub(crate) fn is_stale_tmp(name: &str) -> bool {
-    let Some(stem) = name.strip_suffix(TMP_SUFFIX) else {
-        return false;
-    };
-    let Some(tail) = stem.rsplit('.').next() else {
-        return false;
-    };
-    let Some(pid) = tail.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+    let Some(pid) = ragtune_util::fs::tmp_pid(name) else {
         return false;
     };
     if pid == std::process::id() {
@@ -259,18 +244,6 @@ unsafe fn map_file(file: &fs::File) -> std::io::Result<memmap2::Mmap> {
     unsafe { memmap2::MmapOptions::new().populate().map(file) }
 }
 
-/// fsyncs a directory so that renames in it are durable.
-pub(crate) fn sync_dir(path: &Path) -> Result<()> {
-    #[cfg(unix)]
-    {
-        let d = fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        d.sync_all().map_err(|e| Error::io(path, e))?;
-    }
-    #[cfg(not(unix))]
-    let _ = path;
-    Ok(())
-}
-
 impl Directory for FsDirectory {
     fn open_read(&self, name: &str) -> Result<FileBytes> {
         self.check_name(name)?;
@@ -296,20 +269,8 @@ impl Directory for FsDirectory {
 
     fn atomic_write(&self, name: &str, bytes: &[u8]) -> Result<()> {
         self.check_name(name)?;
-        let tmp = self.root.join(tmp_name(name));
         let dst = self.root.join(name);
-        let result = (|| {
-            let mut f = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-            f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
-            f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-            drop(f);
-            fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, e))?;
-            sync_dir(&self.root)
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result
+        ragtune_util::fs::write_atomic(&dst, bytes).map_err(|e| Error::io(&dst, e))
     }
 
     fn delete(&self, name: &str) -> Result<()> {
@@ -452,7 +413,10 @@ mod tests {
     #[test]
     fn stale_temporary_names() {
         assert!(!is_stale_tmp("seg-000001.vectors"));
-        assert!(!is_stale_tmp(&tmp_name("manifest.json")), "our own");
+        assert!(
+            !is_stale_tmp(&ragtune_util::fs::tmp_name("manifest.json")),
+            "our own"
+        );
         // pid 0 is never a user process: /proc/0 does not exist.
         #[cfg(target_os = "linux")]
         assert!(is_stale_tmp("seg-000001.vectors.0-3.tmp"));

@@ -495,6 +495,8 @@ fn run_search(
     search_generic::<ScalarK>(ctx, scratch, ef, accept, all)
 }
 
+// The same parameters as `run_search` on purpose: a `#[target_feature]` trampoline, so that
+// `search_generic::<Avx2K>` is compiled (inlined) with AVX2 and FMA enabled.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn search_avx2(

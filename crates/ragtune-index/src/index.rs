@@ -587,17 +587,13 @@ impl Index {
                 }
             }
         }
-        let tmp = parent.join(format!(".{}", crate::directory::tmp_name(name)));
+        let tmp = parent.join(format!(".{}", ragtune_util::fs::tmp_name(name)));
         let built = (|| {
             let d: Arc<dyn Directory> = Arc::new(FsDirectory::create(&tmp)?);
             Index::create_in(d, embedder, params, chunks, vectors)?;
-            if path.exists() {
-                // An empty directory: rename(2) replaces it atomically.
-                std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-            } else {
-                std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-            }
-            crate::directory::sync_dir(&parent)
+            // Where `path` is an empty directory, rename(2) replaces it atomically.
+            std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+            ragtune_util::fs::sync_dir(&parent).map_err(|e| Error::io(&parent, e))
         })();
         if let Err(e) = built {
             let _ = std::fs::remove_dir_all(&tmp);

@@ -10,7 +10,6 @@
 //! the error. The two newest checkpoints are kept.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor, Var};
@@ -41,15 +40,11 @@ pub struct CheckpointState {
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = std::fs::File::create(path).map_err(io(path))?;
-    f.write_all(bytes).map_err(io(path))?;
-    f.sync_all().map_err(io(path))
+    ragtune_util::fs::write_synced(path, bytes).map_err(io(path))
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
-    std::fs::File::open(dir)
-        .and_then(|f| f.sync_all())
-        .map_err(io(dir))
+    ragtune_util::fs::sync_dir(dir).map_err(io(dir))
 }
 
 /// Writes a checkpoint of `params` and the moments `m`, `v` (same order) under
@@ -88,10 +83,8 @@ pub fn save(
         }
         std::fs::rename(&tmp, &last).map_err(io(&last))?;
         sync_dir(&root)?;
-        let latest_tmp = root.join(format!("{LATEST_FILE}.tmp"));
-        write_synced(&latest_tmp, name.as_bytes())?;
-        std::fs::rename(&latest_tmp, root.join(LATEST_FILE)).map_err(io(&root))?;
-        sync_dir(&root)
+        let latest = root.join(LATEST_FILE);
+        ragtune_util::fs::write_atomic(&latest, name.as_bytes()).map_err(io(&latest))
     })();
     if let Err(e) = written {
         // Best effort: the error that matters is the one returned.

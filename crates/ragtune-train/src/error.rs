@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 /// What can go wrong while preparing data, training or checkpointing.
+#[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A file or directory could not be read or written.

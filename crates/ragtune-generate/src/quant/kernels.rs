@@ -7,56 +7,43 @@
 
 use super::blocks::{ActRow, RowRef, QK};
 
+/// `avx2::$kernel(args)` when the crate is compiled with AVX2, FMA and F16C,
+/// `scalar::$kernel(args)` otherwise: the one place that chooses.
+macro_rules! dispatch {
+    ($kernel:ident($($arg:expr),*)) => {{
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma",
+            target_feature = "f16c"
+        ))]
+        // SAFETY: the target features are enabled at compile time; the slices have the
+        // lengths the `avx2` kernels document (checked in debug builds).
+        let value = unsafe { avx2::$kernel($($arg),*) };
+        #[cfg(not(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma",
+            target_feature = "f16c"
+        )))]
+        let value = scalar::$kernel($($arg),*);
+        value
+    }};
+}
+
 /// Q4_1 weights times q8_1 activations.
 #[inline]
 pub(crate) fn dot_q4_1(row: RowRef<'_>, x: &ActRow) -> f32 {
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    ))]
-    {
-        // SAFETY: the target features are enabled at compile time; the slices have the
-        // lengths `avx2::dot_q4_1` documents (checked in debug builds).
-        unsafe { avx2::dot_q4_1(row, x) }
-    }
-    #[cfg(not(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    )))]
-    {
-        scalar_q4_1(row, x)
-    }
+    dispatch!(dot_q4_1(row, x))
 }
 
 /// Q8_0 weights times q8_0 activations.
 #[inline]
 pub(crate) fn dot_q8_0(row: RowRef<'_>, x: &ActRow) -> f32 {
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    ))]
-    {
-        // SAFETY: as in `dot_q4_1`.
-        unsafe { avx2::dot_q8_0(row, x) }
-    }
-    #[cfg(not(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    )))]
-    {
-        scalar_q8_0(row, x)
-    }
+    dispatch!(dot_q8_0(row, x))
 }
 
-/// Portable [`dot_q4_1`].
+/// The portable kernels (with AVX2 only the tests call them, to check the AVX2 ones).
 #[cfg_attr(
     all(
         target_arch = "x86_64",
@@ -66,42 +53,38 @@ pub(crate) fn dot_q8_0(row: RowRef<'_>, x: &ActRow) -> f32 {
     ),
     allow(dead_code)
 )]
-pub(crate) fn scalar_q4_1(row: RowRef<'_>, x: &ActRow) -> f32 {
-    let mut acc = 0f32;
-    for b in 0..row.d.len() {
-        let (qw, qx) = (&row.qs[b * 16..b * 16 + 16], &x.qs[b * QK..(b + 1) * QK]);
-        let mut sum = 0i32;
-        for j in 0..QK / 2 {
-            sum += i32::from(qw[j] & 0x0F) * i32::from(qx[j]);
-            sum += i32::from(qw[j] >> 4) * i32::from(qx[j + QK / 2]);
+pub(crate) mod scalar {
+    use super::{ActRow, RowRef, QK};
+
+    /// Portable [`dot_q4_1`](super::dot_q4_1).
+    pub(crate) fn dot_q4_1(row: RowRef<'_>, x: &ActRow) -> f32 {
+        let mut acc = 0f32;
+        for b in 0..row.d.len() {
+            let (qw, qx) = (&row.qs[b * 16..b * 16 + 16], &x.qs[b * QK..(b + 1) * QK]);
+            let mut sum = 0i32;
+            for j in 0..QK / 2 {
+                sum += i32::from(qw[j] & 0x0F) * i32::from(qx[j]);
+                sum += i32::from(qw[j] >> 4) * i32::from(qx[j + QK / 2]);
+            }
+            acc += row.d[b].to_f32() * x.d[b] * sum as f32 + row.m[b].to_f32() * x.s[b];
         }
-        acc += row.d[b].to_f32() * x.d[b] * sum as f32 + row.m[b].to_f32() * x.s[b];
+        acc
     }
-    acc
-}
 
-/// Portable [`dot_q8_0`].
-#[cfg_attr(
-    all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    ),
-    allow(dead_code)
-)]
-pub(crate) fn scalar_q8_0(row: RowRef<'_>, x: &ActRow) -> f32 {
-    let mut acc = 0f32;
-    for b in 0..row.d.len() {
-        let (qw, qx) = (&row.qs[b * QK..(b + 1) * QK], &x.qs[b * QK..(b + 1) * QK]);
-        let sum: i32 = qw
-            .iter()
-            .zip(qx)
-            .map(|(&w, &v)| i32::from(w as i8) * i32::from(v))
-            .sum();
-        acc += row.d[b].to_f32() * x.d[b] * sum as f32;
+    /// Portable [`dot_q8_0`](super::dot_q8_0).
+    pub(crate) fn dot_q8_0(row: RowRef<'_>, x: &ActRow) -> f32 {
+        let mut acc = 0f32;
+        for b in 0..row.d.len() {
+            let (qw, qx) = (&row.qs[b * QK..(b + 1) * QK], &x.qs[b * QK..(b + 1) * QK]);
+            let sum: i32 = qw
+                .iter()
+                .zip(qx)
+                .map(|(&w, &v)| i32::from(w as i8) * i32::from(v))
+                .sum();
+            acc += row.d[b].to_f32() * x.d[b] * sum as f32;
+        }
+        acc
     }
-    acc
 }
 
 #[cfg(all(
@@ -176,10 +159,46 @@ mod avx2 {
         msum
     }
 
+    /// `Σ_b d_w d_x block(b)` over all blocks of `row`, as 8 lanes, and `Σ m_w s_x` (zero
+    /// without minimums): the scales segment by segment ([`scales`]), the blocks in pairs
+    /// into two accumulators (to halve the FMA dependency chain).
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C available; `row.m` empty or as long as `row.d`, the activation
+    /// arrays as long as `row.d`, and `block(b)` sound for every `b < row.d.len()`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn scaled_blocks(
+        row: RowRef<'_>,
+        x: &ActRow,
+        block: impl Fn(usize) -> __m256,
+    ) -> (__m256, f32) {
+        let nb = row.d.len();
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut msum = 0f32;
+        let mut dd = [0f32; SEGMENT];
+        let mut b = 0;
+        while b < nb {
+            let n = (nb - b).min(SEGMENT);
+            // SAFETY: b + n <= nb, n <= SEGMENT.
+            msum += unsafe { scales(row, x, b, n, &mut dd) };
+            let mut i = 0;
+            while i + 2 <= n {
+                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(dd[i]), block(b + i), acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(dd[i + 1]), block(b + i + 1), acc1);
+                i += 2;
+            }
+            if i < n {
+                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(dd[i]), block(b + i), acc0);
+            }
+            b += n;
+        }
+        (_mm256_add_ps(acc0, acc1), msum)
+    }
+
     /// AVX2 Q4_1 × q8_1: per block the 32 nibbles are spread to bytes (low nibbles, then
-    /// high), multiplied with the 32 activation bytes, and scaled by `d_w d_x` into one of
-    /// two accumulators (blocks in pairs, to halve the FMA dependency chain); the scales are
-    /// converted and multiplied eight blocks at a time beforehand ([`scales`]).
+    /// high), multiplied with the 32 activation bytes, and scaled by `d_w d_x`
+    /// ([`scaled_blocks`]).
     ///
     /// # Safety
     /// AVX2, FMA and F16C available; `row.qs.len() == 16 * nb`, `row.d.len() == row.m.len()
@@ -201,26 +220,9 @@ mod avx2 {
             let qw = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), low);
             dot_u8_i8(qw, qx)
         };
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut msum = 0f32;
-        let mut dd = [0f32; SEGMENT];
-        let mut b = 0;
-        while b < nb {
-            let n = (nb - b).min(SEGMENT);
-            // SAFETY: b + n <= nb, n <= SEGMENT.
-            msum += unsafe { scales(row, x, b, n, &mut dd) };
-            let mut i = 0;
-            while i + 2 <= n {
-                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(dd[i]), block(b + i), acc0);
-                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(dd[i + 1]), block(b + i + 1), acc1);
-                i += 2;
-            }
-            if i < n {
-                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(dd[i]), block(b + i), acc0);
-            }
-            b += n;
-        }
-        hsum(_mm256_add_ps(acc0, acc1)) + msum
+        // SAFETY: the lengths are the caller's (this function's `# Safety`).
+        let (acc, msum) = unsafe { scaled_blocks(row, x, block) };
+        hsum(acc) + msum
     }
 
     /// AVX2 Q8_0 × q8_0: as [`dot_q4_1`], with `maddubs` taking `|w|` and `x` carrying the
@@ -244,24 +246,9 @@ mod avx2 {
             };
             dot_u8_i8(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw))
         };
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut dd = [0f32; SEGMENT];
-        let mut b = 0;
-        while b < nb {
-            let n = (nb - b).min(SEGMENT);
-            // SAFETY: b + n <= nb, n <= SEGMENT; no minimums, nothing summed.
-            unsafe { scales(row, x, b, n, &mut dd) };
-            let mut i = 0;
-            while i + 2 <= n {
-                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(dd[i]), block(b + i), acc0);
-                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(dd[i + 1]), block(b + i + 1), acc1);
-                i += 2;
-            }
-            if i < n {
-                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(dd[i]), block(b + i), acc0);
-            }
-            b += n;
-        }
-        hsum(_mm256_add_ps(acc0, acc1))
+        // SAFETY: the lengths are the caller's (this function's `# Safety`); no minimums,
+        // nothing summed.
+        let (acc, _) = unsafe { scaled_blocks(row, x, block) };
+        hsum(acc)
     }
 }

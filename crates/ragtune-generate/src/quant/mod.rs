@@ -34,6 +34,7 @@ use std::sync::Arc;
 use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 use half::f16;
+use ragtune_util::ptr::SyncPtr;
 
 pub(crate) use blocks::QuantFormat;
 use blocks::{ActRow, RowRef, QK};
@@ -154,13 +155,13 @@ impl<F: QuantFormat> QMatrix<F> {
     /// The whole matrix as `(rows, cols)` f32.
     pub(crate) fn dequantize(&self) -> Result<Tensor> {
         let mut out = vec![0f32; self.rows * self.cols];
-        let ptr = SyncPtr(out.as_mut_ptr());
+        let ptr = SyncPtr::new(&mut out);
         let cols = self.cols;
         for_each_dynamic(self.rows.div_ceil(ROWS_PER_TASK), |task| {
             let first = task * ROWS_PER_TASK;
             for r in first..(first + ROWS_PER_TASK).min(self.rows) {
                 // SAFETY: task `task` alone writes rows first..first + ROWS_PER_TASK.
-                let dst = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(r * cols), cols) };
+                let dst = unsafe { ptr.slice_mut(r * cols, cols) };
                 self.dequantize_row(r, dst);
             }
         });
@@ -183,12 +184,12 @@ impl<F: QuantFormat> QMatrix<F> {
         // Computed as (rows, t) so that each task writes one contiguous slice, then
         // transposed (nothing to do when t == 1).
         let mut yt = vec![0f32; self.rows * t];
-        let yt_ptr = SyncPtr(yt.as_mut_ptr());
+        let yt_ptr = SyncPtr::new(&mut yt);
         for_each_dynamic(self.rows.div_ceil(ROWS_PER_TASK), |task| {
             let first = task * ROWS_PER_TASK;
             let n = ROWS_PER_TASK.min(self.rows - first);
             // SAFETY: task `task` alone writes rows first..first + n of yt (n * t values).
-            let out = unsafe { std::slice::from_raw_parts_mut(yt_ptr.get().add(first * t), n * t) };
+            let out = unsafe { yt_ptr.slice_mut(first * t, n * t) };
             for (i, out_row) in out.chunks_exact_mut(t).enumerate() {
                 let w = self.row(first + i);
                 for (o, xrow) in out_row.iter_mut().zip(&xq) {
@@ -212,7 +213,7 @@ impl<F: QuantFormat> QMatrix<F> {
     fn matmul_dense(&self, x: &[f32], t: usize) -> Vec<f32> {
         let (rows, cols) = (self.rows, self.cols);
         let mut y = vec![0f32; t * rows];
-        let y_ptr = SyncPtr(y.as_mut_ptr());
+        let y_ptr = SyncPtr::new(&mut y);
         for_each_dynamic(rows.div_ceil(PANEL_ROWS), |p| {
             let first = p * PANEL_ROWS;
             let n = PANEL_ROWS.min(rows - first);
@@ -276,20 +277,6 @@ pub(crate) fn for_each_dynamic(n: usize, f: impl Fn(usize) + Sync) {
         }
         work();
     });
-}
-
-/// A raw pointer that may cross into rayon tasks that write disjoint parts of its buffer.
-#[derive(Clone, Copy)]
-pub(crate) struct SyncPtr(pub(crate) *mut f32);
-// SAFETY: used only for disjoint writes: see `matmul_quantized`, `matmul_dense` and
-// `attention::decode`.
-unsafe impl Send for SyncPtr {}
-// SAFETY: as above.
-unsafe impl Sync for SyncPtr {}
-impl SyncPtr {
-    pub(crate) fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 #[cfg(test)]
@@ -417,14 +404,20 @@ mod tests {
             let x = ActRow::quantize(&xs);
             let (q, _) = matrix(1, cols, 4, GgmlDType::Q4_1);
             let w = QMatrix::<Q4_1>::from_qtensor(&q).expect("test value");
-            let (a, b) = (Q4_1::dot(w.row(0), &x), kernels::scalar_q4_1(w.row(0), &x));
+            let (a, b) = (
+                Q4_1::dot(w.row(0), &x),
+                kernels::scalar::dot_q4_1(w.row(0), &x),
+            );
             assert!(
                 (a - b).abs() <= 1e-5 * b.abs().max(1.0),
                 "{nb} blocks: {a} vs {b}"
             );
             let (q, _) = matrix(1, cols, 6, GgmlDType::Q8_0);
             let w = QMatrix::<Q8_0>::from_qtensor(&q).expect("test value");
-            let (a, b) = (Q8_0::dot(w.row(0), &x), kernels::scalar_q8_0(w.row(0), &x));
+            let (a, b) = (
+                Q8_0::dot(w.row(0), &x),
+                kernels::scalar::dot_q8_0(w.row(0), &x),
+            );
             assert!(
                 (a - b).abs() <= 1e-5 * b.abs().max(1.0),
                 "{nb} blocks: {a} vs {b}"

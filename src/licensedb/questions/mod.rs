@@ -34,13 +34,18 @@
 //! from a template, the license name has been removed first ("Sencha Software License is
 //! owned by a company" does not name Sencha as the owner).
 
+mod scoring;
+
+pub use self::scoring::{is_correct, without_name, CATEGORIES, GENERIC_OWNER_WORDS};
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
-use crate::corpus::{is_fresh, read_corpus, CorpusOptions, Document};
+use super::fresh::is_fresh;
+use super::NO_OWNER;
+use crate::corpus::{read_corpus, Document};
 use crate::{Error, Result};
 
 /// What a question asks.
@@ -115,8 +120,7 @@ pub struct Question {
 impl Question {
     /// `fresh`, else [`is_fresh`] of `doc_id`, else `None`.
     pub fn is_fresh(&self) -> Option<bool> {
-        self.fresh
-            .or_else(|| self.doc_id.as_deref().map(crate::corpus::is_fresh))
+        self.fresh.or_else(|| self.doc_id.as_deref().map(is_fresh))
     }
 
     /// Whether `answer` is correct ([`is_correct`]); `None` when the question has no answer.
@@ -179,20 +183,6 @@ pub fn license_name(kind: Kind, question: &str) -> Option<&str> {
         question.strip_prefix(pre)?.strip_suffix(post)
     })
 }
-
-/// `answer` normalised (see [`is_correct`]) with every whole-word occurrence of the
-/// normalised `name` replaced by ` | `.
-pub fn without_name(answer: &str, name: &str) -> String {
-    let name = normalize(name);
-    let text = format!(" {} ", normalize(answer));
-    if name.is_empty() {
-        return text;
-    }
-    text.replace(&format!(" {name} "), " | ")
-}
-
-/// Owner values that name nobody: no owner question is made for them.
-const NO_OWNER: [&str; 2] = ["unspecified", "unknown"];
 
 /// The questions of one license document: one per kind whose field it has, in the order
 /// category, spdx, owner. The document's `key` field (else its `doc_id`) is the license key
@@ -281,7 +271,7 @@ pub fn default_set(documents: &[Document], per_kind: usize) -> Vec<Question> {
 /// # Errors
 /// As [`read_corpus`].
 pub fn default_set_from(licenses_dir: &Path, per_kind: usize) -> Result<Vec<Question>> {
-    let corpus = read_corpus(licenses_dir, &CorpusOptions::default())?;
+    let corpus = read_corpus(licenses_dir, &super::corpus_options())?;
     Ok(default_set(&corpus.documents, per_kind))
 }
 
@@ -299,7 +289,7 @@ pub fn to_jsonl(questions: &[Question]) -> String {
 /// Parses a JSON Lines question set (blank lines skipped). `source` names it in errors.
 ///
 /// # Errors
-/// [`Error::InvalidRequest`] naming the line of a malformed object or an empty question.
+/// [`Error::MalformedLine`] naming the line of a malformed object or an empty question.
 pub fn parse_jsonl(text: &str, source: &str) -> Result<Vec<Question>> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -307,156 +297,24 @@ pub fn parse_jsonl(text: &str, source: &str) -> Result<Vec<Question>> {
             continue;
         }
         let q: Question = serde_json::from_str(line).map_err(|e| {
-            Error::InvalidRequest(format!(
-                "{source} line {}: {e} (expected {{\"question\": ..., \"answer\": ..., \"kind\": ..., \"fresh\": ...}})",
-                i + 1
-            ))
+            Error::MalformedLine {
+                source_name: source.to_string(),
+                line: i + 1,
+                reason: format!(
+                    "{e} (expected {{\"question\": ..., \"answer\": ..., \"kind\": ..., \"fresh\": ...}})"
+                ),
+            }
         })?;
         if q.question.trim().is_empty() {
-            return Err(Error::InvalidRequest(format!(
-                "{source} line {}: the question is empty",
-                i + 1
-            )));
+            return Err(Error::MalformedLine {
+                source_name: source.to_string(),
+                line: i + 1,
+                reason: "the question is empty".into(),
+            });
         }
         out.push(q);
     }
     Ok(out)
-}
-
-/// The LicenseDB categories (`category` values of licensedcode-data 32.1.0), matched as
-/// whole words by the category rule.
-pub const CATEGORIES: [&str; 11] = [
-    "CLA",
-    "Commercial",
-    "Copyleft",
-    "Copyleft Limited",
-    "Free Restricted",
-    "Patent License",
-    "Permissive",
-    "Proprietary Free",
-    "Public Domain",
-    "Source-available",
-    "Unstated License",
-];
-
-/// Words that do not identify an owner on their own (see the module docs).
-pub const GENERIC_OWNER_WORDS: [&str; 24] = [
-    "the",
-    "and",
-    "free",
-    "open",
-    "source",
-    "software",
-    "foundation",
-    "university",
-    "institute",
-    "corporation",
-    "corp",
-    "company",
-    "inc",
-    "ltd",
-    "llc",
-    "gmbh",
-    "group",
-    "project",
-    "team",
-    "systems",
-    "technologies",
-    "technology",
-    "national",
-    "international",
-];
-
-/// Whether `answer` gives `expected` for a question of `kind` (the rules are in the module
-/// docs).
-pub fn is_correct(kind: Kind, expected: &str, answer: &str) -> bool {
-    match kind {
-        Kind::Spdx => {
-            let want = expected.trim().to_lowercase();
-            !want.is_empty() && spdx_tokens(answer).any(|t| t == want)
-        }
-        Kind::Category => {
-            let named = categories_named(answer, expected);
-            named.len() == 1 && named[0] == normalize(expected)
-        }
-        Kind::Owner => owner_alternatives(expected)
-            .iter()
-            .any(|alt| contains_words(answer, alt)),
-        Kind::Text => contains_words(answer, expected),
-    }
-}
-
-/// Lowercase, every character that is not a letter or digit a space, single spaces.
-fn normalize(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_alphanumeric() {
-                c.to_lowercase().next().unwrap_or(c)
-            } else {
-                ' '
-            }
-        })
-        .collect::<String>()
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// Whether the normalised `needle` occurs in the normalised `haystack` as whole words.
-fn contains_words(haystack: &str, needle: &str) -> bool {
-    let needle = normalize(needle);
-    !needle.is_empty() && format!(" {} ", normalize(haystack)).contains(&format!(" {needle} "))
-}
-
-/// The answer's SPDX-like tokens, lowercase.
-fn spdx_tokens(answer: &str) -> impl Iterator<Item = String> + '_ {
-    answer
-        .split(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '+')))
-        .map(|t| t.trim_end_matches(['.', '-']).to_lowercase())
-        .filter(|t| !t.is_empty())
-}
-
-/// The categories (normalised) an answer names, longest names first, each span used once;
-/// `expected` counts as a category too.
-fn categories_named(answer: &str, expected: &str) -> Vec<String> {
-    let mut names: Vec<String> = CATEGORIES.iter().map(|c| normalize(c)).collect();
-    let expected = normalize(expected);
-    if !names.contains(&expected) {
-        names.push(expected);
-    }
-    names.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
-    let mut text = format!(" {} ", normalize(answer));
-    let mut found = Vec::new();
-    for name in names.into_iter().filter(|n| !n.is_empty()) {
-        let pattern = format!(" {name} ");
-        if text.contains(&pattern) {
-            text = text.replace(&pattern, " | ");
-            found.push(name);
-        }
-    }
-    found
-}
-
-/// What counts as naming `owner`: the whole, its parts split at ` - ` and parentheses, and
-/// its first significant word.
-fn owner_alternatives(owner: &str) -> Vec<String> {
-    let mut alts = vec![normalize(owner)];
-    let parts = owner
-        .split(" - ")
-        .flat_map(|p| p.split(['(', ')']))
-        .map(normalize)
-        .filter(|p| !p.is_empty());
-    alts.extend(parts);
-    if let Some(word) = normalize(owner).split(' ').find(|w| {
-        w.chars().count() >= 3
-            && !GENERIC_OWNER_WORDS.contains(w)
-            && !w.chars().all(|c| c.is_ascii_digit())
-    }) {
-        alts.push(word.to_string());
-    }
-    alts.retain(|a| !a.is_empty());
-    alts.dedup();
-    alts
 }
 
 fn sha256(s: &str) -> [u8; 32] {

@@ -14,7 +14,7 @@
 //!   ([`prompt::closed_book_messages`]) and a one-sentence answer that states the fact with
 //!   the license name ("The SPDX license identifier of MIT License is MIT."). Each fact is
 //!   asked in `closed_per_fact` of the four wordings of its kind ([`WORDINGS`]); no wording is
-//!   one of the benchmark's held-out [`crate::questions::TEMPLATES`].
+//!   one of the benchmark's held-out [`crate::licensedb::questions::TEMPLATES`].
 //! - *Retrieval-augmented* (RAFT): the prompt of the `rag`/`hybrid` modes
 //!   ([`prompt::rag_messages`]) with [`DataOptions::sources`] sources. The question (any fact
 //!   but the passage) is searched with the real retriever ([`DataOptions::candidates`] hits);
@@ -46,6 +46,9 @@
 //! `--max-licenses N` takes the first N seen licenses in the benchmark's order (by
 //! `sha256(key)`), so a small dataset covers the benchmark's seen licenses first.
 
+mod examples;
+mod facts;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
@@ -53,10 +56,15 @@ use ragtune_generate::ChatMessage;
 use serde::Serialize;
 use sha2::Digest;
 
-use crate::corpus::{is_fresh, read_corpus, CorpusOptions, Document};
+use self::examples::Generator;
+use self::facts::unambiguous_facts;
+pub use self::facts::{key_passage, Fact, WORDINGS};
+use super::fresh::{is_fresh, FreshGuard};
+use super::license_key;
+use crate::corpus::{read_corpus, Document};
 use crate::engine::{prompt, EngineConfig};
 use crate::progress::Progress;
-use crate::retrieve::{Query, RetrievedChunk, Retriever};
+use crate::retrieve::{RetrievedChunk, Retriever};
 use crate::{Error, Result};
 
 /// The version of the generator: a change to what is generated is a new version.
@@ -71,153 +79,6 @@ pub const ABSENT_PERCENT: u64 = 20;
 
 /// The passage of [`Fact::Passage`] is cut at about this many characters.
 pub const PASSAGE_CHARS: usize = 200;
-
-/// One fact of a license that examples ask about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Fact {
-    /// The LicenseDB `category` (exact string, e.g. `Copyleft Limited`).
-    Category,
-    /// The `spdx_license_key`.
-    Spdx,
-    /// The `owner` (not `Unspecified`/`Unknown`).
-    Owner,
-    /// The full `name`, asked from the `short_name`.
-    FullName,
-    /// The `short_name`, asked from the full `name`.
-    ShortName,
-    /// How the license text begins ([`key_passage`]); closed book only.
-    Passage,
-}
-
-impl Fact {
-    /// Every fact, in the order examples of a license are made.
-    pub const ALL: [Fact; 6] = [
-        Fact::Category,
-        Fact::Spdx,
-        Fact::Owner,
-        Fact::FullName,
-        Fact::ShortName,
-        Fact::Passage,
-    ];
-
-    /// The lowercase name used in `kind`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Fact::Category => "category",
-            Fact::Spdx => "spdx",
-            Fact::Owner => "owner",
-            Fact::FullName => "full_name",
-            Fact::ShortName => "short_name",
-            Fact::Passage => "passage",
-        }
-    }
-
-    /// Whether retrieval-augmented examples ask it (the metadata record holds the answer).
-    pub fn retrievable(self) -> bool {
-        self != Fact::Passage
-    }
-
-    /// The question wordings (`{name}` is the subject: the short name for
-    /// [`Fact::FullName`], else the license name).
-    pub fn wordings(self) -> &'static [&'static str] {
-        WORDINGS
-            .iter()
-            .find(|(f, _)| *f == self)
-            .map(|(_, w)| *w)
-            .unwrap_or(&[])
-    }
-
-    /// The answer sentence stating `value` of `subject`, without a final period.
-    fn statement(self, subject: &str, value: &str) -> String {
-        match self {
-            Fact::Category => format!("The license category of {subject} is {value}"),
-            Fact::Spdx => format!("The SPDX license identifier of {subject} is {value}"),
-            Fact::Owner => format!("The owner of {subject} is {value}"),
-            Fact::FullName => format!("The full name of {subject} is {value}"),
-            Fact::ShortName => format!("The short name of {subject} is {value}"),
-            Fact::Passage => format!("{subject} begins: \"{value}\""),
-        }
-    }
-
-    /// The answer when the sources do not give the fact.
-    fn absent(self, subject: &str) -> String {
-        match self {
-            Fact::Category => format!("The sources do not give the license category of {subject}."),
-            Fact::Spdx => {
-                format!("The sources do not give the SPDX license identifier of {subject}.")
-            }
-            Fact::Owner => format!("The sources do not say who owns {subject}."),
-            Fact::FullName => format!("The sources do not give the full name of {subject}."),
-            Fact::ShortName => format!("The sources do not give the short name of {subject}."),
-            Fact::Passage => format!("The sources do not quote the text of {subject}."),
-        }
-    }
-}
-
-impl std::fmt::Display for Fact {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// The question wordings of each fact; `{name}` is the subject. None is one of the
-/// benchmark's [`crate::questions::TEMPLATES`] (a unit test checks).
-pub const WORDINGS: [(Fact, &[&str]); 6] = [
-    (
-        Fact::Category,
-        &[
-            "What is the category of {name}?",
-            "In which LicenseDB category is {name}?",
-            "How is {name} categorized?",
-            "Which category does {name} fall under?",
-        ],
-    ),
-    (
-        Fact::Spdx,
-        &[
-            "What is the SPDX id of {name}?",
-            "Which SPDX identifier is used for {name}?",
-            "How is {name} written as an SPDX license identifier?",
-            "What SPDX license identifier does {name} have?",
-        ],
-    ),
-    (
-        Fact::Owner,
-        &[
-            "Who is the publisher of {name}?",
-            "Which organization or person owns {name}?",
-            "Who is {name} from?",
-            "Whose license is {name}?",
-        ],
-    ),
-    (
-        Fact::FullName,
-        &[
-            "What is the full name of the license with the short name {name}?",
-            "What is the full name of {name}?",
-            "{name} is the short name of which license?",
-            "Give the full name of the license known as {name}.",
-        ],
-    ),
-    (
-        Fact::ShortName,
-        &[
-            "What is the short name of {name}?",
-            "How is {name} abbreviated?",
-            "What is the short form of the name {name}?",
-            "Give the short name of {name}.",
-        ],
-    ),
-    (
-        Fact::Passage,
-        &[
-            "How does the text of {name} begin?",
-            "What is the opening of the license text of {name}?",
-            "Quote the beginning of {name}.",
-            "What are the first words of {name}?",
-        ],
-    ),
-];
 
 /// How an example is prompted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -317,6 +178,9 @@ impl Default for DataOptions {
 pub struct Stats {
     /// [`GENERATOR_VERSION`].
     pub generator_version: u32,
+    /// The profile whose prompts the examples use (`licensedb`); an adapter trained on them
+    /// records it.
+    pub profile: String,
     /// [`prompt::PROMPT_FORMAT_VERSION`] of the retrieval and closed-book prompts.
     pub prompt_format_version: u32,
     /// The seed.
@@ -401,120 +265,8 @@ pub fn is_dev(key: &str) -> bool {
     sha2::Sha256::digest(format!("dev:{key}").as_bytes())[0] < DEV_BYTE_BELOW
 }
 
-/// The license key of a document: its `key` field, else its `doc_id`.
-pub fn license_key(doc: &Document) -> &str {
-    doc.metadata.get("key").unwrap_or(&doc.doc_id)
-}
-
-/// Lowercase words of letters and digits (everything else separates words).
-fn words(text: &str) -> Vec<String> {
-    text.split(|c: char| !c.is_alphanumeric())
-        .filter(|w| !w.is_empty())
-        .map(str::to_lowercase)
-        .collect()
-}
-
-/// Finds mentions of fresh licenses: their keys, names and short names, as whole words,
-/// ignoring case and punctuation (`epl-2.0` matches "EPL 2.0").
-#[derive(Debug, Clone, Default)]
-pub struct FreshGuard {
-    /// Patterns (word sequences) by their first word.
-    by_first: HashMap<String, Vec<Vec<String>>>,
-}
-
-impl FreshGuard {
-    /// The guard of the fresh licenses among `documents`.
-    pub fn new(documents: &[Document]) -> FreshGuard {
-        let mut guard = FreshGuard::default();
-        let mut seen = BTreeSet::new();
-        for doc in documents.iter().filter(|d| is_fresh(license_key(d))) {
-            let names = [
-                Some(license_key(doc)),
-                doc.metadata.get("name").map(String::as_str),
-                doc.metadata.get("short_name").map(String::as_str),
-            ];
-            for pattern in names.into_iter().flatten().map(words) {
-                if !pattern.is_empty() && seen.insert(pattern.clone()) {
-                    guard
-                        .by_first
-                        .entry(pattern[0].clone())
-                        .or_default()
-                        .push(pattern);
-                }
-            }
-        }
-        guard
-    }
-
-    /// The first fresh key or name that `text` mentions (its words joined by spaces).
-    pub fn mention(&self, text: &str) -> Option<String> {
-        let ws = words(text);
-        for (i, w) in ws.iter().enumerate() {
-            if let Some(patterns) = self.by_first.get(w) {
-                for p in patterns {
-                    if ws.len() - i >= p.len() && ws[i..i + p.len()] == p[..] {
-                        return Some(p.join(" "));
-                    }
-                }
-            }
-        }
-        None
-    }
-}
-
-/// Whether the words of `needle` occur in `haystack` as whole words (see [`words`]).
-fn contains_words(haystack: &str, needle: &str) -> bool {
-    let n = words(needle);
-    !n.is_empty() && words(haystack).windows(n.len()).any(|w| w == n)
-}
-
-/// How the body of a license begins: its first sentence (whitespace collapsed) when that has
-/// 20 to `max_chars` characters, else its first `max_chars` characters cut after a word and
-/// followed by `...`. `None` for a body of fewer than 20 characters or 3 words.
-pub fn key_passage(body: &str, max_chars: usize) -> Option<String> {
-    let text = collapse(body);
-    if text.chars().count() < 20 || text.split(' ').count() < 3 {
-        return None;
-    }
-    // The end of the first sentence: `.`, `!` or `?` followed by a space or the end.
-    let chars: Vec<(usize, char)> = text.char_indices().collect();
-    let mut sentence_end = None;
-    for (n, &(i, c)) in chars.iter().enumerate() {
-        if matches!(c, '.' | '!' | '?') && chars.get(n + 1).is_none_or(|&(_, next)| next == ' ') {
-            sentence_end = Some((n + 1, i + c.len_utf8()));
-            break;
-        }
-    }
-    if let Some((n_chars, end)) = sentence_end {
-        if (20..=max_chars).contains(&n_chars) {
-            return Some(text[..end].to_string());
-        }
-    }
-    if chars.len() <= max_chars {
-        return Some(text);
-    }
-    let limit = chars[max_chars].0;
-    let cut = text[..limit].rfind(' ').unwrap_or(limit);
-    let head = text[..cut].trim_end_matches([',', ';', ':', ' ']);
-    Some(format!("{head}..."))
-}
-
-/// `s` with runs of whitespace made one space, trimmed.
-fn collapse(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
-/// `s` ending with a period (unless it ends with `.`, `!`, `?` or a quote).
-fn sentence(s: String) -> String {
-    if s.ends_with(['.', '!', '?', '"']) {
-        s
-    } else {
-        s + "."
-    }
-}
-
 /// A hash of the seed and `parts`: the source of every choice.
-fn pick(seed: u64, parts: &[&str]) -> u64 {
+pub(crate) fn pick(seed: u64, parts: &[&str]) -> u64 {
     let mut h = sha2::Sha256::new();
     h.update(seed.to_le_bytes());
     for p in parts {
@@ -525,89 +277,11 @@ fn pick(seed: u64, parts: &[&str]) -> u64 {
     u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
 }
 
-/// One fact of one license: the subject the question names and the answer value.
-#[derive(Debug, Clone)]
-struct FactOf {
-    fact: Fact,
-    subject: String,
-    value: String,
-}
-
-/// Owners that name nobody (as in [`crate::questions`]).
-const NO_OWNER: [&str; 2] = ["unspecified", "unknown"];
-
-/// The facts of `doc` (before the ambiguity check), in [`Fact::ALL`] order.
-fn facts_of(doc: &Document) -> Vec<FactOf> {
-    let m = &doc.metadata;
-    // Whitespace collapsed, as sources appear in the prompt (`prompt::source_line`).
-    let field = |f: &str| m.get(f).map(|v| collapse(v)).filter(|v| !v.is_empty());
-    let name = field("name");
-    let short = field("short_name");
-    let Some(subject) = name.clone().or_else(|| short.clone()) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    let mut push = |fact, subject: &str, value: String| {
-        out.push(FactOf {
-            fact,
-            subject: subject.to_string(),
-            value,
-        })
-    };
-    if let Some(v) = field("category") {
-        push(Fact::Category, &subject, v);
-    }
-    if let Some(v) = field("spdx_license_key") {
-        push(Fact::Spdx, &subject, v);
-    }
-    if let Some(v) = field("owner").filter(|v| !NO_OWNER.contains(&v.to_lowercase().as_str())) {
-        push(Fact::Owner, &subject, v);
-    }
-    if let (Some(name), Some(short)) = (&name, &short) {
-        if name != short {
-            push(Fact::FullName, short, name.clone());
-            push(Fact::ShortName, name, short.clone());
-        }
-    }
-    if let Some(p) = key_passage(doc.body(), PASSAGE_CHARS) {
-        push(Fact::Passage, &subject, p);
-    }
-    out
-}
-
-/// The facts of each selected license, ambiguous ones removed; returns the count removed.
-fn unambiguous_facts<'d>(
-    seen: &[&'d Document],
-    selected: &[&'d Document],
-) -> (Vec<(&'d Document, Vec<FactOf>)>, usize) {
-    let mut values: HashMap<(Fact, Vec<String>), BTreeSet<String>> = HashMap::new();
-    for doc in seen {
-        for f in facts_of(doc) {
-            values
-                .entry((f.fact, words(&f.subject)))
-                .or_default()
-                .insert(f.value);
-        }
-    }
-    let mut removed = 0;
-    let out = selected
-        .iter()
-        .map(|doc| {
-            let mut facts = facts_of(doc);
-            let before = facts.len();
-            facts.retain(|f| values[&(f.fact, words(&f.subject))].len() == 1);
-            removed += before - facts.len();
-            (*doc, facts)
-        })
-        .collect();
-    (out, removed)
-}
-
 /// Generates the dataset from the license `documents` (fresh ones included: they are
 /// recognised and left out) and the retriever over their index.
 ///
 /// # Errors
-/// [`Error::InvalidRequest`] for options that select nothing (`max_licenses` 0,
+/// [`Error::InvalidParameter`] for options that select nothing (`max_licenses` 0,
 /// `closed_per_fact` and `rag_per_license` both 0, `closed_per_fact` above 4, `sources` 0)
 /// or a corpus with no seen license that has a name; embedding and index errors.
 pub fn generate(
@@ -618,20 +292,29 @@ pub fn generate(
 ) -> Result<Dataset> {
     let max_wordings = WORDINGS.iter().map(|(_, w)| w.len()).min().unwrap_or(0);
     if options.closed_per_fact > max_wordings {
-        return Err(Error::InvalidRequest(format!(
-            "closed_per_fact is {}, but each fact has {max_wordings} wordings",
-            options.closed_per_fact
-        )));
+        return Err(Error::InvalidParameter {
+            name: "closed_per_fact",
+            value: options.closed_per_fact.to_string(),
+            expected: format!("at most {max_wordings}: each fact has {max_wordings} wordings"),
+        });
     }
     if options.closed_per_fact == 0 && options.rag_per_license == 0 {
-        return Err(Error::InvalidRequest(
-            "closed_per_fact and rag_per_license are both 0: no example to make".into(),
-        ));
+        return Err(Error::InvalidParameter {
+            name: "rag_per_license",
+            value: "0".into(),
+            expected: "at least 1 when closed_per_fact is 0: there is no example to make".into(),
+        });
     }
     if options.rag_per_license > 0 && (options.sources == 0 || options.candidates == 0) {
-        return Err(Error::InvalidRequest(
-            "retrieval-augmented examples need sources and candidates of at least 1".into(),
-        ));
+        return Err(Error::InvalidParameter {
+            name: if options.sources == 0 {
+                "sources"
+            } else {
+                "candidates"
+            },
+            value: "0".into(),
+            expected: "at least 1 for retrieval-augmented examples".into(),
+        });
     }
     let guard = FreshGuard::new(documents);
     let mut seen: Vec<&Document> = documents
@@ -652,19 +335,23 @@ pub fn generate(
         .take(options.max_licenses.unwrap_or(usize::MAX))
         .collect();
     if selected.is_empty() {
-        return Err(Error::InvalidRequest(format!(
-            "no license selected: the corpus has {} documents, {} seen licenses with a name, \
-             and max_licenses is {:?}",
-            documents.len(),
-            seen.len(),
-            options.max_licenses
-        )));
+        return Err(Error::InvalidParameter {
+            name: "max_licenses",
+            value: format!("{:?}", options.max_licenses),
+            expected: format!(
+                "a selection of at least one license: the corpus has {} documents, {} seen \
+                 licenses with a name",
+                documents.len(),
+                seen.len()
+            ),
+        });
     }
     let (licenses, ambiguous) = unambiguous_facts(&seen, &selected);
 
     let mut gen = Generator {
         retriever,
         options,
+        profile: super::profile(),
         guard: &guard,
         mention_cache: HashMap::new(),
         metadata_records: metadata_records(retriever, &selected)?,
@@ -737,6 +424,7 @@ pub fn generate(
     }
     let stats = Stats {
         generator_version: GENERATOR_VERSION,
+        profile: super::profile().name,
         prompt_format_version: prompt::PROMPT_FORMAT_VERSION,
         seed: options.seed,
         options: StatsOptions {
@@ -792,185 +480,17 @@ fn metadata_records(
     Ok(out)
 }
 
-struct Generator<'a> {
-    retriever: &'a Retriever,
-    options: &'a DataOptions,
-    guard: &'a FreshGuard,
-    /// Whether a chunk (doc id, chunk number) mentions a fresh license.
-    mention_cache: HashMap<(String, u32), bool>,
-    metadata_records: HashMap<String, RetrievedChunk>,
-    skipped: SkippedCounts,
-}
-
-impl Generator<'_> {
-    /// `closed_per_fact` wordings of each fact, in a seeded order, closed book.
-    fn closed_book(&self, key: &str, facts: &[FactOf]) -> Vec<Example> {
-        let mut out = Vec::new();
-        for f in facts {
-            let wordings = f.fact.wordings();
-            let mut order: Vec<usize> = (0..wordings.len()).collect();
-            order.sort_by_key(|&i| {
-                pick(
-                    self.options.seed,
-                    &["closed", key, f.fact.as_str(), &i.to_string()],
-                )
-            });
-            for &i in order.iter().take(self.options.closed_per_fact) {
-                let question = wordings[i].replace("{name}", &f.subject);
-                let mut messages = prompt::closed_book_messages(&question);
-                messages.push(ChatMessage::assistant(sentence(
-                    f.fact.statement(&f.subject, &f.value),
-                )));
-                out.push(Example {
-                    messages,
-                    kind: ExampleKind {
-                        style: Style::ClosedBook,
-                        fact: f.fact,
-                    },
-                    license: key.to_string(),
-                });
-            }
-        }
-        out
-    }
-
-    /// `rag_per_license` retrieval-augmented examples: facts in a seeded order (repeating
-    /// when there are fewer facts than examples), each oracle or absent.
-    fn retrieval(
-        &mut self,
-        key: &str,
-        doc_id: &str,
-        facts: &[FactOf],
-        bar: &indicatif::ProgressBar,
-    ) -> Result<Vec<Example>> {
-        let seed = self.options.seed;
-        let mut facts: Vec<&FactOf> = facts.iter().filter(|f| f.fact.retrievable()).collect();
-        if facts.is_empty() {
-            return Ok(Vec::new());
-        }
-        facts.sort_by_key(|f| pick(seed, &["rag-fact", key, f.fact.as_str()]));
-        let mut out = Vec::new();
-        for n in 0..self.options.rag_per_license {
-            bar.inc(1);
-            let n_str = n.to_string();
-            let f = facts[n % facts.len()];
-            let wordings = f.fact.wordings();
-            let wording =
-                wordings[(pick(seed, &["rag-wording", key, &n_str]) as usize) % wordings.len()];
-            let question = wording.replace("{name}", &f.subject);
-            let absent = pick(seed, &["absent", key, &n_str]) % 100 < ABSENT_PERCENT;
-            let right = if absent {
-                None
-            } else {
-                match self.metadata_records.get(doc_id) {
-                    Some(c) if collapse(&c.text).contains(&f.value) => Some(c.clone()),
-                    _ => {
-                        self.skipped.no_metadata_record += 1;
-                        continue;
-                    }
-                }
-            };
-            let wanted = self.options.sources - usize::from(right.is_some());
-            let Some(mut sources) =
-                self.distractors(&question, doc_id, absent.then_some(f), wanted)?
-            else {
-                self.skipped.too_few_sources += 1;
-                continue;
-            };
-            // Best last, as the engine lists them.
-            sources.reverse();
-            let (style, answer) = match right {
-                Some(c) => {
-                    let at = (pick(seed, &["position", key, &n_str]) % (sources.len() as u64 + 1))
-                        as usize;
-                    sources.insert(at, c);
-                    let s = f.fact.statement(&f.subject, &f.value);
-                    (Style::Oracle, format!("{s} [{}].", at + 1))
-                }
-                None => (Style::Absent, f.fact.absent(&f.subject)),
-            };
-            let mut messages = prompt::rag_messages(&question, &sources);
-            messages.push(ChatMessage::assistant(answer));
-            out.push(Example {
-                messages,
-                kind: ExampleKind {
-                    style,
-                    fact: f.fact,
-                },
-                license: key.to_string(),
-            });
-        }
-        Ok(out)
-    }
-
-    /// `wanted` retrieved chunks of other documents for `question`, best first: not fresh,
-    /// not mentioning a fresh license, at most `max_chunks_per_doc` per document, and (for an
-    /// absent example, `absent_of`) not naming the license asked about. Searches
-    /// `candidates` hits, then four times as many if those are not enough; `None` if still
-    /// not enough.
-    fn distractors(
-        &mut self,
-        question: &str,
-        doc_id: &str,
-        absent_of: Option<&FactOf>,
-        wanted: usize,
-    ) -> Result<Option<Vec<RetrievedChunk>>> {
-        for k in [self.options.candidates, self.options.candidates * 4] {
-            let hits = self.retriever.search(&Query::new(question, k))?.hits;
-            let mut per_doc: BTreeMap<String, usize> = BTreeMap::new();
-            let mut kept = Vec::new();
-            for hit in hits {
-                if kept.len() == wanted {
-                    break;
-                }
-                let hit_key = hit.metadata.get("key").unwrap_or(&hit.doc_id);
-                if hit.doc_id == doc_id {
-                    continue;
-                }
-                if is_fresh(hit_key) {
-                    self.skipped.fresh_hits += 1;
-                    continue;
-                }
-                let n = per_doc.entry(hit.doc_id.clone()).or_default();
-                if *n >= self.options.max_chunks_per_doc {
-                    continue;
-                }
-                let guard = self.guard;
-                let mentions = *self
-                    .mention_cache
-                    .entry((hit.doc_id.clone(), hit.chunk))
-                    .or_insert_with(|| guard.mention(&hit.text).is_some());
-                if mentions {
-                    self.skipped.fresh_mention_hits += 1;
-                    continue;
-                }
-                if let Some(f) = absent_of {
-                    let names_value = matches!(f.fact, Fact::FullName | Fact::ShortName)
-                        && contains_words(&hit.text, &f.value);
-                    if names_value || contains_words(&hit.text, &f.subject) {
-                        continue;
-                    }
-                }
-                *n += 1;
-                kept.push(hit);
-            }
-            if kept.len() == wanted {
-                return Ok(Some(kept));
-            }
-        }
-        Ok(None)
-    }
-}
-
 /// JSON Lines of `examples` (one object a line, `\n` after each).
 ///
 /// # Errors
-/// [`Error::InvalidRequest`] if an example cannot be serialized (it always can).
+/// [`Error::Serialize`] if an example cannot be serialized (it always can).
 pub fn to_jsonl(examples: &[Example]) -> Result<String> {
     let mut out = String::new();
     for e in examples {
-        let line = serde_json::to_string(e)
-            .map_err(|err| Error::InvalidRequest(format!("serializing an example: {err}")))?;
+        let line = serde_json::to_string(e).map_err(|source| Error::Serialize {
+            what: "a training example",
+            source,
+        })?;
         out.push_str(&line);
         out.push('\n');
     }
@@ -995,8 +515,11 @@ pub fn write_dataset(dataset: &Dataset, out_dir: &Path) -> Result<()> {
         &out_dir.join("dev.jsonl"),
         to_jsonl(&dataset.dev)?.as_bytes(),
     )?;
-    let stats = serde_json::to_string_pretty(&dataset.stats)
-        .map_err(|err| Error::InvalidRequest(format!("serializing the statistics: {err}")))?;
+    let stats =
+        serde_json::to_string_pretty(&dataset.stats).map_err(|source| Error::Serialize {
+            what: "the statistics",
+            source,
+        })?;
     crate::util::write_atomic(&out_dir.join("stats.json"), format!("{stats}\n").as_bytes())
 }
 
@@ -1004,7 +527,7 @@ pub fn write_dataset(dataset: &Dataset, out_dir: &Path) -> Result<()> {
 /// encoder in `encoder_dir`, and [`generate`]s.
 ///
 /// # Errors
-/// [`Error::Config`] saying what to run when the corpus folder (`ragtune fetch`) or the
+/// [`Error::Missing`] saying what to run when the corpus folder (`ragtune fetch`) or the
 /// index (`ragtune ingest`) is missing; as [`read_corpus`], [`Retriever::open`] and
 /// [`generate`].
 pub fn generate_from(
@@ -1015,26 +538,30 @@ pub fn generate_from(
     progress: &Progress,
 ) -> Result<Dataset> {
     if !licenses_dir.is_dir() {
-        return Err(Error::Config(format!(
-            "no license corpus at {}: run `ragtune fetch` (or pass the folder of .LICENSE files)",
-            licenses_dir.display()
-        )));
+        return Err(Error::Missing {
+            what: "license corpus",
+            path: licenses_dir.to_path_buf(),
+            fix: "run `ragtune fetch` (or pass the folder of .LICENSE files)",
+        });
     }
     if !index_dir.join("manifest.json").is_file() {
-        return Err(Error::Config(format!(
-            "no index at {}: build it with `ragtune ingest` (or pass --index)",
-            index_dir.display()
-        )));
+        return Err(Error::Missing {
+            what: "index",
+            path: index_dir.to_path_buf(),
+            fix: "build it with `ragtune ingest` (or pass --index)",
+        });
     }
-    let corpus = read_corpus(licenses_dir, &CorpusOptions::default())?;
-    let retriever = Retriever::open(encoder_dir, index_dir)?;
+    let corpus = read_corpus(licenses_dir, &super::corpus_options())?;
+    let retriever = Retriever::open(encoder_dir, index_dir)?
+        .with_profile(Default::default(), &super::profile())?;
     generate(&corpus.documents, &retriever, options, progress)
 }
 
 #[cfg(test)]
 mod tests {
+    use super::facts::{facts_of, sentence};
     use super::*;
-    use crate::questions::{Kind, TEMPLATES};
+    use crate::licensedb::questions::{Kind, TEMPLATES};
 
     fn doc(key: &str, fields: &[(&str, &str)], body: &str) -> Document {
         let mut metadata: BTreeMap<String, String> = fields
@@ -1079,7 +606,7 @@ mod tests {
         );
         let bench: Vec<String> = Kind::GENERATED
             .iter()
-            .flat_map(|k| crate::questions::templates(*k))
+            .flat_map(|k| crate::licensedb::questions::templates(*k))
             .map(|t| t.replace("{name}", "MIT License"))
             .collect();
         for f in facts_of(&d) {
