@@ -8,16 +8,7 @@ use ragtune_generate::Sampling;
 use ragtune_index::Filter;
 use serde::Serialize;
 
-use super::Context;
-
-/// Output format.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum Format {
-    /// The answer (streamed), then the sources with doc ids and scores, then timings.
-    Text,
-    /// One JSON object per question (the contract in DESIGN.md), JSON Lines on stdin input.
-    Json,
-}
+use super::{Context, Format};
 
 /// Options shared by `ask` and `chat`: how each question is answered.
 #[derive(Debug, Clone, clap::Args)]
@@ -95,7 +86,9 @@ pub struct Args {
     question: Option<String>,
     #[command(flatten)]
     answer: AnswerArgs,
-    /// Output format.
+    /// Output format: `text`, the answer (streamed), then the sources with doc ids and
+    /// scores, then timings; `json`, one JSON object per question (the contract in
+    /// docs/commands.md), JSON Lines on stdin input.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
 }
@@ -171,17 +164,8 @@ fn to_json(question: &str, a: &Answer) -> anyhow::Result<String> {
 pub fn print_details(out: &mut impl Write, a: &Answer) -> std::io::Result<()> {
     if !a.sources.is_empty() {
         writeln!(out, "\nsources:")?;
-        for (i, s) in a.sources.iter().enumerate() {
-            let cited = a.citations.iter().any(|c| c.valid && c.number == i + 1);
-            writeln!(
-                out,
-                "  [{}] {}#{} (score {:.3}){}",
-                i + 1,
-                s.doc_id,
-                s.chunk,
-                s.score,
-                if cited { ", cited" } else { "" }
-            )?;
+        for n in 1..=a.sources.len() {
+            writeln!(out, "  {}", super::source_label(a, n, "#"))?;
         }
     }
     for c in a.citations.iter().filter(|c| !c.valid) {

@@ -307,16 +307,7 @@ impl Chat {
             }
             Some(a) => {
                 for (i, s) in a.sources.iter().enumerate() {
-                    let cited = a.citations.iter().any(|c| c.valid && c.number == i + 1);
-                    writeln!(
-                        out,
-                        "[{}] {} chunk {} (score {:.3}){}",
-                        i + 1,
-                        s.doc_id,
-                        s.chunk,
-                        s.score,
-                        if cited { ", cited" } else { "" }
-                    )?;
+                    writeln!(out, "{}", super::source_label(a, i + 1, " chunk "))?;
                     for l in s.text.trim().lines() {
                         writeln!(out, "    {l}")?;
                     }

@@ -11,17 +11,7 @@ use ragtune_generate::{
 };
 use serde::Serialize;
 
-use super::Context;
-
-/// Output format.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum Format {
-    /// The text, streamed as it is generated; timings on stderr.
-    Text,
-    /// One JSON object at the end:
-    /// `{"prompt_tokens": [...], "tokens": [...], "text": "...", "timings_ms": {...}}`.
-    Json,
-}
+use super::{Context, Format};
 
 /// Arguments of `ragtune generate`.
 #[derive(Debug, clap::Args)]
@@ -66,7 +56,9 @@ pub struct Args {
     /// Stop when the text contains this string (repeatable).
     #[arg(long)]
     stop: Vec<String>,
-    /// Output format.
+    /// Output format: `text`, the text streamed as it is generated, timings on stderr;
+    /// `json`, one JSON object at the end: `{"prompt_tokens": [...], "tokens": [...], "text":
+    /// "...", "timings_ms": {...}}`.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
 }

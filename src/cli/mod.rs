@@ -92,6 +92,30 @@ enum Command {
     FinetuneData(finetune_data::Args),
 }
 
+/// Output format of `search`, `ask` and `generate` (each command's `--format` help says what
+/// its JSON holds).
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Format {
+    /// For people; streamed where the command streams.
+    Text,
+    /// Machine-readable JSON (the command's contract in docs/commands.md).
+    Json,
+}
+
+/// `[n] doc_id{sep}chunk (score S)`, with `, cited` when the answer cites it: source `n`
+/// (1-based) of `answer`, as `ask` and the chat's `/sources` list them.
+pub fn source_label(answer: &ragtune::engine::Answer, n: usize, sep: &str) -> String {
+    let s = &answer.sources[n - 1];
+    let cited = answer.citations.iter().any(|c| c.valid && c.number == n);
+    format!(
+        "[{n}] {}{sep}{} (score {:.3}){}",
+        s.doc_id,
+        s.chunk,
+        s.score,
+        if cited { ", cited" } else { "" }
+    )
+}
+
 /// Runs the command line.
 pub fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();

@@ -7,16 +7,7 @@ use ragtune_embed::SentenceEncoder;
 use ragtune_index::Filter;
 use serde::Serialize;
 
-use super::Context;
-
-/// Output format.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum Format {
-    /// For people.
-    Text,
-    /// One JSON object per query: `{"hits": [{"doc_id", "chunk", "score", "text"}]}`.
-    Json,
-}
+use super::{Context, Format};
 
 /// Arguments of `ragtune search`.
 #[derive(Debug, clap::Args)]
@@ -39,7 +30,8 @@ pub struct Args {
     /// or `hybrid` (all, fused by RRF); default: `[retrieval] mode` of the config, `hybrid`.
     #[arg(long, value_enum)]
     retrieval: Option<RetrievalMode>,
-    /// Output format.
+    /// Output format: `text`, for people; `json`, one JSON object per query: `{"hits":
+    /// [{"doc_id", "chunk", "score", "text"}]}`.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
 }

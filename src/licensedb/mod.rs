@@ -112,6 +112,24 @@ pub(crate) fn contains_words(haystack: &str, needle: &str) -> bool {
     !n.is_empty() && words(haystack).windows(n.len()).any(|w| w == n)
 }
 
+/// A license document for unit tests: `key` as doc id and `key` field, `fields` as the rest
+/// of the front matter, `body` as its text.
+#[cfg(test)]
+pub(crate) fn test_doc(key: &str, fields: &[(&str, &str)], body: &str) -> Document {
+    let mut metadata: std::collections::BTreeMap<String, String> = fields
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    metadata.insert("key".into(), key.into());
+    Document {
+        doc_id: key.into(),
+        path: format!("{key}.LICENSE").into(),
+        text: body.to_string(),
+        body_start: 0,
+        metadata,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -326,18 +326,7 @@ mod tests {
     use super::*;
 
     fn doc(key: &str, fields: &[(&str, &str)]) -> Document {
-        let mut metadata: BTreeMap<String, String> = fields
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        metadata.insert("key".into(), key.into());
-        Document {
-            doc_id: key.into(),
-            path: format!("{key}.LICENSE").into(),
-            text: String::new(),
-            body_start: 0,
-            metadata,
-        }
+        crate::licensedb::test_doc(key, fields, "")
     }
 
     #[test]

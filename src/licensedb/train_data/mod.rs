@@ -564,18 +564,7 @@ mod tests {
     use crate::licensedb::questions::{Kind, TEMPLATES};
 
     fn doc(key: &str, fields: &[(&str, &str)], body: &str) -> Document {
-        let mut metadata: BTreeMap<String, String> = fields
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        metadata.insert("key".into(), key.into());
-        Document {
-            doc_id: key.into(),
-            path: format!("{key}.LICENSE").into(),
-            text: body.to_string(),
-            body_start: 0,
-            metadata,
-        }
+        crate::licensedb::test_doc(key, fields, body)
     }
 
     #[test]
