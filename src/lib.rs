@@ -44,6 +44,7 @@ pub mod licensedb;
 pub mod profile;
 pub mod progress;
 pub mod retrieve;
+pub mod serve;
 pub mod util;
 
 pub use error::{Error, Result};

@@ -11,6 +11,7 @@ mod generate;
 mod index;
 mod ingest;
 mod search;
+mod serve;
 
 use std::path::PathBuf;
 
@@ -87,6 +88,9 @@ enum Command {
     /// The mode benchmark: a question set through hybrid/rag/finetune/base, latency and
     /// accuracy (seen/fresh) into bench.json, bench.md and bench.svg.
     Bench(bench::Args),
+    /// The OpenAI-compatible HTTP server: chat completions (streamed or not) in every mode,
+    /// embeddings, models (see docs/serve.md).
+    Serve(serve::Args),
     /// Write the LicenseDB fine-tuning data (chat JSON Lines: closed-book and
     /// retrieval-augmented examples of seen licenses) into train.jsonl, dev.jsonl, stats.json.
     FinetuneData(finetune_data::Args),
@@ -132,6 +136,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(&ctx, args),
         Command::Finetune(args) => finetune::run(&ctx, args),
         Command::FinetuneData(args) => finetune_data::run(&ctx, args),
+        Command::Serve(args) => serve::run(&ctx, args),
     }
 }
 

@@ -134,6 +134,8 @@ pub struct Request {
     /// When set, storing `true` stops the answer at the next token: it ends with the text
     /// so far and [`Answer::cancelled`] set, not an error.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// The answer ends before the first of these strings (which is not part of it).
+    pub stop: Vec<String>,
 }
 
 impl Request {
@@ -150,6 +152,7 @@ impl Request {
             adapter: None,
             history: Vec::new(),
             cancel: None,
+            stop: Vec::new(),
         }
     }
 }
@@ -208,6 +211,31 @@ pub struct Answer {
     pub history_messages: usize,
     /// Whether [`Request::cancel`] stopped the answer (the text is what came before).
     pub cancelled: bool,
+    /// Why the answer ended.
+    pub finish: Finish,
+}
+
+/// Why an answer ended (OpenAI's `finish_reason` words).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Finish {
+    /// The model ended its turn, or the text reached a [`Request::stop`] string.
+    Stop,
+    /// The token limit (`max_tokens`) was reached.
+    Length,
+    /// [`Request::cancel`] was set.
+    Cancelled,
+}
+
+impl Finish {
+    /// `stop`, `length` or `cancelled`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Finish::Stop => "stop",
+            Finish::Length => "length",
+            Finish::Cancelled => "cancelled",
+        }
+    }
 }
 
 /// The engine (see the module docs).
@@ -551,6 +579,7 @@ impl Engine {
             max_new_tokens: max_tokens,
             sampling: request.sampling,
             cancel: request.cancel.clone(),
+            stop: request.stop.clone(),
             ..GenerateParams::default()
         };
         let named = adapter_name.as_deref().zip(adapter);
@@ -589,6 +618,11 @@ impl Engine {
             decode_tokens_per_s: generation.timings.decode_tok_s,
             history_messages,
             cancelled: generation.stop == StopReason::Cancelled,
+            finish: match generation.stop {
+                StopReason::Cancelled => Finish::Cancelled,
+                StopReason::MaxTokens => Finish::Length,
+                StopReason::EndOfGeneration(_) | StopReason::StopString(_) => Finish::Stop,
+            },
         })
     }
 

@@ -182,11 +182,11 @@ impl FastBert {
         offsets.push(0usize);
         for (ids, types) in seqs {
             if ids.len() > self.max_positions || ids.len() != types.len() {
-                return Err(Error::Tokenizer(format!(
-                    "sequence of {} tokens for a model of {} positions",
-                    ids.len(),
-                    self.max_positions
-                )));
+                return Err(Error::InvalidSequence {
+                    tokens: ids.len(),
+                    type_ids: types.len(),
+                    max_positions: self.max_positions,
+                });
             }
             offsets.push(offsets.last().copied().unwrap_or(0) + ids.len());
         }
@@ -197,9 +197,12 @@ impl FastBert {
             for (p, (&id, &ty)) in ids.iter().zip(types.iter()).enumerate() {
                 let (id, ty) = (id as usize, ty as usize);
                 if id >= self.vocab || ty >= self.type_vocab {
-                    return Err(Error::Tokenizer(format!(
-                        "token id {id} or type {ty} out of range"
-                    )));
+                    return Err(Error::TokenOutOfRange {
+                        id: id as u32,
+                        type_id: ty as u32,
+                        vocab_size: self.vocab,
+                        type_vocab_size: self.type_vocab,
+                    });
                 }
                 let row = &mut x[(offsets[s] + p) * h..(offsets[s] + p + 1) * h];
                 let (w, pe, te) = (

@@ -52,16 +52,19 @@ impl Chunker {
     /// [`Error::InvalidChunking`] when `max_tokens == 0` or `overlap_tokens >= max_tokens`.
     pub fn new(tokenizer: &Tokenizer, params: ChunkParams) -> Result<Chunker> {
         if params.max_tokens == 0 || params.overlap_tokens >= params.max_tokens {
-            return Err(Error::InvalidChunking(format!(
-                "need 0 <= overlap_tokens < max_tokens, got max_tokens {} and overlap_tokens {}",
-                params.max_tokens, params.overlap_tokens
-            )));
+            return Err(Error::InvalidChunking {
+                max_tokens: params.max_tokens,
+                overlap_tokens: params.overlap_tokens,
+            });
         }
         let mut tokenizer = tokenizer.clone();
         tokenizer.with_padding(None);
         tokenizer
             .with_truncation(None)
-            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+            .map_err(|source| Error::Tokenizer {
+                operation: "turning truncation off",
+                source,
+            })?;
         Ok(Chunker { tokenizer, params })
     }
 
@@ -80,7 +83,10 @@ impl Chunker {
         let enc = self
             .tokenizer
             .encode(text, false)
-            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+            .map_err(|source| Error::Tokenizer {
+                operation: "encoding a text to chunk",
+                source,
+            })?;
         // Offsets of real pieces (special tokens have (0, 0)).
         let offsets: Vec<(usize, usize)> = enc
             .get_offsets()

@@ -220,7 +220,10 @@ impl SentenceEncoder {
                 max_length: max_seq_len,
                 ..Default::default()
             }))
-            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+            .map_err(|source| Error::Tokenizer {
+                operation: "setting the truncation to max_seq_len",
+                source,
+            })?;
 
         let device = Device::Cpu;
         let model = match options.backend {
@@ -299,7 +302,10 @@ impl SentenceEncoder {
     fn encode_one(&self, text: &str) -> Result<Encoding> {
         self.tokenizer
             .encode(text, true)
-            .map_err(|e| Error::Tokenizer(e.to_string()))
+            .map_err(|source| Error::Tokenizer {
+                operation: "encoding a text",
+                source,
+            })
     }
 
     /// Embeds `texts` into `(texts.len(), dim)` L2-normalised f32 rows, in input order.

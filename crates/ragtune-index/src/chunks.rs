@@ -24,15 +24,18 @@ use crate::ChunkRecord;
 /// Appends the encoding of one record to `out`.
 ///
 /// # Errors
-/// [`Error::InvalidInput`] if a string is longer than `u32::MAX` bytes.
+/// [`Error::TooLarge`] if a string is longer than `u32::MAX` bytes.
 pub fn encode_record(r: &ChunkRecord, out: &mut Vec<u8>) -> Result<()> {
     put_str(out, &r.doc_id)?;
     out.extend_from_slice(&r.chunk.to_le_bytes());
     out.extend_from_slice(&r.start.to_le_bytes());
     out.extend_from_slice(&r.end.to_le_bytes());
     put_str(out, &r.text)?;
-    let n = u32::try_from(r.metadata.len())
-        .map_err(|_| Error::InvalidInput("too many metadata entries".into()))?;
+    let n = u32::try_from(r.metadata.len()).map_err(|_| Error::TooLarge {
+        what: "metadata entries in a chunk record",
+        limit: u64::from(u32::MAX),
+        got: r.metadata.len() as u64,
+    })?;
     out.extend_from_slice(&n.to_le_bytes());
     for (k, v) in &r.metadata {
         put_str(out, k)?;
@@ -42,8 +45,11 @@ pub fn encode_record(r: &ChunkRecord, out: &mut Vec<u8>) -> Result<()> {
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) -> Result<()> {
-    let n = u32::try_from(s.len())
-        .map_err(|_| Error::InvalidInput("string longer than 4 GiB in a chunk record".into()))?;
+    let n = u32::try_from(s.len()).map_err(|_| Error::TooLarge {
+        what: "bytes in one string of a chunk record",
+        limit: u64::from(u32::MAX),
+        got: s.len() as u64,
+    })?;
     out.extend_from_slice(&n.to_le_bytes());
     out.extend_from_slice(s.as_bytes());
     Ok(())
@@ -140,7 +146,8 @@ pub fn decode_record(b: &[u8]) -> Option<RecordRef<'_>> {
 /// Encodes a whole chunk-store payload. `ids` must be strictly ascending.
 ///
 /// # Errors
-/// [`Error::InvalidInput`] on oversized strings.
+/// [`Error::TooLarge`] on oversized strings, [`Error::RecordCountMismatch`] when `records`
+/// does not yield one record per id.
 pub fn encode_store<'r>(
     ids: &[u64],
     records: impl Iterator<Item = &'r ChunkRecord>,
@@ -154,10 +161,10 @@ pub fn encode_store<'r>(
         offsets.push(recs.len() as u64);
     }
     if offsets.len() != count + 1 {
-        return Err(Error::InvalidInput(format!(
-            "{} chunk records for {count} ids",
-            offsets.len() - 1
-        )));
+        return Err(Error::RecordCountMismatch {
+            ids: count,
+            records: offsets.len() - 1,
+        });
     }
     let mut out = Vec::with_capacity(8 + 16 * count + 8 + recs.len());
     out.extend_from_slice(&(count as u64).to_le_bytes());
@@ -260,14 +267,14 @@ impl ChunkStore {
     /// The record at `row`.
     ///
     /// # Errors
-    /// [`Error::DataCorruption`] if the record cannot be decoded; [`Error::InvalidInput`] if
-    /// `row` is out of range.
+    /// [`Error::DataCorruption`] if the record cannot be decoded; [`Error::RowOutOfRange`]
+    /// if `row` is out of range.
     pub fn get(&self, row: usize) -> Result<RecordRef<'_>> {
         if row >= self.count {
-            return Err(Error::InvalidInput(format!(
-                "row {row} out of range {}",
-                self.count
-            )));
+            return Err(Error::RowOutOfRange {
+                row,
+                count: self.count,
+            });
         }
         if !self.bytes.still_intact() {
             return Err(Error::corrupt(

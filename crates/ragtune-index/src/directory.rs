@@ -226,7 +226,9 @@ impl FsDirectory {
 
     fn check_name(&self, name: &str) -> Result<()> {
         if name.is_empty() || name.contains('/') || name.contains('\\') || name == ".." {
-            return Err(Error::InvalidInput(format!("bad file name {name:?}")));
+            return Err(Error::InvalidFileName {
+                name: name.to_string(),
+            });
         }
         Ok(())
     }

@@ -101,9 +101,99 @@ pub enum Error {
         /// The id asked for.
         id: u64,
     },
-    /// Arguments that are inconsistent (lengths, non-finite values, parameters out of range).
-    #[error("invalid input: {0}")]
-    InvalidInput(String),
+    /// A parameter is outside the range it allows (an embedder dimension of 0, HNSW `m`
+    /// outside 2..=255, an `ef` of 0).
+    #[error("invalid {name} = {value}: expected {expected}")]
+    InvalidParameter {
+        /// The parameter, e.g. `HNSW m`.
+        name: &'static str,
+        /// The value given.
+        value: usize,
+        /// The range it allows, in words.
+        expected: &'static str,
+    },
+    /// The vectors given do not hold one `dim`-component row per chunk.
+    #[error(
+        "{chunks} chunks need {chunks} x {dim} = {expected} vector components, got {got}: \
+         pass one embedding per chunk"
+    )]
+    VectorLength {
+        /// Chunks given.
+        chunks: usize,
+        /// The embedder dimension.
+        dim: usize,
+        /// Components needed: `chunks * dim`.
+        expected: usize,
+        /// Components given.
+        got: usize,
+    },
+    /// A vector to index is zero or not finite.
+    #[error("invalid input: vector {row} {problem}: embeddings must be finite and non-zero")]
+    InvalidVector {
+        /// The 0-based row of the vector among those given.
+        row: usize,
+        /// What is wrong with it.
+        problem: VectorProblem,
+    },
+    /// A query vector is zero or not finite.
+    #[error("invalid input: query {problem}: embed the query with the index's embedder")]
+    InvalidQuery {
+        /// What is wrong with it.
+        problem: VectorProblem,
+    },
+    /// Something to write is larger than the index format can hold (u32 counts and offsets).
+    #[error(
+        "invalid input: {got} {what} exceeds the limit of {limit}: split oversized documents, \
+         or ingest them in several batches"
+    )]
+    TooLarge {
+        /// What is counted, e.g. `chunks in one segment`.
+        what: &'static str,
+        /// The most the format holds.
+        limit: u64,
+        /// The amount given (at least; counting stops at the first one over the limit).
+        got: u64,
+    },
+    /// A chunk store was given another number of records than of ids.
+    #[error("invalid input: {records} chunk records for {ids} ids: pass one record per id")]
+    RecordCountMismatch {
+        /// Ids given.
+        ids: usize,
+        /// Records given.
+        records: usize,
+    },
+    /// A row number past the end of a chunk store.
+    #[error("invalid input: row {row} out of range {count}: rows run from 0 to count - 1")]
+    RowOutOfRange {
+        /// The row asked for.
+        row: usize,
+        /// Records in the store.
+        count: usize,
+    },
+    /// The manifest could not be serialised to JSON (a bug: please report it).
+    #[error("cannot serialise manifest: {source}")]
+    ManifestEncode {
+        /// serde_json's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// An index path this crate cannot use.
+    #[error("invalid index path {path}: {reason}; pass a directory path ending in a name")]
+    InvalidPath {
+        /// The path given.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A file name inside an index directory that is empty, `..` or holds a path separator.
+    #[error(
+        "bad file name {name:?}: index file names must be non-empty, not `..` and hold no \
+         `/` or `\\`"
+    )]
+    InvalidFileName {
+        /// The name given.
+        name: String,
+    },
     /// Another process holds the index's writer lock.
     #[error(
         "the index at {path} is being updated by another ragtune process{} (waited {waited:?}): \
@@ -132,6 +222,25 @@ pub enum Error {
         /// The generation on disk.
         found: u64,
     },
+}
+
+/// What is wrong with a vector ([`Error::InvalidVector`], [`Error::InvalidQuery`]).
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VectorProblem {
+    /// A component is NaN or infinite (or the squared norm overflows).
+    NonFinite,
+    /// The vector has zero norm.
+    ZeroNorm,
+}
+
+impl std::fmt::Display for VectorProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VectorProblem::NonFinite => "contains non-finite values",
+            VectorProblem::ZeroNorm => "has zero norm",
+        })
+    }
 }
 
 /// `Result` with this crate's [`Error`].

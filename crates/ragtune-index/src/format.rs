@@ -279,7 +279,7 @@ impl Manifest {
     /// Serialises: pretty JSON body, then a trailer line `crc32 xxxxxxxx` over the body.
     pub fn encode(&self) -> Result<Vec<u8>> {
         let body = serde_json::to_string_pretty(self)
-            .map_err(|e| Error::InvalidInput(format!("cannot serialise manifest: {e}")))?;
+            .map_err(|source| Error::ManifestEncode { source })?;
         let crc = crc32fast::hash(body.as_bytes());
         Ok(format!("{body}{TRAILER_PREFIX}{crc:08x}\n").into_bytes())
     }

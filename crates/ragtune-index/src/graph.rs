@@ -62,7 +62,7 @@ fn fill_list(dst: &mut [u32], ids: &[u32]) {
 /// Builds a graph over `vectors` (n x dim, row-major, L2-normalised) with hnsw_rs and freezes it.
 ///
 /// # Errors
-/// [`Error::InvalidInput`] for parameters hnsw_rs cannot take (m outside 2..=255).
+/// [`Error::InvalidParameter`] for parameters hnsw_rs cannot take (m outside 2..=255).
 pub fn build(
     vectors: &[f32],
     dim: usize,

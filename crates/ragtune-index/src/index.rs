@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 
 use crate::chunks::{encode_store, ChunkStore};
 use crate::directory::{Directory, FileBytes, FsDirectory, TMP_SUFFIX};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, VectorProblem};
 use crate::filter::{Filter, DOC_ID_KEY};
 use crate::format::{
     cast_slice, verify_file, write_file, FileEntry, Manifest, SegmentEntry, FORMAT_VERSION,
@@ -317,37 +317,42 @@ pub struct Index {
 
 fn validate_input(dim: usize, chunks: &[ChunkRecord], vectors: &[f32]) -> Result<Vec<f32>> {
     if dim == 0 {
-        return Err(Error::InvalidInput("embedder dimension is 0".into()));
+        return Err(Error::InvalidParameter {
+            name: "embedder dimension",
+            value: 0,
+            expected: "a value >= 1 (the embedder's output size)",
+        });
     }
     if vectors.len() != chunks.len() * dim {
-        return Err(Error::InvalidInput(format!(
-            "{} chunks need {} x {dim} = {} vector components, got {}",
-            chunks.len(),
-            chunks.len(),
-            chunks.len() * dim,
-            vectors.len()
-        )));
+        return Err(Error::VectorLength {
+            chunks: chunks.len(),
+            dim,
+            expected: chunks.len() * dim,
+            got: vectors.len(),
+        });
     }
     if chunks.len() >= u32::MAX as usize {
-        return Err(Error::InvalidInput(
-            "too many chunks for one segment".into(),
-        ));
+        return Err(Error::TooLarge {
+            what: "chunks in one segment",
+            limit: u64::from(u32::MAX) - 1,
+            got: chunks.len() as u64,
+        });
     }
     let mut out = vectors.to_vec();
-    for (i, row) in out.chunks_exact_mut(dim).enumerate() {
-        normalize(row).map_err(|e| Error::InvalidInput(format!("vector {i}: {e}")))?;
+    for (row, v) in out.chunks_exact_mut(dim).enumerate() {
+        normalize(v).map_err(|problem| Error::InvalidVector { row, problem })?;
     }
     Ok(out)
 }
 
 /// Scales `v` to unit L2 norm (no-op when already within 1e-4).
-fn normalize(v: &mut [f32]) -> std::result::Result<(), String> {
+fn normalize(v: &mut [f32]) -> std::result::Result<(), VectorProblem> {
     let n2: f32 = crate::simd::dot(v, v);
     if !n2.is_finite() || v.iter().any(|x| !x.is_finite()) {
-        return Err("contains non-finite values".into());
+        return Err(VectorProblem::NonFinite);
     }
     if n2 <= f32::MIN_POSITIVE {
-        return Err("has zero norm".into());
+        return Err(VectorProblem::ZeroNorm);
     }
     if (n2 - 1.0).abs() > 1e-4 {
         let inv = 1.0 / n2.sqrt();
@@ -542,8 +547,9 @@ impl Index {
     ///
     /// # Errors
     /// [`Error::AlreadyExists`] if an index is there (see [`create_or_replace`](Self::create_or_replace)),
-    /// [`Error::EmptyIndex`] for zero chunks, [`Error::InvalidInput`] for inconsistent lengths,
-    /// zero or non-finite vectors or bad params, [`Error::Io`].
+    /// [`Error::EmptyIndex`] for zero chunks, [`Error::VectorLength`] for inconsistent lengths,
+    /// [`Error::InvalidVector`] for zero or non-finite vectors, [`Error::InvalidParameter`]
+    /// for bad params, [`Error::TooLarge`], [`Error::Io`].
     pub fn create(
         dir: impl AsRef<Path>,
         embedder: EmbedderId,
@@ -569,9 +575,13 @@ impl Index {
             let d: Arc<dyn Directory> = Arc::new(FsDirectory::open(path)?);
             return Index::create_in(d, embedder, params, chunks, vectors);
         }
-        let name = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
-            Error::InvalidInput(format!("index path {} has no file name", path.display()))
-        })?;
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| Error::InvalidPath {
+                path: path.to_path_buf(),
+                reason: "it has no file name, or the name is not UTF-8",
+            })?;
         let parent = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
@@ -879,7 +889,7 @@ impl Index {
     /// exactly.
     ///
     /// # Errors
-    /// [`Error::DimensionMismatch`], [`Error::InvalidInput`] for a zero or non-finite query.
+    /// [`Error::DimensionMismatch`], [`Error::InvalidQuery`] for a zero or non-finite query.
     pub fn search(&self, query: &[f32], params: &SearchParams) -> Result<Vec<Hit>> {
         let dim = self.dim();
         if query.len() != dim {
@@ -892,7 +902,7 @@ impl Index {
             return Ok(Vec::new());
         }
         let mut q = query.to_vec();
-        normalize(&mut q).map_err(|e| Error::InvalidInput(format!("query {e}")))?;
+        normalize(&mut q).map_err(|problem| Error::InvalidQuery { problem })?;
         let k = params.k;
         let ef = params
             .ef_search
@@ -1352,7 +1362,8 @@ impl Index {
     /// the manifest atomically. New chunks get ids above every existing id.
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] for inconsistent lengths or bad vectors, [`Error::Io`].
+    /// [`Error::VectorLength`] for inconsistent lengths, [`Error::InvalidVector`] for bad
+    /// vectors, [`Error::TooLarge`], [`Error::Io`].
     pub fn add(&mut self, chunks: Vec<ChunkRecord>, vectors: &[f32]) -> Result<()> {
         if chunks.is_empty() {
             return Ok(());

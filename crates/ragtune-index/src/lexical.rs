@@ -195,7 +195,7 @@ fn put_varint(out: &mut Vec<u8>, mut x: u32) {
 /// Returns `(payload, n_terms)`.
 ///
 /// # Errors
-/// [`Error::InvalidInput`] when a table would not fit its u32 offsets (over 4 GiB).
+/// [`Error::TooLarge`] when a table would not fit its u32 offsets (over 4 GiB).
 pub(crate) fn build<'a>(texts: impl Iterator<Item = &'a str>) -> Result<(Vec<u8>, u64)> {
     let mut doc_len: Vec<u32> = Vec::new();
     let mut postings: BTreeMap<String, Vec<(u32, u32)>> = BTreeMap::new();
@@ -208,13 +208,20 @@ pub(crate) fn build<'a>(texts: impl Iterator<Item = &'a str>) -> Result<(Vec<u8>
             *counts.entry(t.to_string()).or_insert(0) += 1;
         });
         doc_len.push(n);
-        let row = u32::try_from(row)
-            .map_err(|_| Error::InvalidInput("too many rows for a lexical segment".into()))?;
+        let row = u32::try_from(row).map_err(|_| Error::TooLarge {
+            what: "rows in a lexical segment",
+            limit: u64::from(u32::MAX) + 1,
+            got: row as u64 + 1,
+        })?;
         for (t, tf) in counts.drain() {
             postings.entry(t).or_default().push((row, tf));
         }
     }
-    let too_big = || Error::InvalidInput("lexical segment larger than 4 GiB".into());
+    let too_big = |what: &'static str, got: usize| Error::TooLarge {
+        what,
+        limit: u64::from(u32::MAX),
+        got: got as u64,
+    };
     let mut terms = Vec::new();
     let mut blob = Vec::new();
     let mut df = Vec::with_capacity(postings.len());
@@ -230,8 +237,14 @@ pub(crate) fn build<'a>(texts: impl Iterator<Item = &'a str>) -> Result<(Vec<u8>
             prev = row;
         }
         df.push(list.len() as u32);
-        term_off.push(u32::try_from(terms.len()).map_err(|_| too_big())?);
-        post_off.push(u32::try_from(blob.len()).map_err(|_| too_big())?);
+        term_off.push(
+            u32::try_from(terms.len())
+                .map_err(|_| too_big("bytes in a lexical segment's term table", terms.len()))?,
+        );
+        post_off.push(
+            u32::try_from(blob.len())
+                .map_err(|_| too_big("bytes in a lexical segment's postings", blob.len()))?,
+        );
     }
     let n_terms = df.len();
     let mut out =

@@ -113,7 +113,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::chunks::{decode_record, encode_record, RecordRef};
 pub use crate::directory::{Directory, FileBytes, FsDirectory, RamDirectory, TMP_SUFFIX};
-pub use crate::error::{Error, Result};
+pub use crate::error::{Error, Result, VectorProblem};
 pub use crate::filter::{Filter, DOC_ID_KEY};
 pub use crate::format::{Header, FORMAT_VERSION, HEADER_LEN, MANIFEST};
 pub use crate::fusion::{rrf, rrf_by_doc, RRF_K};
@@ -203,18 +203,26 @@ impl HnswParams {
     /// Checks ranges.
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] when `m` is outside 2..=255 or an `ef` is 0.
+    /// [`Error::InvalidParameter`] when `m` is outside 2..=255 or an `ef` is 0.
     pub fn validate(&self) -> Result<()> {
         if !(2..=255).contains(&self.m) {
-            return Err(Error::InvalidInput(format!(
-                "HNSW m must be in 2..=255, got {}",
-                self.m
-            )));
+            return Err(Error::InvalidParameter {
+                name: "HNSW m",
+                value: self.m,
+                expected: "a value in 2..=255",
+            });
         }
-        if self.ef_construction == 0 || self.ef_search == 0 {
-            return Err(Error::InvalidInput(
-                "HNSW ef_construction and ef_search must be >= 1".into(),
-            ));
+        for (name, value) in [
+            ("HNSW ef_construction", self.ef_construction),
+            ("HNSW ef_search", self.ef_search),
+        ] {
+            if value == 0 {
+                return Err(Error::InvalidParameter {
+                    name,
+                    value,
+                    expected: "a value >= 1",
+                });
+            }
         }
         Ok(())
     }

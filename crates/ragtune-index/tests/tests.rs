@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use ragtune_index::synthetic::clustered;
 use ragtune_index::{
-    Directory, Error, Filter, FsDirectory, HnswParams, Index, RamDirectory, SearchParams, MANIFEST,
+    Directory, Error, Filter, FsDirectory, HnswParams, Index, RamDirectory, SearchParams,
+    VectorProblem, MANIFEST,
 };
 use util::*;
 
@@ -140,7 +141,10 @@ fn tiny_indexes_and_errors() {
             records(1, 1),
             &[0.0; 4]
         ),
-        Err(Error::InvalidInput(_))
+        Err(Error::InvalidVector {
+            row: 0,
+            problem: VectorProblem::ZeroNorm
+        })
     ));
     assert!(matches!(
         Index::create(
@@ -150,7 +154,11 @@ fn tiny_indexes_and_errors() {
             records(2, 1),
             &[1.0; 4]
         ),
-        Err(Error::InvalidInput(_))
+        Err(Error::VectorLength {
+            chunks: 2,
+            got: 4,
+            ..
+        })
     ));
     assert!(!tmp.path().join("z").exists());
 }

@@ -75,8 +75,12 @@ pub fn save(
         let bytes =
             safetensors::tensor::serialize(&tensors, None).map_err(candle_core::Error::from)?;
         write_synced(&tmp.join(TENSORS_FILE), &bytes)?;
-        let json = serde_json::to_vec_pretty(state).map_err(|e| Error::Config(e.to_string()))?;
-        write_synced(&tmp.join(STATE_FILE), &json)?;
+        let state_path = tmp.join(STATE_FILE);
+        let json = serde_json::to_vec_pretty(state).map_err(|source| Error::StateEncode {
+            path: state_path.clone(),
+            source,
+        })?;
+        write_synced(&state_path, &json)?;
         sync_dir(&tmp)?;
         if last.exists() {
             std::fs::remove_dir_all(&last).map_err(io(&last))?;

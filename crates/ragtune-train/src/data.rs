@@ -23,7 +23,7 @@ use serde_json::Value;
 
 use crate::error::io;
 use crate::model::PackedSeq;
-use crate::{Error, Result};
+use crate::{EmptyReason, Error, Result};
 
 /// One chat example.
 #[derive(Debug, Clone, PartialEq)]
@@ -84,10 +84,10 @@ pub fn read_jsonl(path: impl AsRef<Path>) -> Result<Vec<Example>> {
         })?);
     }
     if out.is_empty() {
-        return Err(Error::EmptyDataset(format!(
-            "{} holds no example: write one {{\"messages\": [...]}} object per line",
-            path.display()
-        )));
+        return Err(Error::EmptyDataset {
+            path: Some(path.to_path_buf()),
+            reason: EmptyReason::NoExample,
+        });
     }
     Ok(out)
 }
@@ -111,7 +111,7 @@ impl Tokenized {
 /// Renders and tokenizes `example` (see the module docs).
 ///
 /// # Errors
-/// Template and tokenizer errors; [`Error::Config`] when the template does not render
+/// Template and tokenizer errors; [`Error::UnmaskableTemplate`] when the template does not render
 /// prefixes of the conversation as prefixes of its rendering (it cannot be masked).
 pub fn tokenize(
     example: &Example,
@@ -140,11 +140,7 @@ pub fn tokenize(
         let prompt = template.render(&msgs[..i], true)?;
         let through = template.render(&msgs[..=i], false)?;
         if !through.starts_with(&prompt) || !full.starts_with(&through) || prompt.len() < done {
-            return Err(Error::Config(
-                "the chat template does not render a conversation's prefixes as prefixes of \
-                 its rendering, so the assistant tokens cannot be located"
-                    .into(),
-            ));
+            return Err(Error::UnmaskableTemplate { message: i });
         }
         push(&full[done..prompt.len()], false, done == 0)?;
         push(&full[prompt.len()..through.len()], true, false)?;
@@ -196,13 +192,15 @@ pub fn prepare(
         }
     }
     if out.examples.is_empty() {
-        return Err(Error::EmptyDataset(format!(
-            "no usable example among {}: {} longer than the sequence length {seq_len} \
-             (raise --seq-len), {} without answer tokens",
-            examples.len(),
-            out.skipped_too_long,
-            out.skipped_no_target
-        )));
+        return Err(Error::EmptyDataset {
+            path: None,
+            reason: EmptyReason::AllSkipped {
+                examples: examples.len(),
+                too_long: out.skipped_too_long,
+                no_target: out.skipped_no_target,
+                seq_len,
+            },
+        });
     }
     Ok(out)
 }
@@ -255,7 +253,13 @@ mod tests {
         let err = read_jsonl(&path).expect_err("no answer").to_string();
         assert!(err.contains(":1:") && err.contains("assistant"), "{err}");
         std::fs::write(&path, "\n\n").expect("write");
-        assert!(matches!(read_jsonl(&path), Err(Error::EmptyDataset(_))));
+        assert!(matches!(
+            read_jsonl(&path),
+            Err(Error::EmptyDataset {
+                path: Some(_),
+                reason: EmptyReason::NoExample
+            })
+        ));
     }
 
     #[test]

@@ -44,6 +44,6 @@ pub mod ops;
 pub mod optim;
 mod trainer;
 
-pub use error::{Error, Result};
+pub use error::{EmptyReason, Error, Result};
 pub use model::{InitB, LoraFactors, LoraSpec, PackedSeq, TrainModel};
 pub use trainer::{Event, Finish, StepReport, TrainConfig, Trainer};

@@ -69,18 +69,35 @@ impl LoraSpec {
     /// Checks the ranges.
     ///
     /// # Errors
-    /// [`Error::Config`] for `rank = 0`, a non-finite `alpha`, a dropout outside `[0, 1)`,
-    /// no target.
+    /// [`Error::InvalidParameter`] for `rank = 0`, a non-finite `alpha`, a dropout outside
+    /// `[0, 1)`, no target.
     pub fn validate(&self) -> Result<()> {
-        if self.rank == 0 || !self.alpha.is_finite() || !(0.0..1.0).contains(&self.dropout) {
-            return Err(Error::Config(format!(
-                "LoRA rank must be >= 1, alpha finite and dropout in [0, 1); got r = {}, \
-                 alpha = {}, dropout = {}",
-                self.rank, self.alpha, self.dropout
-            )));
+        let bad = |name, value: String, expected| {
+            Err(Error::InvalidParameter {
+                name,
+                value,
+                expected,
+            })
+        };
+        if self.rank == 0 {
+            return bad("rank", self.rank.to_string(), "a LoRA rank >= 1");
+        }
+        if !self.alpha.is_finite() {
+            return bad("alpha", self.alpha.to_string(), "a finite LoRA alpha");
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return bad(
+                "dropout",
+                self.dropout.to_string(),
+                "a LoRA dropout in [0, 1)",
+            );
         }
         if self.targets.is_empty() {
-            return Err(Error::Config("no LoRA target module".into()));
+            return bad(
+                "targets",
+                "[]".to_string(),
+                "at least one LoRA target module",
+            );
         }
         Ok(())
     }
@@ -184,8 +201,9 @@ impl TrainModel {
     /// `B` per `init_b`, from a generator seeded with `seed`.
     ///
     /// # Errors
-    /// GGUF and props errors of `ragtune-generate`, [`Error::Config`] for a bad `spec` or
-    /// RoPE scaling other than none/linear.
+    /// GGUF and props errors of `ragtune-generate` (among them
+    /// [`TensorShape`](ragtune_generate::Error::TensorShape) for a weight whose shape differs
+    /// from the metadata), [`Error::InvalidParameter`] for a bad `spec`.
     pub fn load(path: impl AsRef<Path>, spec: LoraSpec, init_b: InitB, seed: u64) -> Result<Self> {
         spec.validate()?;
         let path = path.as_ref();
@@ -212,11 +230,12 @@ impl TrainModel {
                 let w = t(m.gguf_name())?;
                 let (out, inp) = m.dims(&props);
                 if w.dims() != [out, inp] {
-                    return Err(Error::Config(format!(
-                        "blk.{i}.{} has shape {:?}, the metadata says ({out}, {inp})",
-                        m.gguf_name(),
-                        w.dims()
-                    )));
+                    return Err(ragtune_generate::Error::TensorShape {
+                        name: format!("blk.{i}.{}.weight", m.gguf_name()),
+                        expected: vec![out, inp],
+                        got: w.dims().to_vec(),
+                    }
+                    .into());
                 }
                 weights.push(w);
             }
@@ -397,8 +416,9 @@ impl TrainModel {
     /// `dropout`: the generator for LoRA dropout (training), `None` for evaluation.
     ///
     /// # Errors
-    /// [`Error::Config`] for an empty sequence, a token outside the vocabulary or a position
-    /// past the context length; tensor errors.
+    /// [`Error::SequenceShape`] for an empty sequence, [`Error::TokenOutOfRange`] for a token
+    /// outside the vocabulary, [`Error::PositionOutOfRange`] for a position past the context
+    /// length; tensor errors.
     pub fn hidden(
         &self,
         seq: &PackedSeq,
@@ -407,25 +427,27 @@ impl TrainModel {
         let p = &self.props;
         let t = seq.len();
         if t == 0 || seq.positions.len() != t || seq.segments.len() != t {
-            return Err(Error::Config(
-                "a packed sequence needs tokens, positions and segments of one length >= 1".into(),
-            ));
+            return Err(Error::SequenceShape {
+                tokens: t,
+                positions: seq.positions.len(),
+                segments: seq.segments.len(),
+            });
         }
         if let Some(&bad) = seq.tokens.iter().find(|&&id| id as usize >= p.vocab_size) {
-            return Err(Error::Config(format!(
-                "token id {bad} outside the vocabulary of {}",
-                p.vocab_size
-            )));
+            return Err(Error::TokenOutOfRange {
+                id: bad,
+                vocab_size: p.vocab_size,
+            });
         }
         if let Some(&bad) = seq
             .positions
             .iter()
             .find(|&&x| x as usize >= p.context_length)
         {
-            return Err(Error::Config(format!(
-                "position {bad} past the context length {}",
-                p.context_length
-            )));
+            return Err(Error::PositionOutOfRange {
+                position: bad,
+                context_length: p.context_length,
+            });
         }
         let dev = Device::Cpu;
         let (h, kv, d) = (p.head_count, p.head_count_kv, p.head_dim);
@@ -505,16 +527,14 @@ impl TrainModel {
     /// the target positions (the vocabulary is a fifth of SmolLM2-135M's weights).
     ///
     /// # Errors
-    /// As [`hidden`](Self::hidden); [`Error::Config`] for a sequence without targets.
+    /// As [`hidden`](Self::hidden); [`Error::NoLossTargets`] for a sequence without targets.
     pub fn loss(
         &self,
         seq: &PackedSeq,
         dropout: Option<&mut rand::rngs::StdRng>,
     ) -> Result<(Tensor, usize)> {
         if seq.targets.is_empty() {
-            return Err(Error::Config(
-                "a packed sequence without loss targets".into(),
-            ));
+            return Err(Error::NoLossTargets { tokens: seq.len() });
         }
         let hidden = self.hidden(seq, dropout)?;
         let dev = Device::Cpu;
@@ -532,18 +552,19 @@ impl TrainModel {
     /// (a checkpoint).
     ///
     /// # Errors
-    /// [`Error::Config`] naming a missing tensor or a shape that differs.
+    /// [`Error::CheckpointTensorMissing`] or [`Error::CheckpointTensorShape`] naming the
+    /// tensor.
     pub fn set_params(&self, tensors: &HashMap<String, Tensor>) -> Result<()> {
         for (name, var) in self.named_params() {
             let t = tensors
                 .get(&name)
-                .ok_or_else(|| Error::Config(format!("checkpoint has no tensor {name}")))?;
+                .ok_or_else(|| Error::CheckpointTensorMissing { name: name.clone() })?;
             if t.dims() != var.as_tensor().dims() {
-                return Err(Error::Config(format!(
-                    "checkpoint tensor {name} has shape {:?}, the model needs {:?}",
-                    t.dims(),
-                    var.as_tensor().dims()
-                )));
+                return Err(Error::CheckpointTensorShape {
+                    name,
+                    expected: var.as_tensor().dims().to_vec(),
+                    got: t.dims().to_vec(),
+                });
             }
             var.set(&t.to_dtype(DType::F32)?)?;
         }

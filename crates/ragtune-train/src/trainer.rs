@@ -19,7 +19,7 @@ use crate::checkpoint::{self, CheckpointState};
 use crate::data::{pack, Tokenized};
 use crate::model::{LoraSpec, PackedSeq, TrainModel};
 use crate::optim::{clip_grad_norm, learning_rate, AdamW, AdamWParams};
-use crate::{Error, Result};
+use crate::{EmptyReason, Error, Result};
 
 /// Hyper-parameters of a run. Saved in every checkpoint; a resume must use the same.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -84,21 +84,50 @@ impl TrainConfig {
     /// Checks the ranges.
     ///
     /// # Errors
-    /// [`Error::Config`] naming the bad value.
+    /// [`Error::InvalidParameter`] naming the bad value.
     pub fn validate(&self) -> Result<()> {
         self.lora.validate()?;
-        let bad = |what: &str| Err(Error::Config(what.to_string()));
+        let bad = |name, value: String, expected| {
+            Err(Error::InvalidParameter {
+                name,
+                value,
+                expected,
+            })
+        };
         if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
-            return bad("the learning rate must be positive");
+            let lr = self.learning_rate.to_string();
+            return bad("learning_rate", lr, "a positive finite learning rate");
         }
         if !(0.0..=1.0).contains(&self.min_lr_ratio) {
-            return bad("min_lr_ratio must be in [0, 1]");
+            return bad(
+                "min_lr_ratio",
+                self.min_lr_ratio.to_string(),
+                "a ratio in [0, 1]",
+            );
         }
-        if self.epochs == 0 || self.seq_len < 2 || self.grad_accum == 0 {
-            return bad("epochs and grad_accum must be >= 1 and seq_len >= 2");
+        if self.epochs == 0 {
+            return bad("epochs", self.epochs.to_string(), "at least 1 epoch");
+        }
+        if self.seq_len < 2 {
+            return bad(
+                "seq_len",
+                self.seq_len.to_string(),
+                "a sequence length >= 2",
+            );
+        }
+        if self.grad_accum == 0 {
+            return bad(
+                "grad_accum",
+                self.grad_accum.to_string(),
+                "at least 1 micro-batch",
+            );
         }
         if self.max_steps == Some(0) {
-            return bad("max_steps must be >= 1");
+            return bad(
+                "max_steps",
+                "0".to_string(),
+                "at least 1 step (or no limit)",
+            );
         }
         Ok(())
     }
@@ -200,8 +229,8 @@ impl Trainer {
     /// refuses another base.
     ///
     /// # Errors
-    /// [`Error::Config`] for a bad config or a model whose LoRA spec differs from it;
-    /// [`Error::EmptyDataset`] for no training example.
+    /// [`Error::InvalidParameter`] for a bad config, [`Error::LoraSpecMismatch`] for a model
+    /// whose LoRA spec differs from it; [`Error::EmptyDataset`] for no training example.
     pub fn new(
         model: TrainModel,
         config: TrainConfig,
@@ -211,12 +240,16 @@ impl Trainer {
     ) -> Result<Self> {
         config.validate()?;
         if model.spec() != &config.lora {
-            return Err(Error::Config(
-                "the model's LoRA spec differs from the training config".into(),
-            ));
+            return Err(Error::LoraSpecMismatch {
+                model: Box::new(model.spec().clone()),
+                config: Box::new(config.lora.clone()),
+            });
         }
         if train.is_empty() {
-            return Err(Error::EmptyDataset("no training example".into()));
+            return Err(Error::EmptyDataset {
+                path: None,
+                reason: EmptyReason::NoExample,
+            });
         }
         let mut plan = Vec::new();
         for epoch in 0..config.epochs {
@@ -327,10 +360,12 @@ impl Trainer {
     /// gradient checks.
     ///
     /// # Errors
-    /// [`Error::Config`] when the run is over; tensor errors.
+    /// [`Error::NoStepLeft`] when the run is over; tensor errors.
     pub fn next_gradients(&self) -> Result<(f64, Vec<Tensor>)> {
         if self.step >= self.plan.len() {
-            return Err(Error::Config("the run has no step left".into()));
+            return Err(Error::NoStepLeft {
+                total_steps: self.plan.len(),
+            });
         }
         let (loss, grads, ..) = self.loss_and_grads(self.step)?;
         Ok((loss, grads))
@@ -339,11 +374,13 @@ impl Trainer {
     /// Runs the next optimizer step.
     ///
     /// # Errors
-    /// [`Error::Config`] when the run is over; tensor errors.
+    /// [`Error::NoStepLeft`] when the run is over; tensor errors.
     pub fn train_step(&mut self) -> Result<StepReport> {
         let index = self.step;
         if index >= self.plan.len() {
-            return Err(Error::Config("the run has no step left".into()));
+            return Err(Error::NoStepLeft {
+                total_steps: self.plan.len(),
+            });
         }
         let (loss, mut grads, tokens, targets, forward_ms, backward_ms) =
             self.loss_and_grads(index)?;
