@@ -27,5 +27,7 @@ mod generic_corpus;
 mod reliability;
 #[path = "it/retrieval.rs"]
 mod retrieval;
+#[path = "it/serve.rs"]
+mod serve;
 #[path = "it/train.rs"]
 mod train;

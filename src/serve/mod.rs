@@ -625,12 +625,16 @@ async fn embeddings(
 ) -> ApiResult<Response> {
     st.authorize(&headers)?;
     let req: EmbeddingsRequest = parse(&body)?;
-    if req.encoding_format.as_deref().is_some_and(|f| f != "float") {
-        return Err(ApiError::bad_request(
-            "encoding_format must be `float` (base64 is not supported)",
-        )
-        .param("encoding_format"));
-    }
+    let base64 = match req.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "encoding_format `{other}`: use `float` or `base64`"
+            ))
+            .param("encoding_format"))
+        }
+    };
     let texts = match req.input {
         EmbeddingInput::One(t) => vec![t],
         EmbeddingInput::Many(v) => v,
@@ -655,7 +659,18 @@ async fn embeddings(
     .map_err(|e| ApiError::internal(format!("the request failed: {e}")))?
     .map_err(ApiError::from_engine)?;
     let data: Vec<serde_json::Value> = (0..embeddings.len())
-        .map(|i| serde_json::json!({"object": "embedding", "index": i, "embedding": embeddings.row(i)}))
+        .map(|i| {
+            let row = embeddings.row(i);
+            let embedding = if base64 {
+                // OpenAI's base64 form: the little-endian f32 values.
+                use base64::Engine as _;
+                let bytes: Vec<u8> = row.iter().flat_map(|v| v.to_le_bytes()).collect();
+                serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                serde_json::json!(row)
+            };
+            serde_json::json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
         .collect();
     let model = req.model.unwrap_or_else(|| engine_encoder_name(&st.engine));
     Ok(Json(serde_json::json!({
