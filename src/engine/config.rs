@@ -70,6 +70,9 @@ pub struct EngineConfig {
     pub max_tokens: usize,
     /// Reuse the KV cache of the constant system prompt across requests (prefix caching).
     pub prefix_cache: bool,
+    /// Decode concurrent answers together, one forward step for all of them (continuous
+    /// batching; the answers are the same as one at a time).
+    pub batch_decode: bool,
     /// How sources are retrieved: `mode` (`hybrid`, `dense`, `lexical`), RRF constant and
     /// weights, identifier fields (see [`RetrievalConfig`]).
     pub retrieval: RetrievalConfig,
@@ -94,6 +97,7 @@ impl Default for EngineConfig {
             max_chunks_per_doc: 2,
             max_tokens: 128,
             prefix_cache: true,
+            batch_decode: true,
             retrieval: RetrievalConfig::default(),
         }
     }

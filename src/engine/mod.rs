@@ -19,6 +19,7 @@
 //! take about as long together as one after the other, and neither waits for the other to
 //! finish before it starts.
 
+pub mod batch;
 mod config;
 pub mod prompt;
 
@@ -252,6 +253,8 @@ pub struct Engine {
     index_dir: PathBuf,
     /// Computed system-prompt prefixes by (retrieval prompt?, adapter name).
     prefixes: Mutex<HashMap<PrefixKey, Arc<Prefix>>>,
+    /// Batches the decode steps of concurrent answers.
+    batcher: batch::DecodeBatcher,
 }
 
 /// (retrieval prompt?, adapter name): what a system-prompt prefix depends on.
@@ -372,6 +375,7 @@ impl Engine {
             profile,
             index_dir,
             prefixes: Mutex::new(HashMap::new()),
+            batcher: batch::DecodeBatcher::default(),
         })
     }
 
@@ -441,6 +445,12 @@ impl Engine {
     /// The index directory the engine searches.
     pub fn index_dir(&self) -> &std::path::Path {
         &self.index_dir
+    }
+
+    /// Decode steps run and the rows in them since the engine was opened: `rows / steps` is
+    /// the mean number of answers decoded together.
+    pub fn batch_stats(&self) -> (u64, u64) {
+        self.batcher.stats()
     }
 
     /// The retriever (encoder and index).
@@ -591,13 +601,41 @@ impl Engine {
         )?;
         let generator = Generator::new(&self.model, &self.tokenizer, &self.eog);
         let mut first_token = None;
-        let generation =
-            generator.generate_after_prefix(&mut cache, &prompt, &params, adapter, |text| {
+        // Decode steps go through the batcher, which runs them together with those of the
+        // other answers being generated at the same time (batch.rs).
+        let mut decoding = None;
+        let batched = adapter_name.as_deref();
+        let mut decode = |token: u32, cache: &mut KvCache| {
+            if !self.config.batch_decode {
+                return self
+                    .model
+                    .forward_last_with(&[token], cache.len(), cache, adapter);
+            }
+            decoding.get_or_insert_with(|| self.batcher.enter());
+            let (owned, logits) = self.batcher.step(
+                &self.model,
+                &self.adapters,
+                token,
+                std::mem::take(cache),
+                batched,
+            )?;
+            *cache = owned;
+            Ok(logits)
+        };
+        let generation = generator.generate_after_prefix_with(
+            &mut cache,
+            &prompt,
+            &params,
+            adapter,
+            |text| {
                 if first_token.is_none() {
                     first_token = Some(ms(started));
                 }
                 on_text(text);
-            })?;
+            },
+            &mut decode,
+        )?;
+        drop(decoding);
         timings.prefill = generation.timings.prefill_ms;
         timings.decode = generation.timings.decode_ms;
         timings.total = ms(started);

@@ -14,8 +14,8 @@ use ragtune::fetch::Role;
 use ragtune_generate::candle_core::{Device, Tensor};
 use ragtune_generate::lora::Factor;
 use ragtune_generate::{
-    end_of_generation_ids, read_gguf, ChatMessage, ChatTemplate, Error, Generator, LlamaModel,
-    LoraAdapter, LoraConfig, TargetModule, Tokenizer, WeightFormat,
+    end_of_generation_ids, read_gguf, ChatMessage, ChatTemplate, DecodeRow, Error, Generator,
+    LlamaModel, LoraAdapter, LoraConfig, TargetModule, Tokenizer, WeightFormat,
 };
 
 use crate::util::{self, greedy};
@@ -323,5 +323,88 @@ fn an_adapter_for_another_base_is_a_typed_error() {
             );
         }
         other => panic!("expected AdapterShape, got {other:?}"),
+    }
+}
+
+/// A batched decode step equals each row's step run alone, bit for bit, on the Q4_1 model:
+/// three sequences at different positions, two under different adapters and one on the base
+/// model, for eight greedy steps (so the batch also carries the rows' own sampled tokens).
+/// Batching may change how fast an answer comes, never what it is.
+#[test]
+fn a_batched_decode_step_equals_each_row_alone() {
+    let f = fixture();
+    let a = synthetic(&f.model, "batch-a", 11);
+    let b = synthetic(&f.model, "batch-b", 12);
+    let adapters = [Some(&a), None, Some(&b)];
+    let prompts = [
+        f.prompt.clone(),
+        f.prompt[..f.prompt.len() - 3].to_vec(),
+        f.prompt[..f.prompt.len() / 2].to_vec(),
+    ];
+    let argmax = |l: &[f32]| {
+        l.iter()
+            .enumerate()
+            .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+                if v > best.1 {
+                    (i, v)
+                } else {
+                    best
+                }
+            })
+            .0 as u32
+    };
+    let prefill = |prompt: &[u32], adapter: Option<&LoraAdapter>| {
+        let mut cache = f.model.new_cache(prompt.len() + 16).expect("cache");
+        let logits: Vec<f32> = f
+            .model
+            .forward_last_with(prompt, 0, &mut cache, adapter)
+            .and_then(|l| Ok(l.to_vec1()?))
+            .expect("prefill");
+        (cache, argmax(&logits))
+    };
+    let mut alone: Vec<_> = prompts
+        .iter()
+        .zip(adapters)
+        .map(|(p, ad)| prefill(p, ad))
+        .collect();
+    let mut batched: Vec<_> = prompts
+        .iter()
+        .zip(adapters)
+        .map(|(p, ad)| prefill(p, ad))
+        .collect();
+    for step in 0..8 {
+        let want: Vec<Vec<f32>> = alone
+            .iter_mut()
+            .zip(adapters)
+            .map(|((cache, token), ad)| {
+                let pos = cache.len();
+                let l: Vec<f32> = f
+                    .model
+                    .forward_last_with(&[*token], pos, cache, ad)
+                    .and_then(|l| Ok(l.to_vec1()?))
+                    .expect("step alone");
+                *token = argmax(&l);
+                l
+            })
+            .collect();
+        let mut rows: Vec<DecodeRow<'_>> = batched
+            .iter_mut()
+            .zip(adapters)
+            .map(|((cache, token), ad)| DecodeRow {
+                token: *token,
+                cache,
+                adapter: ad,
+            })
+            .collect();
+        let got = f.model.decode_batch(&mut rows).expect("batched step");
+        for (r, (l, w)) in got.iter().zip(&want).enumerate() {
+            let l: Vec<f32> = l.to_vec1().expect("logits");
+            assert!(l == *w, "step {step}, row {r}: the batched logits differ");
+            batched[r].1 = argmax(&l);
+        }
+        for (x, y) in alone.iter().zip(&batched) {
+            assert_eq!(x.0.len(), y.0.len());
+            assert_eq!(x.1, y.1);
+        }
     }
 }

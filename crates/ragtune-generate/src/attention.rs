@@ -50,6 +50,14 @@ pub(crate) struct LayerKv {
     values: Vec<f32>,
 }
 
+impl Default for KvCache {
+    /// A cache of no layers and no capacity: a placeholder while a cache is moved elsewhere
+    /// (a batched decode step holds the real one).
+    fn default() -> Self {
+        KvCache::new(0, 0, 0, 0)
+    }
+}
+
 impl KvCache {
     /// A zeroed cache: `2 * layers * n_kv_heads * head_dim * capacity * 4` bytes.
     pub(crate) fn new(layers: usize, n_kv_heads: usize, head_dim: usize, capacity: usize) -> Self {

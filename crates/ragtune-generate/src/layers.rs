@@ -218,18 +218,66 @@ impl Linear {
             *last = n_out;
         }
         for (xr, yr) in xs.chunks_exact(inp).zip(out.chunks_exact_mut(n_out)) {
-            for (aj, btj) in d
-                .a_rows
-                .chunks_exact(inp)
-                .zip(d.bt_scaled.chunks_exact(n_out))
-            {
-                let u = dot(aj, xr);
-                for (o, b) in yr.iter_mut().zip(btj) {
-                    *o += u * b;
+            add_lora_row(d, xr, yr);
+        }
+        Ok(Tensor::from_vec(out, shape, x.device())?)
+    }
+
+    /// `xs: (rows, in)` row-major through the projection, each row with its own LoRA delta
+    /// (`deltas[i]` for row `i`): `(rows, out)` values, each row bit for bit what
+    /// [`forward`](Self::forward) gives for that row alone. The batched decode step
+    /// ([`crate::LlamaModel::decode_batch`]): the crate's own kernels multiply up to
+    /// `DENSE_MIN_ROWS - 1` rows per pass over the weights (the weight rows stay in cache
+    /// across the activation rows, so `n` rows cost far less than `n` passes); other weight
+    /// forms go row by row.
+    pub(crate) fn forward_rows_each(
+        &self,
+        xs: &[f32],
+        rows: usize,
+        deltas: &[Option<&LoraPair>],
+    ) -> Result<Vec<f32>> {
+        debug_assert_eq!(deltas.len(), rows);
+        let inp = xs.len() / rows.max(1);
+        let per_pass = crate::quant::DENSE_MIN_ROWS - 1;
+        let mut out = Vec::new();
+        for chunk in xs.chunks(inp * per_pass) {
+            let n = chunk.len() / inp;
+            match self.weight.forward_rows(chunk, n) {
+                Some(y) => out.extend(y),
+                None => {
+                    for row in chunk.chunks_exact(inp) {
+                        let x = Tensor::from_slice(row, (1, inp), &candle_core::Device::Cpu)?;
+                        out.extend(self.weight.forward(&x)?.flatten_all()?.to_vec1::<f32>()?);
+                    }
                 }
             }
         }
-        Ok(Tensor::from_vec(out, shape, x.device())?)
+        let n_out = out.len() / rows.max(1);
+        for ((xr, yr), d) in xs
+            .chunks_exact(inp)
+            .zip(out.chunks_exact_mut(n_out))
+            .zip(deltas)
+        {
+            if let Some(d) = d {
+                add_lora_row(d, xr, yr);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// `y += scale * B (A x)` for one row, in the order both projection paths use.
+fn add_lora_row(d: &LoraPair, xr: &[f32], yr: &mut [f32]) {
+    let n_out = yr.len();
+    for (aj, btj) in d
+        .a_rows
+        .chunks_exact(xr.len())
+        .zip(d.bt_scaled.chunks_exact(n_out))
+    {
+        let u = dot(aj, xr);
+        for (o, b) in yr.iter_mut().zip(btj) {
+            *o += u * b;
+        }
     }
 }
 

@@ -65,7 +65,7 @@ pub use chat::{ChatMessage, ChatTemplate, Role};
 pub use error::{Error, Result};
 pub use layers::rope_tables;
 pub use lora::{LoraAdapter, LoraConfig, TargetModule};
-pub use model::LlamaModel;
+pub use model::{DecodeRow, LlamaModel};
 pub use props::{read_gguf, LlamaProps, RopeParams, RopeScaling, SpecialTokenIds, ARCHITECTURE};
 pub use session::{
     end_of_generation_ids, GenerateParams, Generation, Generator, RepeatPenalty, Sampling,

@@ -273,6 +273,123 @@ impl LlamaModel {
         })
     }
 
+    /// One decode step for several sequences at once (continuous batching): row `i` runs
+    /// `rows[i].token` at position `rows[i].cache.len()` under `rows[i].adapter`, appends its
+    /// key and value to its own cache, and gets the logits of that position, `(vocab,)` f32.
+    /// Each row's logits equal, bit for bit, what [`forward_last_with`](Self::forward_last_with)
+    /// gives for that token, cache and adapter alone: the projections multiply the rows in one
+    /// pass over each weight matrix ([`Linear::forward_rows_each`], the same per-row
+    /// arithmetic), RoPE and attention run per row.
+    ///
+    /// # Errors
+    /// As [`forward_with`](Self::forward_with), for any row.
+    pub fn decode_batch(&self, rows: &mut [DecodeRow<'_>]) -> Result<Vec<Tensor>> {
+        on_pool(|| self.decode_batch_inner(rows))
+    }
+
+    fn decode_batch_inner(&self, rows: &mut [DecodeRow<'_>]) -> Result<Vec<Tensor>> {
+        let n = rows.len();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let p = &self.props;
+        for r in rows.iter_mut() {
+            let needed = r.cache.len() + 1;
+            if needed > r.cache.capacity() {
+                return Err(Error::ContextOverflow {
+                    needed,
+                    capacity: r.cache.capacity(),
+                });
+            }
+            if r.token as usize >= p.vocab_size {
+                return Err(Error::InvalidParams {
+                    detail: format!(
+                        "token id {} outside the vocabulary of {}",
+                        r.token, p.vocab_size
+                    ),
+                });
+            }
+            if let Some(a) = r.adapter {
+                a.check_fits(p)?;
+            }
+            r.cache.bind(r.adapter)?;
+        }
+        let positions: Vec<usize> = rows.iter().map(|r| r.cache.len()).collect();
+        let tokens: Vec<u32> = rows.iter().map(|r| r.token).collect();
+        let dev = &self.device;
+        let hidden = p.embedding_length;
+        let ids = Tensor::new(tokens.as_slice(), dev)?;
+        let mut x = self.embeddings.index_select(&ids, 0)?;
+        let values = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+        let (h, kvh, d) = (p.head_count, p.head_count_kv, p.head_dim);
+        for (i, block) in self.blocks.iter().enumerate() {
+            let layer_deltas: Vec<Option<&LayerDeltas>> = rows
+                .iter()
+                .map(|r| r.adapter.and_then(|a| a.layer(i)))
+                .collect();
+            let pick = |m: TargetModule| -> Vec<Option<&LoraPair>> {
+                layer_deltas.iter().map(|ld| delta(*ld, m)).collect()
+            };
+            let a = &block.attn;
+            let xs = values(&block.attn_norm.forward(&x)?)?;
+            let q = a.q.forward_rows_each(&xs, n, &pick(TargetModule::QProj))?;
+            let k = a.k.forward_rows_each(&xs, n, &pick(TargetModule::KProj))?;
+            let v = a.v.forward_rows_each(&xs, n, &pick(TargetModule::VProj))?;
+            let mut y = Vec::with_capacity(n * h * d);
+            for (r, row) in rows.iter_mut().enumerate() {
+                let pos = positions[r];
+                let heads = |src: &[f32], heads: usize| -> Result<Tensor> {
+                    Ok(Tensor::from_slice(src, (1, 1, heads, d), dev)?
+                        .transpose(1, 2)?
+                        .contiguous()?)
+                };
+                let qr = values(
+                    &self
+                        .rope
+                        .apply(&heads(&q[r * h * d..(r + 1) * h * d], h)?, pos)?,
+                )?;
+                let kr = values(
+                    &self
+                        .rope
+                        .apply(&heads(&k[r * kvh * d..(r + 1) * kvh * d], kvh)?, pos)?,
+                )?;
+                let vr = values(&heads(&v[r * kvh * d..(r + 1) * kvh * d], kvh)?)?;
+                let geometry = row.cache.geometry();
+                let layer = &mut row.cache.layers_mut()[i];
+                let out = attention::attention(&qr, &kr, &vr, layer, geometry, h, 1, pos, None)?;
+                y.extend(values(&out)?);
+            }
+            let o = a.o.forward_rows_each(&y, n, &pick(TargetModule::OProj))?;
+            x = (x + Tensor::from_vec(o, (n, hidden), dev)?)?;
+            let hs = values(&block.ffn_norm.forward(&x)?)?;
+            let m = &block.mlp;
+            let g = m
+                .gate
+                .forward_rows_each(&hs, n, &pick(TargetModule::GateProj))?;
+            let u =
+                m.up.forward_rows_each(&hs, n, &pick(TargetModule::UpProj))?;
+            let width = g.len() / n;
+            let g = candle_nn::ops::silu(&Tensor::from_vec(g, (n, width), dev)?)?;
+            let gu = values(&(g * Tensor::from_vec(u, (n, width), dev)?)?)?;
+            let down = m
+                .down
+                .forward_rows_each(&gu, n, &pick(TargetModule::DownProj))?;
+            x = (x + Tensor::from_vec(down, (n, hidden), dev)?)?;
+        }
+        let normed = values(&self.norm.forward(&x)?)?;
+        let logits = self.output.forward_rows_each(&normed, n, &vec![None; n])?;
+        let vocab = logits.len() / n;
+        let logits = logits
+            .chunks_exact(vocab)
+            .map(|l| Ok(Tensor::from_slice(l, (vocab,), dev)?))
+            .collect::<Result<Vec<_>>>()?;
+        // Only now, when nothing can fail: a failed step leaves every cache as it was.
+        for (r, row) in rows.iter_mut().enumerate() {
+            row.cache.set_len(positions[r] + 1);
+        }
+        Ok(logits)
+    }
+
     /// A new model with `adapter` folded into the weights: each adapted projection becomes
     /// dense f32 `W + scale * B A` (`(out, in)`, dequantized first if quantized); every other
     /// weight is shared with `self` (candle tensors are reference-counted). Forward calls on
@@ -408,6 +525,17 @@ impl LlamaModel {
         let y = attention::attention(&q, &k, &v, layer, geometry, h, t, pos, mask)?;
         a.o.forward(&y, delta(deltas, TargetModule::OProj))
     }
+}
+
+/// One sequence of a [`LlamaModel::decode_batch`] step.
+#[derive(Debug)]
+pub struct DecodeRow<'a> {
+    /// The token to run (the last one sampled).
+    pub token: u32,
+    /// The sequence's cache; the token goes at position `cache.len()`.
+    pub cache: &'a mut KvCache,
+    /// The sequence's adapter (`None`: the base model).
+    pub adapter: Option<&'a LoraAdapter>,
 }
 
 /// Runs `f` on a thread of the rayon pool (the caller blocks until it is done).

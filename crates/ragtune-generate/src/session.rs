@@ -224,7 +224,35 @@ impl<'m> Generator<'m> {
         prompt: &[u32],
         params: &GenerateParams,
         adapter: Option<&LoraAdapter>,
+        on_text: impl FnMut(&str),
+    ) -> Result<Generation> {
+        let model = self.model;
+        self.generate_after_prefix_with(
+            cache,
+            prompt,
+            params,
+            adapter,
+            on_text,
+            &mut |token, cache| model.forward_last_with(&[token], cache.len(), cache, adapter),
+        )
+    }
+
+    /// [`generate_after_prefix`](Self::generate_after_prefix) with each decode step (the
+    /// logits of `token` appended to `cache`, `(vocab,)`) computed by `decode` instead of
+    /// [`LlamaModel::forward_last_with`]: a scheduler that batches the steps of several
+    /// sequences ([`LlamaModel::decode_batch`]) plugs in here. `decode` must give what
+    /// `forward_last_with(&[token], cache.len(), cache, adapter)` would.
+    ///
+    /// # Errors
+    /// As [`generate_after_prefix`](Self::generate_after_prefix), and `decode`'s.
+    pub fn generate_after_prefix_with(
+        &self,
+        cache: &mut KvCache,
+        prompt: &[u32],
+        params: &GenerateParams,
+        adapter: Option<&LoraAdapter>,
         mut on_text: impl FnMut(&str),
+        decode: &mut dyn FnMut(u32, &mut KvCache) -> Result<Tensor>,
     ) -> Result<Generation> {
         validate(params)?;
         let cached = cache.len();
@@ -301,10 +329,7 @@ impl<'m> Generator<'m> {
             if params.cancelled() {
                 break StopReason::Cancelled;
             }
-            logits = Some(
-                self.model
-                    .forward_last_with(&[next], cache.len(), cache, adapter)?,
-            );
+            logits = Some(decode(next, cache)?);
             decode_steps += 1;
         };
         let text = stream.finish(&mut on_text);
