@@ -32,7 +32,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     println!("| sequences | steps/s alone (tokens/s) | batched tokens/s | batched / alone |");
     println!("|--:|--:|--:|--:|");
-    for n in [1usize, 2, 4] {
+    // BATCH_BENCH_ROWS=4: only that row count (for a profiler).
+    let only: Option<usize> = std::env::var("BATCH_BENCH_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    for n in [1usize, 2, 4].into_iter().filter(|n| only.is_none_or(|o| o == *n)) {
         let (mut alone, mut batched) = (Vec::new(), Vec::new());
         for _ in 0..3 {
             let mut caches = fresh(n)?;
