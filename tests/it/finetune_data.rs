@@ -358,66 +358,45 @@ fn finetune_data_on_the_subset_follows_every_rule_and_is_deterministic() {
 fn finetune_data_errors_say_what_to_run() {
     let tmp = tempfile::tempdir().expect("tmp");
     let missing = tmp.path().join("nothing");
-    let err = train_data::generate_from(
-        &missing,
-        &util::package(Role::Embedder),
-        &util::subset_index().index,
-        &DataOptions::default(),
-        &Progress::hidden(),
-    )
-    .expect_err("no corpus");
+    let subset = &util::subset_index().index;
+    let fail = |corpus: &Path, index: &Path, options: DataOptions| {
+        train_data::generate_from(
+            corpus,
+            &util::package(Role::Embedder),
+            index,
+            &options,
+            &Progress::hidden(),
+        )
+        .expect_err("must fail")
+    };
+    let nothing_selected = |err: ragtune::Error| {
+        assert!(
+            matches!(
+                err,
+                ragtune::Error::InvalidParameter {
+                    name: "max_licenses",
+                    ..
+                }
+            ),
+            "{err}"
+        )
+    };
+    let err = fail(&missing, subset, DataOptions::default());
     assert!(err.to_string().contains("ragtune fetch"), "{err}");
     let corpus = tmp.path().join("corpus");
     util::copy_subset(&corpus, &["mit"]);
-    let err = train_data::generate_from(
-        &corpus,
-        &util::package(Role::Embedder),
-        &missing,
-        &DataOptions::default(),
-        &Progress::hidden(),
-    )
-    .expect_err("no index");
+    let err = fail(&corpus, &missing, DataOptions::default());
     assert!(err.to_string().contains("ragtune ingest"), "{err}");
-    let err = train_data::generate_from(
+    nothing_selected(fail(
         &corpus,
-        &util::package(Role::Embedder),
-        &util::subset_index().index,
-        &DataOptions {
+        subset,
+        DataOptions {
             max_licenses: Some(0),
             ..DataOptions::default()
         },
-        &Progress::hidden(),
-    )
-    .expect_err("nothing selected");
-    assert!(
-        matches!(
-            err,
-            ragtune::Error::InvalidParameter {
-                name: "max_licenses",
-                ..
-            }
-        ),
-        "{err}"
-    );
+    ));
     // Only fresh licenses: nothing to select either.
     let fresh_only = tmp.path().join("fresh");
     util::copy_subset(&fresh_only, &["zlib", "json"]);
-    let err = train_data::generate_from(
-        &fresh_only,
-        &util::package(Role::Embedder),
-        &util::subset_index().index,
-        &DataOptions::default(),
-        &Progress::hidden(),
-    )
-    .expect_err("nothing selected");
-    assert!(
-        matches!(
-            err,
-            ragtune::Error::InvalidParameter {
-                name: "max_licenses",
-                ..
-            }
-        ),
-        "{err}"
-    );
+    nothing_selected(fail(&fresh_only, subset, DataOptions::default()));
 }

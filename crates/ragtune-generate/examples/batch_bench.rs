@@ -36,7 +36,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let only: Option<usize> = std::env::var("BATCH_BENCH_ROWS")
         .ok()
         .and_then(|v| v.parse().ok());
-    for n in [1usize, 2, 4].into_iter().filter(|n| only.is_none_or(|o| o == *n)) {
+    for n in [1usize, 2, 4]
+        .into_iter()
+        .filter(|n| only.is_none_or(|o| o == *n))
+    {
         let (mut alone, mut batched) = (Vec::new(), Vec::new());
         for _ in 0..3 {
             let mut caches = fresh(n)?;
