@@ -278,7 +278,7 @@ impl LlamaModel {
     /// key and value to its own cache, and gets the logits of that position, `(vocab,)` f32.
     /// Each row's logits equal, bit for bit, what [`forward_last_with`](Self::forward_last_with)
     /// gives for that token, cache and adapter alone: the projections multiply the rows in one
-    /// pass over each weight matrix ([`Linear::forward_rows_each`], the same per-row
+    /// pass over each weight matrix (`Linear::forward_rows_each`, the same per-row
     /// arithmetic), RoPE and attention run per row.
     ///
     /// # Errors
