@@ -47,6 +47,10 @@ pub(crate) trait QuantFormat: Send + Sync + 'static {
 
     /// The dot product of one weight row with one activation row of as many blocks.
     fn dot(row: RowRef<'_>, x: &ActRow) -> f32;
+
+    /// [`dot`](Self::dot) of one weight row with each of `xs` (at most
+    /// [`kernels::MAX_ROWS`]) into `out`, bit for bit, sharing the weight loads.
+    fn dot_rows(row: RowRef<'_>, xs: &[ActRow], out: &mut [f32]);
 }
 
 /// Q4_1: 4-bit quants with a scale and a minimum per block.
@@ -82,6 +86,11 @@ impl QuantFormat for Q4_1 {
     fn dot(row: RowRef<'_>, x: &ActRow) -> f32 {
         kernels::dot_q4_1(row, x)
     }
+
+    #[inline]
+    fn dot_rows(row: RowRef<'_>, xs: &[ActRow], out: &mut [f32]) {
+        kernels::dot_q4_1_rows(row, xs, out)
+    }
 }
 
 impl QuantFormat for Q8_0 {
@@ -104,6 +113,11 @@ impl QuantFormat for Q8_0 {
     #[inline]
     fn dot(row: RowRef<'_>, x: &ActRow) -> f32 {
         kernels::dot_q8_0(row, x)
+    }
+
+    #[inline]
+    fn dot_rows(row: RowRef<'_>, xs: &[ActRow], out: &mut [f32]) {
+        kernels::dot_q8_0_rows(row, xs, out)
     }
 }
 

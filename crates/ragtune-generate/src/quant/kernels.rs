@@ -43,6 +43,25 @@ pub(crate) fn dot_q8_0(row: RowRef<'_>, x: &ActRow) -> f32 {
     dispatch!(dot_q8_0(row, x))
 }
 
+/// At most this many activation rows per multi-row call ([`dot_q4_1_rows`]).
+pub(crate) const MAX_ROWS: usize = 8;
+
+/// [`dot_q4_1`] of `row` with each of `xs` (at most [`MAX_ROWS`]) into `out`, bit for bit,
+/// with each weight block loaded and unpacked once for all of them.
+#[inline]
+pub(crate) fn dot_q4_1_rows(row: RowRef<'_>, xs: &[ActRow], out: &mut [f32]) {
+    assert!(xs.len() <= MAX_ROWS && out.len() == xs.len());
+    dispatch!(dot_q4_1_rows(row, xs, out))
+}
+
+/// [`dot_q8_0`] of `row` with each of `xs` (at most [`MAX_ROWS`]) into `out`, bit for bit,
+/// with each weight block loaded once for all of them.
+#[inline]
+pub(crate) fn dot_q8_0_rows(row: RowRef<'_>, xs: &[ActRow], out: &mut [f32]) {
+    assert!(xs.len() <= MAX_ROWS && out.len() == xs.len());
+    dispatch!(dot_q8_0_rows(row, xs, out))
+}
+
 /// The portable kernels (with AVX2 only the tests call them, to check the AVX2 ones).
 #[cfg_attr(
     all(
@@ -69,6 +88,20 @@ pub(crate) mod scalar {
             acc += row.d[b].to_f32() * x.d[b] * sum as f32 + row.m[b].to_f32() * x.s[b];
         }
         acc
+    }
+
+    /// Portable [`dot_q4_1_rows`](super::dot_q4_1_rows): one row at a time.
+    pub(crate) fn dot_q4_1_rows(row: RowRef<'_>, xs: &[ActRow], out: &mut [f32]) {
+        for (o, x) in out.iter_mut().zip(xs) {
+            *o = dot_q4_1(row, x);
+        }
+    }
+
+    /// Portable [`dot_q8_0_rows`](super::dot_q8_0_rows): one row at a time.
+    pub(crate) fn dot_q8_0_rows(row: RowRef<'_>, xs: &[ActRow], out: &mut [f32]) {
+        for (o, x) in out.iter_mut().zip(xs) {
+            *o = dot_q8_0(row, x);
+        }
     }
 
     /// Portable [`dot_q8_0`](super::dot_q8_0).
@@ -250,5 +283,117 @@ mod avx2 {
         // nothing summed.
         let (acc, _) = unsafe { scaled_blocks(row, x, block) };
         hsum(acc)
+    }
+
+    /// [`scaled_blocks`] of one weight row against each of `xs`, into `acc[r]` and
+    /// `msum[r]`: per activation row exactly the operations of [`scaled_blocks`] in its order
+    /// (so each result is bit for bit the one-row result), with `block(i)` giving the weight
+    /// block `i` prepared once (`prep`) and its product with row `r` (`mul`).
+    ///
+    /// # Safety
+    /// As [`scaled_blocks`] for every row of `xs`; `xs.len() <= MAX_ROWS`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn scaled_blocks_rows<W: Copy>(
+        row: RowRef<'_>,
+        xs: &[ActRow],
+        prep: impl Fn(usize) -> W,
+        mul: impl Fn(W, &ActRow, usize) -> __m256,
+    ) -> ([__m256; super::MAX_ROWS], [f32; super::MAX_ROWS]) {
+        let nb = row.d.len();
+        let rows = xs.len();
+        let mut acc0 = [_mm256_setzero_ps(); super::MAX_ROWS];
+        let mut acc1 = [_mm256_setzero_ps(); super::MAX_ROWS];
+        let mut msum = [0f32; super::MAX_ROWS];
+        let mut dd = [[0f32; SEGMENT]; super::MAX_ROWS];
+        let mut b = 0;
+        while b < nb {
+            let n = (nb - b).min(SEGMENT);
+            for r in 0..rows {
+                // SAFETY: b + n <= nb, n <= SEGMENT (the caller's lengths for every row).
+                msum[r] += unsafe { scales(row, &xs[r], b, n, &mut dd[r]) };
+            }
+            let mut i = 0;
+            while i + 2 <= n {
+                let (w0, w1) = (prep(b + i), prep(b + i + 1));
+                for r in 0..rows {
+                    let x = &xs[r];
+                    acc0[r] = _mm256_fmadd_ps(_mm256_set1_ps(dd[r][i]), mul(w0, x, b + i), acc0[r]);
+                    acc1[r] = _mm256_fmadd_ps(
+                        _mm256_set1_ps(dd[r][i + 1]),
+                        mul(w1, x, b + i + 1),
+                        acc1[r],
+                    );
+                }
+                i += 2;
+            }
+            if i < n {
+                let w0 = prep(b + i);
+                for r in 0..rows {
+                    acc0[r] =
+                        _mm256_fmadd_ps(_mm256_set1_ps(dd[r][i]), mul(w0, &xs[r], b + i), acc0[r]);
+                }
+            }
+            b += n;
+        }
+        let mut acc = [_mm256_setzero_ps(); super::MAX_ROWS];
+        for r in 0..rows {
+            acc[r] = _mm256_add_ps(acc0[r], acc1[r]);
+        }
+        (acc, msum)
+    }
+
+    /// [`dot_q4_1`] against each of `xs` (module `dot_q4_1_rows`).
+    ///
+    /// # Safety
+    /// As [`dot_q4_1`] for every row of `xs`; `out.len() == xs.len() <= MAX_ROWS`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q4_1_rows(row: RowRef<'_>, xs: &[ActRow], out: &mut [f32]) {
+        let nb = row.d.len();
+        debug_assert!(row.qs.len() == 16 * nb && row.m.len() == nb);
+        debug_assert!(xs
+            .iter()
+            .all(|x| x.qs.len() == QK * nb && x.d.len() == nb && x.s.len() == nb));
+        let low = _mm256_set1_epi8(0x0F);
+        let prep = |i: usize| -> __m256i {
+            // SAFETY: i < nb: 16 quant bytes at 16 i.
+            let q = unsafe { _mm_loadu_si128(row.qs.as_ptr().add(i * 16).cast()) };
+            _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), low)
+        };
+        let mul = |qw: __m256i, x: &ActRow, i: usize| -> __m256 {
+            // SAFETY: i < nb: 32 activation bytes at 32 i.
+            let qx = unsafe { _mm256_loadu_si256(x.qs.as_ptr().add(i * QK).cast()) };
+            dot_u8_i8(qw, qx)
+        };
+        // SAFETY: the lengths are the caller's (this function's `# Safety`).
+        let (acc, msum) = unsafe { scaled_blocks_rows(row, xs, prep, mul) };
+        for (r, o) in out.iter_mut().enumerate() {
+            *o = hsum(acc[r]) + msum[r];
+        }
+    }
+
+    /// [`dot_q8_0`] against each of `xs` (module `dot_q8_0_rows`).
+    ///
+    /// # Safety
+    /// As [`dot_q8_0`] for every row of `xs`; `out.len() == xs.len() <= MAX_ROWS`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q8_0_rows(row: RowRef<'_>, xs: &[ActRow], out: &mut [f32]) {
+        let nb = row.d.len();
+        debug_assert!(row.qs.len() == QK * nb && row.m.is_empty());
+        debug_assert!(xs.iter().all(|x| x.qs.len() == QK * nb && x.d.len() == nb));
+        let prep = |i: usize| -> __m256i {
+            // SAFETY: i < nb: 32 bytes at 32 i.
+            unsafe { _mm256_loadu_si256(row.qs.as_ptr().add(i * QK).cast()) }
+        };
+        let mul = |qw: __m256i, x: &ActRow, i: usize| -> __m256 {
+            // SAFETY: i < nb: 32 bytes at 32 i.
+            let qx = unsafe { _mm256_loadu_si256(x.qs.as_ptr().add(i * QK).cast()) };
+            dot_u8_i8(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw))
+        };
+        // SAFETY: the lengths are the caller's (this function's `# Safety`); no minimums.
+        let (acc, _) = unsafe { scaled_blocks_rows(row, xs, prep, mul) };
+        for (r, o) in out.iter_mut().enumerate() {
+            *o = hsum(acc[r]);
+        }
     }
 }

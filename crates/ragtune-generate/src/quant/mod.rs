@@ -192,8 +192,17 @@ impl<F: QuantFormat> QMatrix<F> {
             let out = unsafe { yt_ptr.slice_mut(first * t, n * t) };
             for (i, out_row) in out.chunks_exact_mut(t).enumerate() {
                 let w = self.row(first + i);
-                for (o, xrow) in out_row.iter_mut().zip(&xq) {
-                    *o = F::dot(w, xrow);
+                if t == 1 {
+                    out_row[0] = F::dot(w, &xq[0]);
+                } else {
+                    // Several rows (a batched decode step): each weight block is loaded
+                    // once for all of them; every result equals F::dot bit for bit.
+                    for (o, x) in out_row
+                        .chunks_mut(kernels::MAX_ROWS)
+                        .zip(xq.chunks(kernels::MAX_ROWS))
+                    {
+                        F::dot_rows(w, x, o);
+                    }
                 }
             }
         });
@@ -323,6 +332,56 @@ mod tests {
             .max_all()
             .expect("test value");
         assert_eq!(diff.to_scalar::<f32>().expect("test value"), 0.0);
+    }
+
+    /// Several activation rows at once (the batched decode step) give, for every row, the
+    /// one-row result bit for bit: 1 to 11 rows (so also more than `kernels::MAX_ROWS`, in
+    /// chunks), rows of 18 blocks (two segments of eight and a tail of two) and of 70 (two
+    /// segments, the second short and odd).
+    fn rows_at_once_equal_one_row<F: QuantFormat>() {
+        for blocks in [18, 70] {
+            let cols = blocks * QK;
+            let (q, _) = matrix(37, cols, 5, F::DTYPE);
+            let m = QMatrix::<F>::from_qtensor(&q).expect("test value");
+            for t in 1..DENSE_MIN_ROWS {
+                let (_, xs) = matrix(t, cols, 6 + t as u64, GgmlDType::F32);
+                let together = m.matmul_quantized(&xs, t);
+                for (j, xrow) in xs.chunks_exact(cols).enumerate() {
+                    let alone = m.matmul_quantized(xrow, 1);
+                    let got: Vec<f32> = (0..37).map(|r| together[j * 37 + r]).collect();
+                    assert!(got == alone, "{blocks} blocks, {t} rows, row {j}");
+                }
+            }
+            let x: Vec<ActRow> = (0..11)
+                .map(|j| ActRow::quantize(&matrix(1, cols, 40 + j, GgmlDType::F32).1))
+                .collect();
+            for r in 0..37 {
+                let w = m.row(r);
+                let mut out = vec![0f32; 11];
+                for (o, xs) in out
+                    .chunks_mut(kernels::MAX_ROWS)
+                    .zip(x.chunks(kernels::MAX_ROWS))
+                {
+                    F::dot_rows(w, xs, o);
+                }
+                for (j, xj) in x.iter().enumerate() {
+                    assert!(
+                        out[j].to_bits() == F::dot(w, xj).to_bits(),
+                        "row {r}, x {j}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn q4_1_rows_at_once_equal_one_row() {
+        rows_at_once_equal_one_row::<Q4_1>();
+    }
+
+    #[test]
+    fn q8_0_rows_at_once_equal_one_row() {
+        rows_at_once_equal_one_row::<Q8_0>();
     }
 
     #[test]
