@@ -71,7 +71,8 @@ pub struct EngineConfig {
     /// Reuse the KV cache of the constant system prompt across requests (prefix caching).
     pub prefix_cache: bool,
     /// Decode concurrent answers together, one forward step for all of them (continuous
-    /// batching; the answers are the same as one at a time).
+    /// batching; the answers are the same as one at a time). Off by default: on the 2-core
+    /// machines measured, independent concurrent steps use the cores better (docs/serve.md).
     pub batch_decode: bool,
     /// How sources are retrieved: `mode` (`hybrid`, `dense`, `lexical`), RRF constant and
     /// weights, identifier fields (see [`RetrievalConfig`]).
@@ -97,7 +98,7 @@ impl Default for EngineConfig {
             max_chunks_per_doc: 2,
             max_tokens: 128,
             prefix_cache: true,
-            batch_decode: true,
+            batch_decode: false,
             retrieval: RetrievalConfig::default(),
         }
     }

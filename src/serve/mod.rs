@@ -293,8 +293,11 @@ fn unix_secs() -> u64 {
         .unwrap_or(0)
 }
 
-async fn health() -> Json<serde_json::Value> {
-    Json(serde_json::json!({"status": "ok"}))
+/// `{"status": "ok", "decode": {"steps", "rows"}}`: with batched decoding, the decode steps
+/// run and the rows in them (`rows / steps` is the mean batch).
+async fn health(State(st): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    let (steps, rows) = st.engine.batch_stats();
+    Json(serde_json::json!({"status": "ok", "decode": {"steps": steps, "rows": rows}}))
 }
 
 async fn not_found() -> ApiError {

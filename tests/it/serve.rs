@@ -397,7 +397,21 @@ fn openai_client(server: &Server) {
 #[test]
 fn sixteen_clients_get_the_sequential_answers_and_a_full_queue_gets_503() {
     let ix = util::subset_index();
-    let server = Server::start(&ix.index, &["--max-concurrent", "2", "--queue", "64"]);
+    // With batched decoding on: the concurrent answers' steps share forward passes.
+    let tmp = tempfile::tempdir().expect("tmp");
+    let config = tmp.path().join("ragtune.toml");
+    std::fs::write(&config, "batch_decode = true\n").expect("config");
+    let server = Server::start(
+        &ix.index,
+        &[
+            "--config",
+            config.to_str().expect("utf-8"),
+            "--max-concurrent",
+            "2",
+            "--queue",
+            "64",
+        ],
+    );
     let cases: Vec<Value> = [
         ("rag", "Who owns the ISC license?"),
         ("base", "What does the MIT license allow?"),
@@ -438,6 +452,17 @@ fn sixteen_clients_get_the_sequential_answers_and_a_full_queue_gets_503() {
     for (case, text) in &answers {
         assert_eq!(text, &sequential[*case], "case {case}");
     }
+    // The steps were batched: more rows than steps.
+    let health: Value = ureq::get(&server.url("/health"))
+        .call()
+        .expect("health")
+        .into_json()
+        .expect("json");
+    let (steps, rows) = (
+        health["decode"]["steps"].as_u64().expect("steps"),
+        health["decode"]["rows"].as_u64().expect("rows"),
+    );
+    assert!(rows > steps && steps > 0, "{health}");
     let rss = server.peak_rss();
     assert!(rss < RSS_BOUND, "peak RSS {rss} bytes > {RSS_BOUND}");
     server.stop();
