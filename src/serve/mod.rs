@@ -475,13 +475,7 @@ async fn chat_completions(
     }
     let _cancel_on_drop = CancelOnDrop(cancel);
     let engine = Arc::clone(&st.engine);
-    let answer = tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        engine.answer(&request)
-    })
-    .await
-    .map_err(|e| ApiError::internal(format!("the request failed: {e}")))?
-    .map_err(ApiError::from_engine)?;
+    let answer = on_blocking_thread(permit, move || engine.answer(&request)).await?;
     Ok(Json(ChatCompletion {
         id,
         object: "chat.completion",
@@ -499,6 +493,21 @@ async fn chat_completions(
         ragtune: ResponseExtension::of(&answer),
     })
     .into_response())
+}
+
+/// Runs `work` on a blocking thread while holding `permit` (the request's generation slot):
+/// an engine error is the request's status ([`ApiError::from_engine`]), a panic its 500.
+async fn on_blocking_thread<T: Send + 'static>(
+    permit: OwnedSemaphorePermit,
+    work: impl FnOnce() -> crate::Result<T> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        work()
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("the request failed: {e}")))?
+    .map_err(ApiError::from_engine)
 }
 
 fn finish_reason(answer: &Answer) -> &'static str {
@@ -649,18 +658,15 @@ async fn embeddings(
     }
     let permit = st.admit().await?;
     let engine = Arc::clone(&st.engine);
-    let (embeddings, tokens) = tokio::task::spawn_blocking(move || {
-        let _permit = permit;
+    let (embeddings, tokens) = on_blocking_thread(permit, move || {
         let mut tokens = 0usize;
         let e = engine
             .retriever()
             .encoder()
             .encode_with_progress(&texts, |b| tokens += b.tokens)?;
-        Ok::<_, Error>((e, tokens))
+        Ok((e, tokens))
     })
-    .await
-    .map_err(|e| ApiError::internal(format!("the request failed: {e}")))?
-    .map_err(ApiError::from_engine)?;
+    .await?;
     let data: Vec<serde_json::Value> = (0..embeddings.len())
         .map(|i| {
             let row = embeddings.row(i);

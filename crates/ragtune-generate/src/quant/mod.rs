@@ -357,7 +357,7 @@ mod tests {
                 .collect();
             for r in 0..37 {
                 let w = m.row(r);
-                let mut out = vec![0f32; 11];
+                let mut out = [0f32; 11];
                 for (o, xs) in out
                     .chunks_mut(kernels::MAX_ROWS)
                     .zip(x.chunks(kernels::MAX_ROWS))
