@@ -313,10 +313,7 @@ impl Engine {
             }
             adapters.insert(name.clone(), adapter);
         }
-        let mut engine = Self::from_parts(retriever, model, &gguf, adapters, config)?;
-        engine.profile = profile;
-        engine.index_dir = index_dir;
-        Ok(engine)
+        Self::assemble(retriever, model, &gguf, adapters, config, profile)
     }
 
     /// Builds the engine from loaded parts (the tokenizer and chat template are read from
@@ -333,6 +330,19 @@ impl Engine {
         config: EngineConfig,
     ) -> Result<Engine> {
         let profile = config.resolve_profile()?;
+        Self::assemble(retriever, model, gguf, adapters, config, profile)
+    }
+
+    /// [`from_parts`](Self::from_parts) with the profile already resolved (by
+    /// [`open`](Self::open), which needed it first).
+    fn assemble(
+        retriever: Retriever,
+        model: LlamaModel,
+        gguf: &std::path::Path,
+        adapters: BTreeMap<String, LoraAdapter>,
+        config: EngineConfig,
+        profile: Profile,
+    ) -> Result<Engine> {
         let index_dir = config.index_dir(&profile);
         let content = read_gguf(gguf)?;
         let props = LlamaProps::try_from(&content)?;
