@@ -23,6 +23,8 @@ mod generate_lora;
 mod generate_model;
 #[path = "it/generic_corpus.rs"]
 mod generic_corpus;
+#[path = "it/kv_reuse.rs"]
+mod kv_reuse;
 #[path = "it/reliability.rs"]
 mod reliability;
 #[path = "it/retrieval.rs"]

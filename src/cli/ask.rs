@@ -178,7 +178,7 @@ pub fn print_details(out: &mut impl Write, a: &Answer) -> std::io::Result<()> {
     let t = &a.timings;
     writeln!(
         out,
-        "[{}{}; embed {:.1} ms, search {:.2} ms, first token {:.0} ms, prefill {:.0} ms ({} tokens), decode {:.0} ms ({} tokens, {:.1} tokens/s), total {:.0} ms]",
+        "[{}{}; embed {:.1} ms, search {:.2} ms, first token {:.0} ms, prefill {:.0} ms ({} tokens, {} cached), decode {:.0} ms ({} tokens, {:.1} tokens/s), total {:.0} ms]",
         a.mode,
         a.adapter.as_deref().map(|n| format!(" + {n}")).unwrap_or_default(),
         t.embed,
@@ -186,6 +186,7 @@ pub fn print_details(out: &mut impl Write, a: &Answer) -> std::io::Result<()> {
         t.first_token,
         t.prefill,
         a.tokens.prompt,
+        a.tokens.cached,
         t.decode,
         a.tokens.generated,
         a.decode_tokens_per_s,

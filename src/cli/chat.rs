@@ -403,13 +403,14 @@ fn print_summary(a: &Answer, history: usize) {
     };
     let _ = writeln!(
         err,
-        "[{}{}; {} prompt tokens{memory}; first token {:.0} ms, {} tokens at {:.1} tokens/s, total {:.0} ms]",
+        "[{}{}; {} prompt tokens ({} cached){memory}; first token {:.0} ms, {} tokens at {:.1} tokens/s, total {:.0} ms]",
         a.mode,
         a.adapter
             .as_deref()
             .map(|n| format!(" + {n}"))
             .unwrap_or_default(),
         a.tokens.prompt,
+        a.tokens.cached,
         t.first_token,
         a.tokens.generated,
         a.decode_tokens_per_s,

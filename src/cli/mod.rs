@@ -54,6 +54,20 @@ pub struct GlobalArgs {
     /// of ragtune.toml, else licensedb].
     #[arg(long, global = true, env = "RAGTUNE_PROFILE")]
     profile: Option<String>,
+    /// The bound of the KV prefix cache, in MiB [default: `prefix_cache_mb` of ragtune.toml,
+    /// else 256]; 0 keeps nothing across requests.
+    #[arg(
+        long,
+        global = true,
+        env = "RAGTUNE_PREFIX_CACHE_MB",
+        value_name = "MIB"
+    )]
+    prefix_cache_mb: Option<usize>,
+    /// Retrieval prompts with block attention (format v2): each source's KV is computed once
+    /// and reused [default: `block_attention` of ragtune.toml, else off].
+    #[arg(long, global = true, env = "RAGTUNE_BLOCK_ATTENTION", value_name = "BOOL",
+          num_args = 0..=1, default_missing_value = "true")]
+    block_attention: Option<bool>,
     /// No progress bars.
     #[arg(long, short, global = true)]
     quiet: bool,
@@ -184,6 +198,12 @@ impl Context {
         }
         if let Some(p) = &args.profile {
             config.profile = p.clone();
+        }
+        if let Some(mb) = args.prefix_cache_mb {
+            config.prefix_cache_mb = mb;
+        }
+        if let Some(on) = args.block_attention {
+            config.block_attention = on;
         }
         let profile = config.resolve_profile()?;
         let progress = if args.quiet {

@@ -68,8 +68,17 @@ pub struct EngineConfig {
     pub max_chunks_per_doc: usize,
     /// Default maximum of generated tokens.
     pub max_tokens: usize,
-    /// Reuse the KV cache of the constant system prompt across requests (prefix caching).
+    /// Keep computed KV across requests and reuse it (prefix caching: the system prompt, a
+    /// chat's earlier turns, repeated prompts, and with `block_attention` the sources'
+    /// chunk blocks).
     pub prefix_cache: bool,
+    /// The bound of the prefix cache in MiB of f16 KV, least recently used entries evicted
+    /// first (SmolLM2-135M: 22.5 KiB per position, so 256 MiB hold about 11,600 positions).
+    pub prefix_cache_mb: usize,
+    /// Retrieval prompts in format v2 (block attention, see [`prompt`](super::prompt)):
+    /// each source's KV is computed once and reused in any prompt that has it. Off by
+    /// default: the shipped adapter was trained on format v1.
+    pub block_attention: bool,
     /// Decode concurrent answers together, one forward step for all of them (continuous
     /// batching; the answers are the same as one at a time). Off by default: on the 2-core
     /// machines measured, independent concurrent steps use the cores better (docs/serve.md).
@@ -98,6 +107,8 @@ impl Default for EngineConfig {
             max_chunks_per_doc: 2,
             max_tokens: 128,
             prefix_cache: true,
+            prefix_cache_mb: 256,
+            block_attention: false,
             batch_decode: false,
             retrieval: RetrievalConfig::default(),
         }

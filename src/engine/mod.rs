@@ -21,18 +21,20 @@
 
 pub mod batch;
 mod config;
+mod kv;
 pub mod prompt;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use ragtune_embed::SentenceEncoder;
 use ragtune_generate::{
     end_of_generation_ids, read_gguf, ChatMessage, ChatTemplate, GenerateParams, Generator,
-    KvCache, LlamaModel, LlamaProps, LoraAdapter, Sampling, StopReason, Tokenizer,
+    KvCache, LlamaModel, LlamaProps, LoraAdapter, PrefixCache, PrefixCacheStats, Sampling,
+    StopReason, Tokenizer,
 };
 use ragtune_index::Filter;
 use serde::Serialize;
@@ -182,6 +184,9 @@ pub struct Timings {
 pub struct TokenCounts {
     /// Prompt tokens.
     pub prompt: usize,
+    /// Of those, the positions whose KV came from the prefix cache (computed by an earlier
+    /// request: prompt prefix blocks and sources' chunk blocks), not prefilled.
+    pub cached: usize,
     /// Generated tokens.
     pub generated: usize,
 }
@@ -210,6 +215,9 @@ pub struct Answer {
     pub decode_tokens_per_s: f64,
     /// How many messages of [`Request::history`] (its most recent) fit into the prompt.
     pub history_messages: usize,
+    /// Whether the prompt was the block-attention format v2 (`block_attention` on and a
+    /// retrieval mode with sources), see [`prompt`].
+    pub block_attention: bool,
     /// Whether [`Request::cancel`] stopped the answer (the text is what came before).
     pub cancelled: bool,
     /// Why the answer ended.
@@ -251,20 +259,11 @@ pub struct Engine {
     config: EngineConfig,
     profile: Profile,
     index_dir: PathBuf,
-    /// Computed system-prompt prefixes by (retrieval prompt?, adapter name).
-    prefixes: Mutex<HashMap<PrefixKey, Arc<Prefix>>>,
+    /// Computed KV kept across requests: prompt prefixes and the sources' chunk blocks
+    /// (kv.rs).
+    kv: PrefixCache,
     /// Batches the decode steps of concurrent answers.
     batcher: batch::DecodeBatcher,
-}
-
-/// (retrieval prompt?, adapter name): what a system-prompt prefix depends on.
-type PrefixKey = (bool, Option<String>);
-
-/// The KV cache of a prompt's constant start (BOS and the system message).
-#[derive(Debug)]
-struct Prefix {
-    ids: Vec<u32>,
-    cache: KvCache,
 }
 
 impl Engine {
@@ -374,6 +373,11 @@ impl Engine {
             }
         }
         let eog = end_of_generation_ids(&model, &tokenizer);
+        let kv_bytes = if config.prefix_cache {
+            config.prefix_cache_mb.saturating_mul(1 << 20)
+        } else {
+            0
+        };
         Ok(Engine {
             retriever,
             model,
@@ -384,62 +388,9 @@ impl Engine {
             config,
             profile,
             index_dir,
-            prefixes: Mutex::new(HashMap::new()),
+            kv: PrefixCache::new(kv_bytes),
             batcher: batch::DecodeBatcher::default(),
         })
-    }
-
-    /// A request's KV cache for `prompt`: a copy of the cached system-prompt prefix of its
-    /// kind (computed on first use, under the request's adapter) when the prompt starts with
-    /// it, else an empty cache. `capacity` positions.
-    fn cache_for(
-        &self,
-        retrieval: bool,
-        adapter: Option<(&str, &LoraAdapter)>,
-        prompt: &[u32],
-        capacity: usize,
-    ) -> Result<KvCache> {
-        if !self.config.prefix_cache {
-            return Ok(self.model.new_cache(capacity)?);
-        }
-        let key = (retrieval, adapter.map(|(name, _)| name.to_string()));
-        let prefix = {
-            let mut map = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
-            match map.get(&key) {
-                Some(p) => Arc::clone(p),
-                None => {
-                    let system = self.profile.system_prompt(retrieval).to_string();
-                    let text = self
-                        .template
-                        .render(&[ChatMessage::system(system)], false)?;
-                    let ids = self.tokenizer.encode_prompt(&text)?;
-                    let mut cache = self.model.new_cache(ids.len().max(1))?;
-                    if !ids.is_empty() {
-                        self.model.forward_last_with(
-                            &ids,
-                            0,
-                            &mut cache,
-                            adapter.map(|(_, a)| a),
-                        )?;
-                    }
-                    let p = Arc::new(Prefix { ids, cache });
-                    map.insert(key, Arc::clone(&p));
-                    p
-                }
-            }
-        };
-        // The shared start; at least one prompt token is left to prefill.
-        let common = prefix
-            .ids
-            .iter()
-            .zip(prompt)
-            .take_while(|(a, b)| a == b)
-            .count()
-            .min(prompt.len().saturating_sub(1));
-        if common == 0 {
-            return Ok(self.model.new_cache(capacity)?);
-        }
-        Ok(prefix.cache.copy_prefix(common, capacity)?)
     }
 
     /// The configuration the engine runs with.
@@ -461,6 +412,11 @@ impl Engine {
     /// the mean number of answers decoded together.
     pub fn batch_stats(&self) -> (u64, u64) {
         self.batcher.stats()
+    }
+
+    /// What the prefix cache holds (bytes of KV, blocks) and how often it served.
+    pub fn kv_stats(&self) -> PrefixCacheStats {
+        self.kv.stats()
     }
 
     /// The retriever (encoder and index).
@@ -575,7 +531,7 @@ impl Engine {
             }
             (Vec::new(), ids)
         };
-        let (history_messages, prompt) = if request.history.is_empty() {
+        let (history_messages, mut prompt) = if request.history.is_empty() {
             (0, single)
         } else {
             let t = Instant::now();
@@ -602,13 +558,30 @@ impl Engine {
             stop: request.stop.clone(),
             ..GenerateParams::default()
         };
-        let named = adapter_name.as_deref().zip(adapter);
-        let mut cache = self.cache_for(
-            request.mode.uses_retrieval(),
-            named,
-            &prompt,
-            prompt.len() + max_tokens,
-        )?;
+        // Format v2 when block attention is on and the prompt can be cut (prompt.rs); a
+        // v2 prompt a few tokens over the budget falls back to v1, which was fitted.
+        let layout = if request.mode.uses_retrieval() && self.config.block_attention {
+            let t = Instant::now();
+            let history = &request.history[request.history.len() - history_messages..];
+            let layout = prompt::block_prompt(
+                &self.template,
+                &self.tokenizer,
+                &self.profile,
+                question,
+                &sources,
+                history,
+            )?
+            .filter(|b| b.tokens.len() <= budget);
+            timings.prompt += ms(t);
+            layout
+        } else {
+            None
+        };
+        if let Some(b) = &layout {
+            prompt.clone_from(&b.tokens);
+        }
+        let (mut cache, assembled) =
+            self.assemble_kv(&prompt, layout.as_ref(), adapter, prompt.len() + max_tokens)?;
         let generator = Generator::new(&self.model, &self.tokenizer, &self.eog);
         let mut first_token = None;
         // Decode steps go through the batcher, which runs them together with those of the
@@ -646,7 +619,29 @@ impl Engine {
             &mut decode,
         )?;
         drop(decoding);
-        timings.prefill = generation.timings.prefill_ms;
+        // What later requests may share: a closed-book prompt with its answer (the next turn
+        // of a chat starts with both), a retrieval prompt up to its question (the head and,
+        // in v1, the sources; v2 keeps its sources as chunk blocks).
+        let mut seen = prompt.clone();
+        let keep = match &layout {
+            Some(b) => b.head,
+            None if request.mode.uses_retrieval() => prompt::sources_end(
+                &self.template,
+                &self.tokenizer,
+                &self.profile,
+                question,
+                &sources,
+                &request.history[request.history.len() - history_messages..],
+                &prompt,
+            )?
+            .unwrap_or(prompt.len()),
+            None => {
+                seen.extend(&generation.tokens);
+                seen.len()
+            }
+        };
+        self.remember_kv(&seen[..keep], layout.is_some(), adapter, &cache)?;
+        timings.prefill = assembled.prefill_ms + generation.timings.prefill_ms;
         timings.decode = generation.timings.decode_ms;
         timings.total = ms(started);
         timings.first_token = first_token.unwrap_or(timings.total);
@@ -660,8 +655,10 @@ impl Engine {
             timings,
             tokens: TokenCounts {
                 prompt: prompt.len(),
+                cached: assembled.cached,
                 generated: generation.tokens.len(),
             },
+            block_attention: layout.is_some(),
             prefill_tokens_per_s: generation.timings.prefill_tok_s,
             decode_tokens_per_s: generation.timings.decode_tok_s,
             history_messages,

@@ -35,6 +35,22 @@
 //! current user message exactly as above ([`with_history`]). With no history the prompt is
 //! the single-turn prompt of version 1, byte for byte, so the format version is unchanged.
 //!
+//! **Version 2, block attention** (`block_attention = true`; retrieval modes only): the same
+//! text as version 1, cut into segments that are tokenized separately and concatenated
+//! ([`block_prompt`]):
+//!
+//! - the *head*: everything before the first source (BOS, the system message, the history,
+//!   `<|im_start|>user\nSources:\n` in SmolLM2's template), causal;
+//! - one *block* per source: its line `[n] (doc_id) text\n`. A block attends to the
+//!   *context* (the head of the same prompt without history) and to itself only, as if it
+//!   were computed right after the context: its KV is computed once per (adapter, context,
+//!   block ids) and placed at its position by re-rotating the keys (Sun et al. 2024,
+//!   "Block-Attention for Efficient Prefilling", arXiv 2409.15355);
+//! - the *tail*: `\nQuestion: …` and the generation prompt, which attend to everything.
+//!
+//! Version 2 changes what the model sees (the sources do not see each other), so an adapter
+//! must be trained for it to read it best ([`BLOCK_PROMPT_FORMAT_VERSION`]).
+//!
 //! The prompt budget is the context window minus the new tokens to generate. Sources come
 //! first: they are fitted into the whole budget as if there were no history
 //! ([`fit_sources`]); the history then gets what remains ([`fit_history`]): as many of the
@@ -43,7 +59,7 @@
 
 use std::collections::BTreeSet;
 
-use ragtune_generate::{ChatMessage, ChatTemplate, Role, Tokenizer};
+use ragtune_generate::{ChatMessage, ChatTemplate, Role, SpecialTokens, Tokenizer};
 
 use crate::profile::Profile;
 use crate::retrieve::RetrievedChunk;
@@ -51,6 +67,134 @@ use crate::{Error, Result};
 
 /// The version of the prompt format below.
 pub const PROMPT_FORMAT_VERSION: u32 = 1;
+
+/// The version of the block-attention prompt format ([`block_prompt`]).
+pub const BLOCK_PROMPT_FORMAT_VERSION: u32 = 2;
+
+/// A retrieval prompt cut for block attention (version 2, see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockPrompt {
+    /// The whole prompt's ids: the head, each block, the tail.
+    pub tokens: Vec<u32>,
+    /// `tokens[..head]` is the head (causal).
+    pub head: usize,
+    /// Each source's ids within `tokens`, in prompt order; consecutive, from `head` on.
+    pub blocks: Vec<std::ops::Range<usize>>,
+    /// The ids every block is computed after: the head of this prompt without history.
+    pub context: Vec<u32>,
+}
+
+/// The text of a retrieval prompt's user message up to and including the sources' heading.
+const SOURCES_HEADING: &str = "Sources:\n";
+
+/// The rendered retrieval prompt (with `history`) and the byte offsets of its segments:
+/// where the first source line starts and where each line ends. `None` when the template
+/// does not copy the user message verbatim or there is no source.
+fn segments(
+    template: &ChatTemplate,
+    profile: &Profile,
+    question: &str,
+    sources: &[RetrievedChunk],
+    history: &[ChatMessage],
+) -> Result<Option<(String, usize, Vec<usize>)>> {
+    if sources.is_empty() {
+        return Ok(None);
+    }
+    let messages = with_history(&rag_messages(profile, question, sources), history);
+    let text = template.render(&messages, true).map_err(generate_err)?;
+    let user = &messages.last().expect("a user message").content;
+    let Some(at) = text.rfind(user.as_str()) else {
+        return Ok(None);
+    };
+    let first = at + SOURCES_HEADING.len();
+    let mut ends = Vec::with_capacity(sources.len());
+    let mut end = first;
+    for (i, s) in sources.iter().enumerate() {
+        let line = source_line(profile, i + 1, s) + "\n";
+        if text.get(end..end + line.len()) != Some(line.as_str()) {
+            return Ok(None);
+        }
+        end += line.len();
+        ends.push(end);
+    }
+    Ok(Some((text, first, ends)))
+}
+
+/// The version-2 prompt of a retrieval question over `sources` (in prompt order, from
+/// [`fit_sources`]) with `history` (as [`with_history`] puts it). `None` when the chat
+/// template does not copy the user message into the prompt verbatim (the segments cannot be
+/// found), or when there is no source: the caller then uses version 1.
+///
+/// # Errors
+/// Template and tokenizer errors.
+pub fn block_prompt(
+    template: &ChatTemplate,
+    tokenizer: &Tokenizer,
+    profile: &Profile,
+    question: &str,
+    sources: &[RetrievedChunk],
+    history: &[ChatMessage],
+) -> Result<Option<BlockPrompt>> {
+    let Some((text, first, ends)) = segments(template, profile, question, sources, history)? else {
+        return Ok(None);
+    };
+    let context = match segments(template, profile, question, sources, &[])? {
+        Some((t, f, _)) => tokenizer.encode_prompt(&t[..f]).map_err(generate_err)?,
+        None => return Ok(None),
+    };
+    let piece = |t: &str| {
+        tokenizer
+            .encode(t, SpecialTokens::Parse)
+            .map_err(generate_err)
+    };
+    let mut tokens = tokenizer
+        .encode_prompt(&text[..first])
+        .map_err(generate_err)?;
+    let head = tokens.len();
+    let mut blocks = Vec::with_capacity(ends.len());
+    let mut at = first;
+    for end in ends {
+        let start = tokens.len();
+        tokens.extend(piece(&text[at..end])?);
+        blocks.push(start..tokens.len());
+        at = end;
+    }
+    tokens.extend(piece(&text[at..])?);
+    Ok(Some(BlockPrompt {
+        tokens,
+        head,
+        blocks,
+        context,
+    }))
+}
+
+/// How many of `prompt`'s first ids (a version-1 retrieval prompt of the same arguments)
+/// are the head and the sources, the part before the question that a later question with
+/// the same sources shares: the ids of that text tokenized alone, as far as they agree with
+/// `prompt`. `None` as for [`block_prompt`].
+///
+/// # Errors
+/// Template and tokenizer errors.
+pub fn sources_end(
+    template: &ChatTemplate,
+    tokenizer: &Tokenizer,
+    profile: &Profile,
+    question: &str,
+    sources: &[RetrievedChunk],
+    history: &[ChatMessage],
+    prompt: &[u32],
+) -> Result<Option<usize>> {
+    let Some((text, _, ends)) = segments(template, profile, question, sources, history)? else {
+        return Ok(None);
+    };
+    let end = *ends.last().expect("a source");
+    let ids = tokenizer
+        .encode_prompt(&text[..end])
+        .map_err(generate_err)?;
+    Ok(Some(
+        ids.iter().zip(prompt).take_while(|(a, b)| a == b).count(),
+    ))
+}
 
 /// The text of source `n` (1-based) as it appears in the prompt: `[n] (doc_id) text`, or
 /// `[n] text` for a metadata record that names its document itself (the profile's

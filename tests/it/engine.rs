@@ -314,15 +314,28 @@ fn ask_json_matches_the_contract_and_batch_mode_keeps_order() {
     assert!(stderr.contains("unknown mode"), "{stderr}");
 }
 
-/// Prefix caching (the system prompt's KV cache computed once per kind and adapter, copied
-/// into each request) changes the work, not the answers: the same prompts, sources and
-/// greedy text as without it, request after request.
+/// Prefix caching (KV of earlier requests restored into each request) changes the work, not
+/// the answers: the same prompts, sources and greedy text as without it, request after
+/// request, on the f32 path, where a projection's result does not depend on how the prompt
+/// is split into forward calls. (With the quantized kernels it may: as llama.cpp says of
+/// `cache_prompt`, logits are not bit for bit the same across batch sizes, and a near tie
+/// can flip; `kv_reuse.rs` checks the greedy text on Q4_1 for a prompt.)
 #[test]
 fn prefix_caching_gives_the_same_answers() {
+    let dense = |config: EngineConfig| {
+        let index = config.index.clone().expect("the subset index");
+        let retriever =
+            Retriever::with_encoder(util::load_encoder(), &index).expect("subset index");
+        let gguf = gguf();
+        let model =
+            LlamaModel::from_gguf_with(&gguf, ragtune_generate::WeightFormat::F32).expect("model");
+        let adapters = BTreeMap::from([("synthetic".to_string(), synthetic_adapter(&model))]);
+        Engine::from_parts(retriever, model, &gguf, adapters, config).expect("engine")
+    };
     let mut off = config();
     off.prefix_cache = false;
-    let plain = engine_with(off);
-    let cached = engine();
+    let plain = dense(off);
+    let cached = dense(config());
     for (q, mode) in [
         (APACHE, Mode::Rag),
         ("Who owns the MIT License?", Mode::Base),
@@ -331,10 +344,153 @@ fn prefix_caching_gives_the_same_answers() {
     ] {
         let a = plain.answer(&request(q, mode, 2, 12)).expect("plain");
         let b = cached.answer(&request(q, mode, 2, 12)).expect("cached");
+        let c = cached
+            .answer(&request(q, mode, 2, 12))
+            .expect("cached again");
+        assert_eq!(a.tokens.cached, 0);
+        assert!(c.tokens.cached > b.tokens.cached, "{mode} {q}");
+        assert_eq!(a.text, c.text, "{mode} {q}");
         assert_eq!(a.tokens.prompt, b.tokens.prompt, "{mode} {q}");
         assert_eq!(a.sources.len(), b.sources.len());
         assert_eq!(a.text, b.text, "{mode} {q}");
     }
+}
+
+/// The prefix cache serves what earlier requests computed: the same question again is
+/// prefilled from its question on (v1 keeps a retrieval prompt up to its sources), and the
+/// second turn of a closed-book chat starts with the whole first turn, answer included. The
+/// adapter is part of the key: `finetune` (adapter) never reuses `base` KV.
+#[test]
+fn the_prefix_cache_serves_repeats_and_the_next_turn() {
+    let e = engine_with(config());
+    let first = e.answer(&request(APACHE, Mode::Rag, 2, 8)).expect("first");
+    let again = e.answer(&request(APACHE, Mode::Rag, 2, 8)).expect("again");
+    assert_eq!(first.text, again.text);
+    assert!(!first.block_attention);
+    let question_tokens = 20;
+    assert!(
+        again.tokens.cached + question_tokens + ragtune_generate::BLOCK_TOKENS
+            >= again.tokens.prompt,
+        "{} of {} prompt tokens cached",
+        again.tokens.cached,
+        again.tokens.prompt
+    );
+
+    let q1 = "Who owns the MIT License?";
+    let turn1 = e.answer(&request(q1, Mode::Base, 2, 16)).expect("turn 1");
+    let mut second = request("And who owns the ISC License?", Mode::Base, 2, 8);
+    second.history = vec![
+        ragtune_generate::ChatMessage::user(q1),
+        ragtune_generate::ChatMessage::assistant(turn1.text.trim()),
+    ];
+    let turn2 = e.answer(&second).expect("turn 2");
+    assert_eq!(turn2.history_messages, 2);
+    // The first turn's prompt and most of its answer (re-tokenized alike) are reused.
+    let floor =
+        (turn1.tokens.prompt / ragtune_generate::BLOCK_TOKENS) * ragtune_generate::BLOCK_TOKENS;
+    assert!(
+        turn2.tokens.cached >= floor,
+        "turn 2 reused {} positions; turn 1 had {} prompt tokens",
+        turn2.tokens.cached,
+        turn1.tokens.prompt
+    );
+    let ft = e
+        .answer(&request(q1, Mode::FineTune, 2, 4))
+        .expect("finetune");
+    assert_eq!(ft.tokens.cached, 0, "finetune reused base KV");
+    let stats = e.kv_stats();
+    assert!(
+        stats.bytes > 0 && stats.bytes <= stats.max_bytes,
+        "{stats:?}"
+    );
+    assert!(stats.hit_tokens > 0);
+}
+
+/// Block attention (format v2): the sources' KV blocks are computed once per adapter and
+/// reused by any prompt that has them; an answer from reused blocks equals the answer that
+/// computed them; the base model's blocks are never used under an adapter; concurrent
+/// requests sharing blocks answer as sequential ones do.
+#[test]
+fn block_attention_reuses_sources_per_adapter() {
+    let mut c = config();
+    c.block_attention = true;
+    let e = engine_with(c);
+    let cold = e.answer(&request(APACHE, Mode::Rag, 2, 12)).expect("cold");
+    assert!(cold.block_attention);
+    assert_eq!(cold.sources.len(), 2);
+    let after = e.kv_stats();
+    assert_eq!(after.chunk_blocks, 2, "{after:?}");
+    let warm = e.answer(&request(APACHE, Mode::Rag, 2, 12)).expect("warm");
+    assert_eq!(warm.text, cold.text);
+    assert!(
+        warm.tokens.cached > cold.tokens.cached + 40,
+        "warm {} vs cold {} cached",
+        warm.tokens.cached,
+        cold.tokens.cached
+    );
+    // Other words, the same sources: the blocks are reused.
+    let other = e
+        .answer(&request(
+            "Which SPDX id does the Apache License 2.0 have?",
+            Mode::Rag,
+            2,
+            12,
+        ))
+        .expect("follow-up");
+    assert!(
+        other.tokens.cached > other.tokens.prompt / 2,
+        "{:?}",
+        other.tokens
+    );
+    let before = e.kv_stats().chunk_hits;
+    let hybrid = e
+        .answer(&request(APACHE, Mode::Hybrid, 2, 12))
+        .expect("hybrid");
+    assert_eq!(
+        e.kv_stats().chunk_hits,
+        before,
+        "base blocks served an adapter"
+    );
+    assert!(hybrid.tokens.cached < warm.tokens.cached);
+
+    let questions = [
+        APACHE,
+        "What category is the ISC license?",
+        APACHE,
+        "Who owns the MIT License?",
+    ];
+    let sequential: Vec<String> = questions
+        .iter()
+        .map(|q| {
+            e.answer(&request(q, Mode::Rag, 2, 10))
+                .expect("answer")
+                .text
+        })
+        .collect();
+    let fresh = {
+        let mut c = config();
+        c.block_attention = true;
+        engine_with(c)
+    };
+    let concurrent: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = questions
+            .iter()
+            .map(|q| {
+                let fresh = &fresh;
+                s.spawn(move || {
+                    fresh
+                        .answer(&request(q, Mode::Rag, 2, 10))
+                        .expect("answer")
+                        .text
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
+    });
+    assert_eq!(concurrent, sequential);
 }
 
 /// The README's example questions, answered by the shipped adapter (`hybrid`) and by the

@@ -47,6 +47,49 @@ impl Rope {
         let sin = self.sin.narrow(0, pos, t)?;
         Ok(candle_nn::rotary_emb::rope_i(x, &cos, &sin)?)
     }
+
+    /// A function that rotates the interleaved pairs of `(n, d)` keys (already rotated for
+    /// their positions) by `delta` more positions: RoPE's rotations compose, `R(a) R(δ) =
+    /// R(a + δ)`, so this moves keys computed at positions `p..` to `p + delta..`, exact up
+    /// to f32 rounding of the angles (RoFormer, Su et al. 2021, section 3.4.2; the relocation
+    /// of Block-Attention, Sun et al. 2024, arXiv 2409.15355).
+    ///
+    /// # Errors
+    /// [`Error::InvalidParams`] when `|delta|` is beyond the tables.
+    pub(crate) fn shift(&self, delta: isize) -> Result<impl Fn(&mut [f32])> {
+        let magnitude = delta.unsigned_abs();
+        if magnitude >= self.cos.dim(0)? {
+            return Err(Error::InvalidParams {
+                detail: format!(
+                    "a RoPE shift of {delta} positions beyond the {} of the tables",
+                    self.cos.dim(0)?
+                ),
+            });
+        }
+        let cos: Vec<f32> = self.cos.get(magnitude)?.to_vec1()?;
+        let sign = if delta < 0 { -1.0 } else { 1.0 };
+        let sin: Vec<f32> = self
+            .sin
+            .get(magnitude)?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(|s| s * sign)
+            .collect();
+        let identity = delta == 0;
+        Ok(move |keys: &mut [f32]| {
+            if identity {
+                return;
+            }
+            let d = 2 * cos.len();
+            for row in keys.chunks_exact_mut(d) {
+                for (i, pair) in row.chunks_exact_mut(2).enumerate() {
+                    let (x0, x1) = (pair[0], pair[1]);
+                    pair[0] = x0 * cos[i] - x1 * sin[i];
+                    pair[1] = x0 * sin[i] + x1 * cos[i];
+                }
+            }
+        })
+    }
 }
 
 /// The interleaved RoPE tables `(cos, sin)`, each `(max_positions, head_dim / 2)` f32:
@@ -349,6 +392,38 @@ mod tests {
         for (g, w) in y.iter().zip(want) {
             assert!((g - w).abs() < 1e-6, "{y:?} vs {want:?}");
         }
+    }
+
+    /// Shifting keys rotated at positions `p..` by `delta` gives the keys rotated at
+    /// `p + delta..` (forward and back). Tolerance: both sides are f32 rotations of |x| <= 1
+    /// by angles whose f32 products `p * f` differ by at most a few ulps of the largest
+    /// angle (here 1,000 rad: ~6e-5), so 2e-4 bounds the difference.
+    #[test]
+    fn a_shift_moves_rotated_keys_to_the_new_positions() {
+        let params = RopeParams {
+            freq_base: 10_000.0,
+            dimension_count: 8,
+            scaling: RopeScaling::None,
+        };
+        let rope = Rope::new(&params, 8, 1100, &Device::Cpu).expect("test");
+        let x: Vec<f32> = (0..3 * 8)
+            .map(|i| ((i * 37 % 17) as f32 / 8.5) - 1.0)
+            .collect();
+        let at = |pos: usize| -> Vec<f32> {
+            let t = Tensor::from_slice(&x, (1, 1, 3, 8), &Device::Cpu).expect("test");
+            rope.apply(&t, pos)
+                .and_then(|y| Ok(y.flatten_all()?.to_vec1::<f32>()?))
+                .expect("test")
+        };
+        for (from, to) in [(5usize, 1000usize), (900, 7), (40, 40)] {
+            let mut k = at(from);
+            rope.shift(to as isize - from as isize).expect("shift")(&mut k);
+            let want = at(to);
+            for (g, w) in k.iter().zip(&want) {
+                assert!((g - w).abs() < 2e-4, "{from}->{to}: {g} vs {w}");
+            }
+        }
+        assert!(rope.shift(1100).is_err());
     }
 
     /// The LoRA delta, through the small-batch loops (3 rows) and the gemm path (12 rows),

@@ -46,9 +46,11 @@
 mod attention;
 mod chat;
 mod error;
+mod kv_cache;
 mod layers;
 pub mod lora;
 mod model;
+mod prefix_cache;
 mod props;
 mod quant;
 mod session;
@@ -58,14 +60,15 @@ mod weight;
 #[cfg(test)]
 mod fuzz_tests;
 
-pub use attention::KvCache;
 /// The candle version this crate is built on: [`LlamaModel::forward`] returns its `Tensor`.
 pub use candle_core;
 pub use chat::{ChatMessage, ChatTemplate, Role};
 pub use error::{Error, Result};
+pub use kv_cache::{KvCache, KvSpan};
 pub use layers::rope_tables;
 pub use lora::{LoraAdapter, LoraConfig, TargetModule};
 pub use model::{DecodeRow, LlamaModel};
+pub use prefix_cache::{PrefixCache, PrefixCacheStats, BLOCK_TOKENS};
 pub use props::{read_gguf, LlamaProps, RopeParams, RopeScaling, SpecialTokenIds, ARCHITECTURE};
 pub use session::{
     end_of_generation_ids, GenerateParams, Generation, Generator, RepeatPenalty, Sampling,

@@ -9,7 +9,8 @@ use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 
-use crate::attention::{self, KvCache};
+use crate::attention;
+use crate::kv_cache::{KvCache, KvSpan};
 use crate::layers::{causal_mask, Linear, LoraPair, RmsNorm, Rope};
 use crate::lora::{LayerDeltas, LoraAdapter, TargetModule};
 use crate::props::LlamaProps;
@@ -204,6 +205,55 @@ impl LlamaModel {
         ))
     }
 
+    /// [`new_cache`](Self::new_cache) whose slot 0 is RoPE position `first_position`: the
+    /// sequence it holds is computed as if it started there (a shifted copy of a sequence
+    /// at 0, which RoPE's relative form makes attend alike; how the re-rotation of
+    /// [`append_span`](Self::append_span) is checked against keys computed in place).
+    ///
+    /// # Errors
+    /// [`Error::CacheCapacity`] unless `1 <= capacity` and `first_position + capacity <=
+    /// props.context_length`.
+    pub fn new_cache_at(&self, capacity: usize, first_position: usize) -> Result<KvCache> {
+        let p = &self.props;
+        if first_position + capacity > p.context_length {
+            return Err(Error::CacheCapacity {
+                requested: first_position + capacity,
+                context_length: p.context_length,
+            });
+        }
+        Ok(self.new_cache(capacity)?.starting_at(first_position))
+    }
+
+    /// Appends `span` (positions computed elsewhere, e.g. a retrieved chunk's KV block kept
+    /// by the [`PrefixCache`](crate::PrefixCache)) to `cache` at its next slot, the keys
+    /// re-rotated from the span's RoPE positions to the slots' ([`KvSpan::first_position`]
+    /// vs `cache.first_position() + cache.len()`). The values need no change: RoPE touches
+    /// queries and keys only. Costs a copy of the span, no forward pass.
+    ///
+    /// # Errors
+    /// [`Error::CacheAdapterMismatch`] when the span or the cache was computed under another
+    /// adapter than `adapter`; [`Error::ContextOverflow`] when it does not fit;
+    /// [`Error::InvalidParams`] for a span of another model's geometry.
+    pub fn append_span(
+        &self,
+        cache: &mut KvCache,
+        span: &KvSpan,
+        adapter: Option<&LoraAdapter>,
+    ) -> Result<()> {
+        if span.adapter_id() != adapter.map(LoraAdapter::id) {
+            return Err(Error::CacheAdapterMismatch {
+                cached: "another adapter (the span's)".into(),
+                requested: adapter.map_or("none".into(), |a| format!("`{}`", a.name())),
+                len: span.len(),
+            });
+        }
+        cache.bind(adapter)?;
+        let target = cache.first_position() + cache.len();
+        let delta = target as isize - span.first_position() as isize;
+        let shift = self.rope.shift(delta)?;
+        cache.append_span(span, shift)
+    }
+
     /// Runs `tokens` at positions `pos..pos + tokens.len()`, appending their keys and values
     /// to `cache`, and returns the logits of every position: `(tokens.len(), vocab)` f32.
     /// The base model, no adapter: [`forward_with`](Self::forward_with)`(.., None)`.
@@ -337,7 +387,7 @@ impl LlamaModel {
             let v = a.v.forward_rows_each(&xs, n, &pick(TargetModule::VProj))?;
             let mut y = Vec::with_capacity(n * h * d);
             for (r, row) in rows.iter_mut().enumerate() {
-                let pos = positions[r];
+                let (pos, position) = (positions[r], row.cache.first_position() + positions[r]);
                 let heads = |src: &[f32], heads: usize| -> Result<Tensor> {
                     Ok(Tensor::from_slice(src, (1, 1, heads, d), dev)?
                         .transpose(1, 2)?
@@ -346,12 +396,12 @@ impl LlamaModel {
                 let qr = values(
                     &self
                         .rope
-                        .apply(&heads(&q[r * h * d..(r + 1) * h * d], h)?, pos)?,
+                        .apply(&heads(&q[r * h * d..(r + 1) * h * d], h)?, position)?,
                 )?;
                 let kr = values(
                     &self
                         .rope
-                        .apply(&heads(&k[r * kvh * d..(r + 1) * kvh * d], kvh)?, pos)?,
+                        .apply(&heads(&k[r * kvh * d..(r + 1) * kvh * d], kvh)?, position)?,
                 )?;
                 let vr = values(&heads(&v[r * kvh * d..(r + 1) * kvh * d], kvh)?)?;
                 let geometry = row.cache.geometry();
@@ -476,10 +526,11 @@ impl LlamaModel {
         let mut x = self.embeddings.index_select(&ids, 0)?;
         let mask = causal_mask(t, pos, &self.device)?;
         let geometry = cache.geometry();
+        let at = (pos, cache.first_position() + pos);
         for (i, (block, layer)) in self.blocks.iter().zip(cache.layers_mut()).enumerate() {
             let d = adapter.and_then(|a| a.layer(i));
             let h = block.attn_norm.forward(&x)?;
-            let h = self.attention(&block.attn, d, &h, pos, layer, geometry, mask.as_ref())?;
+            let h = self.attention(&block.attn, d, &h, at, layer, geometry, mask.as_ref())?;
             x = (x + h)?;
             let h = block.ffn_norm.forward(&x)?;
             let m = &block.mlp;
@@ -494,7 +545,8 @@ impl LlamaModel {
         Ok(x)
     }
 
-    /// Grouped-query attention of `x: (t, hidden)` at positions `pos..pos + t`, with the
+    /// Grouped-query attention of `x: (t, hidden)` at cache slots `slot..slot + t` (RoPE
+    /// positions `position..position + t`; `at = (slot, position)`), with the
     /// layer's LoRA `deltas`: the projections and RoPE here, the rest in
     /// [`attention::attention`], which writes this call's keys and values into `layer`.
     /// Returns `(t, hidden)`.
@@ -504,8 +556,8 @@ impl LlamaModel {
         a: &Attention,
         deltas: Option<&LayerDeltas>,
         x: &Tensor,
-        pos: usize,
-        layer: &mut attention::LayerKv,
+        (pos, position): (usize, usize),
+        layer: &mut crate::kv_cache::LayerKv,
         geometry: (usize, usize, usize),
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
@@ -519,8 +571,8 @@ impl LlamaModel {
         let q = a.q.forward(x, delta(deltas, TargetModule::QProj))?;
         let k = a.k.forward(x, delta(deltas, TargetModule::KProj))?;
         let v = a.v.forward(x, delta(deltas, TargetModule::VProj))?;
-        let q = values(self.rope.apply(&heads_first(q, h)?, pos)?)?; // (h, t, d)
-        let k = values(self.rope.apply(&heads_first(k, kvh)?, pos)?)?; // (kvh, t, d)
+        let q = values(self.rope.apply(&heads_first(q, h)?, position)?)?; // (h, t, d)
+        let k = values(self.rope.apply(&heads_first(k, kvh)?, position)?)?; // (kvh, t, d)
         let v = values(heads_first(v, kvh)?)?;
         let y = attention::attention(&q, &k, &v, layer, geometry, h, t, pos, mask)?;
         a.o.forward(&y, delta(deltas, TargetModule::OProj))

@@ -9,7 +9,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 use ragtune_util::rng::SplitMix64;
 
-use crate::attention::KvCache;
+use crate::kv_cache::KvCache;
 use crate::lora::LoraAdapter;
 use crate::model::LlamaModel;
 use crate::tokenizer::Tokenizer;

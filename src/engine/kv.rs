@@ -1,0 +1,154 @@
+//! A request's KV cache, assembled before generation from what earlier requests computed.
+//!
+//! 1. The longest run of whole blocks the prompt starts with comes from the prefix cache
+//!    ([`PrefixCache`], a trie of 16-token blocks): the system prompt, a conversation's
+//!    earlier turns, a repeated prompt.
+//! 2. For a block-attention prompt ([`BlockPrompt`], format v2), the rest of the head is
+//!    prefilled, then each source's KV block is taken from the cache (or computed after the
+//!    context and kept) and appended with its keys re-rotated to its place.
+//! 3. The generator prefills what is left (the tail) and decodes.
+//!
+//! After the answer, the prompt and the generated tokens are kept in the trie, so the next
+//! turn of a chat prefills only its new tokens.
+//!
+//! The namespaces ([`CAUSAL`], [`BLOCKS`]) keep apart KV computed with plain causal attention
+//! and KV of block-attention prompts, whose positions after the head differ for the same
+//! ids; the adapter is part of every key.
+
+use std::time::Instant;
+
+use ragtune_generate::{KvCache, LoraAdapter};
+
+use super::prompt::BlockPrompt;
+use super::Engine;
+use crate::Result;
+
+/// The prefix-cache salt of prompts computed with causal attention throughout (format v1,
+/// the closed-book modes).
+pub(crate) const CAUSAL: u64 = 1;
+/// The salt of block-attention prompts (format v2) and their chunk blocks.
+pub(crate) const BLOCKS: u64 = 2;
+
+/// What [`Engine::assemble_kv`] did.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Assembled {
+    /// Prompt positions taken from the cache (prefix blocks and chunk blocks).
+    pub cached: usize,
+    /// Milliseconds spent computing the head and the missing chunk blocks.
+    pub prefill_ms: f64,
+}
+
+impl Engine {
+    /// A cache of `capacity` positions holding the first positions of `prompt` (all but the
+    /// tail, for a block prompt; at least one token is always left to prefill).
+    ///
+    /// # Errors
+    /// Model errors (a forward pass, a span that does not fit).
+    pub(crate) fn assemble_kv(
+        &self,
+        prompt: &[u32],
+        layout: Option<&BlockPrompt>,
+        adapter: Option<&LoraAdapter>,
+        capacity: usize,
+    ) -> Result<(KvCache, Assembled)> {
+        let salt = if layout.is_some() { BLOCKS } else { CAUSAL };
+        let mut cache = self.model.new_cache(capacity)?;
+        let mut done = Assembled::default();
+        for span in self
+            .kv
+            .lookup(salt, adapter, &prompt[..prompt.len().saturating_sub(1)])
+        {
+            self.model.append_span(&mut cache, &span, adapter)?;
+        }
+        let Some(layout) = layout else {
+            done.cached = cache.len();
+            return Ok((cache, done));
+        };
+        let started = Instant::now();
+        // Resume at the first block the cached run does not cover whole.
+        if cache.len() > layout.head {
+            let resume = layout
+                .blocks
+                .iter()
+                .find(|b| b.end > cache.len())
+                .map_or(cache.len(), |b| b.start);
+            cache.truncate(resume);
+        }
+        done.cached = cache.len();
+        if cache.len() < layout.head {
+            let from = cache.len();
+            self.model
+                .forward_last_with(&prompt[from..layout.head], from, &mut cache, adapter)?;
+        }
+        for block in &layout.blocks {
+            if block.end <= cache.len() {
+                continue;
+            }
+            let ids = &prompt[block.clone()];
+            let span = match self.kv.chunk(BLOCKS, adapter, &layout.context, ids) {
+                Some(span) => {
+                    done.cached += ids.len();
+                    span
+                }
+                None => {
+                    let span = self.chunk_block(layout, ids, &cache, adapter)?;
+                    self.kv
+                        .insert_chunk(BLOCKS, adapter, &layout.context, ids, span)?
+                }
+            };
+            self.model.append_span(&mut cache, &span, adapter)?;
+        }
+        done.prefill_ms = started.elapsed().as_secs_f64() * 1e3;
+        Ok((cache, done))
+    }
+
+    /// The KV of `ids` computed right after the layout's context: from a copy of the head
+    /// when the prompt has no history (the head is the context), else from the context's own
+    /// cache (its cached blocks, the rest prefilled together with `ids`).
+    fn chunk_block(
+        &self,
+        layout: &BlockPrompt,
+        ids: &[u32],
+        request: &KvCache,
+        adapter: Option<&LoraAdapter>,
+    ) -> Result<ragtune_generate::KvSpan> {
+        let context = &layout.context;
+        let capacity = context.len() + ids.len();
+        let mut cache = if layout.head == context.len() && request.len() >= layout.head {
+            request.copy_prefix(layout.head, capacity)?
+        } else {
+            let mut c = self.model.new_cache(capacity)?;
+            for span in self.kv.lookup(BLOCKS, adapter, context) {
+                self.model.append_span(&mut c, &span, adapter)?;
+            }
+            c
+        };
+        let mut run = context[cache.len()..].to_vec();
+        run.extend_from_slice(ids);
+        self.model
+            .forward_last_with(&run, cache.len(), &mut cache, adapter)?;
+        if layout.head != context.len() {
+            // The context is the head of every prompt without history: keep it.
+            self.kv.insert(BLOCKS, adapter, context, &cache)?;
+        }
+        Ok(cache.span(context.len()..capacity)?)
+    }
+
+    /// Keeps the computed positions of `tokens` (the prompt, then the generated ids) for
+    /// later requests.
+    ///
+    /// # Errors
+    /// Only for a cache that does not hold `tokens` (a defect).
+    pub(crate) fn remember_kv(
+        &self,
+        tokens: &[u32],
+        block_prompt: bool,
+        adapter: Option<&LoraAdapter>,
+        cache: &KvCache,
+    ) -> Result<()> {
+        let salt = if block_prompt { BLOCKS } else { CAUSAL };
+        let n = cache.len().min(tokens.len());
+        self.kv.insert(salt, adapter, &tokens[..n], cache)?;
+        Ok(())
+    }
+}
