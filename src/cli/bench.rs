@@ -158,15 +158,23 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         }
         bar.finish_and_clear();
     }
+    // The measured run starts with nothing cached, so that the first question about each
+    // document is cold.
+    engine.clear_kv();
 
     let bar = ctx
         .progress
         .bar((set.len() * runnable.len()) as u64, "benchmark");
     let mut results = Vec::with_capacity(set.len() * runnable.len());
+    let mut asked = std::collections::HashSet::new();
     for (i, q) in set.iter().enumerate() {
+        // A follow-up: an earlier question of the run was about the same document.
+        let follow_up = q.doc_id.as_ref().is_some_and(|d| !asked.insert(d.clone()));
         for &mode in &runnable {
             let result = engine.answer(&request(q, mode));
-            results.push(Record::new(i, q, mode, result));
+            let mut record = Record::new(i, q, mode, result);
+            record.follow_up = follow_up;
+            results.push(record);
             bar.inc(1);
         }
     }
@@ -192,7 +200,11 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             index: engine.index_dir().display().to_string(),
             retrieval: args.retrieval.unwrap_or(engine.config().retrieval.mode),
             adapter,
+            prefix_cache: engine.config().prefix_cache,
+            prefix_cache_mb: engine.config().prefix_cache_mb,
+            block_attention: engine.config().block_attention,
         },
+        kv: engine.kv_stats(),
         modes: modes
             .iter()
             .map(|&m| match notes.get(&m) {
@@ -251,6 +263,8 @@ struct Report {
     unix_time: u64,
     machine: Machine,
     settings: Settings,
+    /// The prefix cache at the end of the run: bytes held, hits.
+    kv: ragtune_generate::PrefixCacheStats,
     modes: Vec<ModeSummary>,
     results: Vec<Record>,
 }
@@ -302,6 +316,9 @@ struct Settings {
     index: String,
     retrieval: ragtune::retrieve::RetrievalMode,
     adapter: Option<String>,
+    prefix_cache: bool,
+    prefix_cache_mb: usize,
+    block_attention: bool,
 }
 
 /// One answer (or error) of one question in one mode.
@@ -324,7 +341,13 @@ struct Record {
     prefill_tokens_per_s: Option<f64>,
     decode_tokens_per_s: Option<f64>,
     prompt_tokens: Option<usize>,
+    /// Prompt positions served from the prefix cache.
+    cached_tokens: Option<usize>,
     generated_tokens: Option<usize>,
+    /// An earlier question of the run was about the same document.
+    follow_up: bool,
+    /// The prompt was format v2 (block attention).
+    block_attention: Option<bool>,
 }
 
 impl Record {
@@ -346,7 +369,10 @@ impl Record {
             prefill_tokens_per_s: None,
             decode_tokens_per_s: None,
             prompt_tokens: None,
+            cached_tokens: None,
             generated_tokens: None,
+            follow_up: false,
+            block_attention: None,
         };
         match result {
             Ok(a) => {
@@ -360,6 +386,8 @@ impl Record {
                 // One generated token has no decode step.
                 r.decode_tokens_per_s = (a.tokens.generated > 1).then_some(a.decode_tokens_per_s);
                 r.prompt_tokens = Some(a.tokens.prompt);
+                r.cached_tokens = Some(a.tokens.cached);
+                r.block_attention = Some(a.block_attention);
                 r.generated_tokens = Some(a.tokens.generated);
                 r.answer = Some(a.text);
             }
@@ -452,10 +480,17 @@ struct ModeSummary {
     errors: usize,
     retrieval_ms: Option<Stat>,
     first_token_ms: Option<Stat>,
+    /// First token of the first question about each document.
+    first_token_cold_ms: Option<Stat>,
+    /// First token of the later questions about a document (follow-ups).
+    first_token_follow_up_ms: Option<Stat>,
     prefill_tokens_per_s: Option<Stat>,
     decode_tokens_per_s: Option<Stat>,
     end_to_end_ms: Option<Stat>,
     prompt_tokens: Option<Stat>,
+    cached_tokens: Option<Stat>,
+    /// Cached prompt positions over all prompt positions.
+    cache_hit_rate: Option<f64>,
     generated_tokens: Option<Stat>,
     accuracy: Option<AccuracySplit>,
 }
@@ -470,10 +505,14 @@ impl ModeSummary {
             errors: 0,
             retrieval_ms: None,
             first_token_ms: None,
+            first_token_cold_ms: None,
+            first_token_follow_up_ms: None,
             prefill_tokens_per_s: None,
             decode_tokens_per_s: None,
             end_to_end_ms: None,
             prompt_tokens: None,
+            cached_tokens: None,
+            cache_hit_rate: None,
             generated_tokens: None,
             accuracy: None,
         }
@@ -502,6 +541,17 @@ impl ModeSummary {
             }
         }
         let errors = rs.iter().filter(|r| r.error.is_some()).count();
+        let first_token = |follow_up: bool| {
+            Stat::of(
+                rs.iter()
+                    .filter(|r| r.follow_up == follow_up)
+                    .filter_map(|r| r.first_token_ms),
+            )
+        };
+        let (cached, prompt): (usize, usize) = rs
+            .iter()
+            .filter_map(|r| r.cached_tokens.zip(r.prompt_tokens))
+            .fold((0, 0), |(c, p), (rc, rp)| (c + rc, p + rp));
         let first_error = rs.iter().find_map(|r| r.error.clone());
         ModeSummary {
             mode,
@@ -511,10 +561,14 @@ impl ModeSummary {
             errors,
             retrieval_ms: stat(|r| r.retrieval_ms),
             first_token_ms: stat(|r| r.first_token_ms),
+            first_token_cold_ms: first_token(false),
+            first_token_follow_up_ms: first_token(true),
             prefill_tokens_per_s: stat(|r| r.prefill_tokens_per_s),
             decode_tokens_per_s: stat(|r| r.decode_tokens_per_s),
             end_to_end_ms: stat(|r| r.total_ms),
             prompt_tokens: stat(|r| r.prompt_tokens.map(|n| n as f64)),
+            cached_tokens: stat(|r| r.cached_tokens.map(|n| n as f64)),
+            cache_hit_rate: (prompt > 0).then(|| cached as f64 / prompt as f64),
             generated_tokens: stat(|r| r.generated_tokens.map(|n| n as f64)),
             accuracy: Some(AccuracySplit {
                 all: split(None, None),
@@ -580,6 +634,44 @@ fn markdown(r: &Report) -> String {
          generated text; end-to-end = the whole request. Accuracy: correct / scored answers \
          (rules in benches/questions/README.md); seen and fresh as in DESIGN.md.\n",
     );
+
+    md.push_str(&format!(
+        "\nFirst token by what the prefix cache held ({}; bound {} MiB):\n\n\
+         | mode | cold ms | follow-up ms | prompt tokens | cached tokens | cache hit rate |\n\
+         |------|--------:|-------------:|--------------:|--------------:|---------------:|\n",
+        if !r.settings.prefix_cache {
+            "prefix cache off"
+        } else if r.settings.block_attention {
+            "block attention, prompt format v2"
+        } else {
+            "prompt format v1"
+        },
+        r.settings.prefix_cache_mb
+    ));
+    for m in r.modes.iter().filter(|m| m.status == "ran") {
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} |\n",
+            m.mode,
+            cell(m.first_token_cold_ms, 0),
+            cell(m.first_token_follow_up_ms, 0),
+            cell(m.prompt_tokens, 0),
+            cell(m.cached_tokens, 0),
+            m.cache_hit_rate
+                .map_or("–".into(), |x| format!("{:.1}%", 100.0 * x)),
+        ));
+    }
+    md.push_str(&format!(
+        "\ncold = the first question about its document in the run (the cache is emptied after \
+         the warm-up); follow-up = a later question about the same document (other words, \
+         another fact). Cells are median / p95. At the end the cache held {:.1} MiB in {} \
+         prefix blocks and {} chunk blocks ({} evictions); chunk-block hits {} of {}.\n",
+        r.kv.bytes as f64 / (1 << 20) as f64,
+        r.kv.prefix_blocks,
+        r.kv.chunk_blocks,
+        r.kv.evictions,
+        r.kv.chunk_hits,
+        r.kv.chunk_lookups,
+    ));
 
     let kinds: Vec<Kind> = {
         let mut ks: Vec<Kind> = r

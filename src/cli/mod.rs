@@ -66,7 +66,7 @@ pub struct GlobalArgs {
     /// Retrieval prompts with block attention (format v2): each source's KV is computed once
     /// and reused [default: `block_attention` of ragtune.toml, else off].
     #[arg(long, global = true, env = "RAGTUNE_BLOCK_ATTENTION", value_name = "BOOL",
-          num_args = 0..=1, default_missing_value = "true")]
+          num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     block_attention: Option<bool>,
     /// No progress bars.
     #[arg(long, short, global = true)]

@@ -1,7 +1,7 @@
 //! A request's KV cache, assembled before generation from what earlier requests computed.
 //!
 //! 1. The longest run of whole blocks the prompt starts with comes from the prefix cache
-//!    ([`PrefixCache`], a trie of 16-token blocks): the system prompt, a conversation's
+//!    ([`PrefixCache`], a trie of blocks of [`BLOCK_TOKENS`](ragtune_generate::BLOCK_TOKENS) positions): the system prompt, a conversation's
 //!    earlier turns, a repeated prompt.
 //! 2. For a block-attention prompt ([`BlockPrompt`], format v2), the rest of the head is
 //!    prefilled, then each source's KV block is taken from the cache (or computed after the

@@ -419,6 +419,12 @@ impl Engine {
         self.kv.stats()
     }
 
+    /// Empties the prefix cache (the next requests compute everything; the statistics of
+    /// use are kept).
+    pub fn clear_kv(&self) {
+        self.kv.clear();
+    }
+
     /// The retriever (encoder and index).
     pub fn retriever(&self) -> &Retriever {
         &self.retriever

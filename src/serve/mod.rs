@@ -293,11 +293,16 @@ fn unix_secs() -> u64 {
         .unwrap_or(0)
 }
 
-/// `{"status": "ok", "decode": {"steps", "rows"}}`: with batched decoding, the decode steps
-/// run and the rows in them (`rows / steps` is the mean batch).
+/// `{"status": "ok", "decode": {"steps", "rows"}, "kv_cache": {...}}`: with batched
+/// decoding, the decode steps run and the rows in them (`rows / steps` is the mean batch);
+/// the prefix cache's bytes, blocks and hits (`PrefixCacheStats`).
 async fn health(State(st): State<Arc<AppState>>) -> Json<serde_json::Value> {
     let (steps, rows) = st.engine.batch_stats();
-    Json(serde_json::json!({"status": "ok", "decode": {"steps": steps, "rows": rows}}))
+    Json(serde_json::json!({
+        "status": "ok",
+        "decode": {"steps": steps, "rows": rows},
+        "kv_cache": st.engine.kv_stats(),
+    }))
 }
 
 async fn not_found() -> ApiError {

@@ -22,7 +22,7 @@
 //!
 //! KV is stored in f16 ([`KvSpan`]); the [`KvCache`] rounds what it computes to f16, so
 //! restoring a prefix gives the values a fresh prefill writes, bit for bit. SmolLM2-135M:
-//! 23,040 bytes per position (30 layers, 3 KV heads of 64), a 16-token block 368,640 bytes.
+//! 23,040 bytes per position (30 layers, 3 KV heads of 64), an 8-token block 184,320 bytes.
 //!
 //! Eviction drops the least recently used chunk block or trie leaf until the bytes in use
 //! are within the bound (an interior trie block is dropped only after the blocks below it,
@@ -38,7 +38,7 @@ use crate::lora::LoraAdapter;
 use crate::{Error, Result};
 
 /// Positions per prefix block.
-pub const BLOCK_TOKENS: usize = 16;
+pub const BLOCK_TOKENS: usize = 8;
 
 /// Adapter id (`None`: base) and the caller's salt.
 type Namespace = (Option<u64>, u64);
@@ -422,27 +422,30 @@ mod tests {
 
     #[test]
     fn the_longest_whole_block_prefix_is_found() {
+        const B: usize = BLOCK_TOKENS;
         let cache = PrefixCache::new(usize::MAX);
-        let a: Vec<u32> = (0..40).collect();
+        let n = (2 * B + B / 2) as u32;
+        let a: Vec<u32> = (0..n).collect();
         assert_eq!(
             cache.insert(7, None, &a, &cache_of(&a)).expect("insert"),
-            32
+            2 * B
         );
-        // Shares the first 20 tokens: one whole block.
-        let mut b: Vec<u32> = (0..20).collect();
+        // Shares the first block and a half: one whole block.
+        let mut b: Vec<u32> = (0..(B + B / 2) as u32).collect();
         b.extend(100..130);
         let hit = cache.lookup(7, None, &b);
         assert_eq!(hit.len(), 1);
         assert_eq!(hit[0].first_position(), 0);
         assert_eq!(hit[0].key(1, 0, 5), vec![10.0; 4], "token 5 at slot 5");
+        assert_eq!(hit[0].len(), B);
         assert_eq!(cache.lookup(7, None, &a).len(), 2);
         // Another salt is another namespace.
         assert!(cache.lookup(8, None, &a).is_empty());
         let s = cache.stats();
         assert_eq!(s.prefix_blocks, 2);
         assert_eq!(s.bytes, 2 * bytes_per_block());
-        assert_eq!(s.hit_tokens, 16 + 32);
-        assert_eq!(s.lookup_tokens, 50 + 40 + 40);
+        assert_eq!(s.hit_tokens as usize, B + 2 * B);
+        assert_eq!(s.lookup_tokens as usize, b.len() + 2 * a.len());
     }
 
     #[test]
@@ -450,7 +453,7 @@ mod tests {
         let block = bytes_per_block();
         let cache = PrefixCache::new(3 * block);
         let seqs: Vec<Vec<u32>> = (0..6u32)
-            .map(|s| (0..32).map(|i| s * 1000 + i).collect())
+            .map(|s| (0..2 * BLOCK_TOKENS as u32).map(|i| s * 1000 + i).collect())
             .collect();
         for (n, s) in seqs.iter().enumerate() {
             cache.insert(0, None, s, &cache_of(s)).expect("insert");
@@ -485,7 +488,7 @@ mod tests {
     fn a_kept_block_always_has_its_prefix() {
         let block = bytes_per_block();
         let cache = PrefixCache::new(2 * block);
-        let long: Vec<u32> = (0..64).collect();
+        let long: Vec<u32> = (0..4 * BLOCK_TOKENS as u32).collect();
         cache
             .insert(0, None, &long, &cache_of(&long))
             .expect("insert");
@@ -516,9 +519,9 @@ mod tests {
     #[test]
     fn a_cache_shorter_than_the_tokens_is_refused() {
         let cache = PrefixCache::new(usize::MAX);
-        let tokens: Vec<u32> = (0..20).collect();
+        let tokens: Vec<u32> = (0..2 * BLOCK_TOKENS as u32).collect();
         assert!(cache
-            .insert(0, None, &tokens, &cache_of(&tokens[..10]))
+            .insert(0, None, &tokens, &cache_of(&tokens[..BLOCK_TOKENS]))
             .is_err());
         assert_eq!(cache.stats().bytes, 0);
     }
