@@ -5,7 +5,8 @@
 //!    earlier turns, a repeated prompt.
 //! 2. For a block-attention prompt ([`BlockPrompt`], format v2), the rest of the head is
 //!    prefilled, then each source's KV block is taken from the cache (or computed after the
-//!    context and kept) and appended with its keys re-rotated to its place.
+//!    context and kept; the missing ones together in one forward call with a block mask) and
+//!    appended with its keys re-rotated to its place.
 //! 3. The generator prefills what is left (the tail) and decodes.
 //!
 //! After the answer, the prompt and the generated tokens are kept in the trie, so the next
@@ -17,7 +18,9 @@
 
 use std::time::Instant;
 
-use ragtune_generate::{KvCache, LoraAdapter};
+use std::sync::Arc;
+
+use ragtune_generate::{KvCache, KvSpan, LoraAdapter};
 
 use super::prompt::BlockPrompt;
 use super::Engine;
@@ -28,6 +31,10 @@ use crate::Result;
 pub(crate) const CAUSAL: u64 = 1;
 /// The salt of block-attention prompts (format v2) and their chunk blocks.
 pub(crate) const BLOCKS: u64 = 2;
+
+/// Below this many tokens in all, missing chunk blocks are computed one call each (the
+/// batched call needs the prefill attention path, `LlamaModel::forward_blocks`).
+const MIN_BATCHED_BLOCK_TOKENS: usize = 8;
 
 /// What [`Engine::assemble_kv`] did.
 #[derive(Debug, Clone, Copy, Default)]
@@ -80,40 +87,58 @@ impl Engine {
             self.model
                 .forward_last_with(&prompt[from..layout.head], from, &mut cache, adapter)?;
         }
-        for block in &layout.blocks {
-            if block.end <= cache.len() {
-                continue;
+        // The blocks still to place: from the cache, else computed together in one call.
+        let todo: Vec<&std::ops::Range<usize>> = layout
+            .blocks
+            .iter()
+            .filter(|b| b.end > cache.len())
+            .collect();
+        let mut spans: Vec<Option<Arc<KvSpan>>> = todo
+            .iter()
+            .map(|b| {
+                self.kv
+                    .chunk(BLOCKS, adapter, &layout.context, &prompt[(*b).clone()])
+            })
+            .collect();
+        for (b, s) in todo.iter().zip(&spans) {
+            if s.is_some() {
+                done.cached += b.len();
             }
-            let ids = &prompt[block.clone()];
-            let span = match self.kv.chunk(BLOCKS, adapter, &layout.context, ids) {
-                Some(span) => {
-                    done.cached += ids.len();
-                    span
-                }
-                None => {
-                    let span = self.chunk_block(layout, ids, &cache, adapter)?;
-                    self.kv
-                        .insert_chunk(BLOCKS, adapter, &layout.context, ids, span)?
-                }
-            };
-            self.model.append_span(&mut cache, &span, adapter)?;
+        }
+        let missing: Vec<usize> = (0..todo.len()).filter(|&i| spans[i].is_none()).collect();
+        if !missing.is_empty() {
+            let ids: Vec<&[u32]> = missing.iter().map(|&i| &prompt[todo[i].clone()]).collect();
+            let computed = self.chunk_blocks(layout, &ids, &cache, adapter)?;
+            for ((&i, ids), span) in missing.iter().zip(&ids).zip(computed) {
+                spans[i] =
+                    Some(
+                        self.kv
+                            .insert_chunk(BLOCKS, adapter, &layout.context, ids, span)?,
+                    );
+            }
+        }
+        for span in spans.iter().flatten() {
+            self.model.append_span(&mut cache, span, adapter)?;
         }
         done.prefill_ms = started.elapsed().as_secs_f64() * 1e3;
         Ok((cache, done))
     }
 
-    /// The KV of `ids` computed right after the layout's context: from a copy of the head
-    /// when the prompt has no history (the head is the context), else from the context's own
-    /// cache (its cached blocks, the rest prefilled together with `ids`).
-    fn chunk_block(
+    /// The KV blocks of `chunks`, each computed right after the layout's context and
+    /// attending to it and itself only, all in one forward call when they have enough tokens
+    /// for the prefill path (else one call each). The context's KV comes from a copy of the
+    /// request's head when the prompt has no history (the head is the context), else from
+    /// the prefix cache, the rest prefilled and kept.
+    fn chunk_blocks(
         &self,
         layout: &BlockPrompt,
-        ids: &[u32],
+        chunks: &[&[u32]],
         request: &KvCache,
         adapter: Option<&LoraAdapter>,
-    ) -> Result<ragtune_generate::KvSpan> {
+    ) -> Result<Vec<KvSpan>> {
         let context = &layout.context;
-        let capacity = context.len() + ids.len();
+        let total: usize = chunks.iter().map(|c| c.len()).sum();
+        let capacity = context.len() + total;
         let mut cache = if layout.head == context.len() && request.len() >= layout.head {
             request.copy_prefix(layout.head, capacity)?
         } else {
@@ -121,17 +146,26 @@ impl Engine {
             for span in self.kv.lookup(BLOCKS, adapter, context) {
                 self.model.append_span(&mut c, &span, adapter)?;
             }
+            if c.len() < context.len() {
+                let from = c.len();
+                self.model
+                    .forward_last_with(&context[from..], from, &mut c, adapter)?;
+            }
+            // The context is the head of every prompt without history: keep it.
+            self.kv.insert(BLOCKS, adapter, context, &c)?;
             c
         };
-        let mut run = context[cache.len()..].to_vec();
-        run.extend_from_slice(ids);
-        self.model
-            .forward_last_with(&run, cache.len(), &mut cache, adapter)?;
-        if layout.head != context.len() {
-            // The context is the head of every prompt without history: keep it.
-            self.kv.insert(BLOCKS, adapter, context, &cache)?;
+        if total >= MIN_BATCHED_BLOCK_TOKENS {
+            return Ok(self.model.forward_blocks(chunks, &mut cache, adapter)?);
         }
-        Ok(cache.span(context.len()..capacity)?)
+        let mut spans = Vec::with_capacity(chunks.len());
+        for ids in chunks {
+            let at = cache.len();
+            self.model.forward_last_with(ids, at, &mut cache, adapter)?;
+            spans.push(cache.span(at..at + ids.len())?);
+            cache.truncate(at);
+        }
+        Ok(spans)
     }
 
     /// Keeps the computed positions of `tokens` (the prompt, then the generated ids) for

@@ -75,6 +75,18 @@ fn engine_with(config: EngineConfig) -> Engine {
     Engine::from_parts(retriever, model, &gguf, adapters, config).expect("engine")
 }
 
+/// [`engine_with`] on the model dequantized to f32 (`WeightFormat::F32`): one arithmetic
+/// path whatever the batch size, where KV reuse must not change an answer.
+fn dense_engine_with(config: EngineConfig) -> Engine {
+    let index = config.index.clone().expect("the subset index");
+    let retriever = Retriever::with_encoder(util::load_encoder(), &index).expect("subset index");
+    let gguf = gguf();
+    let model =
+        LlamaModel::from_gguf_with(&gguf, ragtune_generate::WeightFormat::F32).expect("model");
+    let adapters = BTreeMap::from([("synthetic".to_string(), synthetic_adapter(&model))]);
+    Engine::from_parts(retriever, model, &gguf, adapters, config).expect("engine")
+}
+
 fn engine() -> &'static Engine {
     static E: OnceLock<Engine> = OnceLock::new();
     E.get_or_init(|| engine_with(config()))
@@ -322,20 +334,10 @@ fn ask_json_matches_the_contract_and_batch_mode_keeps_order() {
 /// can flip; `kv_reuse.rs` checks the greedy text on Q4_1 for a prompt.)
 #[test]
 fn prefix_caching_gives_the_same_answers() {
-    let dense = |config: EngineConfig| {
-        let index = config.index.clone().expect("the subset index");
-        let retriever =
-            Retriever::with_encoder(util::load_encoder(), &index).expect("subset index");
-        let gguf = gguf();
-        let model =
-            LlamaModel::from_gguf_with(&gguf, ragtune_generate::WeightFormat::F32).expect("model");
-        let adapters = BTreeMap::from([("synthetic".to_string(), synthetic_adapter(&model))]);
-        Engine::from_parts(retriever, model, &gguf, adapters, config).expect("engine")
-    };
     let mut off = config();
     off.prefix_cache = false;
-    let plain = dense(off);
-    let cached = dense(config());
+    let plain = dense_engine_with(off);
+    let cached = dense_engine_with(config());
     for (q, mode) in [
         (APACHE, Mode::Rag),
         ("Who owns the MIT License?", Mode::Base),
@@ -409,12 +411,13 @@ fn the_prefix_cache_serves_repeats_and_the_next_turn() {
 /// Block attention (format v2): the sources' KV blocks are computed once per adapter and
 /// reused by any prompt that has them; an answer from reused blocks equals the answer that
 /// computed them; the base model's blocks are never used under an adapter; concurrent
-/// requests sharing blocks answer as sequential ones do.
+/// requests sharing blocks answer as sequential ones do. On the f32 path, where reuse must
+/// not change a token (see `prefix_caching_gives_the_same_answers`).
 #[test]
 fn block_attention_reuses_sources_per_adapter() {
     let mut c = config();
     c.block_attention = true;
-    let e = engine_with(c);
+    let e = dense_engine_with(c);
     let cold = e.answer(&request(APACHE, Mode::Rag, 2, 12)).expect("cold");
     assert!(cold.block_attention);
     assert_eq!(cold.sources.len(), 2);
@@ -470,7 +473,7 @@ fn block_attention_reuses_sources_per_adapter() {
     let fresh = {
         let mut c = config();
         c.block_attention = true;
-        engine_with(c)
+        dense_engine_with(c)
     };
     let concurrent: Vec<String> = std::thread::scope(|s| {
         let handles: Vec<_> = questions

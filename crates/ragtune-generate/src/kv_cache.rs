@@ -1,10 +1,11 @@
 //! The KV cache of one sequence, and [`KvSpan`]: a run of its positions copied out in f16,
 //! the unit the [`PrefixCache`](crate::PrefixCache) keeps across requests.
 //!
-//! Every key and value is rounded to f16 precision when it is written (llama.cpp's default
-//! KV type, `--cache-type-k f16`). The cache keeps them in f32 for the attention kernels, so
-//! copying positions out to f16 and back is lossless: a prefix restored from the prefix
-//! cache holds exactly the values a fresh prefill would have written.
+//! For a quantized model every key and value is rounded to f16 precision when it is written
+//! (llama.cpp's default KV type, `--cache-type-k f16`). The cache keeps them in f32 for the
+//! attention kernels, so copying positions out to f16 and back is lossless: a prefix restored
+//! from the prefix cache holds exactly the values a fresh prefill would have written. On the
+//! f32 path (`WeightFormat::F32`, the exact reference) nothing is rounded and spans keep f32.
 
 use half::f16;
 
@@ -15,7 +16,8 @@ use crate::{Error, Result};
 ///
 /// Preallocated for `capacity` positions when created and written in place, so a decode
 /// step copies nothing but the new position. Per layer, keys and values are stored as
-/// `(n_kv_heads, capacity, head_dim)` f32 holding f16-representable values: heads first, so
+/// `(n_kv_heads, capacity, head_dim)` f32 (f16-representable values, for a quantized model's
+/// cache): heads first, so
 /// that one head's filled prefix is one contiguous run of `len * head_dim` values.
 ///
 /// Slot `i` holds RoPE position [`first_position`](Self::first_position)` + i` (0 for every
@@ -34,6 +36,8 @@ pub struct KvCache {
     capacity: usize,
     len: usize,
     first_position: usize,
+    /// Round what is written to f16 precision, and keep spans in f16.
+    f16: bool,
     /// `(id, name)` of the adapter the filled positions were computed with; `None`: base.
     adapter: Option<(u64, String)>,
 }
@@ -43,14 +47,25 @@ pub struct KvCache {
 pub(crate) struct LayerKv {
     pub(crate) keys: Vec<f32>,
     pub(crate) values: Vec<f32>,
+    /// Round what is written to f16 precision.
+    f16: bool,
 }
 
 impl LayerKv {
-    /// Writes `t` positions of KV head `g` at slot `pos`: `k`, `v` are `(t, d)`, rounded to
-    /// f16 precision on the way in.
+    /// Writes `k`, `v` (`(t, d)` each) at offset `at`, rounded to f16 precision for a
+    /// quantized model's cache.
     pub(crate) fn write(&mut self, at: usize, k: &[f32], v: &[f32]) {
-        round_into(&mut self.keys[at..at + k.len()], k);
-        round_into(&mut self.values[at..at + v.len()], v);
+        let (ks, vs) = (
+            &mut self.keys[at..at + k.len()],
+            &mut self.values[at..at + v.len()],
+        );
+        if self.f16 {
+            round_into(ks, k);
+            round_into(vs, v);
+        } else {
+            ks.copy_from_slice(k);
+            vs.copy_from_slice(v);
+        }
     }
 }
 
@@ -78,6 +93,7 @@ impl KvCache {
                 .map(|_| LayerKv {
                     keys: vec![0.0; size],
                     values: vec![0.0; size],
+                    f16: true,
                 })
                 .collect(),
             n_kv_heads,
@@ -85,8 +101,18 @@ impl KvCache {
             capacity,
             len: 0,
             first_position: 0,
+            f16: true,
             adapter: None,
         }
+    }
+
+    /// This cache rounding to f16 (`true`, the default) or keeping f32.
+    pub(crate) fn with_f16(mut self, f16: bool) -> Self {
+        self.f16 = f16;
+        for layer in &mut self.layers {
+            layer.f16 = f16;
+        }
+        self
     }
 
     /// This cache with slot 0 at RoPE position `first`.
@@ -115,10 +141,11 @@ impl KvCache {
         self.first_position
     }
 
-    /// Bytes of one position in a [`KvSpan`] (f16 keys and values of every layer):
-    /// `2 * layers * n_kv_heads * head_dim * 2` (SmolLM2-135M: 23,040).
+    /// Bytes of one position in a [`KvSpan`] (keys and values of every layer, f16 for a
+    /// quantized model, else f32): `2 * layers * n_kv_heads * head_dim * 2` (SmolLM2-135M:
+    /// 23,040), twice that in f32.
     pub fn span_bytes_per_position(&self) -> usize {
-        2 * self.layers.len() * self.n_kv_heads * self.head_dim * 2
+        2 * self.layers.len() * self.n_kv_heads * self.head_dim * if self.f16 { 2 } else { 4 }
     }
 
     /// Forgets every cached position (the memory stays allocated for the next sequence).
@@ -147,8 +174,9 @@ impl KvCache {
             });
         }
         let (kvh, d) = (self.n_kv_heads, self.head_dim);
-        let mut out =
-            KvCache::new(self.layers.len(), kvh, d, capacity).starting_at(self.first_position);
+        let mut out = KvCache::new(self.layers.len(), kvh, d, capacity)
+            .starting_at(self.first_position)
+            .with_f16(self.f16);
         for (src, dst) in self.layers.iter().zip(&mut out.layers) {
             for g in 0..kvh {
                 let (from, to) = (g * self.capacity * d, g * capacity * d);
@@ -161,8 +189,8 @@ impl KvCache {
         Ok(out)
     }
 
-    /// Slots `range` copied out in f16, tagged with this cache's adapter and the RoPE
-    /// position of their first slot.
+    /// Slots `range` copied out (in f16 when the cache rounds to f16, else f32), tagged with
+    /// this cache's adapter and the RoPE position of their first slot.
     ///
     /// # Errors
     /// [`Error::InvalidParams`] for a range beyond the filled positions or empty.
@@ -173,13 +201,16 @@ impl KvCache {
             });
         }
         let (kvh, d, n) = (self.n_kv_heads, self.head_dim, range.len());
-        let half = |buf: &[f32]| -> Vec<f16> {
-            let mut out = Vec::with_capacity(kvh * n * d);
-            for g in 0..kvh {
+        let half = |buf: &[f32]| -> SpanData {
+            let runs = (0..kvh).map(|g| {
                 let at = (g * self.capacity + range.start) * d;
-                out.extend(buf[at..at + n * d].iter().map(|&x| f16::from_f32(x)));
+                &buf[at..at + n * d]
+            });
+            if self.f16 {
+                SpanData::F16(runs.flatten().map(|&x| f16::from_f32(x)).collect())
+            } else {
+                SpanData::F32(runs.flatten().copied().collect())
             }
-            out
         };
         Ok(KvSpan {
             layers: self
@@ -228,12 +259,8 @@ impl KvCache {
         for (layer, (sk, sv)) in self.layers.iter_mut().zip(&span.layers) {
             for g in 0..kvh {
                 let from = g * n * d;
-                for (o, x) in k.iter_mut().zip(&sk[from..from + n * d]) {
-                    *o = x.to_f32();
-                }
-                for (o, x) in v.iter_mut().zip(&sv[from..from + n * d]) {
-                    *o = x.to_f32();
-                }
+                sk.read(from, &mut k);
+                sv.read(from, &mut v);
                 rotate(&mut k);
                 layer.write((g * self.capacity + self.len) * d, &k, &v);
             }
@@ -298,13 +325,41 @@ impl KvCache {
     }
 }
 
-/// Consecutive positions of a [`KvCache`] in f16: per layer, keys and values each
-/// `(n_kv_heads, len, head_dim)`. Made by [`KvCache::span`]; put back with
+/// The values of one layer's keys or values in a [`KvSpan`].
+#[derive(Debug, Clone, PartialEq)]
+enum SpanData {
+    F16(Vec<f16>),
+    F32(Vec<f32>),
+}
+
+impl SpanData {
+    /// `dst.len()` values from `from`, as f32.
+    fn read(&self, from: usize, dst: &mut [f32]) {
+        match self {
+            SpanData::F16(v) => {
+                for (o, x) in dst.iter_mut().zip(&v[from..]) {
+                    *o = x.to_f32();
+                }
+            }
+            SpanData::F32(v) => dst.copy_from_slice(&v[from..from + dst.len()]),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            SpanData::F16(v) => v.len() * 2,
+            SpanData::F32(v) => v.len() * 4,
+        }
+    }
+}
+
+/// Consecutive positions of a [`KvCache`], in f16 (a quantized model's cache) or f32: per
+/// layer, keys and values each `(n_kv_heads, len, head_dim)`. Made by [`KvCache::span`]; put back with
 /// `LlamaModel::append_span`, which re-rotates the keys when the span lands at another
 /// position.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KvSpan {
-    layers: Vec<(Vec<f16>, Vec<f16>)>,
+    layers: Vec<(SpanData, SpanData)>,
     len: usize,
     n_kv_heads: usize,
     head_dim: usize,
@@ -329,12 +384,10 @@ impl KvSpan {
         self.first_position
     }
 
-    /// The heap bytes of its keys and values: `len * 2 * layers * n_kv_heads * head_dim * 2`.
+    /// The heap bytes of its keys and values: `len * 2 * layers * n_kv_heads * head_dim`
+    /// times 2 (f16) or 4 (f32).
     pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|(k, v)| (k.len() + v.len()) * 2)
-            .sum()
+        self.layers.iter().map(|(k, v)| k.bytes() + v.bytes()).sum()
     }
 
     /// The id of the adapter it was computed with (`None`: the base model).
@@ -342,24 +395,27 @@ impl KvSpan {
         self.adapter
     }
 
+    /// This span with its keys' RoPE position set to `first` (they were computed at
+    /// positions other than their slots', as `LlamaModel::forward_blocks` does).
+    pub(crate) fn at_position(mut self, first: usize) -> Self {
+        self.first_position = first;
+        self
+    }
+
     /// Keys of layer `layer`, KV head `g`, position `i`: `head_dim` values (for tests).
     pub fn key(&self, layer: usize, g: usize, i: usize) -> Vec<f32> {
         let d = self.head_dim;
-        let at = (g * self.len + i) * d;
-        self.layers[layer].0[at..at + d]
-            .iter()
-            .map(|x| x.to_f32())
-            .collect()
+        let mut out = vec![0f32; d];
+        self.layers[layer].0.read((g * self.len + i) * d, &mut out);
+        out
     }
 
     /// Values of layer `layer`, KV head `g`, position `i`: `head_dim` values (for tests).
     pub fn value(&self, layer: usize, g: usize, i: usize) -> Vec<f32> {
         let d = self.head_dim;
-        let at = (g * self.len + i) * d;
-        self.layers[layer].1[at..at + d]
-            .iter()
-            .map(|x| x.to_f32())
-            .collect()
+        let mut out = vec![0f32; d];
+        self.layers[layer].1.read((g * self.len + i) * d, &mut out);
+        out
     }
 
     /// `(layers, n_kv_heads)`.

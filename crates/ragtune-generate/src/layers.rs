@@ -48,6 +48,17 @@ impl Rope {
         Ok(candle_nn::rotary_emb::rope_i(x, &cos, &sin)?)
     }
 
+    /// Rotates `x: (1, heads, t, d)` (contiguous) whose token `i` is at position
+    /// `positions[i]` (any order; block attention computes several chunks at the same
+    /// positions in one call).
+    pub(crate) fn apply_at(&self, x: &Tensor, positions: &[usize]) -> Result<Tensor> {
+        let ids: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+        let ids = Tensor::new(ids.as_slice(), x.device())?;
+        let cos = self.cos.index_select(&ids, 0)?;
+        let sin = self.sin.index_select(&ids, 0)?;
+        Ok(candle_nn::rotary_emb::rope_i(x, &cos, &sin)?)
+    }
+
     /// A function that rotates the interleaved pairs of `(n, d)` keys (already rotated for
     /// their positions) by `delta` more positions: RoPE's rotations compose, `R(a) R(δ) =
     /// R(a + δ)`, so this moves keys computed at positions `p..` to `p + delta..`, exact up

@@ -80,6 +80,9 @@ pub struct LlamaModel {
     /// `(vocab, hidden)`, the embedding matrix itself when the file ties them.
     output: Linear,
     rope: Rope,
+    /// KV cache values rounded to f16 (the quantized formats; llama.cpp's default), or kept
+    /// f32 (`WeightFormat::F32`, the exact reference path).
+    kv_f16: bool,
     device: Device,
 }
 
@@ -174,6 +177,7 @@ impl LlamaModel {
             norm,
             output,
             rope,
+            kv_f16: format != WeightFormat::F32,
             device,
         })
     }
@@ -185,7 +189,8 @@ impl LlamaModel {
 
     /// A zeroed KV cache for `capacity` positions (prompt + generated tokens).
     /// Memory: `2 * block_count * n_kv_heads * head_dim * capacity * 4` bytes
-    /// (SmolLM2-135M: 46 KiB per position).
+    /// (SmolLM2-135M: 46 KiB per position). For a quantized model the values written are
+    /// rounded to f16 precision (llama.cpp's default KV type); on the f32 path they are not.
     ///
     /// # Errors
     /// [`Error::CacheCapacity`] unless `1 <= capacity <= props.context_length`.
@@ -197,12 +202,10 @@ impl LlamaModel {
                 context_length: p.context_length,
             });
         }
-        Ok(KvCache::new(
-            p.block_count,
-            p.head_count_kv,
-            p.head_dim,
-            capacity,
-        ))
+        Ok(
+            KvCache::new(p.block_count, p.head_count_kv, p.head_dim, capacity)
+                .with_f16(self.kv_f16),
+        )
     }
 
     /// [`new_cache`](Self::new_cache) whose slot 0 is RoPE position `first_position`: the
@@ -252,6 +255,70 @@ impl LlamaModel {
         let delta = target as isize - span.first_position() as isize;
         let shift = self.rope.shift(delta)?;
         cache.append_span(span, shift)
+    }
+
+    /// The KV of several chunks, each computed as if it came right after the `cache.len()`
+    /// positions in `cache` (the context), in one forward call (block attention, Sun et al.
+    /// 2024, arXiv 2409.15355): chunk `j`'s tokens sit at RoPE positions `c..c + len_j`
+    /// (`c` = `cache.first_position() + cache.len()`) and attend to the context and to the
+    /// earlier tokens of their own chunk only. Returns one span per chunk, each with first
+    /// position `c`, as [`append_span`](Self::append_span) takes them. `cache` is scratch:
+    /// the chunks' KV is written into its slots from `cache.len()` on, and it is truncated
+    /// back to the context before returning.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParams`] for no chunk, an empty chunk, or fewer tokens in all than the
+    /// prefill path's minimum (8; compute such chunks one by one); as
+    /// [`forward_with`](Self::forward_with) otherwise.
+    pub fn forward_blocks(
+        &self,
+        chunks: &[&[u32]],
+        cache: &mut KvCache,
+        adapter: Option<&LoraAdapter>,
+    ) -> Result<Vec<KvSpan>> {
+        let t: usize = chunks.iter().map(|c| c.len()).sum();
+        if chunks.iter().any(|c| c.is_empty()) || t < attention::PREFILL_MIN_TOKENS {
+            return Err(Error::InvalidParams {
+                detail: format!(
+                    "{} chunks of {t} tokens in all: each needs a token, and all at least {}",
+                    chunks.len(),
+                    attention::PREFILL_MIN_TOKENS
+                ),
+            });
+        }
+        let past = cache.len();
+        let start = cache.first_position() + past;
+        let mut positions = Vec::with_capacity(t);
+        let mut mask = Vec::with_capacity(t * (past + t));
+        let mut offset = 0;
+        for chunk in chunks {
+            for i in 0..chunk.len() {
+                positions.push(start + i);
+                mask.extend((0..past + t).map(|j| {
+                    let own = j >= past + offset && j <= past + offset + i;
+                    if j < past || own {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                }));
+            }
+            offset += chunk.len();
+        }
+        let mask = Tensor::from_vec(mask, (t, past + t), &self.device)?;
+        let tokens: Vec<u32> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+        on_pool(|| {
+            self.hidden_in(&tokens, past, cache, adapter, Some((&positions, mask)))
+                .map(|_| ())
+        })?;
+        let mut spans = Vec::with_capacity(chunks.len());
+        let mut at = past;
+        for chunk in chunks {
+            spans.push(cache.span(at..at + chunk.len())?.at_position(start));
+            at += chunk.len();
+        }
+        cache.truncate(past);
+        Ok(spans)
     }
 
     /// Runs `tokens` at positions `pos..pos + tokens.len()`, appending their keys and values
@@ -486,6 +553,19 @@ impl LlamaModel {
         cache: &mut KvCache,
         adapter: Option<&LoraAdapter>,
     ) -> Result<Tensor> {
+        self.hidden_in(tokens, pos, cache, adapter, None)
+    }
+
+    /// [`hidden`](Self::hidden), or with `blocks = Some((positions, mask))` each token at
+    /// its own RoPE position under the additive mask `(t, pos + t)` (block attention).
+    fn hidden_in(
+        &self,
+        tokens: &[u32],
+        pos: usize,
+        cache: &mut KvCache,
+        adapter: Option<&LoraAdapter>,
+        blocks: Option<(&[usize], Tensor)>,
+    ) -> Result<Tensor> {
         let t = tokens.len();
         if t == 0 {
             return Err(Error::InvalidParams {
@@ -524,13 +604,20 @@ impl LlamaModel {
         cache.bind(adapter)?;
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self.embeddings.index_select(&ids, 0)?;
-        let mask = causal_mask(t, pos, &self.device)?;
+        let (positions, mask) = match blocks {
+            Some((positions, mask)) => (Some(positions), Some(mask)),
+            None => (None, causal_mask(t, pos, &self.device)?),
+        };
         let geometry = cache.geometry();
-        let at = (pos, cache.first_position() + pos);
+        let at = Positions {
+            slot: pos,
+            first: cache.first_position() + pos,
+            each: positions,
+        };
         for (i, (block, layer)) in self.blocks.iter().zip(cache.layers_mut()).enumerate() {
             let d = adapter.and_then(|a| a.layer(i));
             let h = block.attn_norm.forward(&x)?;
-            let h = self.attention(&block.attn, d, &h, at, layer, geometry, mask.as_ref())?;
+            let h = self.attention(&block.attn, d, &h, &at, layer, geometry, mask.as_ref())?;
             x = (x + h)?;
             let h = block.ffn_norm.forward(&x)?;
             let m = &block.mlp;
@@ -545,8 +632,8 @@ impl LlamaModel {
         Ok(x)
     }
 
-    /// Grouped-query attention of `x: (t, hidden)` at cache slots `slot..slot + t` (RoPE
-    /// positions `position..position + t`; `at = (slot, position)`), with the
+    /// Grouped-query attention of `x: (t, hidden)` at cache slots `at.slot..at.slot + t`
+    /// (RoPE positions `at.first..at.first + t`, or `at.each`), with the
     /// layer's LoRA `deltas`: the projections and RoPE here, the rest in
     /// [`attention::attention`], which writes this call's keys and values into `layer`.
     /// Returns `(t, hidden)`.
@@ -556,7 +643,7 @@ impl LlamaModel {
         a: &Attention,
         deltas: Option<&LayerDeltas>,
         x: &Tensor,
-        (pos, position): (usize, usize),
+        at: &Positions<'_>,
         layer: &mut crate::kv_cache::LayerKv,
         geometry: (usize, usize, usize),
         mask: Option<&Tensor>,
@@ -571,12 +658,24 @@ impl LlamaModel {
         let q = a.q.forward(x, delta(deltas, TargetModule::QProj))?;
         let k = a.k.forward(x, delta(deltas, TargetModule::KProj))?;
         let v = a.v.forward(x, delta(deltas, TargetModule::VProj))?;
-        let q = values(self.rope.apply(&heads_first(q, h)?, position)?)?; // (h, t, d)
-        let k = values(self.rope.apply(&heads_first(k, kvh)?, position)?)?; // (kvh, t, d)
+        let rope = |x: Tensor| match at.each {
+            Some(p) => self.rope.apply_at(&x, p),
+            None => self.rope.apply(&x, at.first),
+        };
+        let q = values(rope(heads_first(q, h)?)?)?; // (h, t, d)
+        let k = values(rope(heads_first(k, kvh)?)?)?; // (kvh, t, d)
         let v = values(heads_first(v, kvh)?)?;
-        let y = attention::attention(&q, &k, &v, layer, geometry, h, t, pos, mask)?;
+        let y = attention::attention(&q, &k, &v, layer, geometry, h, t, at.slot, mask)?;
         a.o.forward(&y, delta(deltas, TargetModule::OProj))
     }
+}
+
+/// Where a forward call's tokens go: cache slots from `slot`, RoPE positions from `first`
+/// or, for block attention, `each[i]` for token `i`.
+struct Positions<'a> {
+    slot: usize,
+    first: usize,
+    each: Option<&'a [usize]>,
 }
 
 /// One sequence of a [`LlamaModel::decode_batch`] step.
