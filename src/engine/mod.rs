@@ -419,6 +419,11 @@ impl Engine {
         self.kv.stats()
     }
 
+    /// Whether the prefix cache keeps anything (`prefix_cache` on, a bound above 0).
+    fn keeps_kv(&self) -> bool {
+        self.config.prefix_cache && self.config.prefix_cache_mb > 0
+    }
+
     /// Empties the prefix cache (the next requests compute everything; the statistics of
     /// use are kept).
     pub fn clear_kv(&self) {
@@ -630,6 +635,7 @@ impl Engine {
         // in v1, the sources; v2 keeps its sources as chunk blocks).
         let mut seen = prompt.clone();
         let keep = match &layout {
+            _ if !self.keeps_kv() => 0,
             Some(b) => b.head,
             None if request.mode.uses_retrieval() => prompt::sources_end(
                 &self.template,
@@ -646,7 +652,9 @@ impl Engine {
                 seen.len()
             }
         };
-        self.remember_kv(&seen[..keep], layout.is_some(), adapter, &cache)?;
+        if keep > 0 {
+            self.remember_kv(&seen[..keep], layout.is_some(), adapter, &cache)?;
+        }
         timings.prefill = assembled.prefill_ms + generation.timings.prefill_ms;
         timings.decode = generation.timings.decode_ms;
         timings.total = ms(started);

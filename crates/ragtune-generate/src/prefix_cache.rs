@@ -184,7 +184,7 @@ impl PrefixCache {
         let id = adapter.map(LoraAdapter::id);
         if cache.len() < tokens.len()
             || cache.first_position() != 0
-            || (cache.len() > 0 && cache.adapter_id() != id)
+            || (!cache.is_empty() && cache.adapter_id() != id)
         {
             return Err(Error::InvalidParams {
                 detail: format!(
