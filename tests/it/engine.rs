@@ -258,17 +258,28 @@ fn concurrent_requests_equal_sequential_ones() {
         .iter()
         .map(|(q, m)| e.answer(&request(q, *m, 2, 12)).expect("answer").text)
         .collect();
-    let concurrent: Vec<String> = std::thread::scope(|s| {
-        let handles: Vec<_> = questions
+    let concurrent = all_at_once(
+        e,
+        questions
             .iter()
-            .map(|(q, m)| s.spawn(move || e.answer(&request(q, *m, 2, 12)).expect("answer").text))
+            .map(|(q, m)| request(q, *m, 2, 12))
+            .collect(),
+    );
+    assert_eq!(concurrent, sequential);
+}
+
+/// The answers' texts to `requests`, each on its own thread, all at once.
+fn all_at_once(e: &Engine, requests: Vec<Request>) -> Vec<String> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = requests
+            .into_iter()
+            .map(|r| s.spawn(move || e.answer(&r).expect("answer").text))
             .collect();
         handles
             .into_iter()
             .map(|h| h.join().expect("thread"))
             .collect()
-    });
-    assert_eq!(concurrent, sequential);
+    })
 }
 
 fn ragtune_ask() -> Command {
@@ -475,24 +486,13 @@ fn block_attention_reuses_sources_per_adapter() {
         c.block_attention = true;
         dense_engine_with(c)
     };
-    let concurrent: Vec<String> = std::thread::scope(|s| {
-        let handles: Vec<_> = questions
+    let concurrent = all_at_once(
+        &fresh,
+        questions
             .iter()
-            .map(|q| {
-                let fresh = &fresh;
-                s.spawn(move || {
-                    fresh
-                        .answer(&request(q, Mode::Rag, 2, 10))
-                        .expect("answer")
-                        .text
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("thread"))
-            .collect()
-    });
+            .map(|q| request(q, Mode::Rag, 2, 10))
+            .collect(),
+    );
     assert_eq!(concurrent, sequential);
 }
 

@@ -83,7 +83,7 @@ struct Node {
     used: u64,
 }
 
-#[derive(Debug, Hash, PartialEq, Eq)]
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
 struct ChunkKey {
     ns: Namespace,
     /// The context tokens the chunk was computed after.
@@ -110,6 +110,16 @@ struct Store {
 
 fn namespace(salt: u64, adapter: Option<&LoraAdapter>) -> Namespace {
     (adapter.map(LoraAdapter::id), salt)
+}
+
+impl ChunkKey {
+    fn new(salt: u64, adapter: Option<&LoraAdapter>, context: &[u32], tokens: &[u32]) -> Self {
+        ChunkKey {
+            ns: namespace(salt, adapter),
+            context: context.into(),
+            tokens: tokens.into(),
+        }
+    }
 }
 
 impl PrefixCache {
@@ -146,8 +156,7 @@ impl PrefixCache {
         tokens: &[u32],
     ) -> Vec<Arc<KvSpan>> {
         let mut s = self.store();
-        s.tick += 1;
-        let tick = s.tick;
+        let tick = s.touch();
         s.stats.lookup_tokens += tokens.len() as u64;
         let mut out = Vec::new();
         let Some(&root) = s.roots.get(&namespace(salt, adapter)) else {
@@ -198,8 +207,7 @@ impl PrefixCache {
         }
         let blocks = tokens.len() / BLOCK_TOKENS;
         let mut s = self.store();
-        s.tick += 1;
-        let tick = s.tick;
+        let tick = s.touch();
         let ns = namespace(salt, adapter);
         let mut at = match s.roots.get(&ns) {
             Some(&r) => r,
@@ -243,14 +251,9 @@ impl PrefixCache {
         context: &[u32],
         tokens: &[u32],
     ) -> Option<Arc<KvSpan>> {
-        let key = ChunkKey {
-            ns: namespace(salt, adapter),
-            context: context.into(),
-            tokens: tokens.into(),
-        };
+        let key = ChunkKey::new(salt, adapter, context, tokens);
         let mut s = self.store();
-        s.tick += 1;
-        let tick = s.tick;
+        let tick = s.touch();
         s.stats.chunk_lookups += 1;
         let found = s.chunks.get_mut(&key).map(|c| {
             c.used = tick;
@@ -286,14 +289,9 @@ impl PrefixCache {
             });
         }
         let span = Arc::new(span);
-        let key = ChunkKey {
-            ns: namespace(salt, adapter),
-            context: context.into(),
-            tokens: tokens.into(),
-        };
+        let key = ChunkKey::new(salt, adapter, context, tokens);
         let mut s = self.store();
-        s.tick += 1;
-        let used = s.tick;
+        let used = s.touch();
         s.stats.bytes += span.bytes();
         if let Some(old) = s.chunks.insert(
             key,
@@ -329,6 +327,12 @@ impl PrefixCache {
 }
 
 impl Store {
+    /// The next tick of the least-recently-used clock.
+    fn touch(&mut self) -> u64 {
+        self.tick += 1;
+        self.tick
+    }
+
     fn add_node(
         &mut self,
         parent: Option<usize>,
@@ -381,11 +385,7 @@ impl Store {
                     }
                 }
                 (_, Some((key, _))) => {
-                    let key = ChunkKey {
-                        ns: key.ns,
-                        context: key.context.clone(),
-                        tokens: key.tokens.clone(),
-                    };
+                    let key = key.clone();
                     let c = self.chunks.remove(&key).expect("the chunk is held");
                     self.stats.bytes -= c.span.bytes();
                 }
