@@ -163,6 +163,15 @@ pub struct Usage {
     pub completion_tokens: usize,
     /// Their sum.
     pub total_tokens: usize,
+    /// OpenAI's breakdown of the prompt tokens.
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// `usage.prompt_tokens_details`, as OpenAI's prompt caching reports it.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens whose KV came from the prefix cache (computed by an earlier request).
+    pub cached_tokens: usize,
 }
 
 /// The `ragtune` object of a response and of the last stream chunk.
@@ -203,6 +212,9 @@ impl Usage {
             prompt_tokens: answer.tokens.prompt,
             completion_tokens: answer.tokens.generated,
             total_tokens: answer.tokens.prompt + answer.tokens.generated,
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens: answer.tokens.cached,
+            },
         }
     }
 }
