@@ -239,15 +239,6 @@ impl Profile {
     pub fn metadata_record(&self, doc: &Document) -> Option<String> {
         self.record.as_ref()?.render(doc)
     }
-
-    /// The system message of a prompt with (`retrieval`) or without sources.
-    pub fn system_prompt(&self, retrieval: bool) -> &str {
-        if retrieval {
-            &self.rag_system_prompt
-        } else {
-            &self.closed_book_system_prompt
-        }
-    }
 }
 
 #[cfg(test)]

@@ -32,6 +32,16 @@ pub(crate) const CAUSAL: u64 = 1;
 /// The salt of block-attention prompts (format v2) and their chunk blocks.
 pub(crate) const BLOCKS: u64 = 2;
 
+/// The salt of a prompt's prefix blocks: [`BLOCKS`] for a block-attention prompt, else
+/// [`CAUSAL`].
+fn salt(block_prompt: bool) -> u64 {
+    if block_prompt {
+        BLOCKS
+    } else {
+        CAUSAL
+    }
+}
+
 /// Below this many tokens in all, missing chunk blocks are computed one call each (the
 /// batched call needs the prefill attention path, `LlamaModel::forward_blocks`).
 const MIN_BATCHED_BLOCK_TOKENS: usize = 8;
@@ -58,7 +68,7 @@ impl Engine {
         adapter: Option<&LoraAdapter>,
         capacity: usize,
     ) -> Result<(KvCache, Assembled)> {
-        let salt = if layout.is_some() { BLOCKS } else { CAUSAL };
+        let salt = salt(layout.is_some());
         let mut cache = self.model.new_cache(capacity)?;
         let mut done = Assembled::default();
         for span in self
@@ -180,7 +190,7 @@ impl Engine {
         adapter: Option<&LoraAdapter>,
         cache: &KvCache,
     ) -> Result<()> {
-        let salt = if block_prompt { BLOCKS } else { CAUSAL };
+        let salt = salt(block_prompt);
         let n = cache.len().min(tokens.len());
         self.kv.insert(salt, adapter, &tokens[..n], cache)?;
         Ok(())
