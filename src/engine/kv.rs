@@ -42,10 +42,6 @@ fn salt(block_prompt: bool) -> u64 {
     }
 }
 
-/// Below this many tokens in all, missing chunk blocks are computed one call each (the
-/// batched call needs the prefill attention path, `LlamaModel::forward_blocks`).
-const MIN_BATCHED_BLOCK_TOKENS: usize = 8;
-
 /// What [`Engine::assemble_kv`] did.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Assembled {
@@ -165,17 +161,7 @@ impl Engine {
             self.kv.insert(BLOCKS, adapter, context, &c)?;
             c
         };
-        if total >= MIN_BATCHED_BLOCK_TOKENS {
-            return Ok(self.model.forward_blocks(chunks, &mut cache, adapter)?);
-        }
-        let mut spans = Vec::with_capacity(chunks.len());
-        for ids in chunks {
-            let at = cache.len();
-            self.model.forward_last_with(ids, at, &mut cache, adapter)?;
-            spans.push(cache.span(at..at + ids.len())?);
-            cache.truncate(at);
-        }
-        Ok(spans)
+        Ok(self.model.forward_blocks(chunks, &mut cache, adapter)?)
     }
 
     /// Keeps the computed positions of `tokens` (the prompt, then the generated ids) for

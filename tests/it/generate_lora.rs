@@ -261,11 +261,23 @@ fn switching_adapters_matches_fresh_loads() {
     assert_eq!(served[1], fresh_a, "A");
     assert_eq!(served[2], fresh_b, "B");
     assert_eq!(served[3], fresh_a, "A again");
-    assert_ne!(
-        fresh_a.tokens, fresh_base.tokens,
+    // The synthetic deltas are small (B_AMP), so the greedy tokens may coincide; the
+    // logits must not.
+    let max_diff = |x: &Outcome, y: &Outcome| {
+        x.last_logits
+            .iter()
+            .zip(&y.last_logits)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max)
+    };
+    assert!(
+        max_diff(&fresh_a, &fresh_base) > 0.05,
         "adapter A changes the output"
     );
-    assert_ne!(fresh_b.tokens, fresh_a.tokens, "adapters A and B differ");
+    assert!(
+        max_diff(&fresh_b, &fresh_a) > 0.05,
+        "adapters A and B differ"
+    );
 
     // The adapter built in memory and its saved-and-loaded copy are the same adapter.
     assert_eq!(

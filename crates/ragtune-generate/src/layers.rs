@@ -175,20 +175,6 @@ impl RmsNorm {
     }
 }
 
-/// The additive causal mask for `t` new tokens after `past` cached ones:
-/// `(t, past + t)` f32, `0` where query `i` (at position `past + i`) may attend to key `j`
-/// (`j <= past + i`), `-inf` elsewhere. `None` when `t == 1` (a single query sees everything).
-pub(crate) fn causal_mask(t: usize, past: usize, device: &Device) -> Result<Option<Tensor>> {
-    if t <= 1 {
-        return Ok(None);
-    }
-    let kv = past + t;
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..kv).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Ok(Some(Tensor::from_vec(mask, (t, kv), device)?))
-}
-
 /// The LoRA factors of one projection, ready for the forward pass:
 /// `delta(x) = scale * B (A x)`, i.e. for row vectors `x: (t, in)`,
 /// `scale * (x Aᵀ) Bᵀ: (t, out)`.
@@ -280,10 +266,9 @@ impl Linear {
     /// `xs: (rows, in)` row-major through the projection, each row with its own LoRA delta
     /// (`deltas[i]` for row `i`): `(rows, out)` values, each row bit for bit what
     /// [`forward`](Self::forward) gives for that row alone. The batched decode step
-    /// ([`crate::LlamaModel::decode_batch`]): the crate's own kernels multiply up to
-    /// `DENSE_MIN_ROWS - 1` rows per pass over the weights (the weight rows stay in cache
-    /// across the activation rows, so `n` rows cost far less than `n` passes); other weight
-    /// forms go row by row.
+    /// ([`crate::LlamaModel::decode_batch`]): the crate's own kernels multiply all rows in one
+    /// pass over the weights (each weight block is unpacked once for 4 activation rows, and
+    /// a row's result does not depend on the others); other weight forms go row by row.
     pub(crate) fn forward_rows_each(
         &self,
         xs: &[f32],
@@ -292,20 +277,17 @@ impl Linear {
     ) -> Result<Vec<f32>> {
         debug_assert_eq!(deltas.len(), rows);
         let inp = xs.len() / rows.max(1);
-        let per_pass = crate::quant::DENSE_MIN_ROWS - 1;
-        let mut out = Vec::new();
-        for chunk in xs.chunks(inp * per_pass) {
-            let n = chunk.len() / inp;
-            match self.weight.forward_rows(chunk, n) {
-                Some(y) => out.extend(y),
-                None => {
-                    for row in chunk.chunks_exact(inp) {
-                        let x = Tensor::from_slice(row, (1, inp), &candle_core::Device::Cpu)?;
-                        out.extend(self.weight.forward(&x)?.flatten_all()?.to_vec1::<f32>()?);
-                    }
+        let mut out = match self.weight.forward_rows(xs, rows) {
+            Some(y) => y,
+            None => {
+                let mut out = Vec::new();
+                for row in xs.chunks_exact(inp) {
+                    let x = Tensor::from_slice(row, (1, inp), &candle_core::Device::Cpu)?;
+                    out.extend(self.weight.forward(&x)?.flatten_all()?.to_vec1::<f32>()?);
                 }
+                out
             }
-        }
+        };
         let n_out = out.len() / rows.max(1);
         for ((xr, yr), d) in xs
             .chunks_exact(inp)
@@ -361,24 +343,6 @@ const SMALL_BATCH: usize = 8;
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn causal_mask_is_rectangular_after_a_prefix() {
-        let m = causal_mask(3, 2, &Device::Cpu)
-            .expect("test")
-            .expect("test");
-        let m = m.to_vec2::<f32>().expect("test");
-        let inf = f32::NEG_INFINITY;
-        assert_eq!(
-            m,
-            vec![
-                vec![0.0, 0.0, 0.0, inf, inf],
-                vec![0.0, 0.0, 0.0, 0.0, inf],
-                vec![0.0, 0.0, 0.0, 0.0, 0.0],
-            ]
-        );
-        assert!(causal_mask(1, 7, &Device::Cpu).expect("test").is_none());
-    }
 
     #[test]
     fn rope_rotates_interleaved_pairs() {

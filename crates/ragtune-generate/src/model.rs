@@ -10,8 +10,9 @@ use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 
 use crate::attention;
+use crate::attention::Mask;
 use crate::kv_cache::{KvCache, KvSpan};
-use crate::layers::{causal_mask, Linear, LoraPair, RmsNorm, Rope};
+use crate::layers::{Linear, LoraPair, RmsNorm, Rope};
 use crate::lora::{LayerDeltas, LoraAdapter, TargetModule};
 use crate::props::LlamaProps;
 use crate::weight::{Weight, WeightFormat};
@@ -267,8 +268,7 @@ impl LlamaModel {
     /// back to the context before returning.
     ///
     /// # Errors
-    /// [`Error::InvalidParams`] for no chunk, an empty chunk, or fewer tokens in all than the
-    /// prefill path's minimum (8; compute such chunks one by one); as
+    /// [`Error::InvalidParams`] for no chunk or an empty chunk; as
     /// [`forward_with`](Self::forward_with) otherwise.
     pub fn forward_blocks(
         &self,
@@ -277,12 +277,11 @@ impl LlamaModel {
         adapter: Option<&LoraAdapter>,
     ) -> Result<Vec<KvSpan>> {
         let t: usize = chunks.iter().map(|c| c.len()).sum();
-        if chunks.iter().any(|c| c.is_empty()) || t < attention::PREFILL_MIN_TOKENS {
+        if chunks.is_empty() || chunks.iter().any(|c| c.is_empty()) {
             return Err(Error::InvalidParams {
                 detail: format!(
-                    "{} chunks of {t} tokens in all: each needs a token, and all at least {}",
-                    chunks.len(),
-                    attention::PREFILL_MIN_TOKENS
+                    "{} chunks of {t} tokens in all: each needs a token",
+                    chunks.len()
                 ),
             });
         }
@@ -473,7 +472,8 @@ impl LlamaModel {
                 let vr = values(&heads(&v[r * kvh * d..(r + 1) * kvh * d], kvh)?)?;
                 let geometry = row.cache.geometry();
                 let layer = &mut row.cache.layers_mut()[i];
-                let out = attention::attention(&qr, &kr, &vr, layer, geometry, h, 1, pos, None)?;
+                let out =
+                    attention::attention(&qr, &kr, &vr, layer, geometry, h, 1, pos, Mask::Causal)?;
                 y.extend(values(&out)?);
             }
             let o = a.o.forward_rows_each(&y, n, &pick(TargetModule::OProj))?;
@@ -606,7 +606,7 @@ impl LlamaModel {
         let mut x = self.embeddings.index_select(&ids, 0)?;
         let (positions, mask) = match blocks {
             Some((positions, mask)) => (Some(positions), Some(mask)),
-            None => (None, causal_mask(t, pos, &self.device)?),
+            None => (None, None),
         };
         let geometry = cache.geometry();
         let at = Positions {
@@ -617,7 +617,8 @@ impl LlamaModel {
         for (i, (block, layer)) in self.blocks.iter().zip(cache.layers_mut()).enumerate() {
             let d = adapter.and_then(|a| a.layer(i));
             let h = block.attn_norm.forward(&x)?;
-            let h = self.attention(&block.attn, d, &h, &at, layer, geometry, mask.as_ref())?;
+            let mask = mask.as_ref().map_or(Mask::Causal, Mask::Additive);
+            let h = self.attention(&block.attn, d, &h, &at, layer, geometry, mask)?;
             x = (x + h)?;
             let h = block.ffn_norm.forward(&x)?;
             let m = &block.mlp;
@@ -646,7 +647,7 @@ impl LlamaModel {
         at: &Positions<'_>,
         layer: &mut crate::kv_cache::LayerKv,
         geometry: (usize, usize, usize),
-        mask: Option<&Tensor>,
+        mask: Mask<'_>,
     ) -> Result<Tensor> {
         let p = &self.props;
         let (t, _) = x.dims2()?;

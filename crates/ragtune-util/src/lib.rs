@@ -1,5 +1,7 @@
 //! Small mechanisms shared by the ragtune crates, each written once:
 //!
+//! - [`cpu`]: [`SimdLevel`](cpu::SimdLevel), the SIMD kernel level chosen at run time from
+//!   the CPU's instruction sets.
 //! - [`fs`]: atomic file replacement (temporary file, fsync, rename, fsync of the directory).
 //! - [`rng`]: [`SplitMix64`](rng::SplitMix64), a tiny seedable generator with a fixed,
 //!   platform-independent output sequence.
@@ -11,6 +13,7 @@
 
 #![warn(missing_docs)]
 
+pub mod cpu;
 pub mod fs;
 pub mod ptr;
 pub mod rng;

@@ -1,399 +1,428 @@
-//! Dot products of a quantized weight row with a q8 activation row: ggml's
-//! `ggml_vec_dot_q4_1_q8_1` (`Σ_b d_w d_x Σ q_w q_x + m_w s_x`) and `ggml_vec_dot_q8_0_q8_0`
-//! (`Σ_b d_w d_x Σ q_w q_x`).
+//! Integer matrix kernels over the interleaved layout ([`super::blocks`]): one group of
+//! [`GROUP`] weight rows times a few q8 activation rows, for every block
+//! `y_r += d_w[r] d_x · Σ q_w q_x` (+ `m_w[r] s_x` for Q4_1): ggml's
+//! `ggml_vec_dot_q4_1_q8_1` and `ggml_vec_dot_q8_0_q8_0`, computed for 16 weight rows at once.
 //!
-//! AVX2 versions when the crate is compiled with `avx2`, `fma` and `f16c` (the workspace's
-//! `x86-64-v3` target), portable ones otherwise; the tests check one against the other.
+//! The interleaving puts 4 consecutive weights of 16 rows side by side, so one 4-byte
+//! activation value broadcast to every lane meets the matching 4 weights of each row: with
+//! AVX-512 VNNI one `vpdpbusd` is 64 multiply-adds with no horizontal sum, with AVX2 a
+//! `vpmaddubsw` is 32 (8 rows at a time). This is the repacked layout of llama.cpp's CPU
+//! backend (`ggml-cpu/repack.cpp`), in our own form.
+//!
+//! Every level computes the integer sums exactly and then the same f32 operations in the same
+//! order per output (`dd = d_w × d_x`, `acc = fma(dd, Σ, acc)`, `macc = fma(m_w, s_x, macc)`,
+//! `y = acc + macc`), so all levels give the same bits, and an activation row's result does
+//! not depend on which other rows are multiplied with it (batch-size invariance).
+//!
+//! The level is chosen at run time ([`SimdLevel`]); the caller passes it, so the tests can run
+//! each one.
 
-use super::blocks::{ActRow, RowRef, QK};
+use half::f16;
+use ragtune_util::cpu::SimdLevel;
 
-/// `avx2::$kernel(args)` when the crate is compiled with AVX2, FMA and F16C,
-/// `scalar::$kernel(args)` otherwise: the one place that chooses.
-macro_rules! dispatch {
-    ($kernel:ident($($arg:expr),*)) => {{
-        #[cfg(all(
-            target_arch = "x86_64",
-            target_feature = "avx2",
-            target_feature = "fma",
-            target_feature = "f16c"
-        ))]
-        // SAFETY: the target features are enabled at compile time; the slices have the
-        // lengths the `avx2` kernels document (checked in debug builds).
-        let value = unsafe { avx2::$kernel($($arg),*) };
-        #[cfg(not(all(
-            target_arch = "x86_64",
-            target_feature = "avx2",
-            target_feature = "fma",
-            target_feature = "f16c"
-        )))]
-        let value = scalar::$kernel($($arg),*);
-        value
-    }};
+use super::blocks::{ActRow, QK};
+
+/// Weight rows per interleaved group.
+pub(crate) const GROUP: usize = 16;
+
+/// Activation rows per register tile: each weight block is unpacked once for this many.
+const NR: usize = 4;
+
+/// One group of [`GROUP`] weight rows over `nb` blocks, interleaved ([`super::blocks`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct GroupRef<'a> {
+    /// `nb * GROUP * qs_per_block` bytes: block by block, 4-byte chunk by chunk, row by row.
+    pub(crate) qs: &'a [u8],
+    /// `nb * GROUP` scales, block by block.
+    pub(crate) d: &'a [f16],
+    /// `nb * GROUP` minimums (Q4_1), empty for Q8_0.
+    pub(crate) m: &'a [f16],
 }
 
-/// Q4_1 weights times q8_1 activations.
-#[inline]
-pub(crate) fn dot_q4_1(row: RowRef<'_>, x: &ActRow) -> f32 {
-    dispatch!(dot_q4_1(row, x))
+/// The two formats' group kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kernel {
+    /// Q4_1 weights (16 bytes of nibbles per block and row) × q8_1 activations.
+    Q4_1,
+    /// Q8_0 weights (32 signed bytes per block and row) × q8_0 activations.
+    Q8_0,
 }
 
-/// Q8_0 weights times q8_0 activations.
-#[inline]
-pub(crate) fn dot_q8_0(row: RowRef<'_>, x: &ActRow) -> f32 {
-    dispatch!(dot_q8_0(row, x))
+/// `out[j][r]` = weight row `r` of `g` · activation row `xs[j]`, for `j < xs.len()`.
+///
+/// # Panics
+/// When `level` is above [`SimdLevel::detected`] (the instructions would fault), or the
+/// lengths disagree (`xs[j]` must have `nb` blocks, `out` as many entries as `xs`).
+pub(crate) fn group_matmul(
+    kernel: Kernel,
+    level: SimdLevel,
+    g: GroupRef<'_>,
+    xs: &[ActRow],
+    out: &mut [[f32; GROUP]],
+) {
+    assert!(
+        level <= SimdLevel::detected(),
+        "{level} kernels on a CPU without them"
+    );
+    let nb = g.d.len() / GROUP;
+    let qs_per_block = match kernel {
+        Kernel::Q4_1 => QK / 2,
+        Kernel::Q8_0 => QK,
+    };
+    assert!(g.qs.len() == nb * GROUP * qs_per_block && out.len() == xs.len());
+    assert!(kernel == Kernel::Q8_0 || g.m.len() == g.d.len());
+    assert!(xs
+        .iter()
+        .all(|x| x.qs.len() == nb * QK && x.d.len() == nb && x.s.len() == nb));
+    for (x, o) in xs.chunks(NR).zip(out.chunks_mut(NR)) {
+        match level {
+            SimdLevel::Portable => portable(kernel, g, x, o),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX2, FMA and F16C were detected (the assertion above); the lengths were
+            // checked above.
+            SimdLevel::Avx2 => unsafe { avx2::tile(kernel, g, x, o) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX-512 F/BW/VL/VNNI (and AVX2) were detected; lengths checked above.
+            SimdLevel::Avx512 => unsafe { avx512::tile(kernel, g, x, o) },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!("only the portable level is detected off x86-64"),
+        }
+    }
 }
 
-/// At most this many activation rows per multi-row call ([`dot_q4_1_rows`]).
-pub(crate) const MAX_ROWS: usize = 8;
-
-/// [`dot_q4_1`] of `row` with each of `xs` (at most [`MAX_ROWS`]) into `out`, bit for bit,
-/// with each weight block loaded and unpacked once for all of them.
-#[inline]
-pub(crate) fn dot_q4_1_rows(row: RowRef<'_>, xs: &[ActRow], out: &mut [f32]) {
-    assert!(xs.len() <= MAX_ROWS && out.len() == xs.len());
-    dispatch!(dot_q4_1_rows(row, xs, out))
-}
-
-/// [`dot_q8_0`] of `row` with each of `xs` (at most [`MAX_ROWS`]) into `out`, bit for bit,
-/// with each weight block loaded once for all of them.
-#[inline]
-pub(crate) fn dot_q8_0_rows(row: RowRef<'_>, xs: &[ActRow], out: &mut [f32]) {
-    assert!(xs.len() <= MAX_ROWS && out.len() == xs.len());
-    dispatch!(dot_q8_0_rows(row, xs, out))
-}
-
-/// The portable kernels (with AVX2 only the tests call them, to check the AVX2 ones).
-#[cfg_attr(
-    all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    ),
-    allow(dead_code)
-)]
-pub(crate) mod scalar {
-    use super::{ActRow, RowRef, QK};
-
-    /// Portable [`dot_q4_1`](super::dot_q4_1).
-    pub(crate) fn dot_q4_1(row: RowRef<'_>, x: &ActRow) -> f32 {
-        let mut acc = 0f32;
-        for b in 0..row.d.len() {
-            let (qw, qx) = (&row.qs[b * 16..b * 16 + 16], &x.qs[b * QK..(b + 1) * QK]);
-            let mut sum = 0i32;
-            for j in 0..QK / 2 {
-                sum += i32::from(qw[j] & 0x0F) * i32::from(qx[j]);
-                sum += i32::from(qw[j] >> 4) * i32::from(qx[j + QK / 2]);
+/// The portable kernel: plain loops with the operations of the SIMD ones.
+fn portable(kernel: Kernel, g: GroupRef<'_>, xs: &[ActRow], out: &mut [[f32; GROUP]]) {
+    let nb = g.d.len() / GROUP;
+    for (x, o) in xs.iter().zip(out.iter_mut()) {
+        let mut acc = [0f32; GROUP];
+        let mut macc = [0f32; GROUP];
+        for b in 0..nb {
+            let xq = &x.qs[b * QK..(b + 1) * QK];
+            for r in 0..GROUP {
+                let isum: i32 = match kernel {
+                    Kernel::Q4_1 => {
+                        let qs = &g.qs[b * GROUP * 16..(b + 1) * GROUP * 16];
+                        (0..4)
+                            .flat_map(|c| (0..4).map(move |i| (c, i)))
+                            .map(|(c, i)| {
+                                let byte = qs[c * 4 * GROUP + r * 4 + i];
+                                i32::from(byte & 0x0F) * i32::from(xq[4 * c + i])
+                                    + i32::from(byte >> 4) * i32::from(xq[16 + 4 * c + i])
+                            })
+                            .sum()
+                    }
+                    Kernel::Q8_0 => {
+                        let qs = &g.qs[b * GROUP * 32..(b + 1) * GROUP * 32];
+                        (0..8)
+                            .flat_map(|c| (0..4).map(move |i| (c, i)))
+                            .map(|(c, i)| {
+                                i32::from(qs[c * 4 * GROUP + r * 4 + i] as i8)
+                                    * i32::from(xq[4 * c + i])
+                            })
+                            .sum()
+                    }
+                };
+                let dd = g.d[b * GROUP + r].to_f32() * x.d[b];
+                acc[r] = dd.mul_add(isum as f32, acc[r]);
+                if kernel == Kernel::Q4_1 {
+                    macc[r] = g.m[b * GROUP + r].to_f32().mul_add(x.s[b], macc[r]);
+                }
             }
-            acc += row.d[b].to_f32() * x.d[b] * sum as f32 + row.m[b].to_f32() * x.s[b];
         }
-        acc
-    }
-
-    /// Portable [`dot_q4_1_rows`](super::dot_q4_1_rows): one row at a time.
-    pub(crate) fn dot_q4_1_rows(row: RowRef<'_>, xs: &[ActRow], out: &mut [f32]) {
-        for (o, x) in out.iter_mut().zip(xs) {
-            *o = dot_q4_1(row, x);
+        for r in 0..GROUP {
+            o[r] = acc[r] + macc[r];
         }
-    }
-
-    /// Portable [`dot_q8_0_rows`](super::dot_q8_0_rows): one row at a time.
-    pub(crate) fn dot_q8_0_rows(row: RowRef<'_>, xs: &[ActRow], out: &mut [f32]) {
-        for (o, x) in out.iter_mut().zip(xs) {
-            *o = dot_q8_0(row, x);
-        }
-    }
-
-    /// Portable [`dot_q8_0`](super::dot_q8_0).
-    pub(crate) fn dot_q8_0(row: RowRef<'_>, x: &ActRow) -> f32 {
-        let mut acc = 0f32;
-        for b in 0..row.d.len() {
-            let (qw, qx) = (&row.qs[b * QK..(b + 1) * QK], &x.qs[b * QK..(b + 1) * QK]);
-            let sum: i32 = qw
-                .iter()
-                .zip(qx)
-                .map(|(&w, &v)| i32::from(w as i8) * i32::from(v))
-                .sum();
-            acc += row.d[b].to_f32() * x.d[b] * sum as f32;
-        }
-        acc
     }
 }
 
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma",
-    target_feature = "f16c"
-))]
+#[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{ActRow, RowRef, QK};
+    use super::{ActRow, GroupRef, Kernel, GROUP, NR, QK};
 
-    /// Horizontal sum of 8 lanes.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
-    }
-
-    /// `Σ u8 × i8` of 32 byte pairs, as 8 f32 lanes of partial sums (`maddubs` to i16
-    /// pairs, `madd` with ones to i32; no saturation for 4-bit or |i8| operands).
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn dot_u8_i8(u: __m256i, s: __m256i) -> __m256 {
-        let pairs = _mm256_maddubs_epi16(u, s);
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
-    }
-
-    /// Blocks per segment: the scales of a segment are computed first, into a stack array.
-    const SEGMENT: usize = 64;
-
-    /// `d_w d_x` for blocks `b..b + n` into `dd[..n]`, and returns `Σ m_w s_x` over them
-    /// (zero without minimums). Eight blocks at a time with F16C conversions.
+    /// [`super::group_matmul`] for at most [`NR`] activation rows, as two halves of 8 rows.
     ///
     /// # Safety
-    /// `b + n <= row.d.len()`, the activation arrays as long, `n <= SEGMENT`.
+    /// AVX2, FMA and F16C available; the lengths of [`super::group_matmul`].
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn scales(
-        row: RowRef<'_>,
-        x: &ActRow,
-        b: usize,
-        n: usize,
-        dd: &mut [f32; SEGMENT],
-    ) -> f32 {
-        let has_min = !row.m.is_empty();
-        let mut macc = _mm256_setzero_ps();
-        let mut i = 0;
-        while i + 8 <= n {
-            // SAFETY: 8 f16 (16 bytes) and 8 f32 from b + i on are in bounds (caller).
-            unsafe {
-                let dw = _mm256_cvtph_ps(_mm_loadu_si128(row.d.as_ptr().add(b + i).cast()));
-                let xd = _mm256_loadu_ps(x.d.as_ptr().add(b + i));
-                _mm256_storeu_ps(dd.as_mut_ptr().add(i), _mm256_mul_ps(dw, xd));
-                if has_min {
-                    let mw = _mm256_cvtph_ps(_mm_loadu_si128(row.m.as_ptr().add(b + i).cast()));
-                    let xs = _mm256_loadu_ps(x.s.as_ptr().add(b + i));
-                    macc = _mm256_fmadd_ps(mw, xs, macc);
-                }
-            }
-            i += 8;
-        }
-        let mut msum = hsum(macc);
-        for (j, out) in dd.iter_mut().enumerate().take(n).skip(i) {
-            *out = row.d[b + j].to_f32() * x.d[b + j];
-            if has_min {
-                msum += row.m[b + j].to_f32() * x.s[b + j];
-            }
-        }
-        msum
-    }
-
-    /// `Σ_b d_w d_x block(b)` over all blocks of `row`, as 8 lanes, and `Σ m_w s_x` (zero
-    /// without minimums): the scales segment by segment ([`scales`]), the blocks in pairs
-    /// into two accumulators (to halve the FMA dependency chain).
-    ///
-    /// # Safety
-    /// AVX2, FMA and F16C available; `row.m` empty or as long as `row.d`, the activation
-    /// arrays as long as `row.d`, and `block(b)` sound for every `b < row.d.len()`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn scaled_blocks(
-        row: RowRef<'_>,
-        x: &ActRow,
-        block: impl Fn(usize) -> __m256,
-    ) -> (__m256, f32) {
-        let nb = row.d.len();
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut msum = 0f32;
-        let mut dd = [0f32; SEGMENT];
-        let mut b = 0;
-        while b < nb {
-            let n = (nb - b).min(SEGMENT);
-            // SAFETY: b + n <= nb, n <= SEGMENT.
-            msum += unsafe { scales(row, x, b, n, &mut dd) };
-            let mut i = 0;
-            while i + 2 <= n {
-                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(dd[i]), block(b + i), acc0);
-                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(dd[i + 1]), block(b + i + 1), acc1);
-                i += 2;
-            }
-            if i < n {
-                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(dd[i]), block(b + i), acc0);
-            }
-            b += n;
-        }
-        (_mm256_add_ps(acc0, acc1), msum)
-    }
-
-    /// AVX2 Q4_1 × q8_1: per block the 32 nibbles are spread to bytes (low nibbles, then
-    /// high), multiplied with the 32 activation bytes, and scaled by `d_w d_x`
-    /// ([`scaled_blocks`]).
-    ///
-    /// # Safety
-    /// AVX2, FMA and F16C available; `row.qs.len() == 16 * nb`, `row.d.len() == row.m.len()
-    /// == nb`, `x.qs.len() == 32 * nb`, `x.d.len() == x.s.len() == nb`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_q4_1(row: RowRef<'_>, x: &ActRow) -> f32 {
-        let nb = row.d.len();
-        debug_assert!(row.qs.len() == 16 * nb && row.m.len() == nb);
-        debug_assert!(x.qs.len() == QK * nb && x.d.len() == nb && x.s.len() == nb);
-        let low = _mm256_set1_epi8(0x0F);
-        let block = |i: usize| -> __m256 {
-            // SAFETY: i < nb: 16 quant bytes at 16 i, 32 activation bytes at 32 i.
-            let (q, qx) = unsafe {
-                (
-                    _mm_loadu_si128(row.qs.as_ptr().add(i * 16).cast()),
-                    _mm256_loadu_si256(x.qs.as_ptr().add(i * QK).cast()),
-                )
-            };
-            let qw = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), low);
-            dot_u8_i8(qw, qx)
-        };
-        // SAFETY: the lengths are the caller's (this function's `# Safety`).
-        let (acc, msum) = unsafe { scaled_blocks(row, x, block) };
-        hsum(acc) + msum
-    }
-
-    /// AVX2 Q8_0 × q8_0: as [`dot_q4_1`], with `maddubs` taking `|w|` and `x` carrying the
-    /// sign of `w` (it needs one unsigned operand).
-    ///
-    /// # Safety
-    /// AVX2, FMA and F16C available; `row.qs.len() == 32 * nb`, `row.d.len() == nb`,
-    /// `x.qs.len() == 32 * nb`, `x.d.len() == nb`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_q8_0(row: RowRef<'_>, x: &ActRow) -> f32 {
-        let nb = row.d.len();
-        debug_assert!(row.qs.len() == QK * nb && row.m.is_empty());
-        debug_assert!(x.qs.len() == QK * nb && x.d.len() == nb);
-        let block = |i: usize| -> __m256 {
-            // SAFETY: i < nb: 32 bytes each at 32 i.
-            let (qw, qx) = unsafe {
-                (
-                    _mm256_loadu_si256(row.qs.as_ptr().add(i * QK).cast()),
-                    _mm256_loadu_si256(x.qs.as_ptr().add(i * QK).cast()),
-                )
-            };
-            dot_u8_i8(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw))
-        };
-        // SAFETY: the lengths are the caller's (this function's `# Safety`); no minimums,
-        // nothing summed.
-        let (acc, _) = unsafe { scaled_blocks(row, x, block) };
-        hsum(acc)
-    }
-
-    /// [`scaled_blocks`] of one weight row against each of `xs`, into `acc[r]` and
-    /// `msum[r]`: per activation row exactly the operations of [`scaled_blocks`] in its order
-    /// (so each result is bit for bit the one-row result), with `block(i)` giving the weight
-    /// block `i` prepared once (`prep`) and its product with row `r` (`mul`).
-    ///
-    /// # Safety
-    /// As [`scaled_blocks`] for every row of `xs`; `xs.len() <= MAX_ROWS`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn scaled_blocks_rows<W: Copy>(
-        row: RowRef<'_>,
+    pub(super) unsafe fn tile(
+        kernel: Kernel,
+        g: GroupRef<'_>,
         xs: &[ActRow],
-        prep: impl Fn(usize) -> W,
-        mul: impl Fn(W, &ActRow, usize) -> __m256,
-    ) -> ([__m256; super::MAX_ROWS], [f32; super::MAX_ROWS]) {
-        let nb = row.d.len();
-        let rows = xs.len();
-        let mut acc0 = [_mm256_setzero_ps(); super::MAX_ROWS];
-        let mut acc1 = [_mm256_setzero_ps(); super::MAX_ROWS];
-        let mut msum = [0f32; super::MAX_ROWS];
-        let mut dd = [[0f32; SEGMENT]; super::MAX_ROWS];
-        let mut b = 0;
-        while b < nb {
-            let n = (nb - b).min(SEGMENT);
-            for r in 0..rows {
-                // SAFETY: b + n <= nb, n <= SEGMENT (the caller's lengths for every row).
-                msum[r] += unsafe { scales(row, &xs[r], b, n, &mut dd[r]) };
+        out: &mut [[f32; GROUP]],
+    ) {
+        // SAFETY: forwarded (this function's contract); each kernel takes exactly n rows.
+        unsafe {
+            match (kernel, xs.len()) {
+                (Kernel::Q4_1, 4) => q4_1::<4>(g, xs, out),
+                (Kernel::Q4_1, 3) => q4_1::<3>(g, xs, out),
+                (Kernel::Q4_1, 2) => q4_1::<2>(g, xs, out),
+                (Kernel::Q4_1, _) => q4_1::<1>(g, xs, out),
+                (Kernel::Q8_0, 4) => q8_0::<4>(g, xs, out),
+                (Kernel::Q8_0, 3) => q8_0::<3>(g, xs, out),
+                (Kernel::Q8_0, 2) => q8_0::<2>(g, xs, out),
+                (Kernel::Q8_0, _) => q8_0::<1>(g, xs, out),
             }
-            let mut i = 0;
-            while i + 2 <= n {
-                let (w0, w1) = (prep(b + i), prep(b + i + 1));
-                for r in 0..rows {
-                    let x = &xs[r];
-                    acc0[r] = _mm256_fmadd_ps(_mm256_set1_ps(dd[r][i]), mul(w0, x, b + i), acc0[r]);
-                    acc1[r] = _mm256_fmadd_ps(
-                        _mm256_set1_ps(dd[r][i + 1]),
-                        mul(w1, x, b + i + 1),
-                        acc1[r],
-                    );
-                }
-                i += 2;
-            }
-            if i < n {
-                let w0 = prep(b + i);
-                for r in 0..rows {
-                    acc0[r] =
-                        _mm256_fmadd_ps(_mm256_set1_ps(dd[r][i]), mul(w0, &xs[r], b + i), acc0[r]);
-                }
-            }
-            b += n;
         }
-        let mut acc = [_mm256_setzero_ps(); super::MAX_ROWS];
-        for r in 0..rows {
-            acc[r] = _mm256_add_ps(acc0[r], acc1[r]);
-        }
-        (acc, msum)
+        debug_assert!((1..=NR).contains(&xs.len()));
     }
 
-    /// [`dot_q4_1`] against each of `xs` (module `dot_q4_1_rows`).
+    /// The 4 activation bytes `4c..4c + 4` of block `b`, in every 32-bit lane.
     ///
     /// # Safety
-    /// As [`dot_q4_1`] for every row of `xs`; `out.len() == xs.len() <= MAX_ROWS`.
+    /// `b * 32 + 4c + 4 <= x.qs.len()`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn chunk(x: &ActRow, b: usize, c: usize) -> __m256i {
+        // SAFETY: in bounds (caller); an unaligned 4-byte read.
+        let v = unsafe {
+            x.qs.as_ptr()
+                .add(b * QK + 4 * c)
+                .cast::<i32>()
+                .read_unaligned()
+        };
+        _mm256_set1_epi32(v)
+    }
+
+    /// Q4_1: per block the 4 chunk loads give 8 weight registers (low nibbles = weights
+    /// `4c..4c + 4`, high = `16 + 4c..`); `vpmaddubsw` pairs sum in i16 (at most
+    /// 8 × 2 × 15 × 127 = 30,480, no overflow), one `vpmaddwd` makes the i32 sums.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_q4_1_rows(row: RowRef<'_>, xs: &[ActRow], out: &mut [f32]) {
-        let nb = row.d.len();
-        debug_assert!(row.qs.len() == 16 * nb && row.m.len() == nb);
-        debug_assert!(xs
-            .iter()
-            .all(|x| x.qs.len() == QK * nb && x.d.len() == nb && x.s.len() == nb));
+    unsafe fn q4_1<const N: usize>(g: GroupRef<'_>, xs: &[ActRow], out: &mut [[f32; GROUP]]) {
+        let nb = g.d.len() / GROUP;
         let low = _mm256_set1_epi8(0x0F);
-        let prep = |i: usize| -> __m256i {
-            // SAFETY: i < nb: 16 quant bytes at 16 i.
-            let q = unsafe { _mm_loadu_si128(row.qs.as_ptr().add(i * 16).cast()) };
-            _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), low)
-        };
-        let mul = |qw: __m256i, x: &ActRow, i: usize| -> __m256 {
-            // SAFETY: i < nb: 32 activation bytes at 32 i.
-            let qx = unsafe { _mm256_loadu_si256(x.qs.as_ptr().add(i * QK).cast()) };
-            dot_u8_i8(qw, qx)
-        };
-        // SAFETY: the lengths are the caller's (this function's `# Safety`).
-        let (acc, msum) = unsafe { scaled_blocks_rows(row, xs, prep, mul) };
-        for (r, o) in out.iter_mut().enumerate() {
-            *o = hsum(acc[r]) + msum[r];
+        let ones = _mm256_set1_epi16(1);
+        for h in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); N];
+            let mut macc = [_mm256_setzero_ps(); N];
+            for b in 0..nb {
+                let mut w = [_mm256_setzero_si256(); 8];
+                // SAFETY: b < nb: the block's 256 quant bytes and 16 scales and minimums are
+                // in bounds (the lengths were checked by group_matmul).
+                let (dw, mw) = unsafe {
+                    let base = g.qs.as_ptr().add(b * GROUP * 16 + h * 32);
+                    for c in 0..4 {
+                        let v = _mm256_loadu_si256(base.add(c * 4 * GROUP).cast());
+                        w[c] = _mm256_and_si256(v, low);
+                        w[4 + c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                    }
+                    (
+                        _mm256_cvtph_ps(_mm_loadu_si128(
+                            g.d.as_ptr().add(b * GROUP + h * 8).cast(),
+                        )),
+                        _mm256_cvtph_ps(_mm_loadu_si128(
+                            g.m.as_ptr().add(b * GROUP + h * 8).cast(),
+                        )),
+                    )
+                };
+                for j in 0..N {
+                    let x = &xs[j];
+                    let mut s16 = _mm256_setzero_si256();
+                    for (c, wc) in w.iter().enumerate() {
+                        // SAFETY: x has nb blocks (checked by group_matmul).
+                        let xc = unsafe { chunk(x, b, c) };
+                        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(*wc, xc));
+                    }
+                    let isum = _mm256_madd_epi16(s16, ones);
+                    let dd = _mm256_mul_ps(dw, _mm256_set1_ps(x.d[b]));
+                    acc[j] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(isum), acc[j]);
+                    macc[j] = _mm256_fmadd_ps(mw, _mm256_set1_ps(x.s[b]), macc[j]);
+                }
+            }
+            for j in 0..N {
+                // SAFETY: 8 floats at h * 8 inside a row of GROUP = 16.
+                unsafe {
+                    _mm256_storeu_ps(
+                        out[j].as_mut_ptr().add(h * 8),
+                        _mm256_add_ps(acc[j], macc[j]),
+                    )
+                };
+            }
         }
     }
 
-    /// [`dot_q8_0`] against each of `xs` (module `dot_q8_0_rows`).
+    /// Q8_0: 8 chunk registers per block; `vpmaddubsw` takes `|w|` and the activation with
+    /// the sign of `w` (its pairs reach 2 × 127 × 127 = 32,258, so each chunk goes to i32 at
+    /// once with `vpmaddwd`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q8_0<const N: usize>(g: GroupRef<'_>, xs: &[ActRow], out: &mut [[f32; GROUP]]) {
+        let nb = g.d.len() / GROUP;
+        let ones = _mm256_set1_epi16(1);
+        for h in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); N];
+            for b in 0..nb {
+                let mut w = [_mm256_setzero_si256(); 8];
+                let mut aw = [_mm256_setzero_si256(); 8];
+                // SAFETY: b < nb: the block's 512 quant bytes and 16 scales are in bounds.
+                let dw = unsafe {
+                    let base = g.qs.as_ptr().add(b * GROUP * 32 + h * 32);
+                    for c in 0..8 {
+                        w[c] = _mm256_loadu_si256(base.add(c * 4 * GROUP).cast());
+                        aw[c] = _mm256_sign_epi8(w[c], w[c]);
+                    }
+                    _mm256_cvtph_ps(_mm_loadu_si128(g.d.as_ptr().add(b * GROUP + h * 8).cast()))
+                };
+                for j in 0..N {
+                    let x = &xs[j];
+                    let mut isum = _mm256_setzero_si256();
+                    for c in 0..8 {
+                        // SAFETY: x has nb blocks (checked by group_matmul).
+                        let xc = unsafe { chunk(x, b, c) };
+                        let p = _mm256_maddubs_epi16(aw[c], _mm256_sign_epi8(xc, w[c]));
+                        isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, ones));
+                    }
+                    let dd = _mm256_mul_ps(dw, _mm256_set1_ps(x.d[b]));
+                    acc[j] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(isum), acc[j]);
+                }
+            }
+            for j in 0..N {
+                // `acc + 0.0` as the other levels compute `acc + macc` with macc = 0.
+                let y = _mm256_add_ps(acc[j], _mm256_setzero_ps());
+                // SAFETY: 8 floats at h * 8 inside a row of GROUP = 16.
+                unsafe { _mm256_storeu_ps(out[j].as_mut_ptr().add(h * 8), y) };
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{ActRow, GroupRef, Kernel, GROUP, NR, QK};
+
+    /// [`super::group_matmul`] for at most [`NR`] activation rows, all 16 rows per register.
     ///
     /// # Safety
-    /// As [`dot_q8_0`] for every row of `xs`; `out.len() == xs.len() <= MAX_ROWS`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_q8_0_rows(row: RowRef<'_>, xs: &[ActRow], out: &mut [f32]) {
-        let nb = row.d.len();
-        debug_assert!(row.qs.len() == QK * nb && row.m.is_empty());
-        debug_assert!(xs.iter().all(|x| x.qs.len() == QK * nb && x.d.len() == nb));
-        let prep = |i: usize| -> __m256i {
-            // SAFETY: i < nb: 32 bytes at 32 i.
-            unsafe { _mm256_loadu_si256(row.qs.as_ptr().add(i * QK).cast()) }
+    /// AVX-512 F, BW, VL and VNNI, and AVX2, FMA and F16C available; the lengths of
+    /// [`super::group_matmul`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn tile(
+        kernel: Kernel,
+        g: GroupRef<'_>,
+        xs: &[ActRow],
+        out: &mut [[f32; GROUP]],
+    ) {
+        debug_assert!((1..=NR).contains(&xs.len()));
+        // SAFETY: forwarded (this function's contract); each kernel takes exactly n rows.
+        unsafe {
+            match (kernel, xs.len()) {
+                (Kernel::Q4_1, 4) => q4_1::<4>(g, xs, out),
+                (Kernel::Q4_1, 3) => q4_1::<3>(g, xs, out),
+                (Kernel::Q4_1, 2) => q4_1::<2>(g, xs, out),
+                (Kernel::Q4_1, _) => q4_1::<1>(g, xs, out),
+                (Kernel::Q8_0, 4) => q8_0::<4>(g, xs, out),
+                (Kernel::Q8_0, 3) => q8_0::<3>(g, xs, out),
+                (Kernel::Q8_0, 2) => q8_0::<2>(g, xs, out),
+                (Kernel::Q8_0, _) => q8_0::<1>(g, xs, out),
+            }
+        }
+    }
+
+    /// The 4 activation bytes `4c..4c + 4` of block `b`, in every 32-bit lane.
+    ///
+    /// # Safety
+    /// `b * 32 + 4c + 4 <= x.qs.len()`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn chunk(x: &ActRow, b: usize, c: usize) -> __m512i {
+        // SAFETY: in bounds (caller); an unaligned 4-byte read.
+        let v = unsafe {
+            x.qs.as_ptr()
+                .add(b * QK + 4 * c)
+                .cast::<i32>()
+                .read_unaligned()
         };
-        let mul = |qw: __m256i, x: &ActRow, i: usize| -> __m256 {
-            // SAFETY: i < nb: 32 bytes at 32 i.
-            let qx = unsafe { _mm256_loadu_si256(x.qs.as_ptr().add(i * QK).cast()) };
-            dot_u8_i8(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw))
-        };
-        // SAFETY: the lengths are the caller's (this function's `# Safety`); no minimums.
-        let (acc, _) = unsafe { scaled_blocks_rows(row, xs, prep, mul) };
-        for (r, o) in out.iter_mut().enumerate() {
-            *o = hsum(acc[r]);
+        _mm512_set1_epi32(v)
+    }
+
+    /// Q4_1: 8 weight registers per block (low and high nibbles of 4 loads), two `vpdpbusd`
+    /// chains of 4 per activation row.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn q4_1<const N: usize>(g: GroupRef<'_>, xs: &[ActRow], out: &mut [[f32; GROUP]]) {
+        let nb = g.d.len() / GROUP;
+        let low = _mm512_set1_epi8(0x0F);
+        let mut acc = [_mm512_setzero_ps(); N];
+        let mut macc = [_mm512_setzero_ps(); N];
+        for b in 0..nb {
+            let mut w = [_mm512_setzero_si512(); 8];
+            // SAFETY: b < nb: the block's 256 quant bytes and 16 scales and minimums are in
+            // bounds (the lengths were checked by group_matmul).
+            let (dw, mw) = unsafe {
+                let base = g.qs.as_ptr().add(b * GROUP * 16);
+                for c in 0..4 {
+                    let v = _mm512_loadu_si512(base.add(c * 4 * GROUP).cast());
+                    w[c] = _mm512_and_si512(v, low);
+                    w[4 + c] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+                }
+                (
+                    _mm512_cvtph_ps(_mm256_loadu_si256(g.d.as_ptr().add(b * GROUP).cast())),
+                    _mm512_cvtph_ps(_mm256_loadu_si256(g.m.as_ptr().add(b * GROUP).cast())),
+                )
+            };
+            for j in 0..N {
+                let x = &xs[j];
+                let (mut i0, mut i1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                for c in 0..4 {
+                    // SAFETY: x has nb blocks (checked by group_matmul).
+                    let (lo, hi) = unsafe { (chunk(x, b, c), chunk(x, b, 4 + c)) };
+                    i0 = _mm512_dpbusd_epi32(i0, w[c], lo);
+                    i1 = _mm512_dpbusd_epi32(i1, w[4 + c], hi);
+                }
+                let isum = _mm512_add_epi32(i0, i1);
+                let dd = _mm512_mul_ps(dw, _mm512_set1_ps(x.d[b]));
+                acc[j] = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(isum), acc[j]);
+                macc[j] = _mm512_fmadd_ps(mw, _mm512_set1_ps(x.s[b]), macc[j]);
+            }
+        }
+        for j in 0..N {
+            // SAFETY: 16 floats, one output row.
+            unsafe { _mm512_storeu_ps(out[j].as_mut_ptr(), _mm512_add_ps(acc[j], macc[j])) };
+        }
+    }
+
+    /// Q8_0: `vpdpbusd` needs one unsigned operand, so the weights are biased to
+    /// `w + 128` (`w ^ 0x80`) and the sum starts at `-128 Σ q_x` of the block.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn q8_0<const N: usize>(g: GroupRef<'_>, xs: &[ActRow], out: &mut [[f32; GROUP]]) {
+        let nb = g.d.len() / GROUP;
+        let bias = _mm512_set1_epi8(-128);
+        let mut acc = [_mm512_setzero_ps(); N];
+        for b in 0..nb {
+            let mut w = [_mm512_setzero_si512(); 8];
+            // SAFETY: b < nb: the block's 512 quant bytes and 16 scales are in bounds.
+            let dw = unsafe {
+                let base = g.qs.as_ptr().add(b * GROUP * 32);
+                for (c, wc) in w.iter_mut().enumerate() {
+                    *wc =
+                        _mm512_xor_si512(_mm512_loadu_si512(base.add(c * 4 * GROUP).cast()), bias);
+                }
+                _mm512_cvtph_ps(_mm256_loadu_si256(g.d.as_ptr().add(b * GROUP).cast()))
+            };
+            for j in 0..N {
+                let x = &xs[j];
+                let mut i0 = _mm512_set1_epi32(-128 * x.qsum[b]);
+                let mut i1 = _mm512_setzero_si512();
+                for c in 0..4 {
+                    // SAFETY: x has nb blocks (checked by group_matmul).
+                    let (lo, hi) = unsafe { (chunk(x, b, c), chunk(x, b, 4 + c)) };
+                    i0 = _mm512_dpbusd_epi32(i0, w[c], lo);
+                    i1 = _mm512_dpbusd_epi32(i1, w[4 + c], hi);
+                }
+                let isum = _mm512_add_epi32(i0, i1);
+                let dd = _mm512_mul_ps(dw, _mm512_set1_ps(x.d[b]));
+                acc[j] = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(isum), acc[j]);
+            }
+        }
+        for j in 0..N {
+            let y = _mm512_add_ps(acc[j], _mm512_setzero_ps());
+            // SAFETY: 16 floats, one output row.
+            unsafe { _mm512_storeu_ps(out[j].as_mut_ptr(), y) };
         }
     }
 }

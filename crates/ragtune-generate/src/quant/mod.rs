@@ -10,20 +10,19 @@
 //! - **Formats** (`ggml-common.h`), blocks of 32 weights:
 //!   `block_q4_1 { d: f16, m: f16, qs: [u8; 16] }` (20 bytes), weight `j` = `d * q_j + m`,
 //!   `q_j` the low nibble of `qs[j]` for `j < 16`, the high nibble of `qs[j - 16]` otherwise;
-//!   `block_q8_0 { d: f16, qs: [i8; 32] }` (34 bytes), weight `j` = `d * qs[j]`.
-//! - **Few rows** (decode, `t < DENSE_MIN_ROWS`): each activation row is quantized to the
-//!   format's dot-product type as llama.cpp does (`block_q8_1 { d, s = d Σq, qs }` for Q4_1,
+//!   `block_q8_0 { d: f16, qs: [i8; 32] }` (34 bytes), weight `j` = `d * qs[j]`. Held
+//!   interleaved in groups of 16 rows ([`blocks`]): the same bytes as the file, regrouped.
+//! - **Every product is integer**, for one token (decode) as for 512 (prefill): each
+//!   activation row is quantized as llama.cpp does (`block_q8_1 { d, s = d Σq, qs }` for Q4_1,
 //!   `block_q8_0` for Q8_0; `d = max|x| / 127`, `q = round(x / d)`), and each output is
 //!   `Σ_blocks d_w d_x Σ q_w q_x (+ m_w s_x)`, exactly `ggml_vec_dot_q4_1_q8_1` /
-//!   `ggml_vec_dot_q8_0_q8_0`. AVX2 `maddubs` paths when the crate is compiled with `avx2` +
-//!   `fma` (the workspace's `x86-64-v3` target), scalar paths otherwise. Rows are split across
-//!   the rayon pool in small chunks, so a core taken by another process delays one chunk, not
-//!   half the matrix.
-//! - **Many rows** (prefill): panels of output rows are dequantized to f32 and multiplied
-//!   with an f32 gemm (the `gemm` crate), faster than integer dot products once the
-//!   dequantization is amortised over many tokens. The activations are not quantized on this
-//!   path, so its results differ from the decode path by the q8 rounding (~1e-2 relative per
-//!   layer), as llama.cpp's batched and single-token paths differ.
+//!   `ggml_vec_dot_q8_0_q8_0`, computed for 16 weight rows and 4 activation rows at a time
+//!   ([`kernels`]: AVX-512 VNNI, AVX2 or portable, chosen at run time). An activation row's
+//!   result does not depend on how many rows are multiplied with it, so a prompt prefilled in
+//!   one call or in pieces, and a sequence decoded alone or in a batch, see the same numbers.
+//! - **Parallel work**: tasks of 64 weight rows × 64 activation rows handed out one at a time
+//!   on the rayon pool ([`for_each_dynamic`]), so a core taken by another process delays one
+//!   task, not half the matrix.
 
 mod blocks;
 mod kernels;
@@ -34,35 +33,34 @@ use std::sync::Arc;
 use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 use half::f16;
+use ragtune_util::cpu::SimdLevel;
 use ragtune_util::ptr::SyncPtr;
+use rayon::prelude::*;
 
 pub(crate) use blocks::QuantFormat;
-use blocks::{ActRow, RowRef, QK};
+use blocks::{ActRow, QK};
 pub(crate) use blocks::{Q4_1, Q8_0};
+use kernels::{GroupRef, GROUP};
 
 use crate::{Error, Result};
 
-/// From this many activation rows on, [`QMatrix::matmul`] dequantizes panels to f32 and uses
-/// gemm (measured on a 2-core Zen 4: the dense path wins from about 8 rows).
-pub(crate) const DENSE_MIN_ROWS: usize = 8;
+/// Weight groups ([`GROUP`] rows each) per parallel task: 64 rows.
+const GROUPS_PER_TASK: usize = 4;
 
-/// Output rows per parallel task on the few-rows path.
-const ROWS_PER_TASK: usize = 64;
+/// Activation rows per parallel task.
+const ACT_ROWS_PER_TASK: usize = 64;
 
-/// Output rows per dequantized panel on the dense path.
-const PANEL_ROWS: usize = 64;
-
-/// A `(rows, cols)` block-quantized weight, row-major, `cols / 32` blocks per row, held in
-/// split form ([`blocks`]): the same bytes as the file, regrouped.
+/// A `(rows, cols)` block-quantized weight, `cols / 32` blocks per row, held interleaved in
+/// groups of [`GROUP`] rows ([`blocks`]).
 #[derive(Debug, Clone)]
 pub(crate) struct QMatrix<F> {
     rows: usize,
     cols: usize,
-    /// `rows * nb * F::QS` bytes.
+    /// `groups * nb * GROUP * F::QS` bytes.
     qs: Arc<[u8]>,
-    /// `rows * nb` scales.
+    /// `groups * nb * GROUP` scales.
     d: Arc<[f16]>,
-    /// `rows * nb` minimums, empty for formats without one.
+    /// `groups * nb * GROUP` minimums, empty for formats without one.
     m: Arc<[f16]>,
     format: PhantomData<F>,
 }
@@ -90,23 +88,35 @@ impl<F: QuantFormat> QMatrix<F> {
             )));
         }
         let bytes = t.data()?;
-        let n = rows * cols / QK;
-        if bytes.len() != n * F::BYTES {
+        let nb = cols / QK;
+        if bytes.len() != rows * nb * F::BYTES {
             return Err(unsupported(format!(
-                "{:?} tensor of {} bytes for {n} blocks of {}",
+                "{:?} tensor of {} bytes for {} blocks of {}",
                 F::DTYPE,
                 bytes.len(),
+                rows * nb,
                 F::BYTES
             )));
         }
-        let mut qs = vec![0u8; n * F::QS];
-        let mut d = Vec::with_capacity(n);
-        let mut m = Vec::with_capacity(if F::HAS_MIN { n } else { 0 });
-        for (block, q) in bytes.chunks_exact(F::BYTES).zip(qs.chunks_exact_mut(F::QS)) {
-            let (scale, min) = F::split(block, q);
-            d.push(scale);
-            if F::HAS_MIN {
-                m.push(min);
+        let groups = rows.div_ceil(GROUP);
+        let mut qs = vec![0u8; groups * nb * GROUP * F::QS];
+        let mut d = vec![f16::ZERO; groups * nb * GROUP];
+        let mut m = vec![f16::ZERO; if F::HAS_MIN { d.len() } else { 0 }];
+        let mut block_qs = vec![0u8; F::QS];
+        for (r, row) in bytes.chunks_exact(nb * F::BYTES).enumerate() {
+            let (g, rr) = (r / GROUP, r % GROUP);
+            for (b, block) in row.chunks_exact(F::BYTES).enumerate() {
+                let (scale, min) = F::split(block, &mut block_qs);
+                let at = (g * nb + b) * GROUP;
+                d[at + rr] = scale;
+                if F::HAS_MIN {
+                    m[at + rr] = min;
+                }
+                let base = at * F::QS;
+                for (c, chunk) in block_qs.chunks_exact(4).enumerate() {
+                    let dst = base + c * 4 * GROUP + rr * 4;
+                    qs[dst..dst + 4].copy_from_slice(chunk);
+                }
             }
         }
         Ok(Self {
@@ -124,14 +134,14 @@ impl<F: QuantFormat> QMatrix<F> {
         (self.rows, self.cols)
     }
 
-    /// Row `r` in split form.
-    fn row(&self, r: usize) -> RowRef<'_> {
-        let nb = self.cols / QK;
-        RowRef {
-            qs: &self.qs[r * nb * F::QS..(r + 1) * nb * F::QS],
-            d: &self.d[r * nb..(r + 1) * nb],
+    /// Group `g` (rows `16g..16g + 16`) in interleaved form.
+    fn group(&self, g: usize) -> GroupRef<'_> {
+        let n = (self.cols / QK) * GROUP;
+        GroupRef {
+            qs: &self.qs[g * n * F::QS..(g + 1) * n * F::QS],
+            d: &self.d[g * n..(g + 1) * n],
             m: if F::HAS_MIN {
-                &self.m[r * nb..(r + 1) * nb]
+                &self.m[g * n..(g + 1) * n]
             } else {
                 &[]
             },
@@ -140,121 +150,73 @@ impl<F: QuantFormat> QMatrix<F> {
 
     /// Dequantizes row `r` into `dst` (`cols` values).
     fn dequantize_row(&self, r: usize, dst: &mut [f32]) {
-        let row = self.row(r);
+        let group = self.group(r / GROUP);
+        let rr = r % GROUP;
+        let mut block_qs = vec![0u8; F::QS];
         for (b, out) in dst.chunks_exact_mut(QK).enumerate() {
-            let m = if F::HAS_MIN { row.m[b].to_f32() } else { 0.0 };
-            F::dequantize_block(
-                &row.qs[b * F::QS..(b + 1) * F::QS],
-                row.d[b].to_f32(),
-                m,
-                out,
-            );
+            let base = b * GROUP * F::QS;
+            for (c, chunk) in block_qs.chunks_exact_mut(4).enumerate() {
+                let src = base + c * 4 * GROUP + rr * 4;
+                chunk.copy_from_slice(&group.qs[src..src + 4]);
+            }
+            let m = if F::HAS_MIN {
+                group.m[b * GROUP + rr].to_f32()
+            } else {
+                0.0
+            };
+            F::dequantize_block(&block_qs, group.d[b * GROUP + rr].to_f32(), m, out);
         }
     }
 
     /// The whole matrix as `(rows, cols)` f32.
     pub(crate) fn dequantize(&self) -> Result<Tensor> {
         let mut out = vec![0f32; self.rows * self.cols];
-        let ptr = SyncPtr::new(&mut out);
         let cols = self.cols;
-        for_each_dynamic(self.rows.div_ceil(ROWS_PER_TASK), |task| {
-            let first = task * ROWS_PER_TASK;
-            for r in first..(first + ROWS_PER_TASK).min(self.rows) {
-                // SAFETY: task `task` alone writes rows first..first + ROWS_PER_TASK.
-                let dst = unsafe { ptr.slice_mut(r * cols, cols) };
-                self.dequantize_row(r, dst);
-            }
-        });
+        out.par_chunks_mut(cols)
+            .enumerate()
+            .for_each(|(r, dst)| self.dequantize_row(r, dst));
         Ok(Tensor::from_vec(out, (self.rows, self.cols), &Device::Cpu)?)
     }
 
-    /// `y = x W^T`: `x` is `(t, cols)` f32 row-major, returns `(t, rows)` f32 row-major.
+    /// `y = x W^T`: `x` is `(t, cols)` f32 row-major, returns `(t, rows)` f32 row-major, with
+    /// the kernels of [`SimdLevel::active`].
     pub(crate) fn matmul(&self, x: &[f32], t: usize) -> Vec<f32> {
+        self.matmul_at(SimdLevel::active(), x, t)
+    }
+
+    /// [`matmul`](Self::matmul) with the kernels of `level` (the tests compare the levels).
+    ///
+    /// # Panics
+    /// When `level` is above what this CPU has ([`SimdLevel::detected`]).
+    pub(crate) fn matmul_at(&self, level: SimdLevel, x: &[f32], t: usize) -> Vec<f32> {
         debug_assert_eq!(x.len(), t * self.cols);
-        if t >= DENSE_MIN_ROWS {
-            self.matmul_dense(x, t)
+        let xq: Vec<ActRow> = if t >= 16 {
+            x.par_chunks_exact(self.cols)
+                .map(ActRow::quantize)
+                .collect()
         } else {
-            self.matmul_quantized(x, t)
-        }
-    }
-
-    /// The few-rows path: activations quantized, integer dot products (module docs).
-    fn matmul_quantized(&self, x: &[f32], t: usize) -> Vec<f32> {
-        let xq: Vec<ActRow> = x.chunks_exact(self.cols).map(ActRow::quantize).collect();
-        // Computed as (rows, t) so that each task writes one contiguous slice, then
-        // transposed (nothing to do when t == 1).
-        let mut yt = vec![0f32; self.rows * t];
-        let yt_ptr = SyncPtr::new(&mut yt);
-        for_each_dynamic(self.rows.div_ceil(ROWS_PER_TASK), |task| {
-            let first = task * ROWS_PER_TASK;
-            let n = ROWS_PER_TASK.min(self.rows - first);
-            // SAFETY: task `task` alone writes rows first..first + n of yt (n * t values).
-            let out = unsafe { yt_ptr.slice_mut(first * t, n * t) };
-            for (i, out_row) in out.chunks_exact_mut(t).enumerate() {
-                let w = self.row(first + i);
-                if t == 1 {
-                    out_row[0] = F::dot(w, &xq[0]);
-                } else {
-                    // Several rows (a batched decode step): each weight block is loaded
-                    // once for all of them; every result equals F::dot bit for bit.
-                    for (o, x) in out_row
-                        .chunks_mut(kernels::MAX_ROWS)
-                        .zip(xq.chunks(kernels::MAX_ROWS))
-                    {
-                        F::dot_rows(w, x, o);
-                    }
-                }
-            }
-        });
-        if t == 1 {
-            return yt;
-        }
-        let mut y = vec![0f32; t * self.rows];
-        for r in 0..self.rows {
-            for j in 0..t {
-                y[j * self.rows + r] = yt[r * t + j];
-            }
-        }
-        y
-    }
-
-    /// The dequantize-and-gemm path (module docs).
-    fn matmul_dense(&self, x: &[f32], t: usize) -> Vec<f32> {
-        let (rows, cols) = (self.rows, self.cols);
+            x.chunks_exact(self.cols).map(ActRow::quantize).collect()
+        };
+        let rows = self.rows;
         let mut y = vec![0f32; t * rows];
         let y_ptr = SyncPtr::new(&mut y);
-        for_each_dynamic(rows.div_ceil(PANEL_ROWS), |p| {
-            let first = p * PANEL_ROWS;
-            let n = PANEL_ROWS.min(rows - first);
-            let mut panel = vec![0f32; n * cols];
-            for (i, dst) in panel.chunks_exact_mut(cols).enumerate() {
-                self.dequantize_row(first + i, dst);
-            }
-            // SAFETY: dst addresses y[j * rows + first + c] for j < t, c < n: inside y, and
-            // the columns first..first + n belong to this panel alone. lhs is x (t, cols)
-            // with row stride cols; rhs (cols, n) is the panel (n, cols) read transposed.
-            unsafe {
-                gemm::gemm(
-                    t,
-                    n,
-                    cols,
-                    y_ptr.get().add(first),
-                    1,
-                    rows as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    cols as isize,
-                    panel.as_ptr(),
-                    cols as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
+        let group_tasks = rows.div_ceil(GROUP).div_ceil(GROUPS_PER_TASK);
+        let act_tasks = t.div_ceil(ACT_ROWS_PER_TASK);
+        for_each_dynamic(group_tasks * act_tasks, |task| {
+            let (a, gt) = (task / group_tasks, task % group_tasks);
+            let acts = &xq[a * ACT_ROWS_PER_TASK..((a + 1) * ACT_ROWS_PER_TASK).min(t)];
+            let mut out = vec![[0f32; GROUP]; acts.len()];
+            let first_group = gt * GROUPS_PER_TASK;
+            for g in first_group..(first_group + GROUPS_PER_TASK).min(rows.div_ceil(GROUP)) {
+                kernels::group_matmul(F::KERNEL, level, self.group(g), acts, &mut out);
+                let (first_row, n) = (g * GROUP, GROUP.min(rows - g * GROUP));
+                for (j, o) in out.iter().enumerate() {
+                    let row = a * ACT_ROWS_PER_TASK + j;
+                    // SAFETY: y[row * rows + first_row..][..n] is inside y (row < t,
+                    // first_row + n <= rows), and only this task writes those rows × groups.
+                    let dst = unsafe { y_ptr.slice_mut(row * rows + first_row, n) };
+                    dst.copy_from_slice(&o[..n]);
+                }
             }
         });
         y
@@ -334,41 +296,21 @@ mod tests {
         assert_eq!(diff.to_scalar::<f32>().expect("test value"), 0.0);
     }
 
-    /// Several activation rows at once (the batched decode step) give, for every row, the
-    /// one-row result bit for bit: 1 to 11 rows (so also more than `kernels::MAX_ROWS`, in
-    /// chunks), rows of 18 blocks (two segments of eight and a tail of two) and of 70 (two
-    /// segments, the second short and odd).
+    /// Every activation row of a multi-row product is bit for bit that row alone, at every
+    /// level: 1 to 11 rows (several register tiles of 4 and every remainder) and 67 (two
+    /// tasks of activation rows), 37 weight rows (a padded last group).
     fn rows_at_once_equal_one_row<F: QuantFormat>() {
-        for blocks in [18, 70] {
-            let cols = blocks * QK;
-            let (q, _) = matrix(37, cols, 5, F::DTYPE);
-            let m = QMatrix::<F>::from_qtensor(&q).expect("test value");
-            for t in 1..DENSE_MIN_ROWS {
+        let cols = 18 * QK;
+        let (q, _) = matrix(37, cols, 5, F::DTYPE);
+        let m = QMatrix::<F>::from_qtensor(&q).expect("test value");
+        for level in SimdLevel::supported() {
+            for t in (1..=11).chain([67]) {
                 let (_, xs) = matrix(t, cols, 6 + t as u64, GgmlDType::F32);
-                let together = m.matmul_quantized(&xs, t);
+                let together = m.matmul_at(level, &xs, t);
                 for (j, xrow) in xs.chunks_exact(cols).enumerate() {
-                    let alone = m.matmul_quantized(xrow, 1);
-                    let got: Vec<f32> = (0..37).map(|r| together[j * 37 + r]).collect();
-                    assert!(got == alone, "{blocks} blocks, {t} rows, row {j}");
-                }
-            }
-            let x: Vec<ActRow> = (0..11)
-                .map(|j| ActRow::quantize(&matrix(1, cols, 40 + j, GgmlDType::F32).1))
-                .collect();
-            for r in 0..37 {
-                let w = m.row(r);
-                let mut out = [0f32; 11];
-                for (o, xs) in out
-                    .chunks_mut(kernels::MAX_ROWS)
-                    .zip(x.chunks(kernels::MAX_ROWS))
-                {
-                    F::dot_rows(w, xs, o);
-                }
-                for (j, xj) in x.iter().enumerate() {
-                    assert!(
-                        out[j].to_bits() == F::dot(w, xj).to_bits(),
-                        "row {r}, x {j}"
-                    );
+                    let alone = m.matmul_at(level, xrow, 1);
+                    let got = &together[j * 37..(j + 1) * 37];
+                    assert!(got == alone.as_slice(), "{level}: {t} rows, row {j}");
                 }
             }
         }
@@ -384,6 +326,42 @@ mod tests {
         rows_at_once_equal_one_row::<Q8_0>();
     }
 
+    /// Each level this CPU supports gives the portable kernels' bits: rows of 1, 18 and 70
+    /// blocks, 1 to 9 activation rows and 67, 37 and 48 weight rows (padded and whole last
+    /// groups).
+    fn every_level_equals_portable<F: QuantFormat>() {
+        for (blocks, rows) in [(1, 37), (18, 48), (70, 37)] {
+            let cols = blocks * QK;
+            let (q, _) = matrix(rows, cols, 9 + blocks as u64, F::DTYPE);
+            let m = QMatrix::<F>::from_qtensor(&q).expect("test value");
+            for t in (1..=9).chain([67]) {
+                let (_, xs) = matrix(t, cols, 20 + t as u64, GgmlDType::F32);
+                let want = m.matmul_at(SimdLevel::Portable, &xs, t);
+                for level in SimdLevel::supported() {
+                    let got = m.matmul_at(level, &xs, t);
+                    let same = got
+                        .iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(
+                        same,
+                        "{level} vs portable: {blocks} blocks, {rows} rows, t = {t}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn q4_1_every_level_equals_portable() {
+        every_level_equals_portable::<Q4_1>();
+    }
+
+    #[test]
+    fn q8_0_every_level_equals_portable() {
+        every_level_equals_portable::<Q8_0>();
+    }
+
     #[test]
     fn q4_1_dequantize_matches_candle() {
         dequantize_matches_candle::<Q4_1>();
@@ -394,18 +372,18 @@ mod tests {
         dequantize_matches_candle::<Q8_0>();
     }
 
-    /// The few-rows path against candle's quantized matmul (Q4_1 x q8_1: its scalar code;
-    /// Q8_0 x q8_0: its AVX code). Q8_0 within 1e-4 relative (f32 summation order). Q4_1 not
+    /// Against candle's quantized matmul (Q4_1 x q8_1: its scalar code; Q8_0 x q8_0: its AVX
+    /// code), at every level. Q8_0 within 1e-4 relative (f32 summation order). Q4_1 not
     /// closer than `Σ_b |m_b s_b| 2^-10`: candle stores a q8_1 block's `s` as
     /// `f16(Σq) * f16(d)`, ggml (and this kernel) as `f16(d * Σq)`, two roundings that differ
-    /// by up to 2^-11 of `s` each. 18 blocks per row (candle needs an even count): two groups
-    /// of eight and a tail of two.
+    /// by up to 2^-11 of `s` each. 18 blocks per row (candle needs an even count), 70 rows.
     fn quantized_path_matches_candle<F: QuantFormat>() {
         let cols = 18 * QK;
         let (q, _) = matrix(70, cols, 2, F::DTYPE);
         let ours = QMatrix::<F>::from_qtensor(&q).expect("test value");
-        let (_, xs) = matrix(3, cols, 3, GgmlDType::F32);
-        let x = Tensor::from_vec(xs.clone(), (3, cols), &Device::Cpu).expect("test value");
+        let t = 9;
+        let (_, xs) = matrix(t, cols, 3, GgmlDType::F32);
+        let x = Tensor::from_vec(xs.clone(), (t, cols), &Device::Cpu).expect("test value");
         let mm = candle_core::quantized::QMatMul::from_qtensor(q).expect("test value");
         let theirs: Vec<f32> = mm
             .forward(&x)
@@ -414,33 +392,29 @@ mod tests {
             .expect("test value")
             .to_vec1()
             .expect("test value");
-        let three = ours.matmul_quantized(&xs, 3);
-        for (j, xrow) in xs.chunks_exact(cols).enumerate() {
-            let act = ActRow::quantize(xrow);
-            for r in 0..70 {
-                let w = ours.row(r);
-                let s_rounding: f32 = if F::HAS_MIN {
-                    w.m.iter()
-                        .zip(&act.s)
-                        .map(|(m, s)| (m.to_f32() * s).abs())
-                        .sum::<f32>()
-                        / 1024.0
-                } else {
-                    0.0
-                };
-                let (got, want) = (three[j * 70 + r], theirs[j * 70 + r]);
-                let tol = 1e-4 * want.abs().max(1.0) + s_rounding;
-                assert!(
-                    (got - want).abs() <= tol,
-                    "row {j}, col {r}: {got} vs {want} (tol {tol})"
-                );
+        for level in SimdLevel::supported() {
+            let got_all = ours.matmul_at(level, &xs, t);
+            for (j, xrow) in xs.chunks_exact(cols).enumerate() {
+                let act = ActRow::quantize(xrow);
+                for r in 0..70 {
+                    let g = ours.group(r / GROUP);
+                    let s_rounding: f32 = if F::HAS_MIN {
+                        (0..18)
+                            .map(|b| (g.m[b * GROUP + r % GROUP].to_f32() * act.s[b]).abs())
+                            .sum::<f32>()
+                            / 1024.0
+                    } else {
+                        0.0
+                    };
+                    let (got, want) = (got_all[j * 70 + r], theirs[j * 70 + r]);
+                    let tol = 1e-4 * want.abs().max(1.0) + s_rounding;
+                    assert!(
+                        (got - want).abs() <= tol,
+                        "{level}: row {j}, col {r}: {got} vs {want} (tol {tol})"
+                    );
+                }
             }
         }
-        // One row alone gives that row's result exactly (no dependence on t on this path).
-        assert_eq!(
-            ours.matmul_quantized(&xs[cols..2 * cols], 1),
-            three[70..140]
-        );
     }
 
     #[test]
@@ -453,40 +427,10 @@ mod tests {
         quantized_path_matches_candle::<Q8_0>();
     }
 
-    /// The SIMD dot products against the portable ones, on rows of 1 to 19 blocks (every
-    /// tail length after groups of eight).
+    /// The integer path against x times the dequantized matrix in f32: within the q8
+    /// rounding of the activations (1/254 of each block's largest value, summed).
     #[test]
-    fn simd_dots_equal_scalar_dots() {
-        for nb in 1..=19 {
-            let cols = nb * QK;
-            let (_, xs) = matrix(1, cols, 5, GgmlDType::F32);
-            let x = ActRow::quantize(&xs);
-            let (q, _) = matrix(1, cols, 4, GgmlDType::Q4_1);
-            let w = QMatrix::<Q4_1>::from_qtensor(&q).expect("test value");
-            let (a, b) = (
-                Q4_1::dot(w.row(0), &x),
-                kernels::scalar::dot_q4_1(w.row(0), &x),
-            );
-            assert!(
-                (a - b).abs() <= 1e-5 * b.abs().max(1.0),
-                "{nb} blocks: {a} vs {b}"
-            );
-            let (q, _) = matrix(1, cols, 6, GgmlDType::Q8_0);
-            let w = QMatrix::<Q8_0>::from_qtensor(&q).expect("test value");
-            let (a, b) = (
-                Q8_0::dot(w.row(0), &x),
-                kernels::scalar::dot_q8_0(w.row(0), &x),
-            );
-            assert!(
-                (a - b).abs() <= 1e-5 * b.abs().max(1.0),
-                "{nb} blocks: {a} vs {b}"
-            );
-        }
-    }
-
-    /// The dense path equals x times the dequantized matrix (f32 gemm, 1e-4 relative).
-    #[test]
-    fn dense_path_matches_dequantized_matmul() {
+    fn matmul_matches_the_dequantized_product() {
         let (q, _) = matrix(130, 64, 6, GgmlDType::Q4_1);
         let m = QMatrix::<Q4_1>::from_qtensor(&q).expect("test value");
         let (_, xs) = matrix(9, 64, 7, GgmlDType::F32);
@@ -499,7 +443,8 @@ mod tests {
             .expect("test value")
             .to_vec1()
             .expect("test value");
-        assert_close(&m.matmul(&xs, 9), &want, 1e-4);
+        // |w| <= 1 and each x is off by at most d/2 = max|x|/254 per value: 64 values.
+        assert_close(&m.matmul(&xs, 9), &want, 64.0 / 254.0);
     }
 
     #[test]
