@@ -237,14 +237,16 @@ impl Linear {
         };
         let (r, inp) = d.a.dims2()?;
         let rows = x.elem_count() / inp;
-        if rows > SMALL_BATCH {
+        if rows > SMALL_BATCH && !matches!(self.weight, Weight::Q4_1(_) | Weight::Q8_0(_)) {
             let y = self.weight.forward(x)?;
             let low = x.broadcast_matmul(&d.a.t()?)?.broadcast_matmul(&d.b.t()?)?;
             return Ok((y + (low * d.scale)?)?);
         }
-        // Decode (and other small batches): the low-rank product in plain loops. Two tiny
-        // gemm calls, a scale and an add per projection cost more in dispatch and thread
-        // wake-ups than their arithmetic; these loops cost a few microseconds.
+        // The low-rank product in plain loops, row by row: over the crate's own kernels for
+        // every row count, so a row's result does not depend on the others (a restored
+        // prefix continues exactly, with an adapter too); for other weights in decode and
+        // other small batches, where two tiny gemm calls, a scale and an add cost more in
+        // dispatch than their arithmetic.
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
         // The base product straight into a Vec when this crate computes it (no tensor round
         // trip), else through the tensor.
