@@ -1,6 +1,7 @@
-//! Dot-product kernels: AVX2+FMA on x86-64 when the CPU has it (detected once), scalar otherwise.
+//! Dot-product kernels: AVX2+FMA on x86-64 when the CPU has it ([`SimdLevel`], detected
+//! once), scalar otherwise.
 
-use std::sync::OnceLock;
+use ragtune_util::cpu::SimdLevel;
 
 /// Portable dot product with 8 independent accumulators (auto-vectorises reasonably).
 #[inline]
@@ -79,20 +80,11 @@ pub unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     }
 }
 
-/// Whether the AVX2+FMA kernels may be used on this CPU (detected once).
+/// Whether the AVX2+FMA kernels may be used: the process's kernel level
+/// ([`SimdLevel::active`], detected once, lowered by `RAGTUNE_SIMD`) is AVX2 or wider.
 #[inline]
 pub fn has_avx2() -> bool {
-    static FLAG: OnceLock<bool> = OnceLock::new();
-    *FLAG.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    })
+    SimdLevel::active() >= SimdLevel::Avx2
 }
 
 /// Dot product with the best kernel for this CPU.

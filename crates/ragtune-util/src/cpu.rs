@@ -63,19 +63,6 @@ impl SimdLevel {
         let detected = Self::detected();
         Self::ALL.into_iter().filter(|l| *l <= detected).collect()
     }
-
-    /// Whether this CPU has the AVX-512 BF16 instructions (`vdpbf16ps`), on top of
-    /// [`Avx512`](Self::Avx512).
-    pub fn has_avx512_bf16() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            Self::detected() == Self::Avx512 && is_x86_feature_detected!("avx512bf16")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    }
 }
 
 impl std::fmt::Display for SimdLevel {

@@ -113,12 +113,7 @@ impl ActRow {
     /// Quantizes `x` (a multiple of 32 values) as ggml's `quantize_row_q8_1_ref` does: per
     /// block `d = max|x| / 127`, `q = round(x / d)` (half away from zero), `s = d Σ q`. The
     /// Q8_0 dot product uses the same `d` and `q` (`quantize_row_q8_0_ref`) and ignores `s`.
-    /// Vectorised for [`SimdLevel::active`]; every level gives the same bytes.
-    pub(crate) fn quantize(x: &[f32]) -> Self {
-        Self::quantize_at(SimdLevel::active(), x)
-    }
-
-    /// [`quantize`](Self::quantize) compiled for `level`.
+    /// Vectorised for `level`; every level gives the same bytes.
     ///
     /// # Panics
     /// When `level` is above [`SimdLevel::detected`].
@@ -169,7 +164,7 @@ unsafe fn quantize_avx512(x: &[f32], row: &mut ActRow) {
     quantize_blocks(x, row);
 }
 
-/// The body of [`ActRow::quantize`], written so that it vectorises exactly: `max|x|` on the
+/// The body of [`ActRow::quantize_at`], written so that it vectorises exactly: `max|x|` on the
 /// bit patterns (non-negative floats order as integers; a NaN would win, where the scalar
 /// `f32::max` skips it), and `round` as `trunc` plus a step away from zero when the fraction
 /// is at least one half (`y - trunc(y)` is exact).

@@ -152,6 +152,7 @@ mod avx2 {
         xs: &[ActRow],
         out: &mut [[f32; GROUP]],
     ) {
+        debug_assert!((1..=NR).contains(&xs.len()));
         // SAFETY: forwarded (this function's contract); each kernel takes exactly n rows.
         unsafe {
             match (kernel, xs.len()) {
@@ -165,7 +166,6 @@ mod avx2 {
                 (Kernel::Q8_0, _) => q8_0::<1>(g, xs, out),
             }
         }
-        debug_assert!((1..=NR).contains(&xs.len()));
     }
 
     /// The 4 activation bytes `4c..4c + 4` of block `b`, in every 32-bit lane.

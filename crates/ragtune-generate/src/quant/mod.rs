@@ -190,12 +190,11 @@ impl<F: QuantFormat> QMatrix<F> {
     /// When `level` is above what this CPU has ([`SimdLevel::detected`]).
     pub(crate) fn matmul_at(&self, level: SimdLevel, x: &[f32], t: usize) -> Vec<f32> {
         debug_assert_eq!(x.len(), t * self.cols);
+        let quantize = |row: &[f32]| ActRow::quantize_at(level, row);
         let xq: Vec<ActRow> = if t >= 16 {
-            x.par_chunks_exact(self.cols)
-                .map(ActRow::quantize)
-                .collect()
+            x.par_chunks_exact(self.cols).map(quantize).collect()
         } else {
-            x.chunks_exact(self.cols).map(ActRow::quantize).collect()
+            x.chunks_exact(self.cols).map(quantize).collect()
         };
         let rows = self.rows;
         let mut y = vec![0f32; t * rows];
@@ -395,7 +394,7 @@ mod tests {
         for level in SimdLevel::supported() {
             let got_all = ours.matmul_at(level, &xs, t);
             for (j, xrow) in xs.chunks_exact(cols).enumerate() {
-                let act = ActRow::quantize(xrow);
+                let act = ActRow::quantize_at(level, xrow);
                 for r in 0..70 {
                     let g = ours.group(r / GROUP);
                     let s_rounding: f32 = if F::HAS_MIN {
