@@ -21,6 +21,8 @@ mod generate_golden;
 mod generate_lora;
 #[path = "it/generate_model.rs"]
 mod generate_model;
+#[path = "it/generate_quant_types.rs"]
+mod generate_quant_types;
 #[path = "it/generic_corpus.rs"]
 mod generic_corpus;
 #[path = "it/kv_reuse.rs"]

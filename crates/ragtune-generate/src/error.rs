@@ -56,7 +56,10 @@ pub enum Error {
     },
 
     /// The GGUF file is for an architecture this crate does not run.
-    #[error("GGUF metadata: unsupported architecture `{found}` (this crate runs `llama`)")]
+    #[error(
+        "GGUF metadata: unsupported architecture `{found}` (this crate runs `llama` and \
+         `qwen2`; gemma, phi and the others are not implemented)"
+    )]
     UnsupportedArchitecture {
         /// The value of `general.architecture`.
         found: String,

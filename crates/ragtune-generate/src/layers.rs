@@ -9,16 +9,18 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::props::{RopeParams, RopeScaling};
+use crate::props::{RopeParams, RopeScaling, RopeStyle};
 use crate::weight::Weight;
 use crate::{Error, Result};
 
-/// Rotary position embedding, llama's "normal" (interleaved) rotation: pairs `(2i, 2i + 1)`
-/// of each head are rotated, as llama.cpp does for `general.architecture = llama`. GGUF
+/// Rotary position embedding in either pairing ([`RopeStyle`]): llama's "normal" rotation
+/// of adjacent pairs `(2i, 2i + 1)` (llama.cpp for `general.architecture = llama`; GGUF
 /// converters permute the q/k weights of Hugging Face checkpoints so that this convention
-/// holds (candle's `quantized_llama` uses `rope_i` for the same reason).
+/// holds, which is why candle's `quantized_llama` uses `rope_i`), or NeoX's rotation of
+/// `(i, i + d/2)` (Qwen2, with the Hugging Face weight order).
 #[derive(Debug, Clone)]
 pub(crate) struct Rope {
+    style: RopeStyle,
     /// `(max_positions, d / 2)`.
     cos: Tensor,
     /// `(max_positions, d / 2)`.
@@ -26,7 +28,8 @@ pub(crate) struct Rope {
 }
 
 impl Rope {
-    /// Tables for positions `0..max_positions` ([`rope_tables`]).
+    /// Tables for positions `0..max_positions` ([`rope_tables`]), `freq_factors` from the
+    /// file's `rope_freqs.weight` (Llama 3.1+), if it has one.
     ///
     /// # Errors
     /// As [`rope_tables`].
@@ -34,10 +37,22 @@ impl Rope {
         rope: &RopeParams,
         head_dim: usize,
         max_positions: usize,
+        freq_factors: Option<&[f32]>,
         device: &Device,
     ) -> Result<Self> {
-        let (cos, sin) = rope_tables(rope, head_dim, max_positions, device)?;
-        Ok(Self { cos, sin })
+        let (cos, sin) = rope_tables(rope, head_dim, max_positions, freq_factors, device)?;
+        Ok(Self {
+            style: rope.style,
+            cos,
+            sin,
+        })
+    }
+
+    fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        Ok(match self.style {
+            RopeStyle::Normal => candle_nn::rotary_emb::rope_i(x, cos, sin)?,
+            RopeStyle::Neox => candle_nn::rotary_emb::rope(x, cos, sin)?,
+        })
     }
 
     /// Rotates `x: (1, heads, t, d)` (contiguous) whose first token is at position `pos`.
@@ -45,7 +60,7 @@ impl Rope {
         let t = x.dim(2)?;
         let cos = self.cos.narrow(0, pos, t)?;
         let sin = self.sin.narrow(0, pos, t)?;
-        Ok(candle_nn::rotary_emb::rope_i(x, &cos, &sin)?)
+        self.rotate(x, &cos, &sin)
     }
 
     /// Rotates `x: (1, heads, t, d)` (contiguous) whose token `i` is at position
@@ -56,10 +71,10 @@ impl Rope {
         let ids = Tensor::new(ids.as_slice(), x.device())?;
         let cos = self.cos.index_select(&ids, 0)?;
         let sin = self.sin.index_select(&ids, 0)?;
-        Ok(candle_nn::rotary_emb::rope_i(x, &cos, &sin)?)
+        self.rotate(x, &cos, &sin)
     }
 
-    /// A function that rotates the interleaved pairs of `(n, d)` keys (already rotated for
+    /// A function that rotates the pairs of `(n, d)` keys (already rotated for
     /// their positions) by `delta` more positions: RoPE's rotations compose, `R(a) R(δ) =
     /// R(a + δ)`, so this moves keys computed at positions `p..` to `p + delta..`, exact up
     /// to f32 rounding of the angles (RoFormer, Su et al. 2021, section 3.4.2; the relocation
@@ -87,35 +102,44 @@ impl Rope {
             .map(|s| s * sign)
             .collect();
         let identity = delta == 0;
+        let style = self.style;
         Ok(move |keys: &mut [f32]| {
             if identity {
                 return;
             }
-            let d = 2 * cos.len();
-            for row in keys.chunks_exact_mut(d) {
-                for (i, pair) in row.chunks_exact_mut(2).enumerate() {
-                    let (x0, x1) = (pair[0], pair[1]);
-                    pair[0] = x0 * cos[i] - x1 * sin[i];
-                    pair[1] = x0 * sin[i] + x1 * cos[i];
+            let half = cos.len();
+            for row in keys.chunks_exact_mut(2 * half) {
+                for i in 0..half {
+                    let (a, b) = match style {
+                        RopeStyle::Normal => (2 * i, 2 * i + 1),
+                        RopeStyle::Neox => (i, i + half),
+                    };
+                    let (x0, x1) = (row[a], row[b]);
+                    row[a] = x0 * cos[i] - x1 * sin[i];
+                    row[b] = x0 * sin[i] + x1 * cos[i];
                 }
             }
         })
     }
 }
 
-/// The interleaved RoPE tables `(cos, sin)`, each `(max_positions, head_dim / 2)` f32:
-/// angle `p · s · base^(-2i / head_dim)` for position `p`, frequency `i` and the linear
-/// scaling factor's inverse `s` (RoFormer, Su et al. 2021; the GGUF keys
-/// `{arch}.rope.freq_base` and `{arch}.rope.scaling.factor`). The training crate builds its
-/// differentiable rope from the same tables.
+/// The RoPE tables `(cos, sin)`, each `(max_positions, head_dim / 2)` f32: angle
+/// `p · s · base^(-2i / head_dim) / f_i` for position `p`, frequency `i`, the linear scaling
+/// factor's inverse `s` and the frequency factor `f_i` (RoFormer, Su et al. 2021; the GGUF
+/// keys `{arch}.rope.freq_base` and `{arch}.rope.scaling.factor`; `f` is the
+/// `rope_freqs.weight` tensor of Llama 3.1+ files, `(head_dim / 2,)`, which llama.cpp divides
+/// `theta` by, else 1). The training crate builds its differentiable rope from the same
+/// tables.
 ///
 /// # Errors
 /// [`Error::Unsupported`] for YaRN scaling, or a rotary dimension that is not the whole head
-/// (partial rotary embeddings are not llama).
+/// (partial rotary embeddings are not llama); [`Error::InvalidParams`] for frequency factors
+/// of another length than `head_dim / 2` or not positive.
 pub fn rope_tables(
     rope: &RopeParams,
     head_dim: usize,
     max_positions: usize,
+    freq_factors: Option<&[f32]>,
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
     if rope.dimension_count != head_dim {
@@ -136,8 +160,22 @@ pub fn rope_tables(
         }
     };
     let half = head_dim / 2;
+    if let Some(f) = freq_factors {
+        if f.len() != half || f.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
+            return Err(Error::InvalidParams {
+                detail: format!(
+                    "rope_freqs.weight: {} factors for a head of {head_dim} (wants {half}, \
+                     each positive)",
+                    f.len()
+                ),
+            });
+        }
+    }
     let inv_freq: Vec<f32> = (0..half)
-        .map(|i| 1.0 / rope.freq_base.powf((2 * i) as f32 / head_dim as f32))
+        .map(|i| {
+            let factor = freq_factors.map_or(1.0, |f| f[i]);
+            1.0 / rope.freq_base.powf((2 * i) as f32 / head_dim as f32) / factor
+        })
         .collect();
     let mut cos = Vec::with_capacity(max_positions * half);
     let mut sin = Vec::with_capacity(max_positions * half);
@@ -217,30 +255,66 @@ impl LoraPair {
     }
 }
 
-/// A bias-free linear projection over a weight `(out, in)` ([`Weight`]); a LoRA delta is
-/// passed per call, so one loaded model serves any adapter.
+/// A linear projection over a weight `(out, in)` ([`Weight`]), with an optional bias
+/// `(out,)` (Qwen2's q/k/v); a LoRA delta is passed per call, so one loaded model serves any
+/// adapter. Every path computes a row as `(W x + bias) + delta(x)`, in that order.
 #[derive(Debug, Clone)]
 pub(crate) struct Linear {
     pub(crate) weight: Weight,
+    bias: Option<Arc<[f32]>>,
 }
 
 impl Linear {
     pub(crate) fn new(weight: Weight) -> Self {
-        Self { weight }
+        Self { weight, bias: None }
     }
 
-    /// `x: (.., in)` f32 -> `(.., out)` f32: `W x`, plus `scale * B (A x)` when `delta` is
-    /// given (`r * (in + out)` multiply-adds per token against `in * out` for the base).
+    /// The projection with a bias of `out` values.
+    ///
+    /// # Errors
+    /// [`Error::TensorShape`] when the bias does not have `out` values.
+    pub(crate) fn with_bias(weight: Weight, bias: Vec<f32>, name: &str) -> Result<Self> {
+        let out = weight.dims()?.0;
+        if bias.len() != out {
+            return Err(Error::TensorShape {
+                name: name.to_string(),
+                expected: vec![out],
+                got: vec![bias.len()],
+            });
+        }
+        Ok(Self {
+            weight,
+            bias: Some(bias.into()),
+        })
+    }
+
+    /// Adds the bias, if any, to each row of `out` (`rows * out` values).
+    fn add_bias(&self, out: &mut [f32]) {
+        if let Some(b) = &self.bias {
+            for row in out.chunks_exact_mut(b.len()) {
+                for (o, v) in row.iter_mut().zip(b.iter()) {
+                    *o += v;
+                }
+            }
+        }
+    }
+
+    /// `x: (.., in)` f32 -> `(.., out)` f32: `W x (+ bias)`, plus `scale * B (A x)` when
+    /// `delta` is given (`r * (in + out)` multiply-adds per token against `in * out` for the
+    /// base).
     pub(crate) fn forward(&self, x: &Tensor, delta: Option<&LoraPair>) -> Result<Tensor> {
-        let Some(d) = delta else {
+        let inp = *x.dims().last().unwrap_or(&0);
+        let rows = x.elem_count() / inp.max(1);
+        let own_kernels = matches!(self.weight, Weight::Q4_1(_) | Weight::Q8_0(_));
+        if delta.is_none() && self.bias.is_none() {
             return self.weight.forward(x);
-        };
-        let (r, inp) = d.a.dims2()?;
-        let rows = x.elem_count() / inp;
-        if rows > SMALL_BATCH && !matches!(self.weight, Weight::Q4_1(_) | Weight::Q8_0(_)) {
-            let y = self.weight.forward(x)?;
-            let low = x.broadcast_matmul(&d.a.t()?)?.broadcast_matmul(&d.b.t()?)?;
-            return Ok((y + (low * d.scale)?)?);
+        }
+        if let Some(d) = delta {
+            if rows > SMALL_BATCH && !own_kernels {
+                let y = self.plus_bias(self.weight.forward(x)?)?;
+                let low = x.broadcast_matmul(&d.a.t()?)?.broadcast_matmul(&d.b.t()?)?;
+                return Ok((y + (low * d.scale)?)?);
+            }
         }
         // The low-rank product in plain loops, row by row: over the crate's own kernels for
         // every row count, so a row's result does not depend on the others (a restored
@@ -250,19 +324,30 @@ impl Linear {
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
         // The base product straight into a Vec when this crate computes it (no tensor round
         // trip), else through the tensor.
-        let n_out = d.bt_scaled.len() / r;
         let mut out = match self.weight.forward_rows(&xs, rows) {
             Some(v) => v,
             None => self.weight.forward(x)?.flatten_all()?.to_vec1::<f32>()?,
         };
+        self.add_bias(&mut out);
+        let n_out = out.len() / rows.max(1);
+        if let Some(d) = delta {
+            for (xr, yr) in xs.chunks_exact(inp).zip(out.chunks_exact_mut(n_out)) {
+                add_lora_row(d, xr, yr);
+            }
+        }
         let mut shape = x.dims().to_vec();
         if let Some(last) = shape.last_mut() {
             *last = n_out;
         }
-        for (xr, yr) in xs.chunks_exact(inp).zip(out.chunks_exact_mut(n_out)) {
-            add_lora_row(d, xr, yr);
-        }
         Ok(Tensor::from_vec(out, shape, x.device())?)
+    }
+
+    /// `y + bias` (broadcast over the rows), or `y` without a bias.
+    fn plus_bias(&self, y: Tensor) -> Result<Tensor> {
+        match &self.bias {
+            Some(b) => Ok(y.broadcast_add(&Tensor::from_slice(b, b.len(), y.device())?)?),
+            None => Ok(y),
+        }
     }
 
     /// `xs: (rows, in)` row-major through the projection, each row with its own LoRA delta
@@ -290,6 +375,7 @@ impl Linear {
                 out
             }
         };
+        self.add_bias(&mut out);
         let n_out = out.len() / rows.max(1);
         for ((xr, yr), d) in xs
             .chunks_exact(inp)
@@ -349,11 +435,12 @@ mod tests {
     #[test]
     fn rope_rotates_interleaved_pairs() {
         let params = RopeParams {
+            style: RopeStyle::Normal,
             freq_base: 10_000.0,
             dimension_count: 4,
             scaling: RopeScaling::None,
         };
-        let rope = Rope::new(&params, 4, 8, &Device::Cpu).expect("test");
+        let rope = Rope::new(&params, 4, 8, None, &Device::Cpu).expect("test");
         // One head, one token at position 3: pair (x0, x1) rotates by 3 rad, (x2, x3) by
         // 3 / 100 rad.
         let x = Tensor::new(&[[[[1f32, 0.0, 0.0, 1.0]]]], &Device::Cpu).expect("test");
@@ -378,11 +465,12 @@ mod tests {
     #[test]
     fn a_shift_moves_rotated_keys_to_the_new_positions() {
         let params = RopeParams {
+            style: RopeStyle::Normal,
             freq_base: 10_000.0,
             dimension_count: 8,
             scaling: RopeScaling::None,
         };
-        let rope = Rope::new(&params, 8, 1100, &Device::Cpu).expect("test");
+        let rope = Rope::new(&params, 8, 1100, None, &Device::Cpu).expect("test");
         let x: Vec<f32> = (0..3 * 8)
             .map(|i| ((i * 37 % 17) as f32 / 8.5) - 1.0)
             .collect();
@@ -431,9 +519,63 @@ mod tests {
         }
     }
 
+    /// NeoX pairs `(i, i + d/2)`: for one head at position 3 the pair `(x0, x2)` rotates by
+    /// 3 rad and `(x1, x3)` by 3/100 rad; a shift by `delta` moves NeoX-rotated keys too.
+    #[test]
+    fn neox_rotates_the_two_halves() {
+        let params = RopeParams {
+            style: RopeStyle::Neox,
+            freq_base: 10_000.0,
+            dimension_count: 4,
+            scaling: RopeScaling::None,
+        };
+        let rope = Rope::new(&params, 4, 16, None, &Device::Cpu).expect("test");
+        let at = |pos: usize| -> Vec<f32> {
+            let x = Tensor::new(&[[[[1f32, 0.0, 0.0, 1.0]]]], &Device::Cpu).expect("test");
+            rope.apply(&x, pos)
+                .and_then(|y| Ok(y.flatten_all()?.to_vec1::<f32>()?))
+                .expect("test")
+        };
+        let (a, b) = (3f32, 0.03f32);
+        let want = [a.cos(), -b.sin(), a.sin(), b.cos()];
+        for (g, w) in at(3).iter().zip(want) {
+            assert!((g - w).abs() < 1e-6, "{g} vs {w}");
+        }
+        let mut k = at(3);
+        rope.shift(9).expect("shift")(&mut k);
+        for (g, w) in k.iter().zip(at(12)) {
+            assert!((g - w).abs() < 1e-5, "{g} vs {w}");
+        }
+    }
+
+    /// `rope_freqs` divides each frequency: a factor of 4 on the first pair makes position
+    /// 8 rotate it as position 2 does without factors; a wrong length is refused.
+    #[test]
+    fn frequency_factors_divide_the_frequencies() {
+        let params = RopeParams {
+            style: RopeStyle::Normal,
+            freq_base: 10_000.0,
+            dimension_count: 4,
+            scaling: RopeScaling::None,
+        };
+        let dev = &Device::Cpu;
+        let (cos_f, _) = rope_tables(&params, 4, 16, Some(&[4.0, 1.0]), dev).expect("test");
+        let (cos, _) = rope_tables(&params, 4, 16, None, dev).expect("test");
+        let get = |t: &Tensor, p: usize, i: usize| -> f32 {
+            t.get(p)
+                .and_then(|r| r.get(i))
+                .and_then(|v| v.to_scalar())
+                .expect("test")
+        };
+        assert!((get(&cos_f, 8, 0) - get(&cos, 2, 0)).abs() < 1e-6);
+        assert_eq!(get(&cos_f, 8, 1), get(&cos, 8, 1));
+        assert!(rope_tables(&params, 4, 16, Some(&[1.0]), dev).is_err());
+    }
+
     #[test]
     fn yarn_is_refused_by_name() {
         let params = RopeParams {
+            style: RopeStyle::Normal,
             freq_base: 10_000.0,
             dimension_count: 4,
             scaling: RopeScaling::Yarn {
@@ -441,7 +583,7 @@ mod tests {
                 original_context_length: None,
             },
         };
-        let err = Rope::new(&params, 4, 8, &Device::Cpu).expect_err("test");
+        let err = Rope::new(&params, 4, 8, None, &Device::Cpu).expect_err("test");
         assert!(err.to_string().contains("Yarn"), "{err}");
     }
 }

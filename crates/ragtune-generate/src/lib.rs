@@ -53,6 +53,7 @@ mod model;
 mod prefix_cache;
 mod props;
 mod quant;
+mod requantize;
 mod session;
 mod tokenizer;
 mod weight;
@@ -69,7 +70,10 @@ pub use layers::rope_tables;
 pub use lora::{LoraAdapter, LoraConfig, TargetModule};
 pub use model::{DecodeRow, LlamaModel};
 pub use prefix_cache::{PrefixCache, PrefixCacheStats, BLOCK_TOKENS};
-pub use props::{read_gguf, LlamaProps, RopeParams, RopeScaling, SpecialTokenIds, ARCHITECTURE};
+pub use props::{
+    read_gguf, Architecture, LlamaProps, RopeParams, RopeScaling, RopeStyle, SpecialTokenIds,
+};
+pub use requantize::{ggml_dtype, requantize};
 pub use session::{
     end_of_generation_ids, GenerateParams, Generation, Generator, RepeatPenalty, Sampling,
     StopReason, Timings,

@@ -142,8 +142,12 @@ impl TargetModule {
     }
 
     /// Heads whose rows the GGUF converter permutes (q: query heads, k: KV heads); `None`
-    /// for the other modules. See the module docs.
+    /// for the other modules, and for every module of a NeoX-RoPE model (Qwen2), whose
+    /// converter keeps the Hugging Face order. See the module docs.
     pub fn permuted_heads(self, p: &LlamaProps) -> Option<usize> {
+        if p.rope.style == crate::props::RopeStyle::Neox {
+            return None;
+        }
         match self {
             Self::QProj => Some(p.head_count),
             Self::KProj => Some(p.head_count_kv),
@@ -320,6 +324,8 @@ struct BaseShape {
     block_count: usize,
     head_count: usize,
     head_count_kv: usize,
+    /// The GGUF converter permuted the q/k rows (llama's RoPE pairing).
+    permuted: bool,
     /// `(out, in)` per [`TargetModule::ALL`].
     dims: [(usize, usize); 7],
 }
@@ -330,6 +336,7 @@ impl BaseShape {
             block_count: p.block_count,
             head_count: p.head_count,
             head_count_kv: p.head_count_kv,
+            permuted: p.rope.style == crate::props::RopeStyle::Normal,
             dims: TargetModule::ALL.map(|m| m.dims(p)),
         }
     }
@@ -560,8 +567,10 @@ impl LoraAdapter {
                     continue;
                 };
                 let b = match module {
-                    TargetModule::QProj => permute_rows_gguf_to_hf(&pair.b, self.base.head_count)?,
-                    TargetModule::KProj => {
+                    TargetModule::QProj if self.base.permuted => {
+                        permute_rows_gguf_to_hf(&pair.b, self.base.head_count)?
+                    }
+                    TargetModule::KProj if self.base.permuted => {
                         permute_rows_gguf_to_hf(&pair.b, self.base.head_count_kv)?
                     }
                     _ => pair.b.clone(),

@@ -1,13 +1,16 @@
-//! The llama architecture (`general.architecture = llama`: Llama 2/3, Mistral, SmolLM):
-//! pre-norm decoder blocks of grouped-query attention with RoPE and a SwiGLU MLP, run on
-//! candle ops with the projections kept quantized, optionally with a LoRA adapter per call.
+//! The llama decoder and its close variants ([`Architecture`](crate::Architecture): `llama` for Llama 2/3,
+//! Mistral, SmolLM; `qwen2` for Qwen2/2.5): pre-norm decoder blocks of grouped-query
+//! attention with RoPE and a SwiGLU MLP, run on candle ops with the projections kept
+//! quantized, optionally with a LoRA adapter per call. The variants differ in named places
+//! only: q/k/v biases ([`Architecture::qkv_bias`](crate::Architecture::qkv_bias)), the RoPE pairing
+//! ([`Architecture::rope_style`](crate::Architecture::rope_style)) and Llama 3.1's frequency factors (`rope_freqs.weight`).
 
 use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::QTensor;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use crate::attention;
 use crate::attention::Mask;
@@ -74,8 +77,9 @@ fn delta(d: Option<&LayerDeltas>, m: TargetModule) -> Option<&LoraPair> {
 #[derive(Debug, Clone)]
 pub struct LlamaModel {
     props: LlamaProps,
-    /// `(vocab, hidden)` f32, dequantized once for the lookup.
-    embeddings: Tensor,
+    /// `(vocab, hidden)`, kept in its blocks; a lookup dequantizes the rows it takes
+    /// (shared with `output` when the file ties them).
+    embeddings: Weight,
     blocks: Vec<Block>,
     norm: RmsNorm,
     /// `(vocab, hidden)`, the embedding matrix itself when the file ties them.
@@ -141,25 +145,56 @@ impl LlamaModel {
         let linear = |t: QTensor| -> Result<Linear> {
             Ok(Linear::new(Weight::from_qtensor(Arc::new(t), format)?))
         };
+        let f32_values = |t: QTensor| -> Result<Vec<f32>> {
+            Ok(t.dequantize(&device)?
+                .to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?)
+        };
 
+        // The embedding is never needed dense: rows are looked up, and the f32 reference
+        // path dequantizes them exactly as a dense copy would.
         let embd = Arc::new(load("token_embd.weight", &[p.vocab_size, hidden])?);
-        let embeddings = embd.dequantize(&device)?.to_dtype(DType::F32)?;
+        let embeddings = Weight::from_qtensor(embd, WeightFormat::AsStored)?;
         let output = if content.tensor_infos.contains_key("output.weight") {
             linear(load("output.weight", &[p.vocab_size, hidden])?)?
+        } else if format == WeightFormat::AsStored {
+            Linear::new(embeddings.clone())
         } else {
-            Linear::new(Weight::from_qtensor(embd, format)?)
+            Linear::new(Weight::Dense(embeddings.dequantize()?))
         };
         let norm = RmsNorm::from_qtensor(load("output_norm.weight", &[hidden])?, p.rms_norm_eps)?;
         let mut blocks = Vec::with_capacity(p.block_count);
         for i in 0..p.block_count {
             let mut t =
                 |name: &str, shape: &[usize]| load(&format!("blk.{i}.{name}.weight"), shape);
+            let (q, k, v) = (
+                linear(t("attn_q", &[q_out, hidden])?)?,
+                linear(t("attn_k", &[kv_out, hidden])?)?,
+                linear(t("attn_v", &[kv_out, hidden])?)?,
+            );
+            let (q, k, v) = if p.architecture.qkv_bias() {
+                let mut biased = |l: Linear, name: &str, n: usize| -> Result<Linear> {
+                    let name = format!("blk.{i}.{name}.bias");
+                    let b = f32_values(load(&name, &[n])?)?;
+                    Linear::with_bias(l.weight, b, &name)
+                };
+                (
+                    biased(q, "attn_q", q_out)?,
+                    biased(k, "attn_k", kv_out)?,
+                    biased(v, "attn_v", kv_out)?,
+                )
+            } else {
+                (q, k, v)
+            };
+            let mut t =
+                |name: &str, shape: &[usize]| load(&format!("blk.{i}.{name}.weight"), shape);
             blocks.push(Block {
                 attn_norm: RmsNorm::from_qtensor(t("attn_norm", &[hidden])?, p.rms_norm_eps)?,
                 attn: Attention {
-                    q: linear(t("attn_q", &[q_out, hidden])?)?,
-                    k: linear(t("attn_k", &[kv_out, hidden])?)?,
-                    v: linear(t("attn_v", &[kv_out, hidden])?)?,
+                    q,
+                    k,
+                    v,
                     o: linear(t("attn_output", &[hidden, q_out])?)?,
                 },
                 ffn_norm: RmsNorm::from_qtensor(t("ffn_norm", &[hidden])?, p.rms_norm_eps)?,
@@ -170,7 +205,18 @@ impl LlamaModel {
                 },
             });
         }
-        let rope = Rope::new(&p.rope, hd, p.context_length, &device)?;
+        // Llama 3.1+ RoPE scaling: per-frequency divisors, one tensor for the whole model.
+        let freq_factors = match content.tensor_infos.contains_key("rope_freqs.weight") {
+            true => Some(f32_values(load("rope_freqs.weight", &[hd / 2])?)?),
+            false => None,
+        };
+        let rope = Rope::new(
+            &p.rope,
+            hd,
+            p.context_length,
+            freq_factors.as_deref(),
+            &device,
+        )?;
         Ok(Self {
             props,
             embeddings,
@@ -434,8 +480,7 @@ impl LlamaModel {
         let tokens: Vec<u32> = rows.iter().map(|r| r.token).collect();
         let dev = &self.device;
         let hidden = p.embedding_length;
-        let ids = Tensor::new(tokens.as_slice(), dev)?;
-        let mut x = self.embeddings.index_select(&ids, 0)?;
+        let mut x = self.embeddings.rows(&tokens)?;
         let values = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
         let (h, kvh, d) = (p.head_count, p.head_count_kv, p.head_dim);
         for (i, block) in self.blocks.iter().enumerate() {
@@ -602,8 +647,7 @@ impl LlamaModel {
             a.check_fits(&self.props)?;
         }
         cache.bind(adapter)?;
-        let ids = Tensor::new(tokens, &self.device)?;
-        let mut x = self.embeddings.index_select(&ids, 0)?;
+        let mut x = self.embeddings.rows(tokens)?;
         let (positions, mask) = match blocks {
             Some((positions, mask)) => (Some(positions), Some(mask)),
             None => (None, None),

@@ -1,7 +1,8 @@
 //! Typed, validated GGUF metadata for llama-family models, read before any tensor.
 //!
 //! [`LlamaProps`] is built from a parsed [`Content`] with `TryFrom`: every required key is
-//! checked for presence and type, the architecture must be `llama`, head counts must divide
+//! checked for presence and type, the architecture must be one of [`Architecture`] (its keys
+//! are read under its own prefix, `llama.` or `qwen2.`), head counts must divide
 //! the embedding, and every special token id must be inside the vocabulary. The context length
 //! is the file's own `llama.context_length`; there is no built-in maximum.
 
@@ -50,9 +51,64 @@ pub enum RopeScaling {
     },
 }
 
+/// Which dimensions RoPE rotates together (llama.cpp's `LLAMA_ROPE_TYPE_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Adjacent pairs `(2i, 2i + 1)` (`NORM`: llama, whose GGUF converter permutes q/k).
+    Normal,
+    /// Pairs `(i, i + d/2)` of the two halves (`NEOX`: GPT-NeoX, Qwen2, Gemma).
+    Neox,
+}
+
+/// The model families this crate runs, from `general.architecture`: the llama decoder and
+/// the variants that differ from it in a few named places.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Architecture {
+    /// `llama`: Llama 2/3, Mistral, SmolLM, TinyLlama. Llama 3.1+ RoPE scaling comes as the
+    /// `rope_freqs.weight` tensor.
+    Llama,
+    /// `qwen2`: llama with biases on the q/k/v projections and NeoX RoPE (Qwen2, Qwen2.5,
+    /// the DeepSeek-R1 Qwen distills).
+    Qwen2,
+}
+
+impl Architecture {
+    /// Every architecture, in the order error messages list them.
+    pub const ALL: [Architecture; 2] = [Architecture::Llama, Architecture::Qwen2];
+
+    /// The `general.architecture` value, also the prefix of the architecture's keys.
+    pub fn gguf_name(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Qwen2 => "qwen2",
+        }
+    }
+
+    /// The RoPE pairing the architecture uses (llama.cpp's `llama_model_rope_type`).
+    pub fn rope_style(self) -> RopeStyle {
+        match self {
+            Self::Llama => RopeStyle::Normal,
+            Self::Qwen2 => RopeStyle::Neox,
+        }
+    }
+
+    /// Whether the q/k/v projections carry a bias (`blk.N.attn_{q,k,v}.bias`).
+    pub fn qkv_bias(self) -> bool {
+        matches!(self, Self::Qwen2)
+    }
+
+    /// The architecture named `name`, if this crate runs it.
+    pub fn from_gguf_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.gguf_name() == name)
+    }
+}
+
 /// Rotary position embedding parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RopeParams {
+    /// Which dimensions rotate together.
+    pub style: RopeStyle,
     /// Base of the inverse frequencies (`llama.rope.freq_base`, default 10000).
     pub freq_base: f32,
     /// Number of rotated dimensions per head (`llama.rope.dimension_count`, default the head
@@ -82,6 +138,8 @@ pub struct SpecialTokenIds {
 /// Built with `LlamaProps::try_from(&content)`; see the module docs for what is checked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaProps {
+    /// `general.architecture`.
+    pub architecture: Architecture,
     /// `general.name`, if present.
     pub name: Option<String>,
     /// Maximum number of positions the model was trained for, in tokens (`llama.context_length`).
@@ -115,9 +173,6 @@ pub struct LlamaProps {
     pub chat_template: Option<String>,
 }
 
-/// The only architecture accepted.
-pub const ARCHITECTURE: &str = "llama";
-
 impl TryFrom<&Content> for LlamaProps {
     type Error = Error;
 
@@ -135,12 +190,12 @@ impl LlamaProps {
     pub fn from_metadata(md: &HashMap<String, Value>) -> Result<Self> {
         let md = Metadata(md);
         let arch = md.string("general.architecture")?;
-        if arch != ARCHITECTURE {
-            return Err(Error::UnsupportedArchitecture {
+        let architecture =
+            Architecture::from_gguf_name(arch).ok_or_else(|| Error::UnsupportedArchitecture {
                 found: arch.to_string(),
-            });
-        }
-        let key = |k: &str| format!("{ARCHITECTURE}.{k}");
+            })?;
+        let prefix = architecture.gguf_name();
+        let key = |k: &str| format!("{prefix}.{k}");
 
         let context_length = md.positive(&key("context_length"))?;
         let embedding_length = md.positive(&key("embedding_length"))?;
@@ -186,7 +241,7 @@ impl LlamaProps {
                 detail: format!("{freq_base} is not a positive number"),
             });
         }
-        let scaling = rope_scaling(&md)?;
+        let scaling = rope_scaling(&md, prefix)?;
         let rms_norm_eps = md.f32(&key("attention.layer_norm_rms_epsilon"))?;
         if !(rms_norm_eps.is_finite() && rms_norm_eps > 0.0) {
             return Err(Error::InvalidValue {
@@ -229,6 +284,7 @@ impl LlamaProps {
         let name = md.opt_string("general.name")?.map(str::to_string);
 
         Ok(LlamaProps {
+            architecture,
             name,
             context_length,
             embedding_length,
@@ -238,6 +294,7 @@ impl LlamaProps {
             head_count_kv,
             head_dim,
             rope: RopeParams {
+                style: architecture.rope_style(),
                 freq_base,
                 dimension_count: rope_dims,
                 scaling,
@@ -251,12 +308,12 @@ impl LlamaProps {
     }
 }
 
-fn rope_scaling(md: &Metadata<'_>) -> Result<RopeScaling> {
-    let type_key = format!("{ARCHITECTURE}.rope.scaling.type");
-    let factor_key = format!("{ARCHITECTURE}.rope.scaling.factor");
+fn rope_scaling(md: &Metadata<'_>, prefix: &str) -> Result<RopeScaling> {
+    let type_key = format!("{prefix}.rope.scaling.type");
+    let factor_key = format!("{prefix}.rope.scaling.factor");
     let factor = md.opt_f32(&factor_key)?;
     // Older converters wrote only `rope.scale_linear`.
-    let legacy_linear = md.opt_f32(&format!("{ARCHITECTURE}.rope.scale_linear"))?;
+    let legacy_linear = md.opt_f32(&format!("{prefix}.rope.scale_linear"))?;
     let kind = md.opt_string(&type_key)?;
     let check = |f: f32, key: &str| {
         if f.is_finite() && f > 0.0 {
@@ -271,7 +328,7 @@ fn rope_scaling(md: &Metadata<'_>) -> Result<RopeScaling> {
     match kind {
         None | Some("none") => match legacy_linear {
             Some(f) if f != 1.0 => Ok(RopeScaling::Linear {
-                factor: check(f, &format!("{ARCHITECTURE}.rope.scale_linear"))?,
+                factor: check(f, &format!("{prefix}.rope.scale_linear"))?,
             }),
             _ => Ok(RopeScaling::None),
         },
@@ -289,9 +346,8 @@ fn rope_scaling(md: &Metadata<'_>) -> Result<RopeScaling> {
             })?;
             Ok(RopeScaling::Yarn {
                 factor: check(f, &factor_key)?,
-                original_context_length: md.opt_positive(&format!(
-                    "{ARCHITECTURE}.rope.scaling.original_context_length"
-                ))?,
+                original_context_length: md
+                    .opt_positive(&format!("{prefix}.rope.scaling.original_context_length"))?,
             })
         }
         Some(other) => Err(Error::InvalidValue {

@@ -1,20 +1,20 @@
 //! The weight of one projection, in the form the forward pass multiplies with.
 //!
 //! A projection weight is `(out, in)` (GGUF's `ne = [in, out]`, row-major rows of `in`
-//! values). It is kept in one of two forms:
+//! values). It is kept in one of three forms:
 //!
-//! - [`Weight::Q4_1`], [`Weight::Q8_0`]: blocks as stored, multiplied by this crate's own
-//!   kernels ([`crate::quant`]: q8 dot products for decode, dequantize + gemm for prefill).
-//! - [`Weight::Quantized`]: any other GGUF block format as stored (Q4_0, the k-quants ...),
-//!   multiplied by candle's quantized matmul, which quantizes the activations to the format's
-//!   dot-product type (q8_0 / q8_K) as llama.cpp does.
-//! - [`Weight::Dense`]: dequantized to f32, multiplied by an f32 gemm. Four to eight times
-//!   the memory of a 4-bit file; used when a LoRA adapter is merged into the weights
-//!   (a LoRA merge) and by [`WeightFormat::F32`] loads, whose
-//!   results do not depend on the batch size (exact KV-cache tests, training).
+//! - [`Weight::Q4_1`], [`Weight::Q8_0`]: blocks multiplied by this crate's own kernels
+//!   ([`crate::quant`]: q8 activations, integer dot products, for decode and prefill). Every
+//!   other GGUF block format is rewritten into one of these two at load
+//!   ([`crate::quant::convert`]: Q4_0 and Q4_K become Q4_1, Q5_0 becomes Q8_0, the rest is
+//!   requantized to Q8_0).
+//! - [`Weight::Dense`]: f32, multiplied by an f32 gemm. For F32/F16/BF16 tensors, when a
+//!   LoRA adapter is merged into the weights, and for [`WeightFormat::F32`] loads, whose
+//!   results do not depend on the batch size (exact KV-cache tests, training). Four to
+//!   eight times the memory of a 4-bit file.
 
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::quant::{QMatrix, QuantFormat, Q4_1, Q8_0};
 use crate::Result;
@@ -36,22 +36,22 @@ pub(crate) enum Weight {
     Q4_1(QMatrix<Q4_1>),
     /// Q8_0 with this crate's kernels.
     Q8_0(QMatrix<Q8_0>),
-    /// A GGUF block-quantized tensor.
-    Quantized(QMatMul),
     /// `(out, in)` f32, contiguous.
     Dense(Tensor),
 }
 
 impl Weight {
     /// Wraps a tensor read from a GGUF file in the requested format. f32/f16/bf16 tensors
-    /// are always made dense.
+    /// are always made dense; block formats other than Q4_1/Q8_0 are converted
+    /// ([`crate::quant::convert`]).
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`](crate::Error::Unsupported) for a tensor that is not 2-D or whose
+    /// rows are not whole blocks; candle's errors for a format it cannot dequantize.
     pub(crate) fn from_qtensor(t: std::sync::Arc<QTensor>, format: WeightFormat) -> Result<Self> {
-        let float = matches!(
-            t.dtype(),
-            candle_core::quantized::GgmlDType::F32
-                | candle_core::quantized::GgmlDType::F16
-                | candle_core::quantized::GgmlDType::BF16
-        );
+        use crate::quant::convert;
+        let dtype = t.dtype();
+        let float = matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
         if format == WeightFormat::F32 || float {
             let dense = t
                 .dequantize(&Device::Cpu)?
@@ -59,16 +59,55 @@ impl Weight {
                 .contiguous()?;
             return Ok(Self::Dense(dense));
         }
-        match t.dtype() {
-            candle_core::quantized::GgmlDType::Q4_1 => {
-                return Ok(Self::Q4_1(QMatrix::from_qtensor(&t)?))
+        let (rows, cols) = t.shape().dims2()?;
+        Ok(match dtype {
+            GgmlDType::Q4_1 => Self::Q4_1(QMatrix::from_qtensor(&t)?),
+            GgmlDType::Q8_0 => Self::Q8_0(QMatrix::from_qtensor(&t)?),
+            GgmlDType::Q4_0 => Self::Q4_1(QMatrix::from_blocks(
+                rows,
+                cols,
+                &convert::q4_0_as_q4_1(&t.data()?),
+            )?),
+            GgmlDType::Q4K => Self::Q4_1(QMatrix::from_blocks(
+                rows,
+                cols,
+                &convert::q4_k_as_q4_1(&t.data()?),
+            )?),
+            GgmlDType::Q5_0 => Self::Q8_0(QMatrix::from_blocks(
+                rows,
+                cols,
+                &convert::q5_0_as_q8_0(&t.data()?),
+            )?),
+            _ => {
+                let x = t
+                    .dequantize(&Device::Cpu)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                Self::Q8_0(QMatrix::from_blocks(
+                    rows,
+                    cols,
+                    &convert::quantize_q8_0(&x),
+                )?)
             }
-            candle_core::quantized::GgmlDType::Q8_0 => {
-                return Ok(Self::Q8_0(QMatrix::from_qtensor(&t)?))
+        })
+    }
+
+    /// Rows `ids` of the matrix as `(ids.len(), in)` f32: the token embedding's lookup,
+    /// dequantizing only the rows asked for.
+    ///
+    /// # Panics
+    /// When an id is `>= out` (the callers check token ids first).
+    pub(crate) fn rows(&self, ids: &[u32]) -> Result<Tensor> {
+        let cols = self.dims()?.1;
+        let values = match self {
+            Self::Q4_1(m) => m.dequantize_rows(ids),
+            Self::Q8_0(m) => m.dequantize_rows(ids),
+            Self::Dense(t) => {
+                let ids = Tensor::new(ids, t.device())?;
+                return Ok(t.index_select(&ids, 0)?);
             }
-            _ => {}
-        }
-        Ok(Self::Quantized(QMatMul::from_arc(t)?))
+        };
+        Ok(Tensor::from_vec(values, (ids.len(), cols), &Device::Cpu)?)
     }
 
     /// `(out, in)`.
@@ -76,10 +115,6 @@ impl Weight {
         Ok(match self {
             Self::Q4_1(m) => m.dims(),
             Self::Q8_0(m) => m.dims(),
-            Self::Quantized(QMatMul::QTensor(q)) => q.shape().dims2()?,
-            Self::Quantized(QMatMul::Tensor(t)) | Self::Quantized(QMatMul::TensorF16(t)) => {
-                t.dims2()?
-            }
             Self::Dense(t) => t.dims2()?,
         })
     }
@@ -89,10 +124,6 @@ impl Weight {
         Ok(match self {
             Self::Q4_1(m) => m.dequantize()?,
             Self::Q8_0(m) => m.dequantize()?,
-            Self::Quantized(QMatMul::QTensor(q)) => q.dequantize(&Device::Cpu)?,
-            Self::Quantized(QMatMul::Tensor(t)) | Self::Quantized(QMatMul::TensorF16(t)) => {
-                t.to_dtype(DType::F32)?
-            }
             Self::Dense(t) => t.clone(),
         })
     }
@@ -102,7 +133,6 @@ impl Weight {
         Ok(match self {
             Self::Q4_1(m) => qmatmul(m, x)?,
             Self::Q8_0(m) => qmatmul(m, x)?,
-            Self::Quantized(q) => q.forward(x)?,
             Self::Dense(w) => x.broadcast_matmul(&w.t()?)?,
         })
     }
@@ -114,7 +144,7 @@ impl Weight {
         match self {
             Self::Q4_1(m) => Some(m.matmul(xs, rows)),
             Self::Q8_0(m) => Some(m.matmul(xs, rows)),
-            Self::Quantized(_) | Self::Dense(_) => None,
+            Self::Dense(_) => None,
         }
     }
 }

@@ -16,7 +16,7 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::Content;
 use candle_core::{DType, Device, Tensor, Var};
 use ragtune_generate::lora::Factor;
-use ragtune_generate::{rope_tables, LlamaProps, LoraConfig, TargetModule};
+use ragtune_generate::{rope_tables, Architecture, LlamaProps, LoraConfig, TargetModule};
 use rand::{Rng, SeedableRng};
 
 use crate::error::io;
@@ -213,6 +213,24 @@ impl TrainModel {
             source,
         })?;
         let props = LlamaProps::try_from(&content)?;
+        // This differentiable forward is llama's alone: no q/k/v biases, adjacent-pair RoPE,
+        // no frequency factors. Another variant would train a model other than the one served.
+        let rope_freqs = content.tensor_infos.contains_key("rope_freqs.weight");
+        if props.architecture != Architecture::Llama || rope_freqs {
+            return Err(ragtune_generate::Error::Unsupported {
+                what: format!(
+                    "LoRA training of a `{}` model{} (the trainer runs llama without \
+                     rope_freqs; serving such a model works)",
+                    props.architecture.gguf_name(),
+                    if rope_freqs {
+                        " with rope_freqs.weight"
+                    } else {
+                        ""
+                    }
+                ),
+            }
+            .into());
+        }
         let embeddings = dequantize(&content, &mut file, "token_embd.weight")?;
         let output = if content.tensor_infos.contains_key("output.weight") {
             dequantize(&content, &mut file, "output.weight")?
@@ -249,6 +267,7 @@ impl TrainModel {
             &props.rope,
             props.head_dim,
             props.context_length,
+            None,
             &Device::Cpu,
         )?;
         let mut model = Self {

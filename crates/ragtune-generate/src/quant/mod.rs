@@ -20,11 +20,14 @@
 //!   ([`kernels`]: AVX-512 VNNI, AVX2 or portable, chosen at run time). An activation row's
 //!   result does not depend on how many rows are multiplied with it, so a prompt prefilled in
 //!   one call or in pieces, and a sequence decoded alone or in a batch, see the same numbers.
+//! - **Other formats** (Q4_0, the k-quants, Q5_0 ...) are rewritten into these two at load
+//!   ([`convert`]), so any quantized GGUF runs on these kernels.
 //! - **Parallel work**: tasks of 64 weight rows × 64 activation rows handed out one at a time
 //!   on the rayon pool ([`for_each_dynamic`]), so a core taken by another process delays one
 //!   task, not half the matrix.
 
 mod blocks;
+pub(crate) mod convert;
 mod kernels;
 
 use std::marker::PhantomData;
@@ -72,22 +75,28 @@ impl<F: QuantFormat> QMatrix<F> {
     /// [`Error::Unsupported`] when the tensor has another type, is not 2-D, or its rows are
     /// not a whole number of blocks.
     pub(crate) fn from_qtensor(t: &QTensor) -> Result<Self> {
-        let unsupported = |what: String| Error::Unsupported { what };
         if t.dtype() != F::DTYPE {
-            return Err(unsupported(format!(
-                "{:?} in the {:?} kernel",
-                t.dtype(),
-                F::DTYPE
-            )));
+            return Err(Error::Unsupported {
+                what: format!("{:?} in the {:?} kernel", t.dtype(), F::DTYPE),
+            });
         }
         let (rows, cols) = t.shape().dims2()?;
+        Self::from_blocks(rows, cols, &t.data()?)
+    }
+
+    /// A `(rows, cols)` matrix from its blocks in the file format of `F` (row after row).
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] when `cols` is not a multiple of 32 or `bytes` does not hold
+    /// `rows * cols / 32` blocks.
+    pub(crate) fn from_blocks(rows: usize, cols: usize, bytes: &[u8]) -> Result<Self> {
+        let unsupported = |what: String| Error::Unsupported { what };
         if cols % QK != 0 {
             return Err(unsupported(format!(
                 "{:?} rows of {cols} values (not a multiple of 32)",
                 F::DTYPE
             )));
         }
-        let bytes = t.data()?;
         let nb = cols / QK;
         if bytes.len() != rows * nb * F::BYTES {
             return Err(unsupported(format!(
@@ -166,6 +175,20 @@ impl<F: QuantFormat> QMatrix<F> {
             };
             F::dequantize_block(&block_qs, group.d[b * GROUP + rr].to_f32(), m, out);
         }
+    }
+
+    /// Rows `ids` as `(ids.len(), cols)` f32 values, row-major: a quantized token embedding's
+    /// lookup (`get_rows` in ggml), which keeps the matrix in its blocks.
+    ///
+    /// # Panics
+    /// When an id is `>= rows` (the callers check token ids first).
+    pub(crate) fn dequantize_rows(&self, ids: &[u32]) -> Vec<f32> {
+        let mut out = vec![0f32; ids.len() * self.cols];
+        for (dst, &id) in out.chunks_exact_mut(self.cols).zip(ids) {
+            assert!((id as usize) < self.rows, "row {id} of {}", self.rows);
+            self.dequantize_row(id as usize, dst);
+        }
+        out
     }
 
     /// The whole matrix as `(rows, cols)` f32.

@@ -1,0 +1,220 @@
+//! Every other GGUF block format, rewritten at load into the two this crate multiplies
+//! ([`Q4_1`](super::Q4_1) and [`Q8_0`](super::Q8_0)), so one set of kernels serves any
+//! quantized file (llama.cpp's CPU "repack" does the same for its own layouts).
+//!
+//! Block layouts from `ggml-common.h`, the decodings from `dequantize_row_*` in
+//! `ggml-quants.c`:
+//!
+//! | source | bytes / 32 weights | becomes | how | exact? |
+//! |---|--:|---|---|---|
+//! | Q4_0 `{d, qs[16]}`, `w = d (q - 8)` | 18 | Q4_1 (20) | `m = -8 d` | yes |
+//! | Q4_K 256-blocks `{d, dmin, scales[12], qs[128]}`, `w = d·sc_j q - dmin·m_j` per 32 | 18 | Q4_1 (20) | per 32: `d' = f16(d·sc_j)`, `m' = f16(-dmin·m_j)` | scales rounded to f16: each within 2^-11 relative |
+//! | Q5_0 `{d, qh[4], qs[16]}`, `w = d (q - 16)` | 22 | Q8_0 (34) | `q - 16` in `[-16, 15]` as i8 | yes |
+//! | any other (Q5_1, Q2_K, Q3_K, Q5_K, Q6_K, Q8_1 ...) | | Q8_0 (34) | dequantized (candle), then `quantize_row_q8_0_ref` | within half a q8 step (`max|w| / 254` per block) |
+//!
+//! The Q8_0 requantization costs 8.5 bits a weight in memory against 5.5-6.6 in the file;
+//! own 5- and 6-bit kernels would keep the file's size.
+
+use half::f16;
+
+use super::blocks::QK;
+
+/// Bytes of a `block_q4_0`.
+const Q4_0_BYTES: usize = 18;
+/// Bytes of a `block_q5_0`.
+const Q5_0_BYTES: usize = 22;
+/// Weights per k-quant super-block (`QK_K`).
+const QK_K: usize = 256;
+/// Bytes of a `block_q4_K`.
+const Q4_K_BYTES: usize = 144;
+/// Bytes of a `block_q4_1`, what the Q4_1 conversions write.
+const Q4_1_BYTES: usize = 20;
+/// Bytes of a `block_q8_0`, what the Q8_0 conversions write.
+const Q8_0_BYTES: usize = 34;
+
+fn read_f16(b: &[u8]) -> f16 {
+    f16::from_le_bytes([b[0], b[1]])
+}
+
+/// Q4_0 blocks as Q4_1 blocks: the same nibbles, `m = -8 d` (exact in f16: a power-of-two
+/// multiple).
+pub(crate) fn q4_0_as_q4_1(src: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(src.len() / Q4_0_BYTES * Q4_1_BYTES);
+    for b in src.chunks_exact(Q4_0_BYTES) {
+        let d = read_f16(b);
+        out.extend_from_slice(&d.to_le_bytes());
+        out.extend_from_slice(&(-(d * f16::from_f32(8.0))).to_le_bytes());
+        out.extend_from_slice(&b[2..18]);
+    }
+    out
+}
+
+/// The 6-bit scale and minimum of sub-block `j` (0..8) of a Q4_K/Q5_K super-block
+/// (`get_scale_min_k4` in `ggml-quants.c`).
+fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (s[j] & 63, s[j + 4] & 63)
+    } else {
+        (
+            (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4),
+            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
+        )
+    }
+}
+
+/// Q4_K super-blocks as eight Q4_1 blocks each. Sub-block `2k` holds the low nibbles of
+/// `qs[32k..32k + 32]`, sub-block `2k + 1` their high nibbles; a Q4_1 block holds weight `j`
+/// in the low nibble of byte `j` and weight `16 + j` in its high nibble.
+pub(crate) fn q4_k_as_q4_1(src: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(src.len() / Q4_K_BYTES * 8 * Q4_1_BYTES);
+    for b in src.chunks_exact(Q4_K_BYTES) {
+        let (d, dmin) = (read_f16(&b[0..2]).to_f32(), read_f16(&b[2..4]).to_f32());
+        let (scales, qs) = (&b[4..16], &b[16..144]);
+        for j in 0..QK_K / QK {
+            let (sc, m) = scale_min_k4(j, scales);
+            let src_qs = &qs[32 * (j / 2)..32 * (j / 2) + 32];
+            let nibble = |e: usize| {
+                if j % 2 == 0 {
+                    src_qs[e] & 0x0F
+                } else {
+                    src_qs[e] >> 4
+                }
+            };
+            out.extend_from_slice(&f16::from_f32(d * f32::from(sc)).to_le_bytes());
+            out.extend_from_slice(&f16::from_f32(-(dmin * f32::from(m))).to_le_bytes());
+            out.extend((0..QK / 2).map(|e| nibble(e) | (nibble(e + QK / 2) << 4)));
+        }
+    }
+    out
+}
+
+/// Q5_0 blocks as Q8_0 blocks: the 5-bit quants minus 16 as bytes, the same `d`.
+pub(crate) fn q5_0_as_q8_0(src: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(src.len() / Q5_0_BYTES * Q8_0_BYTES);
+    for b in src.chunks_exact(Q5_0_BYTES) {
+        out.extend_from_slice(&b[0..2]);
+        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+        let qs = &b[6..22];
+        let low = (0..16).map(|j| (qs[j] & 0x0F) | ((((qh >> j) << 4) & 0x10) as u8));
+        let high = (0..16).map(|j| (qs[j] >> 4) | (((qh >> (j + 12)) & 0x10) as u8));
+        out.extend(low.chain(high).map(|q| (q as i8 - 16) as u8));
+    }
+    out
+}
+
+/// `x` (a multiple of 32 values) as Q8_0 blocks, as ggml's `quantize_row_q8_0_ref`: per
+/// block `d = max|x| / 127`, `q = round(x / d)` half away from zero, `d` stored as f16.
+pub(crate) fn quantize_q8_0(x: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(x.len() / QK * Q8_0_BYTES);
+    for xs in x.chunks_exact(QK) {
+        let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+        out.extend(xs.iter().map(|v| ((v * id).round() as i8) as u8));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+
+    use super::super::{QMatrix, Q4_1, Q8_0};
+    use super::*;
+
+    /// `(rows, cols)` seeded values, a few blocks scaled up so that scales differ a lot.
+    fn values(rows: usize, cols: usize, seed: u64) -> Tensor {
+        let mut s = seed;
+        let vals: Vec<f32> = (0..rows * cols)
+            .map(|i| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let v = ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0;
+                if (i / 32) % 7 == 3 {
+                    v * 9.0
+                } else {
+                    v
+                }
+            })
+            .collect();
+        Tensor::from_vec(vals, (rows, cols), &Device::Cpu).expect("test value")
+    }
+
+    fn flat(t: &Tensor) -> Vec<f32> {
+        t.flatten_all()
+            .and_then(|t| t.to_vec1())
+            .expect("test value")
+    }
+
+    /// The converted matrix dequantized, and candle's dequantization of the source.
+    fn both(dtype: GgmlDType, convert: fn(&[u8]) -> Vec<u8>, q4: bool) -> (Vec<f32>, Vec<f32>) {
+        let (rows, cols) = (19, 512);
+        let q = QTensor::quantize(&values(rows, cols, 3), dtype).expect("test value");
+        let bytes = convert(&q.data().expect("test value"));
+        let ours = if q4 {
+            QMatrix::<Q4_1>::from_blocks(rows, cols, &bytes).and_then(|m| m.dequantize())
+        } else {
+            QMatrix::<Q8_0>::from_blocks(rows, cols, &bytes).and_then(|m| m.dequantize())
+        }
+        .expect("test value");
+        let theirs = q.dequantize(&Device::Cpu).expect("test value");
+        (flat(&ours), flat(&theirs))
+    }
+
+    #[test]
+    fn q4_0_becomes_q4_1_exactly() {
+        let (ours, theirs) = both(GgmlDType::Q4_0, q4_0_as_q4_1, true);
+        assert!(ours == theirs);
+    }
+
+    #[test]
+    fn q5_0_becomes_q8_0_exactly() {
+        let (ours, theirs) = both(GgmlDType::Q5_0, q5_0_as_q8_0, false);
+        assert!(ours == theirs);
+    }
+
+    /// Each weight within the f16 rounding of its block's two scales: `|d' - d·sc| <=
+    /// 2^-11 d·sc` and the same for `dmin·m`, so `|w' - w| <= 2^-11 (15 d·sc + dmin·m)`;
+    /// `15 d·sc` spans the block's range (at most `2 max|w|`) and `dmin·m` is at most
+    /// `max|w|`, so `3 · 2^-11 · max|w|` of the 256-block bounds it.
+    #[test]
+    fn q4_k_becomes_q4_1_within_the_scale_rounding() {
+        let (ours, theirs) = both(GgmlDType::Q4K, q4_k_as_q4_1, true);
+        for (o, t) in ours.chunks_exact(QK_K).zip(theirs.chunks_exact(QK_K)) {
+            let amax = t.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let bound = amax * 3.0 / 2048.0 + 1e-7;
+            for (a, b) in o.iter().zip(t) {
+                assert!((a - b).abs() <= bound, "{a} vs {b} (bound {bound})");
+            }
+        }
+    }
+
+    /// Requantized k-quants: within half a q8 step of candle's dequantization.
+    #[test]
+    fn requantized_k_quants_are_within_half_a_q8_step() {
+        for dtype in [
+            GgmlDType::Q6K,
+            GgmlDType::Q5K,
+            GgmlDType::Q3K,
+            GgmlDType::Q5_1,
+        ] {
+            let q = QTensor::quantize(&values(19, 512, 3), dtype).expect("test value");
+            let theirs = flat(&q.dequantize(&Device::Cpu).expect("test value"));
+            let bytes = quantize_q8_0(&theirs);
+            let ours = QMatrix::<Q8_0>::from_blocks(19, 512, &bytes)
+                .and_then(|m| m.dequantize())
+                .expect("test value");
+            for (o, t) in flat(&ours).chunks_exact(QK).zip(theirs.chunks_exact(QK)) {
+                let amax = t.iter().fold(0f32, |a, v| a.max(v.abs()));
+                // Half a step, plus the f16 rounding of d (2^-11 of 127 steps).
+                let bound = amax / 254.0 + amax / 2048.0 + 1e-7;
+                for (a, b) in o.iter().zip(t) {
+                    assert!((a - b).abs() <= bound, "{dtype:?}: {a} vs {b}");
+                }
+            }
+        }
+    }
+}
