@@ -15,6 +15,8 @@ mod embed_golden;
 mod engine;
 #[path = "it/finetune_data.rs"]
 mod finetune_data;
+#[path = "it/generate_arch.rs"]
+mod generate_arch;
 #[path = "it/generate_golden.rs"]
 mod generate_golden;
 #[path = "it/generate_lora.rs"]

@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""Tiny synthetic GGUF models for the architecture variants no pinned file covers, and
+llama.cpp's logits on them.
+
+Writes, with the `gguf` package, two F32 models of 2 blocks, 32 wide, 2 query heads over 1
+KV head of 16 dimensions, a 64-wide SwiGLU and a 260-token byte-level vocabulary, weights
+drawn from numpy's default_rng(seed):
+  * tiny-qwen2.gguf: `general.architecture = qwen2` (q/k/v biases, NeoX RoPE);
+  * tiny-llama3-rope-freqs.gguf: `llama` with a `rope_freqs.weight` tensor (Llama 3.1's
+    per-frequency RoPE divisors), and an untied `output.weight`.
+Then runs llama.cpp (llama-cpp-python 0.3.36, n_threads=2, default f16 KV cache) on a fixed
+16-token sequence and records the logits of every position.
+
+Output: GOLDEN/tiny-*.gguf and GOLDEN/synthetic.json (GOLDEN: --golden, ANCHORS_GOLDEN,
+else ../../tests/golden). Runs in seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import pathlib
+
+import numpy as np
+
+HERE = pathlib.Path(__file__).resolve().parent
+TOKENS = [1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33, 10, 256]
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FF, BLOCKS = 32, 2, 1, 16, 64, 2
+
+
+def byte_vocab():
+    # GPT-2's byte-to-unicode map, so each of the 256 bytes is one token.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    table = dict(zip(bs, (chr(c) for c in cs)))
+    tokens = [table[b] for b in range(256)] + ["ab", "<s>", "</s>", "<pad>"]
+    return tokens
+
+
+def write(path, arch, seed):
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    w = lambda *shape, s=0.3: (rng.standard_normal(shape) * s).astype(np.float32)
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_context_length(256)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_block_count(BLOCKS)
+    writer.add_feed_forward_length(FF)
+    writer.add_head_count(HEADS)
+    writer.add_head_count_kv(KV_HEADS)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_file_type(0)
+    tokens = byte_vocab()
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * 257 + [3, 3, 3])
+    writer.add_token_merges(["a b"])
+    writer.add_bos_token_id(257)
+    writer.add_eos_token_id(258)
+    vocab = len(tokens)
+    writer.add_tensor("token_embd.weight", w(vocab, HIDDEN, s=1.0))
+    writer.add_tensor("output_norm.weight", (1.0 + w(HIDDEN, s=0.1)).astype(np.float32))
+    if arch == "llama":
+        writer.add_tensor("output.weight", w(vocab, HIDDEN))
+        # Llama 3.1's factors: 1 for the high frequencies, up to 8 for the low ones.
+        writer.add_tensor("rope_freqs.weight", np.array([1, 1, 1, 1.5, 2, 4, 6, 8], dtype=np.float32))
+    q_out, kv_out = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
+    for i in range(BLOCKS):
+        b = f"blk.{i}."
+        writer.add_tensor(b + "attn_norm.weight", (1.0 + w(HIDDEN, s=0.1)).astype(np.float32))
+        writer.add_tensor(b + "attn_q.weight", w(q_out, HIDDEN))
+        writer.add_tensor(b + "attn_k.weight", w(kv_out, HIDDEN))
+        writer.add_tensor(b + "attn_v.weight", w(kv_out, HIDDEN))
+        if arch == "qwen2":
+            writer.add_tensor(b + "attn_q.bias", w(q_out, s=0.5))
+            writer.add_tensor(b + "attn_k.bias", w(kv_out, s=0.5))
+            writer.add_tensor(b + "attn_v.bias", w(kv_out, s=0.5))
+        writer.add_tensor(b + "attn_output.weight", w(HIDDEN, q_out))
+        writer.add_tensor(b + "ffn_norm.weight", (1.0 + w(HIDDEN, s=0.1)).astype(np.float32))
+        writer.add_tensor(b + "ffn_gate.weight", w(FF, HIDDEN))
+        writer.add_tensor(b + "ffn_up.weight", w(FF, HIDDEN))
+        writer.add_tensor(b + "ffn_down.weight", w(HIDDEN, FF))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def logits(path):
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=64, n_batch=64, n_ubatch=64, n_threads=2,
+                n_threads_batch=2, logits_all=True, verbose=False, seed=0)
+    llm.eval(TOKENS)
+    return [[round(float(v), 5) for v in llm.scores[i]] for i in range(len(TOKENS))]
+
+
+def main():
+    import llama_cpp
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--golden", default=os.environ.get("ANCHORS_GOLDEN", str(HERE.parent.parent / "tests/golden")))
+    args = ap.parse_args()
+    golden = pathlib.Path(args.golden)
+    out = {
+        "produced_by": f"gguf-py (the model files) and llama-cpp-python {llama_cpp.__version__} "
+                       "(llama.cpp vendored; the logits), CPU, n_threads=2, f16 KV cache",
+        "tokens": TOKENS,
+        "models": {},
+    }
+    for name, arch, seed in [("tiny-qwen2.gguf", "qwen2", 7), ("tiny-llama3-rope-freqs.gguf", "llama", 8)]:
+        path = golden / name
+        write(path, arch, seed)
+        out["models"][name] = {
+            "architecture": arch,
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "logits": logits(path),
+        }
+        print(name, path.stat().st_size, "bytes")
+    (golden / "synthetic.json").write_text(json.dumps(out) + "\n")
+
+
+if __name__ == "__main__":
+    main()

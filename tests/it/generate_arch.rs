@@ -1,0 +1,85 @@
+//! The architecture variants no pinned file covers, against llama.cpp's logits on tiny
+//! synthetic GGUFs (`tests/golden/tiny-*.gguf` and `synthetic.json`, written by
+//! `benches/anchors/synthetic_golden.py` with the `gguf` package, F32 weights):
+//! `qwen2` (q/k/v biases, NeoX RoPE) and `llama` with Llama 3.1's `rope_freqs.weight`.
+
+use crate::util;
+use ragtune_generate::{Architecture, LlamaModel};
+
+/// Every logit of a 16-token sequence within `2e-3 · max|logit|` of llama.cpp's, and the
+/// same argmax at every position. llama.cpp keeps the KV cache in f16 and rounds the queries
+/// and attention weights to f16 for their products with it (`vec_dot_type` of an F16
+/// tensor), 2^-11 (5e-4) relative each; this model rounds the cached keys and values alike
+/// but multiplies in f32, so a few such roundings apart. Measured: 1.5e-2 of max 17 (qwen2),
+/// 3.8e-3 of max 4.3 (llama3). A wrong RoPE pairing, a missing bias or ignored frequency
+/// factors move logits by whole units.
+fn check(file: &str, arch: Architecture) {
+    let golden = util::golden("synthetic.json");
+    let g = &golden["models"][file];
+    let path = util::repo().join("tests/golden").join(file);
+    let model = LlamaModel::from_gguf(&path).expect("load");
+    assert_eq!(model.props().architecture, arch);
+    let tokens = crate::util::ids(&golden["tokens"]);
+    let mut cache = model.new_cache(tokens.len()).expect("cache");
+    let ours: Vec<Vec<f32>> = model
+        .forward(&tokens, 0, &mut cache)
+        .and_then(|l| Ok(l.to_vec2::<f32>()?))
+        .expect("forward");
+    let theirs: Vec<Vec<f64>> = g["logits"]
+        .as_array()
+        .expect("logits")
+        .iter()
+        .map(|row| {
+            row.as_array()
+                .expect("row")
+                .iter()
+                .map(|v| v.as_f64().expect("logit"))
+                .collect()
+        })
+        .collect();
+    assert_eq!(ours.len(), theirs.len());
+    let max_abs = theirs.iter().flatten().fold(0f64, |m, v| m.max(v.abs()));
+    let mut worst = 0f64;
+    for (pos, (o, t)) in ours.iter().zip(&theirs).enumerate() {
+        assert_eq!(o.len(), t.len(), "vocabulary");
+        for (a, b) in o.iter().zip(t) {
+            worst = worst.max((f64::from(*a) - b).abs());
+        }
+        let argmax = |v: &[f64]| {
+            (0..v.len())
+                .max_by(|&i, &j| v[i].total_cmp(&v[j]))
+                .expect("non-empty")
+        };
+        let o64: Vec<f64> = o.iter().map(|&v| f64::from(v)).collect();
+        assert_eq!(argmax(&o64), argmax(t), "{file}: argmax at position {pos}");
+    }
+    eprintln!("{file}: max |logit - llama.cpp's| = {worst:.2e} (max |logit| {max_abs:.1})");
+    assert!(
+        worst <= 2e-3 * max_abs,
+        "{file}: max logit difference {worst}"
+    );
+}
+
+#[test]
+fn qwen2_matches_llama_cpp() {
+    check("tiny-qwen2.gguf", Architecture::Qwen2);
+}
+
+#[test]
+fn llama3_rope_freqs_match_llama_cpp() {
+    check("tiny-llama3-rope-freqs.gguf", Architecture::Llama);
+}
+
+/// An architecture this crate does not run is an error naming it and the supported ones.
+#[test]
+fn an_unknown_architecture_is_named() {
+    use ragtune_generate::candle_core::quantized::gguf_file::Value as V;
+    let mut md = std::collections::HashMap::new();
+    md.insert(
+        "general.architecture".to_string(),
+        V::String("gemma3".into()),
+    );
+    let err = ragtune_generate::LlamaProps::from_metadata(&md).expect_err("refused");
+    let msg = err.to_string();
+    assert!(msg.contains("gemma3") && msg.contains("qwen2"), "{msg}");
+}
