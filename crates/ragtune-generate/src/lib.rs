@@ -71,9 +71,10 @@ pub use lora::{LoraAdapter, LoraConfig, TargetModule};
 pub use model::{DecodeRow, LlamaModel};
 pub use prefix_cache::{PrefixCache, PrefixCacheStats, BLOCK_TOKENS};
 pub use props::{
-    read_gguf, Architecture, LlamaProps, RopeParams, RopeScaling, RopeStyle, SpecialTokenIds,
+    describe, read_gguf, Architecture, LlamaProps, RopeParams, RopeScaling, RopeStyle,
+    SpecialTokenIds,
 };
-pub use requantize::{ggml_dtype, requantize};
+pub use requantize::{ggml_dtype, ggml_name, requantize};
 pub use session::{
     end_of_generation_ids, GenerateParams, Generation, Generator, RepeatPenalty, Sampling,
     StopReason, Timings,

@@ -30,6 +30,42 @@ pub fn read_gguf(path: impl AsRef<Path>) -> Result<Content> {
     })
 }
 
+/// A one-line description of a loaded file for a user: architecture, the tensor types of its
+/// weights (count per GGML type, most common first), context length and the chat template's
+/// family, e.g. `qwen2, Q5_0 x166 Q8_0 x15 Q6_K x14 Q4_K x16, context 32768 tokens,
+/// template ChatML`.
+pub fn describe(content: &Content, props: &LlamaProps) -> String {
+    let mut types: HashMap<String, usize> = HashMap::new();
+    for info in content.tensor_infos.values() {
+        if info.shape.dims().len() == 2 {
+            *types
+                .entry(crate::requantize::ggml_name(info.ggml_dtype))
+                .or_default() += 1;
+        }
+    }
+    let mut types: Vec<(String, usize)> = types.into_iter().collect();
+    types.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let types: Vec<String> = types.iter().map(|(t, n)| format!("{t} x{n}")).collect();
+    let template = match props.chat_template.as_deref() {
+        None => "none (use --raw)",
+        Some(t) if t.contains("<|im_start|>") => "ChatML",
+        Some(t) if t.contains("<|start_header_id|>") => "Llama 3",
+        Some(t) if t.contains("<start_of_turn>") => "Gemma",
+        Some(t) if t.contains("[INST]") => "Llama 2 / Mistral",
+        Some(_) => "custom",
+    };
+    format!(
+        "{}{}, {}, context {} tokens, template {template}",
+        props.architecture.gguf_name(),
+        props
+            .name
+            .as_deref()
+            .map_or(String::new(), |n| format!(" ({n})")),
+        types.join(" "),
+        props.context_length,
+    )
+}
+
 /// RoPE frequency scaling, from `llama.rope.scaling.*`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[non_exhaustive]
@@ -521,6 +557,20 @@ impl<'a> Metadata<'a> {
                 Value::U16(x) => Ok(x.into()),
                 Value::U32(x) => Ok(x.into()),
                 _ => Err(Self::wrong(key, "an array of integers", v)),
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
+    pub(crate) fn opt_floats(&self, key: &str) -> Result<Option<Vec<f32>>> {
+        let Some(a) = self.opt_array(key)? else {
+            return Ok(None);
+        };
+        a.iter()
+            .map(|v| match *v {
+                Value::F32(x) => Ok(x),
+                Value::F64(x) => Ok(x as f32),
+                _ => Err(Self::wrong(key, "an array of floats", v)),
             })
             .collect::<Result<Vec<_>>>()
             .map(Some)

@@ -17,8 +17,30 @@ use crate::{Error, Result};
 /// # Errors
 /// [`Error::Unsupported`] for a name candle cannot quantize to, listing the known ones.
 pub fn ggml_dtype(name: &str) -> Result<GgmlDType> {
+    let known = known_types();
+    known
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, t)| *t)
+        .ok_or_else(|| Error::Unsupported {
+            what: format!(
+                "GGML type `{name}` (known: {})",
+                known.map(|(n, _)| n).join(", ")
+            ),
+        })
+}
+
+/// The name llama.cpp gives `t` (`Q4_K`; candle's `Debug` says `Q4K`).
+pub fn ggml_name(t: GgmlDType) -> String {
+    known_types()
+        .iter()
+        .find(|(_, k)| *k == t)
+        .map_or_else(|| format!("{t:?}"), |(n, _)| (*n).to_string())
+}
+
+fn known_types() -> [(&'static str, GgmlDType); 13] {
     use GgmlDType as T;
-    let known = [
+    [
         ("F32", T::F32),
         ("F16", T::F16),
         ("BF16", T::BF16),
@@ -32,17 +54,7 @@ pub fn ggml_dtype(name: &str) -> Result<GgmlDType> {
         ("Q4_K", T::Q4K),
         ("Q5_K", T::Q5K),
         ("Q6_K", T::Q6K),
-    ];
-    known
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, t)| *t)
-        .ok_or_else(|| Error::Unsupported {
-            what: format!(
-                "GGML type `{name}` (known: {})",
-                known.map(|(n, _)| n).join(", ")
-            ),
-        })
+    ]
 }
 
 /// Writes `dst`: the tensors of `src` in the types `plan` gives by tensor name (a tensor

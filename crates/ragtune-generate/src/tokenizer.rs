@@ -9,9 +9,14 @@
 //! llama.cpp's ids on the same file (candle's `TokenizerFromGguf` adds a prefix space for
 //! SmolLM2, so text does not round-trip).
 //!
-//! SentencePiece GGUFs (`tokenizer.ggml.model = "llama"`, e.g. Llama 2 and Mistral v0.1) are not
-//! built yet: they give [`Error::UnsupportedTokenizer`]; pass their `tokenizer.json` to
-//! [`Tokenizer::from_file`] instead.
+//! For a SentencePiece GGUF (`tokenizer.ggml.model = "llama"`: Llama 2, Mistral, TinyLlama,
+//! Gemma) it is what Hugging Face's `SentencePieceExtractor` and llama.cpp's `llm_tokenizer_spm`
+//! both amount to: a BPE model over `tokenizer.ggml.tokens` whose merges are every split of a
+//! piece into two pieces, ranked by the piece's `tokenizer.ggml.scores` (highest first), with
+//! byte fallback (`<0xXX>` pieces) for what no piece covers; a normalizer that prepends `▁`
+//! (`tokenizer.ggml.add_space_prefix`, default true; to every text segment between special
+//! tokens, as llama.cpp does after a special token) and writes spaces as `▁`; the decoder
+//! undoing both. Control and unknown tokens (types 3 and 2) are special tokens.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -90,6 +95,9 @@ impl Tokenizer {
     pub fn from_metadata(md: &HashMap<String, Value>) -> Result<Self> {
         let md = Metadata(md);
         let model = md.string("tokenizer.ggml.model")?;
+        if model == "llama" {
+            return spm_from_metadata(&md);
+        }
         if model != "gpt2" {
             return Err(Error::UnsupportedTokenizer {
                 key: "tokenizer.ggml.model".into(),
@@ -163,22 +171,7 @@ impl Tokenizer {
             detail: e.to_string(),
         })?;
 
-        let vocab_size = tokens.len();
-        let bos = match md.opt_u64("tokenizer.ggml.bos_token_id")? {
-            Some(id) if id < vocab_size as u64 => Some(id as u32),
-            Some(id) => {
-                return Err(Error::TokenOutOfRange {
-                    key: "tokenizer.ggml.bos_token_id".into(),
-                    id,
-                    vocab_size,
-                })
-            }
-            None => None,
-        };
-        let add_bos = md
-            .opt_bool("tokenizer.ggml.add_bos_token")?
-            .unwrap_or(false);
-        Ok(Self::from_inner(tok, bos, add_bos))
+        finish(&md, tok, tokens.len(), false)
     }
 
     /// Loads a Hugging Face `tokenizer.json`. No BOS is prepended by
@@ -291,6 +284,150 @@ impl Tokenizer {
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.parsing
     }
+}
+
+/// The BOS policy read from `md` around a built tokenizer (`add_bos_default`: the value when
+/// `tokenizer.ggml.add_bos_token` is absent; llama.cpp's default is true for SentencePiece
+/// vocabularies, false for byte-level BPE as the golden file's loader reads it).
+fn finish(
+    md: &Metadata<'_>,
+    tok: tokenizers::Tokenizer,
+    vocab_size: usize,
+    add_bos_default: bool,
+) -> Result<Tokenizer> {
+    let bos = match md.opt_u64("tokenizer.ggml.bos_token_id")? {
+        Some(id) if id < vocab_size as u64 => Some(id as u32),
+        Some(id) => {
+            return Err(Error::TokenOutOfRange {
+                key: "tokenizer.ggml.bos_token_id".into(),
+                id,
+                vocab_size,
+            })
+        }
+        None => None,
+    };
+    let add_bos = md
+        .opt_bool("tokenizer.ggml.add_bos_token")?
+        .unwrap_or(add_bos_default);
+    Ok(Tokenizer::from_inner(tok, bos, add_bos))
+}
+
+/// GGUF token type of the unknown token.
+const TOKEN_TYPE_UNKNOWN: i64 = 2;
+
+/// The SentencePiece tokenizer of `md` (see the module docs).
+fn spm_from_metadata(md: &Metadata<'_>) -> Result<Tokenizer> {
+    use tokenizers::decoders::byte_fallback::ByteFallback;
+    use tokenizers::decoders::fuse::Fuse;
+    use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+    use tokenizers::decoders::strip::Strip;
+    use tokenizers::normalizers::{Prepend, Replace, Sequence as NormalizerSequence};
+    use tokenizers::{DecoderWrapper, NormalizerWrapper};
+
+    let tokens = md.strings("tokenizer.ggml.tokens")?;
+    let scores_key = "tokenizer.ggml.scores";
+    let scores = md
+        .opt_floats(scores_key)?
+        .ok_or_else(|| Error::MissingKey {
+            key: scores_key.into(),
+        })?;
+    if scores.len() != tokens.len() {
+        return Err(Error::LengthMismatch {
+            key: scores_key.into(),
+            expected: tokens.len(),
+            got: scores.len(),
+        });
+    }
+    let types_key = "tokenizer.ggml.token_type";
+    let types = md.opt_ints(types_key)?.unwrap_or_default();
+    if !types.is_empty() && types.len() != tokens.len() {
+        return Err(Error::LengthMismatch {
+            key: types_key.into(),
+            expected: tokens.len(),
+            got: types.len(),
+        });
+    }
+    let tokenizer_err = |e: Box<dyn std::error::Error + Send + Sync>| Error::Tokenizer {
+        path: None,
+        detail: e.to_string(),
+    };
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.to_string(), i as u32))
+        .collect();
+    // Every split of a piece into two pieces, ordered within a piece by the ids of its
+    // halves and overall by the piece's score, highest first (a stable sort keeps the first).
+    let mut merges: Vec<(u32, u32, f32)> = Vec::new();
+    for (piece, score) in tokens.iter().zip(&scores) {
+        let mut local: Vec<(u32, u32, f32)> = piece
+            .char_indices()
+            .skip(1)
+            .filter_map(|(at, _)| {
+                let (l, r) = piece.split_at(at);
+                Some((*vocab.get(l)?, *vocab.get(r)?, *score))
+            })
+            .collect();
+        local.sort_by_key(|&(l, r, _)| (l, r));
+        merges.extend(local);
+    }
+    merges.sort_by(|a, b| b.2.total_cmp(&a.2));
+    let merges: Vec<(String, String)> = merges
+        .into_iter()
+        .map(|(l, r, _)| {
+            (
+                tokens[l as usize].to_string(),
+                tokens[r as usize].to_string(),
+            )
+        })
+        .collect();
+    let unk = md
+        .opt_u64("tokenizer.ggml.unknown_token_id")?
+        .and_then(|id| tokens.get(id as usize))
+        .map_or("<unk>", |t| t);
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .byte_fallback(true)
+        .unk_token(unk.to_string())
+        .fuse_unk(true)
+        .build()
+        .map_err(tokenizer_err)?;
+    let mut tok = tokenizers::Tokenizer::new(bpe);
+    let add_space_prefix = md
+        .opt_bool("tokenizer.ggml.add_space_prefix")?
+        .unwrap_or(true);
+    let replace = Replace::new(" ", "\u{2581}").map_err(tokenizer_err)?;
+    let mut normalizers: Vec<NormalizerWrapper> = Vec::new();
+    if add_space_prefix {
+        normalizers.push(Prepend::new("\u{2581}".into()).into());
+    }
+    normalizers.push(replace.into());
+    tok.with_normalizer(Some(NormalizerSequence::new(normalizers)))
+        .map_err(tokenizer_err)?;
+    let mut decoders: Vec<DecoderWrapper> = vec![
+        Replace::new("\u{2581}", " ").map_err(tokenizer_err)?.into(),
+        ByteFallback::default().into(),
+        Fuse::default().into(),
+    ];
+    if add_space_prefix {
+        decoders.push(Strip::new(' ', 1, 0).into());
+    }
+    tok.with_decoder(Some(DecoderSequence::new(decoders)));
+    let special: Vec<AddedToken> = types
+        .iter()
+        .zip(&tokens)
+        .filter(|(t, _)| matches!(**t, TOKEN_TYPE_CONTROL | TOKEN_TYPE_UNKNOWN))
+        .map(|(_, t)| AddedToken::from(t.to_string(), true))
+        .collect();
+    tok.add_special_tokens(special).map_err(tokenizer_err)?;
+    let user: Vec<AddedToken> = types
+        .iter()
+        .zip(&tokens)
+        .filter(|(t, _)| **t == TOKEN_TYPE_USER_DEFINED)
+        .map(|(_, t)| AddedToken::from(t.to_string(), false))
+        .collect();
+    tok.add_tokens(user).map_err(tokenizer_err)?;
+    finish(md, tok, tokens.len(), true)
 }
 
 /// The pre-tokenizer for a `tokenizer.ggml.pre` value (llama.cpp's names).
@@ -423,7 +560,7 @@ mod tests {
     }
 
     #[test]
-    fn unknown_pre_tokenizer_and_sentencepiece_are_typed_errors() {
+    fn unknown_pre_tokenizers_and_models_are_typed_errors() {
         let mut md = tiny_tok();
         md.insert("tokenizer.ggml.pre".into(), Value::String("qwen9".into()));
         assert!(matches!(
@@ -431,10 +568,17 @@ mod tests {
             Err(Error::UnsupportedTokenizer { key, value }) if key == "tokenizer.ggml.pre" && value == "qwen9"
         ));
         let mut md = tiny_tok();
+        md.insert("tokenizer.ggml.model".into(), Value::String("rwkv".into()));
+        assert!(matches!(
+            Tokenizer::from_metadata(&md),
+            Err(Error::UnsupportedTokenizer { value, .. }) if value == "rwkv"
+        ));
+        // A SentencePiece vocabulary needs its scores.
+        let mut md = tiny_tok();
         md.insert("tokenizer.ggml.model".into(), Value::String("llama".into()));
         assert!(matches!(
             Tokenizer::from_metadata(&md),
-            Err(Error::UnsupportedTokenizer { .. })
+            Err(Error::MissingKey { key }) if key == "tokenizer.ggml.scores"
         ));
     }
 
