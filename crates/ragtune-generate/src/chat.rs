@@ -132,14 +132,18 @@ impl ChatTemplate {
     }
 
     /// The model's own template (`tokenizer.chat_template`), with its BOS/EOS token strings;
-    /// `None` if the file has no template.
+    /// for a Gemma 3 file without one (the pretrained checkpoints), Gemma 3's documented turn
+    /// format ([`GEMMA3_TEMPLATE`]); `None` if the file has no template otherwise.
     ///
     /// # Errors
     /// [`Error::ChatTemplate`] if the template does not compile.
     pub fn from_props(props: &LlamaProps, tokenizer: &Tokenizer) -> Result<Option<Self>> {
-        let Some(source) = &props.chat_template else {
+        let fallback = (props.architecture == crate::Architecture::Gemma3)
+            .then(|| GEMMA3_TEMPLATE.to_string());
+        let Some(source) = props.chat_template.clone().or(fallback) else {
             return Ok(None);
         };
+        let source = &source;
         let text = |id: Option<u32>| {
             id.and_then(|id| tokenizer.id_to_token(id))
                 .unwrap_or_default()
@@ -162,6 +166,29 @@ impl ChatTemplate {
         &self.eos_token
     }
 }
+
+/// Gemma 3's turn format (`<start_of_turn>user … <end_of_turn>`, the model's turns as
+/// `model`, a system message folded into the first user turn), as in the instruction-tuned
+/// checkpoints' own template, without its leading `{{ bos_token }}`: the tokenizer prepends
+/// BOS itself (`tokenizer.ggml.add_bos_token`). `benches/anchors/gemma3_golden.py` renders
+/// llama.cpp's reference prompts with the same text.
+pub const GEMMA3_TEMPLATE: &str = concat!(
+    "{%- if messages[0]['role'] == 'system' -%}",
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}",
+    "{%- set loop_messages = messages[1:] -%}",
+    "{%- else -%}",
+    "{%- set first_user_prefix = '' -%}",
+    "{%- set loop_messages = messages -%}",
+    "{%- endif -%}",
+    "{%- for message in loop_messages -%}",
+    "{%- if message['role'] == 'assistant' -%}{%- set role = 'model' -%}",
+    "{%- else -%}{%- set role = message['role'] -%}{%- endif -%}",
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}",
+    "{{ message['content'] | trim }}",
+    "{{ '<end_of_turn>\n' }}",
+    "{%- endfor -%}",
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}",
+);
 
 /// `raise_exception(message)`: fails the render with the template's message.
 fn raise_exception(message: String) -> Result<String, minijinja::Error> {

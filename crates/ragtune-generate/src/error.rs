@@ -57,8 +57,8 @@ pub enum Error {
 
     /// The GGUF file is for an architecture this crate does not run.
     #[error(
-        "GGUF metadata: unsupported architecture `{found}` (this crate runs `llama` and \
-         `qwen2`; gemma, phi and the others are not implemented)"
+        "GGUF metadata: unsupported architecture `{found}` (this crate runs `llama`, `qwen2` \
+         and `gemma3`; phi, gemma2 and the others are not implemented)"
     )]
     UnsupportedArchitecture {
         /// The value of `general.architecture`.

@@ -226,8 +226,8 @@ impl KvCache {
         })
     }
 
-    /// Appends `span` at slot `len()`, its keys rotated by `rotate` (a function that turns
-    /// the `(n, head_dim)` keys of one head, at RoPE positions starting at
+    /// Appends `span` at slot `len()`, its keys rotated by `rotate` (a function of the layer
+    /// index that turns the `(n, head_dim)` keys of one head, at RoPE positions starting at
     /// `span.first_position()`, into the keys at positions starting at this cache's next
     /// position; identity when they are the same). The caller binds the adapter first.
     ///
@@ -237,7 +237,7 @@ impl KvCache {
     pub(crate) fn append_span(
         &mut self,
         span: &KvSpan,
-        mut rotate: impl FnMut(&mut [f32]),
+        mut rotate: impl FnMut(usize, &mut [f32]),
     ) -> Result<()> {
         if (span.layers.len(), span.n_kv_heads, span.head_dim)
             != (self.layers.len(), self.n_kv_heads, self.head_dim)
@@ -256,12 +256,12 @@ impl KvCache {
         let (kvh, d, n) = (self.n_kv_heads, self.head_dim, span.len);
         let mut k = vec![0f32; n * d];
         let mut v = vec![0f32; n * d];
-        for (layer, (sk, sv)) in self.layers.iter_mut().zip(&span.layers) {
+        for (il, (layer, (sk, sv))) in self.layers.iter_mut().zip(&span.layers).enumerate() {
             for g in 0..kvh {
                 let from = g * n * d;
                 sk.read(from, &mut k);
                 sv.read(from, &mut v);
-                rotate(&mut k);
+                rotate(il, &mut k);
                 layer.write((g * self.capacity + self.len) * d, &k, &v);
             }
         }

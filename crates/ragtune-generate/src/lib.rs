@@ -63,7 +63,7 @@ mod fuzz_tests;
 
 /// The candle version this crate is built on: [`LlamaModel::forward`] returns its `Tensor`.
 pub use candle_core;
-pub use chat::{ChatMessage, ChatTemplate, Role};
+pub use chat::{ChatMessage, ChatTemplate, Role, GEMMA3_TEMPLATE};
 pub use error::{Error, Result};
 pub use kv_cache::{KvCache, KvSpan};
 pub use layers::rope_tables;

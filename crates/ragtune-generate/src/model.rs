@@ -42,6 +42,14 @@ struct Block {
     attn: Attention,
     ffn_norm: RmsNorm,
     mlp: Mlp,
+    /// Gemma: RMS norms of each head's query and key, `(head_dim,)`, before RoPE.
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    /// Gemma: norms of the attention output and of the MLP output, before each residual add.
+    post_attn_norm: Option<RmsNorm>,
+    post_ffn_norm: Option<RmsNorm>,
+    /// A local layer: sliding-window attention and the local RoPE base.
+    local: bool,
 }
 
 impl Block {
@@ -85,6 +93,10 @@ pub struct LlamaModel {
     /// `(vocab, hidden)`, the embedding matrix itself when the file ties them.
     output: Linear,
     rope: Rope,
+    /// The local layers' RoPE (Gemma 3: base 10,000), where it differs from `rope`.
+    rope_local: Option<Rope>,
+    /// `sqrt(hidden)` for Gemma, which scales the embeddings by it.
+    embed_scale: Option<f64>,
     /// KV cache values rounded to f16 (the quantized formats; llama.cpp's default), or kept
     /// f32 (`WeightFormat::F32`, the exact reference path).
     kv_f16: bool,
@@ -189,7 +201,26 @@ impl LlamaModel {
             };
             let mut t =
                 |name: &str, shape: &[usize]| load(&format!("blk.{i}.{name}.weight"), shape);
+            let gemma = p.architecture.is_gemma();
+            let mut norm = |name: &str, n: usize| -> Result<Option<RmsNorm>> {
+                if !gemma {
+                    return Ok(None);
+                }
+                Ok(Some(RmsNorm::from_qtensor(t(name, &[n])?, p.rms_norm_eps)?))
+            };
+            let (q_norm, k_norm) = (norm("attn_q_norm", hd)?, norm("attn_k_norm", hd)?);
+            let (post_attn_norm, post_ffn_norm) = (
+                norm("post_attention_norm", hidden)?,
+                norm("post_ffw_norm", hidden)?,
+            );
+            let mut t =
+                |name: &str, shape: &[usize]| load(&format!("blk.{i}.{name}.weight"), shape);
             blocks.push(Block {
+                q_norm,
+                k_norm,
+                post_attn_norm,
+                post_ffn_norm,
+                local: p.architecture.is_local_layer(i),
                 attn_norm: RmsNorm::from_qtensor(t("attn_norm", &[hidden])?, p.rms_norm_eps)?,
                 attn: Attention {
                     q,
@@ -217,6 +248,20 @@ impl LlamaModel {
             freq_factors.as_deref(),
             &device,
         )?;
+        let rope_local = match p.architecture.local_rope_base() {
+            Some(base) => {
+                let params = crate::RopeParams {
+                    freq_base: base,
+                    ..p.rope
+                };
+                Some(Rope::new(&params, hd, p.context_length, None, &device)?)
+            }
+            None => None,
+        };
+        let embed_scale = p
+            .architecture
+            .is_gemma()
+            .then(|| f64::from((hidden as f32).sqrt()));
         Ok(Self {
             props,
             embeddings,
@@ -224,6 +269,8 @@ impl LlamaModel {
             norm,
             output,
             rope,
+            rope_local,
+            embed_scale,
             kv_f16: format != WeightFormat::F32,
             device,
         })
@@ -301,7 +348,14 @@ impl LlamaModel {
         let target = cache.first_position() + cache.len();
         let delta = target as isize - span.first_position() as isize;
         let shift = self.rope.shift(delta)?;
-        cache.append_span(span, shift)
+        let shift_local = match &self.rope_local {
+            Some(r) => Some(r.shift(delta)?),
+            None => None,
+        };
+        cache.append_span(span, |layer, keys| match &shift_local {
+            Some(local) if self.blocks[layer].local => local(keys),
+            _ => shift(keys),
+        })
     }
 
     /// The KV of several chunks, each computed as if it came right after the `cache.len()`
@@ -322,6 +376,13 @@ impl LlamaModel {
         cache: &mut KvCache,
         adapter: Option<&LoraAdapter>,
     ) -> Result<Vec<KvSpan>> {
+        if self.props.sliding_window.is_some() {
+            return Err(Error::Unsupported {
+                what: "block attention on a model with sliding-window layers (use the \
+                       ordinary prompt format)"
+                    .into(),
+            });
+        }
         let t: usize = chunks.iter().map(|c| c.len()).sum();
         if chunks.is_empty() || chunks.iter().any(|c| c.is_empty()) {
             return Err(Error::InvalidParams {
@@ -450,6 +511,12 @@ impl LlamaModel {
     }
 
     fn decode_batch_inner(&self, rows: &mut [DecodeRow<'_>]) -> Result<Vec<Tensor>> {
+        let post = |norm: &Option<RmsNorm>, y: Tensor| -> Result<Tensor> {
+            match norm {
+                Some(n) => n.forward(&y),
+                None => Ok(y),
+            }
+        };
         let n = rows.len();
         if n == 0 {
             return Ok(Vec::new());
@@ -480,7 +547,7 @@ impl LlamaModel {
         let tokens: Vec<u32> = rows.iter().map(|r| r.token).collect();
         let dev = &self.device;
         let hidden = p.embedding_length;
-        let mut x = self.embeddings.rows(&tokens)?;
+        let mut x = self.embed(&tokens)?;
         let values = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
         let (h, kvh, d) = (p.head_count, p.head_count_kv, p.head_dim);
         for (i, block) in self.blocks.iter().enumerate() {
@@ -496,6 +563,13 @@ impl LlamaModel {
             let q = a.q.forward_rows_each(&xs, n, &pick(TargetModule::QProj))?;
             let k = a.k.forward_rows_each(&xs, n, &pick(TargetModule::KProj))?;
             let v = a.v.forward_rows_each(&xs, n, &pick(TargetModule::VProj))?;
+            let head_norm = |norm: &Option<RmsNorm>, y: Vec<f32>, heads: usize| match norm {
+                Some(nrm) => values(&nrm.forward(&Tensor::from_vec(y, (n, heads, d), dev)?)?),
+                None => Ok(y),
+            };
+            let q = head_norm(&block.q_norm, q, h)?;
+            let k = head_norm(&block.k_norm, k, kvh)?;
+            let rope = self.rope_of(block);
             let mut y = Vec::with_capacity(n * h * d);
             for (r, row) in rows.iter_mut().enumerate() {
                 let (pos, position) = (positions[r], row.cache.first_position() + positions[r]);
@@ -504,25 +578,23 @@ impl LlamaModel {
                         .transpose(1, 2)?
                         .contiguous()?)
                 };
-                let qr = values(
-                    &self
-                        .rope
-                        .apply(&heads(&q[r * h * d..(r + 1) * h * d], h)?, position)?,
-                )?;
+                let qr =
+                    values(&rope.apply(&heads(&q[r * h * d..(r + 1) * h * d], h)?, position)?)?;
                 let kr = values(
-                    &self
-                        .rope
-                        .apply(&heads(&k[r * kvh * d..(r + 1) * kvh * d], kvh)?, position)?,
+                    &rope.apply(&heads(&k[r * kvh * d..(r + 1) * kvh * d], kvh)?, position)?,
                 )?;
                 let vr = values(&heads(&v[r * kvh * d..(r + 1) * kvh * d], kvh)?)?;
                 let geometry = row.cache.geometry();
                 let layer = &mut row.cache.layers_mut()[i];
-                let out =
-                    attention::attention(&qr, &kr, &vr, layer, geometry, h, 1, pos, Mask::Causal)?;
+                let mask = self.causal_mask(block);
+                let out = attention::attention(&qr, &kr, &vr, layer, geometry, h, 1, pos, mask)?;
                 y.extend(values(&out)?);
             }
             let o = a.o.forward_rows_each(&y, n, &pick(TargetModule::OProj))?;
-            x = (x + Tensor::from_vec(o, (n, hidden), dev)?)?;
+            x = (x + post(
+                &block.post_attn_norm,
+                Tensor::from_vec(o, (n, hidden), dev)?,
+            )?)?;
             let hs = values(&block.ffn_norm.forward(&x)?)?;
             let m = &block.mlp;
             let g = m
@@ -531,12 +603,13 @@ impl LlamaModel {
             let u =
                 m.up.forward_rows_each(&hs, n, &pick(TargetModule::UpProj))?;
             let width = g.len() / n;
-            let g = candle_nn::ops::silu(&Tensor::from_vec(g, (n, width), dev)?)?;
+            let g = self.gate_activation(&Tensor::from_vec(g, (n, width), dev)?)?;
             let gu = values(&(g * Tensor::from_vec(u, (n, width), dev)?)?)?;
             let down = m
                 .down
                 .forward_rows_each(&gu, n, &pick(TargetModule::DownProj))?;
-            x = (x + Tensor::from_vec(down, (n, hidden), dev)?)?;
+            let down = Tensor::from_vec(down, (n, hidden), dev)?;
+            x = (x + post(&block.post_ffn_norm, down)?)?;
         }
         let normed = values(&self.norm.forward(&x)?)?;
         let logits = self.output.forward_rows_each(&normed, n, &vec![None; n])?;
@@ -588,6 +661,42 @@ impl LlamaModel {
             }
         }
         Ok(merged)
+    }
+
+    /// The token embeddings of `tokens`, `(t, hidden)` f32, scaled by `sqrt(hidden)` for
+    /// Gemma (in f32, as llama.cpp's `ggml_scale`).
+    fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
+        let x = self.embeddings.rows(tokens)?;
+        Ok(match self.embed_scale {
+            Some(s) => (x * s)?,
+            None => x,
+        })
+    }
+
+    /// The RoPE tables of `block`'s layer (local or global).
+    fn rope_of(&self, block: &Block) -> &Rope {
+        match (&self.rope_local, block.local) {
+            (Some(local), true) => local,
+            _ => &self.rope,
+        }
+    }
+
+    /// The causal mask of `block`'s layer: a sliding window on local layers.
+    fn causal_mask(&self, block: &Block) -> Mask<'static> {
+        match (block.local, self.props.sliding_window) {
+            (true, Some(w)) => Mask::Sliding(w),
+            _ => Mask::Causal,
+        }
+    }
+
+    /// The MLP's gate activation: SiLU (SwiGLU), or GELU with the tanh approximation for
+    /// Gemma (GeGLU; llama.cpp's `ggml_gelu`).
+    fn gate_activation(&self, g: &Tensor) -> Result<Tensor> {
+        Ok(if self.props.architecture.is_gemma() {
+            g.gelu()?
+        } else {
+            candle_nn::ops::silu(g)?
+        })
     }
 
     /// The final hidden states before the output norm: `(t, hidden)` f32.
@@ -647,7 +756,7 @@ impl LlamaModel {
             a.check_fits(&self.props)?;
         }
         cache.bind(adapter)?;
-        let mut x = self.embeddings.rows(tokens)?;
+        let mut x = self.embed(tokens)?;
         let (positions, mask) = match blocks {
             Some((positions, mask)) => (Some(positions), Some(mask)),
             None => (None, None),
@@ -661,16 +770,24 @@ impl LlamaModel {
         for (i, (block, layer)) in self.blocks.iter().zip(cache.layers_mut()).enumerate() {
             let d = adapter.and_then(|a| a.layer(i));
             let h = block.attn_norm.forward(&x)?;
-            let mask = mask.as_ref().map_or(Mask::Causal, Mask::Additive);
-            let h = self.attention(&block.attn, d, &h, &at, layer, geometry, mask)?;
+            let mask = mask
+                .as_ref()
+                .map_or(self.causal_mask(block), Mask::Additive);
+            let mut h = self.attention(block, d, &h, &at, layer, geometry, mask)?;
+            if let Some(n) = &block.post_attn_norm {
+                h = n.forward(&h)?;
+            }
             x = (x + h)?;
             let h = block.ffn_norm.forward(&x)?;
             let m = &block.mlp;
-            let g = candle_nn::ops::silu(&m.gate.forward(&h, delta(d, TargetModule::GateProj))?)?;
+            let g = self.gate_activation(&m.gate.forward(&h, delta(d, TargetModule::GateProj))?)?;
             let u = m.up.forward(&h, delta(d, TargetModule::UpProj))?;
-            let h = m
+            let mut h = m
                 .down
                 .forward(&(g * u)?, delta(d, TargetModule::DownProj))?;
+            if let Some(n) = &block.post_ffn_norm {
+                h = n.forward(&h)?;
+            }
             x = (x + h)?;
         }
         cache.set_len(needed);
@@ -685,7 +802,7 @@ impl LlamaModel {
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
-        a: &Attention,
+        block: &Block,
         deltas: Option<&LayerDeltas>,
         x: &Tensor,
         at: &Positions<'_>,
@@ -700,12 +817,30 @@ impl LlamaModel {
             Ok(y.reshape((1, t, n, d))?.transpose(1, 2)?.contiguous()?)
         };
         let values = |y: Tensor| -> Result<Vec<f32>> { Ok(y.flatten_all()?.to_vec1::<f32>()?) };
-        let q = a.q.forward(x, delta(deltas, TargetModule::QProj))?;
-        let k = a.k.forward(x, delta(deltas, TargetModule::KProj))?;
+        let a = &block.attn;
+        let head_norm = |norm: &Option<RmsNorm>, y: Tensor, heads: usize| -> Result<Tensor> {
+            match norm {
+                Some(n) => Ok(n
+                    .forward(&y.reshape((t, heads, d))?)?
+                    .reshape((t, heads * d))?),
+                None => Ok(y),
+            }
+        };
+        let q = head_norm(
+            &block.q_norm,
+            a.q.forward(x, delta(deltas, TargetModule::QProj))?,
+            h,
+        )?;
+        let k = head_norm(
+            &block.k_norm,
+            a.k.forward(x, delta(deltas, TargetModule::KProj))?,
+            kvh,
+        )?;
         let v = a.v.forward(x, delta(deltas, TargetModule::VProj))?;
+        let table = self.rope_of(block);
         let rope = |x: Tensor| match at.each {
-            Some(p) => self.rope.apply_at(&x, p),
-            None => self.rope.apply(&x, at.first),
+            Some(p) => table.apply_at(&x, p),
+            None => table.apply(&x, at.first),
         };
         let q = values(rope(heads_first(q, h)?)?)?; // (h, t, d)
         let k = values(rope(heads_first(k, kvh)?)?)?; // (kvh, t, d)

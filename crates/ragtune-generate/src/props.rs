@@ -107,17 +107,29 @@ pub enum Architecture {
     /// `qwen2`: llama with biases on the q/k/v projections and NeoX RoPE (Qwen2, Qwen2.5,
     /// the DeepSeek-R1 Qwen distills).
     Qwen2,
+    /// `gemma3`: NeoX RoPE, RMS norms on q and k per head, norms after attention and after
+    /// the MLP as well as before, a GELU-gated MLP (GeGLU), embeddings scaled by
+    /// `sqrt(hidden)`, and five local layers (sliding-window attention, RoPE base 10,000)
+    /// to each global one (Gemma Team 2025, "Gemma 3 Technical Report", arXiv 2503.19786;
+    /// llama.cpp's `llm_build_gemma3`). Its GGUF norm weights already hold the `1 + w` of
+    /// Gemma's RMSNorm.
+    Gemma3,
 }
 
 impl Architecture {
     /// Every architecture, in the order error messages list them.
-    pub const ALL: [Architecture; 2] = [Architecture::Llama, Architecture::Qwen2];
+    pub const ALL: [Architecture; 3] = [
+        Architecture::Llama,
+        Architecture::Qwen2,
+        Architecture::Gemma3,
+    ];
 
     /// The `general.architecture` value, also the prefix of the architecture's keys.
     pub fn gguf_name(self) -> &'static str {
         match self {
             Self::Llama => "llama",
             Self::Qwen2 => "qwen2",
+            Self::Gemma3 => "gemma3",
         }
     }
 
@@ -125,8 +137,26 @@ impl Architecture {
     pub fn rope_style(self) -> RopeStyle {
         match self {
             Self::Llama => RopeStyle::Normal,
-            Self::Qwen2 => RopeStyle::Neox,
+            Self::Qwen2 | Self::Gemma3 => RopeStyle::Neox,
         }
+    }
+
+    /// Whether layer `il` is a local (sliding-window) layer: Gemma 3's pattern of five local
+    /// layers to one global (llama.cpp's `set_swa_pattern(6)`: `il % 6 < 5`).
+    pub fn is_local_layer(self, il: usize) -> bool {
+        matches!(self, Self::Gemma3) && il % 6 < 5
+    }
+
+    /// The RoPE base of the local layers (Gemma 3: 10,000; llama.cpp's
+    /// `rope_freq_base_train_swa`), `None` where all layers share `rope.freq_base`.
+    pub fn local_rope_base(self) -> Option<f32> {
+        matches!(self, Self::Gemma3).then_some(10_000.0)
+    }
+
+    /// Whether the architecture has Gemma's extra pieces: q/k norms, post-attention and
+    /// post-MLP norms, a GELU-gated MLP and scaled embeddings.
+    pub fn is_gemma(self) -> bool {
+        matches!(self, Self::Gemma3)
     }
 
     /// Whether the q/k/v projections carry a bias (`blk.N.attn_{q,k,v}.bias`).
@@ -207,6 +237,10 @@ pub struct LlamaProps {
     pub add_bos_token: bool,
     /// The Jinja chat template (`tokenizer.chat_template`), if present.
     pub chat_template: Option<String>,
+    /// The window of the local layers' sliding-window attention, in tokens
+    /// (`{arch}.attention.sliding_window`; read for architectures with local layers only,
+    /// as llama.cpp does: Qwen2 files carry the key unused).
+    pub sliding_window: Option<usize>,
 }
 
 impl TryFrom<&Content> for LlamaProps {
@@ -318,6 +352,11 @@ impl LlamaProps {
             .opt_string("tokenizer.chat_template")?
             .map(str::to_string);
         let name = md.opt_string("general.name")?.map(str::to_string);
+        let sliding_window = if architecture.is_local_layer(0) {
+            Some(md.positive(&key("attention.sliding_window"))?)
+        } else {
+            None
+        };
 
         Ok(LlamaProps {
             architecture,
@@ -340,6 +379,7 @@ impl LlamaProps {
             special,
             add_bos_token,
             chat_template,
+            sliding_window,
         })
     }
 }
