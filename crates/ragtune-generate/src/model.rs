@@ -1,9 +1,14 @@
-//! The llama decoder and its close variants ([`Architecture`](crate::Architecture): `llama` for Llama 2/3,
-//! Mistral, SmolLM; `qwen2` for Qwen2/2.5): pre-norm decoder blocks of grouped-query
-//! attention with RoPE and a SwiGLU MLP, run on candle ops with the projections kept
-//! quantized, optionally with a LoRA adapter per call. The variants differ in named places
-//! only: q/k/v biases ([`Architecture::qkv_bias`](crate::Architecture::qkv_bias)), the RoPE pairing
-//! ([`Architecture::rope_style`](crate::Architecture::rope_style)) and Llama 3.1's frequency factors (`rope_freqs.weight`).
+//! The llama decoder and its close variants ([`Architecture`](crate::Architecture): `llama`
+//! for Llama 2/3, Mistral, SmolLM; `qwen2` for Qwen2/2.5; `gemma3`): pre-norm decoder
+//! blocks of grouped-query attention with RoPE and a gated MLP, run on candle ops and this
+//! crate's kernels with the projections kept quantized, optionally with a LoRA adapter per
+//! call. One definition serves them all; the variants differ in named places only:
+//! q/k/v biases ([`Architecture::qkv_bias`](crate::Architecture::qkv_bias)), the RoPE
+//! pairing ([`Architecture::rope_style`](crate::Architecture::rope_style)), Llama 3.1's
+//! frequency factors (`rope_freqs.weight`), and Gemma's q/k norms, post-norms, GeGLU,
+//! embedding scale and local sliding-window layers
+//! ([`Architecture::is_gemma`](crate::Architecture::is_gemma),
+//! [`Architecture::is_local_layer`](crate::Architecture::is_local_layer)).
 
 use std::path::Path;
 use std::sync::Arc;

@@ -1153,8 +1153,11 @@ impl Index {
             let pm = seg.phrases()?;
             let weight = pm.weights(fields);
             let allowed = seg.allowed(params.filter.as_ref())?;
-            // (field, row) -> (BM25, matched idf)
-            let mut matched: HashMap<(u16, u32), (f32, f32)> = HashMap::new();
+            // (field, row) -> (BM25, matched idf). Ordered: a row's fields are summed below in
+            // key order, so its score has the same bits in every process (a HashMap's order
+            // changes with its random seed, and f32 addition is not associative).
+            let mut matched: std::collections::BTreeMap<(u16, u32), (f32, f32)> =
+                std::collections::BTreeMap::new();
             for t in &terms {
                 let Some(list) = pm.terms.get(t) else {
                     continue;
