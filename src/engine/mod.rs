@@ -306,7 +306,20 @@ impl Engine {
                 ));
                 continue;
             }
-            let adapter = LoraAdapter::load(dir, &model)?;
+            let adapter = match LoraAdapter::load(dir, &model) {
+                Ok(a) => a,
+                // Another base model than the pinned one: adapters trained for the pinned
+                // one do not fit it, and `rag`/`base` need none.
+                Err(e) if config.gguf.is_some() => {
+                    progress.notice(&format!(
+                        "adapter `{name}` does not fit {} ({e}); skipped, so `hybrid` and \
+                         `finetune` need an adapter trained for this model",
+                        gguf.display()
+                    ));
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             if let Some(notice) = adapter_mismatch(name, dir, &profile) {
                 progress.notice(&notice);
             }
