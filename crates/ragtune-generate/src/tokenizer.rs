@@ -122,15 +122,7 @@ impl Tokenizer {
                     })
             })
             .collect::<Result<Vec<_>>>()?;
-        let types_key = "tokenizer.ggml.token_type";
-        let types = md.opt_ints(types_key)?.unwrap_or_default();
-        if !types.is_empty() && types.len() != tokens.len() {
-            return Err(Error::LengthMismatch {
-                key: types_key.into(),
-                expected: tokens.len(),
-                got: types.len(),
-            });
-        }
+        let types = token_types(&md, tokens.len())?;
 
         let vocab: Vocab = tokens
             .iter()
@@ -148,29 +140,7 @@ impl Tokenizer {
         tok.with_pre_tokenizer(Some(pre_tokenizer));
         tok.with_decoder(Some(ByteLevel::default()));
 
-        let of_type = |ty: i64| {
-            types
-                .iter()
-                .zip(&tokens)
-                .filter(move |(t, _)| **t == ty)
-                .map(|(_, tok)| *tok)
-        };
-        let control: Vec<AddedToken> = of_type(TOKEN_TYPE_CONTROL)
-            .map(|t| AddedToken::from(t.to_string(), true))
-            .collect();
-        let user: Vec<AddedToken> = of_type(TOKEN_TYPE_USER_DEFINED)
-            .map(|t| AddedToken::from(t.to_string(), false))
-            .collect();
-        tok.add_special_tokens(control)
-            .map_err(|e| Error::Tokenizer {
-                path: None,
-                detail: e.to_string(),
-            })?;
-        tok.add_tokens(user).map_err(|e| Error::Tokenizer {
-            path: None,
-            detail: e.to_string(),
-        })?;
-
+        add_typed_tokens(&mut tok, &tokens, &types, &[TOKEN_TYPE_CONTROL])?;
         finish(&md, tok, tokens.len(), false)
     }
 
@@ -315,6 +285,51 @@ fn finish(
 /// GGUF token type of the unknown token.
 const TOKEN_TYPE_UNKNOWN: i64 = 2;
 
+/// `tokenizer.ggml.token_type`, empty when absent.
+///
+/// # Errors
+/// [`Error::LengthMismatch`] when it is present with another length than the `n` tokens.
+fn token_types(md: &Metadata<'_>, n: usize) -> Result<Vec<i64>> {
+    let key = "tokenizer.ggml.token_type";
+    let types = md.opt_ints(key)?.unwrap_or_default();
+    if !types.is_empty() && types.len() != n {
+        return Err(Error::LengthMismatch {
+            key: key.into(),
+            expected: n,
+            got: types.len(),
+        });
+    }
+    Ok(types)
+}
+
+/// Registers the tokens of the `special` types as special tokens (split out when parsing
+/// special-token text, text otherwise) and the user-defined ones as added tokens (always
+/// split out, as llama.cpp does).
+fn add_typed_tokens(
+    tok: &mut tokenizers::Tokenizer,
+    tokens: &[&str],
+    types: &[i64],
+    special: &[i64],
+) -> Result<()> {
+    let err = |e: Box<dyn std::error::Error + Send + Sync>| Error::Tokenizer {
+        path: None,
+        detail: e.to_string(),
+    };
+    let of = |keep: &dyn Fn(i64) -> bool, special: bool| -> Vec<AddedToken> {
+        types
+            .iter()
+            .zip(tokens)
+            .filter(|(t, _)| keep(**t))
+            .map(|(_, t)| AddedToken::from(t.to_string(), special))
+            .collect()
+    };
+    tok.add_special_tokens(of(&|t| special.contains(&t), true))
+        .map_err(err)?;
+    tok.add_tokens(of(&|t| t == TOKEN_TYPE_USER_DEFINED, false))
+        .map_err(err)?;
+    Ok(())
+}
+
 /// The SentencePiece tokenizer of `md` (see the module docs).
 fn spm_from_metadata(md: &Metadata<'_>) -> Result<Tokenizer> {
     use tokenizers::decoders::byte_fallback::ByteFallback;
@@ -338,15 +353,7 @@ fn spm_from_metadata(md: &Metadata<'_>) -> Result<Tokenizer> {
             got: scores.len(),
         });
     }
-    let types_key = "tokenizer.ggml.token_type";
-    let types = md.opt_ints(types_key)?.unwrap_or_default();
-    if !types.is_empty() && types.len() != tokens.len() {
-        return Err(Error::LengthMismatch {
-            key: types_key.into(),
-            expected: tokens.len(),
-            got: types.len(),
-        });
-    }
+    let types = token_types(md, tokens.len())?;
     let tokenizer_err = |e: Box<dyn std::error::Error + Send + Sync>| Error::Tokenizer {
         path: None,
         detail: e.to_string(),
@@ -413,20 +420,12 @@ fn spm_from_metadata(md: &Metadata<'_>) -> Result<Tokenizer> {
         decoders.push(Strip::new(' ', 1, 0).into());
     }
     tok.with_decoder(Some(DecoderSequence::new(decoders)));
-    let special: Vec<AddedToken> = types
-        .iter()
-        .zip(&tokens)
-        .filter(|(t, _)| matches!(**t, TOKEN_TYPE_CONTROL | TOKEN_TYPE_UNKNOWN))
-        .map(|(_, t)| AddedToken::from(t.to_string(), true))
-        .collect();
-    tok.add_special_tokens(special).map_err(tokenizer_err)?;
-    let user: Vec<AddedToken> = types
-        .iter()
-        .zip(&tokens)
-        .filter(|(t, _)| **t == TOKEN_TYPE_USER_DEFINED)
-        .map(|(_, t)| AddedToken::from(t.to_string(), false))
-        .collect();
-    tok.add_tokens(user).map_err(tokenizer_err)?;
+    add_typed_tokens(
+        &mut tok,
+        &tokens,
+        &types,
+        &[TOKEN_TYPE_CONTROL, TOKEN_TYPE_UNKNOWN],
+    )?;
     finish(md, tok, tokens.len(), true)
 }
 
