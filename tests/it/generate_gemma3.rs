@@ -7,7 +7,6 @@
 use std::sync::OnceLock;
 
 use ragtune::fetch::Role;
-use ragtune_generate::candle_core::{IndexOp, D};
 use ragtune_generate::{
     read_gguf, Architecture, ChatMessage, ChatTemplate, LlamaModel, SpecialTokens, Tokenizer,
 };
@@ -102,16 +101,7 @@ fn gemma3_fallback_template_and_prompt_ids_match() {
 
 /// Teacher forcing: our argmax at each step against llama.cpp's greedy token.
 fn agreement(prompt: &[u32], greedy: &[u32]) -> (usize, usize) {
-    let model = &fixture().model;
-    let mut input = prompt.to_vec();
-    input.extend(&greedy[..greedy.len() - 1]);
-    let mut cache = model.new_cache(input.len()).expect("cache");
-    let logits = model.forward(&input, 0, &mut cache).expect("forward");
-    let ours = logits
-        .i(prompt.len() - 1..)
-        .and_then(|l| l.argmax(D::Minus1))
-        .and_then(|a| a.to_vec1::<u32>())
-        .expect("argmax");
+    let ours = util::teacher_forced_argmax(&fixture().model, prompt, greedy);
     let same = ours.iter().zip(greedy).filter(|(a, b)| a == b).count();
     (same, greedy.len())
 }

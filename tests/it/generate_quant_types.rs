@@ -18,7 +18,7 @@ use std::sync::OnceLock;
 use ragtune::fetch::Role;
 use ragtune_generate::candle_core::quantized::gguf_file::Content;
 use ragtune_generate::candle_core::quantized::GgmlDType;
-use ragtune_generate::candle_core::{Device, IndexOp, D};
+use ragtune_generate::candle_core::Device;
 use ragtune_generate::{ggml_dtype, requantize, LlamaModel};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -90,15 +90,7 @@ fn agreement(path: &Path, cases: &[Value]) -> (f64, Vec<String>) {
             .iter()
             .map(|m| m.as_f64().expect("margin"))
             .collect();
-        let mut input = prompt.clone();
-        input.extend(&greedy[..greedy.len() - 1]);
-        let mut cache = model.new_cache(input.len()).expect("cache");
-        let logits = model.forward(&input, 0, &mut cache).expect("forward");
-        let ours = logits
-            .i(prompt.len() - 1..)
-            .and_then(|l| l.argmax(D::Minus1))
-            .and_then(|a| a.to_vec1::<u32>())
-            .expect("argmax");
+        let ours = util::teacher_forced_argmax(&model, &prompt, &greedy);
         for (step, (o, g)) in ours.iter().zip(&greedy).enumerate() {
             total += 1;
             if o == g {

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use ragtune::fetch::{FetchConfig, Role};
 use ragtune::progress::Progress;
 use ragtune_embed::SentenceEncoder;
-use ragtune_generate::{GenerateParams, Sampling};
+use ragtune_generate::{GenerateParams, LlamaModel, Sampling};
 
 /// The licenses of the small test corpus: common ones the tests ask about, plus a few
 /// near-duplicates (BSD/MIT variants) and two fresh keys.
@@ -249,4 +249,20 @@ pub fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(e.path(), to.join(e.file_name())).expect("copy");
         }
     }
+}
+
+/// Teacher forcing: `prompt` and all but the last of `greedy` (a reference's greedy tokens)
+/// in one forward; our argmax after the prompt and after each forced token, one per
+/// `greedy` token, to compare with it.
+pub fn teacher_forced_argmax(model: &LlamaModel, prompt: &[u32], greedy: &[u32]) -> Vec<u32> {
+    use ragtune_generate::candle_core::{IndexOp, D};
+    let mut input = prompt.to_vec();
+    input.extend(&greedy[..greedy.len() - 1]);
+    let mut cache = model.new_cache(input.len()).expect("cache");
+    let logits = model.forward(&input, 0, &mut cache).expect("forward");
+    logits
+        .i(prompt.len() - 1..)
+        .and_then(|l| l.argmax(D::Minus1))
+        .and_then(|a| a.to_vec1::<u32>())
+        .expect("argmax")
 }
