@@ -305,3 +305,27 @@ def load_or_make_queries(data_dir: Path, license_keys: set[str], n: int = N_QUER
     qs = [by_file[x] for x in names]
     info = {"queries": len(qs), "eligible_rules": len(rules), "seed": seed, "queries_file": qf.name}
     return qs, info
+
+
+def greedy_with_margins(llm, prompt_ids, max_new, stop_at_eog=True):
+    """llama.cpp's greedy continuation of `prompt_ids` on a llama_cpp.Llama: up to `max_new`
+    token ids (an end-of-generation token included and ending it, unless `stop_at_eog` is
+    false), and each step's top-1/top-2 logit margin rounded to 4 decimals."""
+    import llama_cpp
+    import numpy as np
+
+    n_vocab = llm.n_vocab()
+    llm.reset()
+    llm.eval(prompt_ids)
+    ids, margins = [], []
+    for _ in range(max_new):
+        ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+        lg = np.ctypeslib.as_array(ptr, shape=(n_vocab,)).astype(np.float64)
+        order = np.argsort(-lg)
+        tok = int(order[0])
+        ids.append(tok)
+        margins.append(round(float(lg[order[0]] - lg[order[1]]), 4))
+        if stop_at_eog and llama_cpp.llama_vocab_is_eog(llm._model.vocab, tok):
+            break
+        llm.eval([tok])
+    return ids, margins

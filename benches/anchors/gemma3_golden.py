@@ -24,7 +24,7 @@ import json
 import os
 import pathlib
 
-import numpy as np
+import common
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -62,7 +62,6 @@ def main():
     path = pathlib.Path(args.gguf)
     llm = Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=2,
                 n_threads_batch=2, verbose=False, seed=0)
-    n_vocab = llm.n_vocab()
     tokenize = []
     for c in base["tokenize"]:
         text = c["text"]
@@ -77,19 +76,7 @@ def main():
     for c in base["chat"]["cases"]:
         prompt = template.render(messages=[{"role": "user", "content": c["user"]}], add_generation_prompt=True)
         ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)
-        llm.reset()
-        llm.eval(ids)
-        out, margins = [], []
-        for _ in range(32):
-            ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
-            lg = np.ctypeslib.as_array(ptr, shape=(n_vocab,)).astype(np.float64)
-            order = np.argsort(-lg)
-            tok = int(order[0])
-            out.append(tok)
-            margins.append(round(float(lg[order[0]] - lg[order[1]]), 4))
-            if llama_cpp.llama_vocab_is_eog(llm._model.vocab, tok):
-                break
-            llm.eval([tok])
+        out, margins = common.greedy_with_margins(llm, ids, 32)
         cases.append({"user": c["user"], "formatted_prompt": prompt, "prompt_ids": ids,
                       "greedy_ids": out, "top1_top2_logit_margin": margins,
                       "greedy_text": llm.detokenize(out).decode("utf-8", "replace")})
@@ -99,17 +86,7 @@ def main():
     corpus = pathlib.Path(args.corpus) / "licenses" / "apache-2.0.LICENSE"
     text = corpus.read_text().split("---", 2)[-1]
     long_ids = llm.tokenize(text.encode(), add_bos=True, special=False)[:900]
-    llm.reset()
-    llm.eval(long_ids)
-    long_out, long_margins = [], []
-    for _ in range(16):
-        ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
-        lg = np.ctypeslib.as_array(ptr, shape=(n_vocab,)).astype(np.float64)
-        order = np.argsort(-lg)
-        tok = int(order[0])
-        long_out.append(tok)
-        long_margins.append(round(float(lg[order[0]] - lg[order[1]]), 4))
-        llm.eval([tok])
+    long_out, long_margins = common.greedy_with_margins(llm, long_ids, 16, stop_at_eog=False)
     out = {
         "long": {"source": "apache-2.0.LICENSE after its front matter, first 900 tokens (BOS included)",
                  "prompt_ids": long_ids, "greedy_ids": long_out, "top1_top2_logit_margin": long_margins},

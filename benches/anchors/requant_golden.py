@@ -30,6 +30,8 @@ import tempfile
 
 import numpy as np
 
+import common
+
 HERE = pathlib.Path(__file__).resolve().parent
 FTYPES = {"Q4_0": 2, "Q8_0": 7, "Q5_K_M": 17, "Q4_K_M": 15, "Q6_K": 18, "F16": 1}
 
@@ -63,27 +65,13 @@ def tensors(path):
 
 
 def greedy(path, cases, max_new=32):
-    import llama_cpp
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=2,
                 n_threads_batch=2, verbose=False, seed=0)
-    n_vocab = llm.n_vocab()
     out = []
     for c in cases:
-        llm.reset()
-        llm.eval(c["prompt_ids"])
-        ids, margins = [], []
-        for _ in range(max_new):
-            ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
-            lg = np.ctypeslib.as_array(ptr, shape=(n_vocab,)).astype(np.float64)
-            order = np.argsort(-lg)
-            tok = int(order[0])
-            ids.append(tok)
-            margins.append(round(float(lg[order[0]] - lg[order[1]]), 4))
-            if llama_cpp.llama_vocab_is_eog(llm._model.vocab, tok):
-                break
-            llm.eval([tok])
+        ids, margins = common.greedy_with_margins(llm, c["prompt_ids"], max_new)
         out.append({"prompt_ids": c["prompt_ids"], "greedy_ids": ids,
                     "top1_top2_logit_margin": margins})
     return out
