@@ -52,18 +52,50 @@ def byte_vocab():
     return tokens
 
 
+def add_shape(writer, blocks):
+    writer.add_context_length(256)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_block_count(blocks)
+    writer.add_feed_forward_length(FF)
+    writer.add_head_count(HEADS)
+    writer.add_head_count_kv(KV_HEADS)
+
+
+def add_blocks(writer, w, blocks, qkv_bias):
+    """The decoder blocks' tensors, drawn from `w` in a fixed order (the files' bytes depend
+    on it)."""
+    q_out, kv_out = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
+    for i in range(blocks):
+        b = f"blk.{i}."
+        writer.add_tensor(b + "attn_norm.weight", (1.0 + w(HIDDEN, s=0.1)).astype(np.float32))
+        writer.add_tensor(b + "attn_q.weight", w(q_out, HIDDEN))
+        writer.add_tensor(b + "attn_k.weight", w(kv_out, HIDDEN))
+        writer.add_tensor(b + "attn_v.weight", w(kv_out, HIDDEN))
+        if qkv_bias:
+            writer.add_tensor(b + "attn_q.bias", w(q_out, s=0.5))
+            writer.add_tensor(b + "attn_k.bias", w(kv_out, s=0.5))
+            writer.add_tensor(b + "attn_v.bias", w(kv_out, s=0.5))
+        writer.add_tensor(b + "attn_output.weight", w(HIDDEN, q_out))
+        writer.add_tensor(b + "ffn_norm.weight", (1.0 + w(HIDDEN, s=0.1)).astype(np.float32))
+        writer.add_tensor(b + "ffn_gate.weight", w(FF, HIDDEN))
+        writer.add_tensor(b + "ffn_up.weight", w(FF, HIDDEN))
+        writer.add_tensor(b + "ffn_down.weight", w(HIDDEN, FF))
+
+
+def finish(writer):
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def write(path, arch, seed):
     import gguf
 
     rng = np.random.default_rng(seed)
     w = lambda *shape, s=0.3: (rng.standard_normal(shape) * s).astype(np.float32)
     writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_context_length(256)
-    writer.add_embedding_length(HIDDEN)
-    writer.add_block_count(BLOCKS)
-    writer.add_feed_forward_length(FF)
-    writer.add_head_count(HEADS)
-    writer.add_head_count_kv(KV_HEADS)
+    add_shape(writer, BLOCKS)
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_file_type(0)
@@ -82,26 +114,8 @@ def write(path, arch, seed):
         writer.add_tensor("output.weight", w(vocab, HIDDEN))
         # Llama 3.1's factors: 1 for the high frequencies, up to 8 for the low ones.
         writer.add_tensor("rope_freqs.weight", np.array([1, 1, 1, 1.5, 2, 4, 6, 8], dtype=np.float32))
-    q_out, kv_out = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
-    for i in range(BLOCKS):
-        b = f"blk.{i}."
-        writer.add_tensor(b + "attn_norm.weight", (1.0 + w(HIDDEN, s=0.1)).astype(np.float32))
-        writer.add_tensor(b + "attn_q.weight", w(q_out, HIDDEN))
-        writer.add_tensor(b + "attn_k.weight", w(kv_out, HIDDEN))
-        writer.add_tensor(b + "attn_v.weight", w(kv_out, HIDDEN))
-        if arch == "qwen2":
-            writer.add_tensor(b + "attn_q.bias", w(q_out, s=0.5))
-            writer.add_tensor(b + "attn_k.bias", w(kv_out, s=0.5))
-            writer.add_tensor(b + "attn_v.bias", w(kv_out, s=0.5))
-        writer.add_tensor(b + "attn_output.weight", w(HIDDEN, q_out))
-        writer.add_tensor(b + "ffn_norm.weight", (1.0 + w(HIDDEN, s=0.1)).astype(np.float32))
-        writer.add_tensor(b + "ffn_gate.weight", w(FF, HIDDEN))
-        writer.add_tensor(b + "ffn_up.weight", w(FF, HIDDEN))
-        writer.add_tensor(b + "ffn_down.weight", w(HIDDEN, FF))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    add_blocks(writer, w, BLOCKS, qkv_bias=arch == "qwen2")
+    finish(writer)
 
 
 SPM_EXTRA = [
@@ -156,12 +170,7 @@ def write_spm(path, sp, seed):
     rng = np.random.default_rng(seed)
     w = lambda *shape, s=0.3: (rng.standard_normal(shape) * s).astype(np.float32)
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_context_length(256)
-    writer.add_embedding_length(HIDDEN)
-    writer.add_block_count(1)
-    writer.add_feed_forward_length(FF)
-    writer.add_head_count(HEADS)
-    writer.add_head_count_kv(KV_HEADS)
+    add_shape(writer, 1)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
@@ -173,21 +182,8 @@ def write_spm(path, sp, seed):
     writer.add_add_bos_token(True)
     writer.add_tensor("token_embd.weight", w(n, HIDDEN, s=1.0))
     writer.add_tensor("output_norm.weight", (1.0 + w(HIDDEN, s=0.1)).astype(np.float32))
-    q_out, kv_out = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
-    b = "blk.0."
-    writer.add_tensor(b + "attn_norm.weight", (1.0 + w(HIDDEN, s=0.1)).astype(np.float32))
-    writer.add_tensor(b + "attn_q.weight", w(q_out, HIDDEN))
-    writer.add_tensor(b + "attn_k.weight", w(kv_out, HIDDEN))
-    writer.add_tensor(b + "attn_v.weight", w(kv_out, HIDDEN))
-    writer.add_tensor(b + "attn_output.weight", w(HIDDEN, q_out))
-    writer.add_tensor(b + "ffn_norm.weight", (1.0 + w(HIDDEN, s=0.1)).astype(np.float32))
-    writer.add_tensor(b + "ffn_gate.weight", w(FF, HIDDEN))
-    writer.add_tensor(b + "ffn_up.weight", w(FF, HIDDEN))
-    writer.add_tensor(b + "ffn_down.weight", w(HIDDEN, FF))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    add_blocks(writer, w, 1, qkv_bias=False)
+    finish(writer)
 
 
 def tokenize_cases(path, strings):
