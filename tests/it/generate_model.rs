@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use ragtune::fetch::Role;
-use ragtune_generate::candle_core::{IndexOp, D};
+use ragtune_generate::candle_core::IndexOp;
 use ragtune_generate::{
     end_of_generation_ids, read_gguf, Error, GenerateParams, Generator, LlamaModel, Sampling,
     StopReason, Tokenizer, WeightFormat,
@@ -74,15 +74,7 @@ fn teacher_forced_agreement_with_llama_cpp() {
     let f = fixture();
     let (mut agree, mut total) = (0, 0);
     for (i, c) in cases().iter().enumerate() {
-        let mut input = c.prompt.clone();
-        input.extend(&c.greedy[..c.greedy.len() - 1]);
-        let mut cache = f.model.new_cache(input.len()).expect("cache");
-        let logits = f.model.forward(&input, 0, &mut cache).expect("forward");
-        let ours = logits
-            .i(c.prompt.len() - 1..)
-            .and_then(|l| l.argmax(D::Minus1))
-            .and_then(|a| a.to_vec1::<u32>())
-            .expect("argmax");
+        let ours = util::teacher_forced_argmax(&f.model, &c.prompt, &c.greedy);
         assert_eq!(ours.len(), c.greedy.len());
         let mut n = 0;
         let mut misses = Vec::new();
