@@ -80,8 +80,9 @@ pub struct EngineConfig {
     /// default: the shipped adapter was trained on format v1.
     pub block_attention: bool,
     /// Decode concurrent answers together, one forward step for all of them (continuous
-    /// batching; the answers are the same as one at a time). Off by default: on the 2-core
-    /// machines measured, independent concurrent steps use the cores better (docs/serve.md).
+    /// batching; the answers are the same as one at a time). On by default: with 4
+    /// concurrent answers it gives 2.1-2.2x the aggregate tokens/s of one, against 1.7x for
+    /// independent steps (2-core machine, docs/serve.md).
     pub batch_decode: bool,
     /// How sources are retrieved: `mode` (`hybrid`, `dense`, `lexical`), RRF constant and
     /// weights, identifier fields (see [`RetrievalConfig`]).
@@ -109,7 +110,7 @@ impl Default for EngineConfig {
             prefix_cache: true,
             prefix_cache_mb: 256,
             block_attention: false,
-            batch_decode: false,
+            batch_decode: true,
             retrieval: RetrievalConfig::default(),
         }
     }

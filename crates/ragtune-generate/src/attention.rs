@@ -75,6 +75,81 @@ pub(crate) fn attention(
     }
 }
 
+/// One sequence's part of a batched decode step ([`decode_rows`]): its layer cache, with the
+/// new token's keys and values already written at `pos`, and the cache's capacity.
+pub(crate) struct DecodeView<'a> {
+    pub(crate) layer: &'a LayerKv,
+    pub(crate) capacity: usize,
+    pub(crate) pos: usize,
+}
+
+/// The attention of a batched decode step: sequence `r`'s one query `(h, d)` (row `r` of
+/// `queries`, `(n, h * d)`) against the first `pos + 1` positions of its own cache
+/// (`views[r]`), all `n × h` (sequence, head) pairs as tasks of one parallel loop rather
+/// than one loop per sequence. Each pair's arithmetic is that of [`attention`] for the
+/// sequence alone (`t = 1`), so the result is the same bits. Returns `(n, h * d)`.
+///
+/// # Errors
+/// [`Error::InvalidParams`](crate::Error::InvalidParams) for an additive mask (block
+/// attention never decodes).
+pub(crate) fn decode_rows(
+    queries: &[f32],
+    views: &[DecodeView<'_>],
+    (kvh, d): (usize, usize),
+    h: usize,
+    mask: Mask<'_>,
+) -> Result<Vec<f32>> {
+    let window = match mask {
+        Mask::Causal => None,
+        Mask::Sliding(w) => Some(w.max(1)),
+        Mask::Additive(_) => {
+            return Err(crate::Error::InvalidParams {
+                detail: "a batched decode step with an additive mask".to_string(),
+            })
+        }
+    };
+    let group = h / kvh;
+    let scale = 1.0 / (d as f32).sqrt();
+    let level = SimdLevel::active();
+    let mut y = vec![0f32; views.len() * h * d];
+    let out = SyncPtr::new(&mut y);
+    for_each_dynamic(views.len() * h, |task| {
+        let (r, hq) = (task / h, task % h);
+        let (view, g) = (&views[r], hq / group);
+        let keys_at = g * view.capacity * d..(g + 1) * view.capacity * d;
+        let job = Rows {
+            q: &queries[(r * h + hq) * d..(r * h + hq + 1) * d],
+            keys: &view.layer.keys[keys_at.clone()],
+            values: &view.layer.values[keys_at],
+            d,
+            pos: view.pos,
+            scale,
+            window,
+        };
+        let mut scores = Vec::with_capacity(view.pos + 1);
+        // SAFETY: y[(r * h + hq) * d..][..d] is inside y (r < n, hq < h); only this task
+        // writes it.
+        let yr = unsafe { out.slice_mut((r * h + hq) * d, d) };
+        job.row(level, 0, &mut scores, yr);
+    });
+    Ok(y)
+}
+
+/// Writes one token's keys and values (`(kvh, d)` each) at position `pos` of `layer`, laid
+/// out as [`attention`] writes them.
+pub(crate) fn write_token(
+    layer: &mut LayerKv,
+    (kvh, d, capacity): (usize, usize, usize),
+    pos: usize,
+    k: &[f32],
+    v: &[f32],
+) {
+    for g in 0..kvh {
+        let at = (g * capacity + pos) * d;
+        layer.write(at, &k[g * d..(g + 1) * d], &v[g * d..(g + 1) * d]);
+    }
+}
+
 /// The causal path (module docs), within `window` keys if given. Returns `(t, h * d)`.
 #[allow(clippy::too_many_arguments)]
 fn causal(

@@ -315,6 +315,10 @@ impl KvCache {
     }
 
     /// The layers, for the forward pass to write and read in turn.
+    pub(crate) fn layers(&self) -> &[LayerKv] {
+        &self.layers
+    }
+
     pub(crate) fn layers_mut(&mut self) -> &mut [LayerKv] {
         &mut self.layers
     }

@@ -25,6 +25,10 @@ pub(crate) struct Rope {
     cos: Tensor,
     /// `(max_positions, d / 2)`.
     sin: Tensor,
+    /// `cos`'s values, row-major, for [`rotate_token`](Self::rotate_token).
+    cos_values: Arc<[f32]>,
+    /// `sin`'s values, row-major.
+    sin_values: Arc<[f32]>,
 }
 
 impl Rope {
@@ -41,11 +45,41 @@ impl Rope {
         device: &Device,
     ) -> Result<Self> {
         let (cos, sin) = rope_tables(rope, head_dim, max_positions, freq_factors, device)?;
+        let values = |t: &Tensor| -> Result<Arc<[f32]>> { Ok(t.flatten_all()?.to_vec1()?.into()) };
         Ok(Self {
             style: rope.style,
+            cos_values: values(&cos)?,
+            sin_values: values(&sin)?,
             cos,
             sin,
         })
+    }
+
+    /// Rotates one token in place: `x` is `(heads, d)` row-major, at `position`. The same
+    /// bits as [`apply`](Self::apply) with `t = 1` (candle's `rope_i`/`rope` kernels compute
+    /// each pair as `x0 c - x1 s`, `x0 s + x1 c`, as [`rotate_pairs`] does), without building
+    /// tensors: the batched decode step rotates each row on its own slice.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParams`] when `position` is beyond the tables.
+    pub(crate) fn rotate_token(&self, x: &mut [f32], position: usize) -> Result<()> {
+        let half = self.cos.dim(1)?;
+        let at = position * half;
+        let (Some(cos), Some(sin)) = (
+            self.cos_values.get(at..at + half),
+            self.sin_values.get(at..at + half),
+        ) else {
+            return Err(Error::InvalidParams {
+                detail: format!(
+                    "RoPE position {position} beyond the {} of the tables",
+                    self.cos.dim(0)?
+                ),
+            });
+        };
+        for row in x.chunks_exact_mut(2 * half) {
+            rotate_pairs(self.style, row, cos, sin);
+        }
+        Ok(())
     }
 
     fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
@@ -107,19 +141,26 @@ impl Rope {
             if identity {
                 return;
             }
-            let half = cos.len();
-            for row in keys.chunks_exact_mut(2 * half) {
-                for i in 0..half {
-                    let (a, b) = match style {
-                        RopeStyle::Normal => (2 * i, 2 * i + 1),
-                        RopeStyle::Neox => (i, i + half),
-                    };
-                    let (x0, x1) = (row[a], row[b]);
-                    row[a] = x0 * cos[i] - x1 * sin[i];
-                    row[b] = x0 * sin[i] + x1 * cos[i];
-                }
+            for row in keys.chunks_exact_mut(2 * cos.len()) {
+                rotate_pairs(style, row, &cos, &sin);
             }
         })
+    }
+}
+
+/// Rotates the pairs of one head row (`2 * cos.len()` values) by the angles whose cosines
+/// and sines are `cos`, `sin`: pairs `(2i, 2i + 1)` for [`RopeStyle::Normal`], `(i, i + d/2)`
+/// for NeoX.
+fn rotate_pairs(style: RopeStyle, row: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = cos.len();
+    for i in 0..half {
+        let (a, b) = match style {
+            RopeStyle::Normal => (2 * i, 2 * i + 1),
+            RopeStyle::Neox => (i, i + half),
+        };
+        let (x0, x1) = (row[a], row[b]);
+        row[a] = x0 * cos[i] - x1 * sin[i];
+        row[b] = x0 * sin[i] + x1 * cos[i];
     }
 }
 
@@ -489,6 +530,41 @@ mod tests {
             }
         }
         assert!(rope.shift(1100).is_err());
+    }
+
+    /// One token rotated on its slice is bit for bit candle's `rope_i`/`rope` kernel
+    /// ([`Rope::apply`] with `t = 1`), in both pairings; a position past the tables is an
+    /// error.
+    #[test]
+    fn rotating_one_token_in_place_equals_the_tensor_path() {
+        for style in [RopeStyle::Normal, RopeStyle::Neox] {
+            let params = RopeParams {
+                style,
+                freq_base: 10_000.0,
+                dimension_count: 16,
+                scaling: RopeScaling::None,
+            };
+            let rope = Rope::new(&params, 16, 600, None, &Device::Cpu).expect("test");
+            let x: Vec<f32> = (0..3 * 16).map(|i| (i as f32 * 0.71).sin()).collect();
+            for pos in [0usize, 1, 17, 599] {
+                let t = Tensor::from_slice(&x, (1, 3, 1, 16), &Device::Cpu).expect("test");
+                let want = rope
+                    .apply(&t, pos)
+                    .and_then(|y| Ok(y.flatten_all()?.to_vec1::<f32>()?))
+                    .expect("test");
+                let mut got = x.clone();
+                rope.rotate_token(&mut got, pos).expect("rotate");
+                let (g, w): (Vec<u32>, Vec<u32>) = (
+                    got.iter().map(|v| v.to_bits()).collect(),
+                    want.iter().map(|v| v.to_bits()).collect(),
+                );
+                assert_eq!(g, w, "{style:?} at {pos}");
+                if pos > 0 {
+                    assert_ne!(got, x, "{style:?} at {pos}: nothing rotated");
+                }
+            }
+            assert!(rope.rotate_token(&mut x.clone(), 600).is_err());
+        }
     }
 
     /// The LoRA delta, through the small-batch loops (3 rows) and the gemm path (12 rows),

@@ -507,7 +507,8 @@ impl LlamaModel {
     /// Each row's logits equal, bit for bit, what [`forward_last_with`](Self::forward_last_with)
     /// gives for that token, cache and adapter alone: the projections multiply the rows in one
     /// pass over each weight matrix (`Linear::forward_rows_each`, the same per-row
-    /// arithmetic), RoPE and attention run per row.
+    /// arithmetic); RoPE rotates each row on its own slice; attention runs every (row, head)
+    /// pair as one task of a single parallel loop, each against its own cache.
     ///
     /// # Errors
     /// As [`forward_with`](Self::forward_with), for any row.
@@ -572,29 +573,33 @@ impl LlamaModel {
                 Some(nrm) => values(&nrm.forward(&Tensor::from_vec(y, (n, heads, d), dev)?)?),
                 None => Ok(y),
             };
-            let q = head_norm(&block.q_norm, q, h)?;
-            let k = head_norm(&block.k_norm, k, kvh)?;
+            let mut q = head_norm(&block.q_norm, q, h)?;
+            let mut k = head_norm(&block.k_norm, k, kvh)?;
             let rope = self.rope_of(block);
-            let mut y = Vec::with_capacity(n * h * d);
             for (r, row) in rows.iter_mut().enumerate() {
-                let (pos, position) = (positions[r], row.cache.first_position() + positions[r]);
-                let heads = |src: &[f32], heads: usize| -> Result<Tensor> {
-                    Ok(Tensor::from_slice(src, (1, 1, heads, d), dev)?
-                        .transpose(1, 2)?
-                        .contiguous()?)
-                };
-                let qr =
-                    values(&rope.apply(&heads(&q[r * h * d..(r + 1) * h * d], h)?, position)?)?;
-                let kr = values(
-                    &rope.apply(&heads(&k[r * kvh * d..(r + 1) * kvh * d], kvh)?, position)?,
-                )?;
-                let vr = values(&heads(&v[r * kvh * d..(r + 1) * kvh * d], kvh)?)?;
+                let position = row.cache.first_position() + positions[r];
+                rope.rotate_token(&mut q[r * h * d..(r + 1) * h * d], position)?;
+                let kr = &mut k[r * kvh * d..(r + 1) * kvh * d];
+                rope.rotate_token(kr, position)?;
                 let geometry = row.cache.geometry();
-                let layer = &mut row.cache.layers_mut()[i];
-                let mask = self.causal_mask(block);
-                let out = attention::attention(&qr, &kr, &vr, layer, geometry, h, 1, pos, mask)?;
-                y.extend(values(&out)?);
+                attention::write_token(
+                    &mut row.cache.layers_mut()[i],
+                    geometry,
+                    positions[r],
+                    kr,
+                    &v[r * kvh * d..(r + 1) * kvh * d],
+                );
             }
+            let views: Vec<attention::DecodeView<'_>> = rows
+                .iter()
+                .zip(&positions)
+                .map(|(row, &pos)| attention::DecodeView {
+                    layer: &row.cache.layers()[i],
+                    capacity: row.cache.geometry().2,
+                    pos,
+                })
+                .collect();
+            let y = attention::decode_rows(&q, &views, (kvh, d), h, self.causal_mask(block))?;
             let o = a.o.forward_rows_each(&y, n, &pick(TargetModule::OProj))?;
             x = (x + post(
                 &block.post_attn_norm,
