@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
+use ragtune_util::math::fast_exp;
 use ragtune_util::ptr::SyncPtr;
 use rayon::prelude::*;
 
@@ -439,24 +440,6 @@ fn softmax_in_place(row: &mut [f32]) {
     row.iter_mut().for_each(|v| *v *= inv);
 }
 
-/// `e^x` for f32, branch-free so loops vectorise: Cody-Waite range reduction to
-/// `r in [-ln2/2, ln2/2]`, a degree-6 Taylor polynomial, and `2^n` built in the exponent
-/// bits. Relative error about 2e-7; inputs below -87 give 0-ish, above 88 are clamped.
-#[inline(always)]
-fn fast_exp(x: f32) -> f32 {
-    let x = x.clamp(-87.0, 88.0);
-    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
-    let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    // SAFETY: after the clamp, |n| <= 127, so the conversion is exact and in range.
-    let n = unsafe { n.to_int_unchecked::<i32>() };
-    let bits = ((n + 127) as u32) << 23;
-    p * f32::from_bits(bits)
-}
-
 /// GELU with the exact erf form `0.5 x (1 + erf(x / sqrt 2))`, erf by Abramowitz & Stegun
 /// 7.1.26 (absolute error <= 1.5e-7).
 #[inline(always)]
@@ -479,18 +462,6 @@ pub(crate) type Named = HashMap<String, Tensor>;
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fast_exp_is_accurate() {
-        let mut worst = 0f64;
-        let mut x = -80.0f32;
-        while x < 80.0 {
-            let rel = ((fast_exp(x) as f64) - (x as f64).exp()).abs() / (x as f64).exp();
-            worst = worst.max(rel);
-            x += 0.0137;
-        }
-        assert!(worst < 5e-7, "relative error {worst}");
-    }
 
     #[test]
     fn gelu_matches_erf_definition() {

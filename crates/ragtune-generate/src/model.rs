@@ -20,7 +20,7 @@ use candle_core::{Device, Tensor};
 use crate::attention;
 use crate::attention::Mask;
 use crate::kv_cache::{KvCache, KvSpan};
-use crate::layers::{Linear, LoraPair, RmsNorm, Rope};
+use crate::layers::{self, GateActivation, Linear, LoraPair, RmsNorm, Rope};
 use crate::lora::{LayerDeltas, LoraAdapter, TargetModule};
 use crate::props::LlamaProps;
 use crate::weight::{Weight, WeightFormat};
@@ -613,8 +613,10 @@ impl LlamaModel {
             let u =
                 m.up.forward_rows_each(&hs, n, &pick(TargetModule::UpProj))?;
             let width = g.len() / n;
-            let g = self.gate_activation(&Tensor::from_vec(g, (n, width), dev)?)?;
-            let gu = values(&(g * Tensor::from_vec(u, (n, width), dev)?)?)?;
+            let gu = values(&self.glu(
+                &Tensor::from_vec(g, (n, width), dev)?,
+                &Tensor::from_vec(u, (n, width), dev)?,
+            )?)?;
             let down = m
                 .down
                 .forward_rows_each(&gu, n, &pick(TargetModule::DownProj))?;
@@ -699,14 +701,15 @@ impl LlamaModel {
         }
     }
 
-    /// The MLP's gate activation: SiLU (SwiGLU), or GELU with the tanh approximation for
-    /// Gemma (GeGLU; llama.cpp's `ggml_gelu`).
-    fn gate_activation(&self, g: &Tensor) -> Result<Tensor> {
-        Ok(if self.props.architecture.is_gemma() {
-            g.gelu()?
+    /// The MLP's gated product `act(g) ⊙ u`: SiLU (SwiGLU), or GELU with the tanh
+    /// approximation for Gemma (GeGLU; llama.cpp's `ggml_gelu`).
+    fn glu(&self, g: &Tensor, u: &Tensor) -> Result<Tensor> {
+        let act = if self.props.architecture.is_gemma() {
+            GateActivation::GeluTanh
         } else {
-            candle_nn::ops::silu(g)?
-        })
+            GateActivation::Silu
+        };
+        layers::glu(act, g, u)
     }
 
     /// The final hidden states before the output norm: `(t, hidden)` f32.
@@ -787,18 +790,18 @@ impl LlamaModel {
             if let Some(n) = &block.post_attn_norm {
                 h = n.forward(&h)?;
             }
-            x = (x + h)?;
+            x = layers::add(&x, &h)?;
             let h = block.ffn_norm.forward(&x)?;
             let m = &block.mlp;
-            let g = self.gate_activation(&m.gate.forward(&h, delta(d, TargetModule::GateProj))?)?;
+            let g = m.gate.forward(&h, delta(d, TargetModule::GateProj))?;
             let u = m.up.forward(&h, delta(d, TargetModule::UpProj))?;
             let mut h = m
                 .down
-                .forward(&(g * u)?, delta(d, TargetModule::DownProj))?;
+                .forward(&self.glu(&g, &u)?, delta(d, TargetModule::DownProj))?;
             if let Some(n) = &block.post_ffn_norm {
                 h = n.forward(&h)?;
             }
-            x = (x + h)?;
+            x = layers::add(&x, &h)?;
         }
         cache.set_len(needed);
         Ok(x)

@@ -2,6 +2,7 @@
 //!
 //! - [`cpu`]: [`SimdLevel`](cpu::SimdLevel), the SIMD kernel level chosen at run time from
 //!   the CPU's instruction sets.
+//! - [`math`]: [`fast_exp`](math::fast_exp), a vectorisable `e^x`.
 //! - [`fs`]: atomic file replacement (temporary file, fsync, rename, fsync of the directory).
 //! - [`rng`]: [`SplitMix64`](rng::SplitMix64), a tiny seedable generator with a fixed,
 //!   platform-independent output sequence.
@@ -15,5 +16,6 @@
 
 pub mod cpu;
 pub mod fs;
+pub mod math;
 pub mod ptr;
 pub mod rng;
