@@ -314,11 +314,12 @@ impl KvCache {
         self.len = len;
     }
 
-    /// The layers, for the forward pass to write and read in turn.
+    /// The layers, for the forward pass to read (the batched decode step's attention).
     pub(crate) fn layers(&self) -> &[LayerKv] {
         &self.layers
     }
 
+    /// The layers, for the forward pass to write and read in turn.
     pub(crate) fn layers_mut(&mut self) -> &mut [LayerKv] {
         &mut self.layers
     }

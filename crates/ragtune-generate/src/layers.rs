@@ -630,6 +630,52 @@ mod tests {
         assert!(rope.shift(1100).is_err());
     }
 
+    /// The gated product and the residual add equal candle's `silu`/`gelu`, `*` and `+` bit
+    /// for bit, below and above the size where they split into parallel tasks; shapes that
+    /// differ are refused.
+    #[test]
+    fn elementwise_ops_equal_candle_bit_for_bit() {
+        let dev = &Device::Cpu;
+        for n in [7usize, 3 * ELEMENTWISE_CHUNK + 5] {
+            let g = Tensor::from_vec(
+                (0..n)
+                    .map(|i| (i as f32 * 0.013).sin() * 9.0)
+                    .collect::<Vec<_>>(),
+                (n,),
+                dev,
+            )
+            .expect("g");
+            let u = Tensor::from_vec(
+                (0..n).map(|i| (i as f32 * 0.029).cos()).collect::<Vec<_>>(),
+                (n,),
+                dev,
+            )
+            .expect("u");
+            let bits = |t: Tensor| -> Vec<u32> {
+                t.to_vec1::<f32>()
+                    .expect("values")
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect()
+            };
+            let silu = (g.silu().expect("silu") * &u).expect("mul");
+            let gelu = (g.gelu().expect("gelu") * &u).expect("mul");
+            let sum = (&g + &u).expect("add");
+            assert_eq!(
+                bits(glu(GateActivation::Silu, &g, &u).expect("glu")),
+                bits(silu)
+            );
+            assert_eq!(
+                bits(glu(GateActivation::GeluTanh, &g, &u).expect("glu")),
+                bits(gelu)
+            );
+            assert_eq!(bits(add(&g, &u).expect("add")), bits(sum));
+        }
+        let short = Tensor::zeros((3,), DType::F32, dev).expect("short");
+        let long = Tensor::zeros((4,), DType::F32, dev).expect("long");
+        assert!(add(&short, &long).is_err());
+    }
+
     /// One token rotated on its slice is bit for bit candle's `rope_i`/`rope` kernel
     /// ([`Rope::apply`] with `t = 1`), in both pairings; a position past the tables is an
     /// error.
