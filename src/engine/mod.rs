@@ -15,9 +15,10 @@
 //! **Concurrency.** [`Engine`] is `Send + Sync`; [`Engine::answer`] takes `&self` and each
 //! call owns its KV cache, so any number of threads may ask at once. The matmul kernels of
 //! every request run on the one rayon pool (as many threads as cores), so concurrent requests
-//! share it rather than oversubscribing the CPU. With `batch_decode` (the default) their decode steps are
-//! batched ([`batch`]): one forward pass runs the next token of every answer being decoded,
-//! each with its own cache and adapter, and the answers are the same as one at a time.
+//! share it rather than oversubscribing the CPU. With `batch_decode` (the default) their
+//! decode steps are batched ([`batch`]): one forward pass runs the next token of every answer
+//! being decoded, each with its own cache and adapter, and the answers are the same as one at
+//! a time.
 
 pub mod batch;
 mod config;
