@@ -55,14 +55,7 @@ pub(crate) fn attention(
     pos: usize,
     mask: Mask<'_>,
 ) -> Result<Tensor> {
-    for g in 0..kvh {
-        let at = (g * capacity + pos) * d;
-        layer.write(
-            at,
-            &k[g * t * d..(g + 1) * t * d],
-            &v[g * t * d..(g + 1) * t * d],
-        );
-    }
+    write_kv(layer, (kvh, d, capacity), pos, t, k, v);
     match mask {
         Mask::Causal => {
             let y = causal(q, layer, (kvh, d, capacity), h, t, pos, None);
@@ -136,18 +129,24 @@ pub(crate) fn decode_rows(
     Ok(y)
 }
 
-/// Writes one token's keys and values (`(kvh, d)` each) at position `pos` of `layer`, laid
-/// out as [`attention`] writes them.
-pub(crate) fn write_token(
+/// Writes the keys and values of `t` tokens (`(kvh, t, d)` each, heads first) at positions
+/// `pos..pos + t` of `layer`: [`attention`]'s write, and the batched decode step's with
+/// `t = 1`.
+pub(crate) fn write_kv(
     layer: &mut LayerKv,
     (kvh, d, capacity): (usize, usize, usize),
     pos: usize,
+    t: usize,
     k: &[f32],
     v: &[f32],
 ) {
     for g in 0..kvh {
         let at = (g * capacity + pos) * d;
-        layer.write(at, &k[g * d..(g + 1) * d], &v[g * d..(g + 1) * d]);
+        layer.write(
+            at,
+            &k[g * t * d..(g + 1) * t * d],
+            &v[g * t * d..(g + 1) * t * d],
+        );
     }
 }
 

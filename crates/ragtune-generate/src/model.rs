@@ -582,10 +582,11 @@ impl LlamaModel {
                 let kr = &mut k[r * kvh * d..(r + 1) * kvh * d];
                 rope.rotate_token(kr, position)?;
                 let geometry = row.cache.geometry();
-                attention::write_token(
+                attention::write_kv(
                     &mut row.cache.layers_mut()[i],
                     geometry,
                     positions[r],
+                    1,
                     kr,
                     &v[r * kvh * d..(r + 1) * kvh * d],
                 );
