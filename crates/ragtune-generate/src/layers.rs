@@ -63,12 +63,7 @@ impl Rope {
     /// # Errors
     /// [`Error::InvalidParams`] when `position` is beyond the tables.
     pub(crate) fn rotate_token(&self, x: &mut [f32], position: usize) -> Result<()> {
-        let half = self.cos.dim(1)?;
-        let at = position * half;
-        let (Some(cos), Some(sin)) = (
-            self.cos_values.get(at..at + half),
-            self.sin_values.get(at..at + half),
-        ) else {
+        let Some((cos, sin)) = self.table_row(position) else {
             return Err(Error::InvalidParams {
                 detail: format!(
                     "RoPE position {position} beyond the {} of the tables",
@@ -76,10 +71,20 @@ impl Rope {
                 ),
             });
         };
-        for row in x.chunks_exact_mut(2 * half) {
+        for row in x.chunks_exact_mut(2 * cos.len()) {
             rotate_pairs(self.style, row, cos, sin);
         }
         Ok(())
+    }
+
+    /// The cosines and sines (`d / 2` each) of `position`, `None` beyond the tables.
+    fn table_row(&self, position: usize) -> Option<(&[f32], &[f32])> {
+        let half = self.cos.dims().get(1).copied()?;
+        let at = position.checked_mul(half)?;
+        Some((
+            self.cos_values.get(at..at + half)?,
+            self.sin_values.get(at..at + half)?,
+        ))
     }
 
     fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
@@ -117,24 +122,17 @@ impl Rope {
     /// # Errors
     /// [`Error::InvalidParams`] when `|delta|` is beyond the tables.
     pub(crate) fn shift(&self, delta: isize) -> Result<impl Fn(&mut [f32])> {
-        let magnitude = delta.unsigned_abs();
-        if magnitude >= self.cos.dim(0)? {
+        let Some((cos, sin)) = self.table_row(delta.unsigned_abs()) else {
             return Err(Error::InvalidParams {
                 detail: format!(
                     "a RoPE shift of {delta} positions beyond the {} of the tables",
                     self.cos.dim(0)?
                 ),
             });
-        }
-        let cos: Vec<f32> = self.cos.get(magnitude)?.to_vec1()?;
+        };
+        let cos = cos.to_vec();
         let sign = if delta < 0 { -1.0 } else { 1.0 };
-        let sin: Vec<f32> = self
-            .sin
-            .get(magnitude)?
-            .to_vec1::<f32>()?
-            .into_iter()
-            .map(|s| s * sign)
-            .collect();
+        let sin: Vec<f32> = sin.iter().map(|s| s * sign).collect();
         let identity = delta == 0;
         let style = self.style;
         Ok(move |keys: &mut [f32]| {
