@@ -4,8 +4,6 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use ragtune_embed::SentenceEncoder;
-
 use super::Context;
 
 /// Arguments of `ragtune embed`.
@@ -17,7 +15,7 @@ pub struct Args {
 }
 
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
-    let encoder = SentenceEncoder::load(ctx.embedder_dir()?)?;
+    let encoder = ctx.encoder()?;
     // Every line is read; lines that are not UTF-8 are reported by number, and (in JSON
     // output) get an error object in their place so the output stays line-aligned.
     let mut lines: Vec<String> = Vec::new();
@@ -49,12 +47,13 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
     eprintln!(
-        "embedded {} texts ({} word pieces) in {:.2} s: {:.0} word pieces/s, {:.1} texts/s",
+        "embedded {} texts ({} word pieces) in {:.2} s: {:.0} word pieces/s, {:.1} texts/s ({} encoder)",
         lines.len(),
         tokens,
         secs,
         tokens as f64 / secs.max(1e-9),
-        lines.len() as f64 / secs.max(1e-9)
+        lines.len() as f64 / secs.max(1e-9),
+        encoder.precision()
     );
     match args.npy {
         Some(path) => {

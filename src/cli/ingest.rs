@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use ragtune::ingest::{ingest, IngestOptions};
-use ragtune_embed::{ChunkParams, SentenceEncoder};
+use ragtune_embed::ChunkParams;
 
 use super::Context;
 
@@ -34,7 +34,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         Some(p) => p,
         None => ctx.default_corpus()?,
     };
-    let encoder = SentenceEncoder::load(ctx.embedder_dir()?)?;
+    let encoder = ctx.encoder()?;
     let mut options = IngestOptions {
         chunk: ChunkParams {
             max_tokens: args.chunk_tokens,
@@ -59,7 +59,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         eprintln!("skipped {}: {}", s.path.display(), s.reason);
     }
     eprintln!(
-        "indexed {} documents as {} chunks ({} word pieces) into {} in {:.1} s (embedding {:.1} s = {:.0} word pieces/s, index {:.1} s); {} files skipped",
+        "indexed {} documents as {} chunks ({} word pieces) into {} in {:.1} s (embedding {:.1} s = {:.0} word pieces/s with the {} encoder, index {:.1} s); {} files skipped",
         report.documents,
         report.chunks,
         report.tokens,
@@ -67,6 +67,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         report.total_secs,
         report.embed_secs,
         report.tokens as f64 / report.embed_secs.max(1e-9),
+        encoder.precision(),
         report.index_secs,
         report.skipped.len()
     );

@@ -68,6 +68,15 @@ pub struct GlobalArgs {
     #[arg(long, global = true, env = "RAGTUNE_BLOCK_ATTENTION", value_name = "BOOL",
           num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     block_attention: Option<bool>,
+    /// The sentence encoder's projections: `auto`, `int8` or `f32` [default:
+    /// `encoder_precision` of ragtune.toml, else auto: int8 where the CPU has AVX-512 VNNI].
+    #[arg(
+        long,
+        global = true,
+        env = "RAGTUNE_ENCODER_PRECISION",
+        value_name = "PRECISION"
+    )]
+    encoder_precision: Option<ragtune_embed::Precision>,
     /// No progress bars.
     #[arg(long, short, global = true)]
     quiet: bool,
@@ -205,6 +214,9 @@ impl Context {
         if let Some(on) = args.block_attention {
             config.block_attention = on;
         }
+        if let Some(p) = args.encoder_precision {
+            config.encoder_precision = p;
+        }
         let profile = config.resolve_profile()?;
         let progress = if args.quiet {
             // No bars, but notices still reach stderr.
@@ -235,6 +247,15 @@ impl Context {
                 &self.progress,
             )?),
         }
+    }
+
+    /// The sentence encoder (`--embedder`, else the pinned MiniLM) in the configured
+    /// precision.
+    fn encoder(&self) -> anyhow::Result<ragtune_embed::SentenceEncoder> {
+        Ok(ragtune_embed::SentenceEncoder::load_with(
+            self.embedder_dir()?,
+            self.config.encoder_options(),
+        )?)
     }
 
     /// The engine configuration: `ragtune.toml` (or `--config`) over the defaults, the global

@@ -3,7 +3,6 @@
 use std::io::Write;
 
 use ragtune::retrieve::{Query, RetrievalMode, Retriever, SearchResult};
-use ragtune_embed::SentenceEncoder;
 use ragtune_index::Filter;
 use serde::Serialize;
 
@@ -60,7 +59,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         );
     }
     let filter = args.filter.as_deref().map(Filter::parse).transpose()?;
-    let encoder = SentenceEncoder::load(ctx.embedder_dir()?)?;
+    let encoder = ctx.encoder()?;
     let config = ctx.engine_config(None)?;
     ragtune::ingest::ensure_default_index(&config, &ctx.profile, &encoder, &ctx.progress)?;
     // The index's own errors name the path and say what to do; no context on top, which

@@ -286,7 +286,7 @@ impl Engine {
             Some(dir) => dir.clone(),
             None => crate::fetch::ensure(&fetch, Role::Embedder, progress)?,
         };
-        let encoder = SentenceEncoder::load(&encoder_dir)?;
+        let encoder = SentenceEncoder::load_with(&encoder_dir, config.encoder_options())?;
         crate::ingest::ensure_default_index(&config, &profile, &encoder, progress)?;
         let retriever = Retriever::with_encoder(encoder, &index_dir)?
             .with_profile(config.retrieval.clone(), &profile)?;

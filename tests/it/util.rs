@@ -78,6 +78,26 @@ pub fn encoder() -> &'static SentenceEncoder {
     ENC.get_or_init(load_encoder)
 }
 
+/// MiniLM with its projections in `precision` (a fixed one, whatever the CPU), loaded once
+/// per precision and shared.
+pub fn encoder_in(precision: ragtune_embed::Precision) -> &'static SentenceEncoder {
+    use ragtune_embed::{EncoderOptions, Precision};
+    static F32: OnceLock<SentenceEncoder> = OnceLock::new();
+    static INT8: OnceLock<SentenceEncoder> = OnceLock::new();
+    let cell = match precision {
+        Precision::F32 => &F32,
+        Precision::Int8 => &INT8,
+        Precision::Auto => return encoder(),
+    };
+    cell.get_or_init(|| {
+        let options = EncoderOptions {
+            precision,
+            ..EncoderOptions::default()
+        };
+        SentenceEncoder::load_with(package(Role::Embedder), options).expect("load MiniLM")
+    })
+}
+
 /// A fresh MiniLM, for the APIs that take ownership of an encoder.
 pub fn load_encoder() -> SentenceEncoder {
     SentenceEncoder::load(package(Role::Embedder)).expect("load MiniLM")

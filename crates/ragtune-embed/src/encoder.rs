@@ -7,11 +7,12 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config as BertConfig};
+use ragtune_util::cpu::SimdLevel;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokenizers::{Encoding, Tokenizer, TruncationParams};
 
-use crate::bert::{FastBert, FastBertConfig};
+use crate::bert::{FastBert, FastBertConfig, Precision};
 use crate::pooling::Pooling;
 use crate::{read_json, Error, Result};
 
@@ -29,6 +30,9 @@ pub struct EncoderOptions {
     pub max_seq_len: Option<usize>,
     /// Which forward pass runs the model (default [`Backend::Fast`]).
     pub backend: Backend,
+    /// The precision of [`Backend::Fast`]'s projections (default [`Precision::Auto`]);
+    /// [`Backend::Candle`] is always f32.
+    pub precision: Precision,
 }
 
 /// The implementation of the BERT forward pass.
@@ -49,6 +53,7 @@ impl Default for EncoderOptions {
             max_batch_tokens: 16384,
             max_seq_len: None,
             backend: Backend::Fast,
+            precision: Precision::default(),
         }
     }
 }
@@ -234,6 +239,7 @@ impl SentenceEncoder {
                     heads: config.num_attention_heads,
                     layers: config.num_hidden_layers,
                     eps: config.layer_norm_eps as f32,
+                    precision: options.precision,
                 },
             )?),
             Backend::Candle => {
@@ -269,6 +275,15 @@ impl SentenceEncoder {
             identity,
             device,
         })
+    }
+
+    /// The precision the projections run in ([`Precision::Int8`] or [`Precision::F32`];
+    /// always f32 for [`Backend::Candle`]).
+    pub fn precision(&self) -> Precision {
+        match self.model {
+            Model::Fast(_) => self.options.precision.resolve(SimdLevel::active()),
+            Model::Candle(_) => Precision::F32,
+        }
     }
 
     /// Embedding dimension (384 for MiniLM-L6).

@@ -29,6 +29,7 @@ mod encoder;
 mod error;
 mod pooling;
 
+pub use bert::Precision;
 pub use chunk::{ChunkParams, ChunkSpan, Chunker};
 pub use encoder::{
     sha256_file, Backend, BatchDone, Embeddings, EncoderIdentity, EncoderOptions, SentenceEncoder,

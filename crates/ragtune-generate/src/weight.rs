@@ -61,8 +61,8 @@ impl Weight {
         }
         let (rows, cols) = t.shape().dims2()?;
         Ok(match dtype {
-            GgmlDType::Q4_1 => Self::Q4_1(QMatrix::from_qtensor(&t)?),
-            GgmlDType::Q8_0 => Self::Q8_0(QMatrix::from_qtensor(&t)?),
+            GgmlDType::Q4_1 => Self::Q4_1(QMatrix::from_blocks(rows, cols, &t.data()?)?),
+            GgmlDType::Q8_0 => Self::Q8_0(QMatrix::from_blocks(rows, cols, &t.data()?)?),
             GgmlDType::Q4_0 => Self::Q4_1(QMatrix::from_blocks(
                 rows,
                 cols,
@@ -86,7 +86,7 @@ impl Weight {
                 Self::Q8_0(QMatrix::from_blocks(
                     rows,
                     cols,
-                    &convert::quantize_q8_0(&x),
+                    &ragtune_quant::quantize_q8_0(&x),
                 )?)
             }
         })
@@ -122,8 +122,8 @@ impl Weight {
     /// The weight as `(out, in)` f32 (a copy for quantized weights).
     pub(crate) fn dequantize(&self) -> Result<Tensor> {
         Ok(match self {
-            Self::Q4_1(m) => m.dequantize()?,
-            Self::Q8_0(m) => m.dequantize()?,
+            Self::Q4_1(m) => Tensor::from_vec(m.dequantize(), m.dims(), &Device::Cpu)?,
+            Self::Q8_0(m) => Tensor::from_vec(m.dequantize(), m.dims(), &Device::Cpu)?,
             Self::Dense(t) => t.clone(),
         })
     }

@@ -17,7 +17,7 @@
 
 use half::f16;
 
-use super::blocks::QK;
+use ragtune_quant::QK;
 
 /// Bytes of a `block_q4_0`.
 const Q4_0_BYTES: usize = 18;
@@ -102,27 +102,13 @@ pub(crate) fn q5_0_as_q8_0(src: &[u8]) -> Vec<u8> {
     out
 }
 
-/// `x` (a multiple of 32 values) as Q8_0 blocks, as ggml's `quantize_row_q8_0_ref`: per
-/// block `d = max|x| / 127`, `q = round(x / d)` half away from zero, `d` stored as f16.
-pub(crate) fn quantize_q8_0(x: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(x.len() / QK * Q8_0_BYTES);
-    for xs in x.chunks_exact(QK) {
-        let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
-        out.extend(xs.iter().map(|v| ((v * id).round() as i8) as u8));
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
 
-    use super::super::{QMatrix, Q4_1, Q8_0};
     use super::*;
+    use ragtune_quant::{quantize_q8_0, QMatrix, Q4_1, Q8_0};
 
     /// `(rows, cols)` seeded values, a few blocks scaled up so that scales differ a lot.
     fn values(rows: usize, cols: usize, seed: u64) -> Tensor {
@@ -155,13 +141,13 @@ mod tests {
         let q = QTensor::quantize(&values(rows, cols, 3), dtype).expect("test value");
         let bytes = convert(&q.data().expect("test value"));
         let ours = if q4 {
-            QMatrix::<Q4_1>::from_blocks(rows, cols, &bytes).and_then(|m| m.dequantize())
+            QMatrix::<Q4_1>::from_blocks(rows, cols, &bytes).map(|m| m.dequantize())
         } else {
-            QMatrix::<Q8_0>::from_blocks(rows, cols, &bytes).and_then(|m| m.dequantize())
+            QMatrix::<Q8_0>::from_blocks(rows, cols, &bytes).map(|m| m.dequantize())
         }
         .expect("test value");
         let theirs = q.dequantize(&Device::Cpu).expect("test value");
-        (flat(&ours), flat(&theirs))
+        (ours, flat(&theirs))
     }
 
     #[test]
@@ -205,9 +191,9 @@ mod tests {
             let theirs = flat(&q.dequantize(&Device::Cpu).expect("test value"));
             let bytes = quantize_q8_0(&theirs);
             let ours = QMatrix::<Q8_0>::from_blocks(19, 512, &bytes)
-                .and_then(|m| m.dequantize())
+                .map(|m| m.dequantize())
                 .expect("test value");
-            for (o, t) in flat(&ours).chunks_exact(QK).zip(theirs.chunks_exact(QK)) {
+            for (o, t) in ours.chunks_exact(QK).zip(theirs.chunks_exact(QK)) {
                 let amax = t.iter().fold(0f32, |a, v| a.max(v.abs()));
                 // Half a step, plus the f16 rounding of d (2^-11 of 127 steps).
                 let bound = amax / 254.0 + amax / 2048.0 + 1e-7;

@@ -15,19 +15,18 @@
 //! weights `4c..4c + 4`. One activation chunk broadcast to every 32-bit lane meets the same 4
 //! weights of 16 rows ([`super::kernels`]).
 
-use candle_core::quantized::GgmlDType;
 use half::f16;
 use ragtune_util::cpu::SimdLevel;
 
 use super::kernels::Kernel;
 
 /// Weights per block (`QK4_1`, `QK8_0`, `QK8_1` in ggml).
-pub(crate) const QK: usize = 32;
+pub const QK: usize = 32;
 
 /// A GGUF block format and the kernel that multiplies it with q8 activation rows.
-pub(crate) trait QuantFormat: Send + Sync + 'static {
-    /// The GGUF type.
-    const DTYPE: GgmlDType;
+pub trait QuantFormat: Send + Sync + 'static {
+    /// The GGML type's name (`Q4_1`, `Q8_0`), for messages.
+    const NAME: &'static str;
     /// Bytes per block in the file.
     const BYTES: usize;
     /// Bytes of quants per block.
@@ -47,14 +46,14 @@ pub(crate) trait QuantFormat: Send + Sync + 'static {
 
 /// Q4_1: 4-bit quants with a scale and a minimum per block.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Q4_1;
+pub struct Q4_1;
 
 /// Q8_0: 8-bit quants with a scale per block.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Q8_0;
+pub struct Q8_0;
 
 impl QuantFormat for Q4_1 {
-    const DTYPE: GgmlDType = GgmlDType::Q4_1;
+    const NAME: &'static str = "Q4_1";
     const BYTES: usize = 20;
     const QS: usize = 16;
     const HAS_MIN: bool = true;
@@ -77,7 +76,7 @@ impl QuantFormat for Q4_1 {
 }
 
 impl QuantFormat for Q8_0 {
-    const DTYPE: GgmlDType = GgmlDType::Q8_0;
+    const NAME: &'static str = "Q8_0";
     const BYTES: usize = 34;
     const QS: usize = 32;
     const HAS_MIN: bool = false;

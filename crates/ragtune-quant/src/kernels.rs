@@ -41,7 +41,7 @@ pub(crate) struct GroupRef<'a> {
 
 /// The two formats' group kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Kernel {
+pub enum Kernel {
     /// Q4_1 weights (16 bytes of nibbles per block and row) × q8_1 activations.
     Q4_1,
     /// Q8_0 weights (32 signed bytes per block and row) × q8_0 activations.
