@@ -33,7 +33,7 @@ pub trait QuantFormat: Send + Sync + 'static {
     const QS: usize;
     /// Whether blocks carry a minimum `m`.
     const HAS_MIN: bool;
-    /// The group kernel ([`super::kernels::group_matmul`]).
+    /// The group kernel (`kernels::group_matmul`).
     const KERNEL: Kernel;
 
     /// Splits one block (`BYTES` long, little-endian) into its quants (written to `qs`,

@@ -13,13 +13,13 @@
 //!   `block_q4_1 { d: f16, m: f16, qs: [u8; 16] }` (20 bytes), weight `j` = `d * q_j + m`,
 //!   `q_j` the low nibble of `qs[j]` for `j < 16`, the high nibble of `qs[j - 16]` otherwise;
 //!   `block_q8_0 { d: f16, qs: [i8; 32] }` (34 bytes), weight `j` = `d * qs[j]`. Held
-//!   interleaved in groups of 16 rows ([`blocks`]): the same bytes as the file, regrouped.
+//!   interleaved in groups of 16 rows (module `blocks`): the same bytes as the file, regrouped.
 //! - **Every product is integer**, for one token (decode) as for 512 (prefill): each
 //!   activation row is quantized as llama.cpp does (`block_q8_1 { d, s = d Σq, qs }` for Q4_1,
 //!   `block_q8_0` for Q8_0; `d = max|x| / 127`, `q = round(x / d)`), and each output is
 //!   `Σ_blocks d_w d_x Σ q_w q_x (+ m_w s_x)`, exactly `ggml_vec_dot_q4_1_q8_1` /
 //!   `ggml_vec_dot_q8_0_q8_0`, computed for 16 weight rows and 4 activation rows at a time
-//!   ([`kernels`]: AVX-512 VNNI, AVX2 or portable, chosen at run time). An activation row's
+//!   (module `kernels`: AVX-512 VNNI, AVX2 or portable, chosen at run time). An activation row's
 //!   result does not depend on how many rows are multiplied with it, so a prompt prefilled in
 //!   one call or in pieces, and a sequence decoded alone or in a batch, see the same numbers.
 //! - **Other formats** (Q4_0, the k-quants, Q5_0 ...) are rewritten into these two by the
@@ -59,14 +59,14 @@ pub enum Error {
 /// This crate's result type.
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// Weight groups ([`GROUP`] rows each) per parallel task: 64 rows.
+/// Weight groups (`GROUP` = 16 rows each) per parallel task: 64 rows.
 const GROUPS_PER_TASK: usize = 4;
 
 /// Activation rows per parallel task.
 const ACT_ROWS_PER_TASK: usize = 64;
 
 /// A `(rows, cols)` block-quantized weight, `cols / 32` blocks per row, held interleaved in
-/// groups of [`GROUP`] rows ([`blocks`]).
+/// groups of `GROUP` = 16 rows (module `blocks`).
 #[derive(Debug, Clone)]
 pub struct QMatrix<F> {
     rows: usize,
