@@ -69,7 +69,7 @@ fn main() -> anyhow::Result<()> {
         let items = examples
             .iter()
             .map(|e| {
-                let t = data::tokenize(e, &template, &tokenizer)?;
+                let t = data::tokenize(e, &template, &tokenizer, data::SourceAttention::Causal)?;
                 let scored = (1..t.ids.len()).filter(|&j| t.loss[j]).collect();
                 Ok((t.ids, scored))
             })

@@ -6,6 +6,10 @@
 //! eval loss against steps), `train_summary.json` (settings, data counts, wall time,
 //! throughput, losses) and `checkpoints/` (the two newest; `--resume` continues from them).
 //! Ctrl-C finishes the current step, saves a checkpoint and exits.
+//!
+//! With block attention on (`ragtune --block-attention finetune …` or `block_attention` in
+//! ragtune.toml, the setting the engine serves with) the examples' source blocks are trained
+//! with the prompt format v2 mask, and the adapter records format 2.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -217,8 +221,20 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         );
     }
 
+    let attention = if ctx.config.block_attention {
+        data::SourceAttention::Blocks
+    } else {
+        data::SourceAttention::Causal
+    };
     let examples = data::read_jsonl(&args.data)?;
-    let train = data::prepare(&examples, &template, &tokenizer, args.seq_len)?;
+    if attention == data::SourceAttention::Blocks && examples.iter().all(|e| e.blocks.is_empty()) {
+        bail!(
+            "block attention is on, but no example in {} marks source blocks: write the data \
+             with `ragtune finetune-data` (it marks them), or train without --block-attention",
+            args.data.display()
+        );
+    }
+    let train = data::prepare(&examples, &template, &tokenizer, args.seq_len, attention)?;
     eprintln!(
         "train: {} examples, {} tokens ({} skipped as longer than --seq-len {}, {} without answer tokens)",
         train.examples.len(),
@@ -234,6 +250,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
                 &template,
                 &tokenizer,
                 args.seq_len,
+                attention,
             )?;
             eprintln!(
                 "eval: {} examples, {} tokens ({} skipped as too long)",
@@ -343,7 +360,11 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     let wall = started.elapsed().as_secs_f64();
     trainer.model().save_adapter(out, &args.base_name)?;
     plot_losses(&log_path, &out.join("loss.svg"))?;
-    let (profile, prompt_format_version) = trained_for(ctx, &args.data);
+    let (profile, data_format_version) = trained_for(ctx, &args.data);
+    let prompt_format_version = match attention {
+        data::SourceAttention::Causal => data_format_version,
+        data::SourceAttention::Blocks => ragtune::engine::BLOCK_PROMPT_FORMAT_VERSION,
+    };
     let summary = json!({
         "profile": profile,
         "prompt_format_version": prompt_format_version,

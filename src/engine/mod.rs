@@ -41,7 +41,7 @@ use ragtune_index::Filter;
 use serde::Serialize;
 
 pub use config::{default_index_dir, EngineConfig, CONFIG_FILE};
-pub use prompt::{Citation, PROMPT_FORMAT_VERSION};
+pub use prompt::{Citation, BLOCK_PROMPT_FORMAT_VERSION, PROMPT_FORMAT_VERSION};
 
 use crate::fetch::{FetchConfig, Role};
 use crate::profile::Profile;
@@ -321,7 +321,12 @@ impl Engine {
                 }
                 Err(e) => return Err(e.into()),
             };
-            if let Some(notice) = adapter_mismatch(name, dir, &profile) {
+            let format = if config.block_attention {
+                BLOCK_PROMPT_FORMAT_VERSION
+            } else {
+                PROMPT_FORMAT_VERSION
+            };
+            if let Some(notice) = adapter_mismatch(name, dir, &profile, format) {
                 progress.notice(&notice);
             }
             adapters.insert(name.clone(), adapter);
@@ -777,9 +782,16 @@ pub fn default_gguf(fetch: &FetchConfig, progress: &Progress) -> Result<PathBuf>
 pub const ADAPTER_SUMMARY: &str = "train_summary.json";
 
 /// A notice when the adapter in `dir` records a profile or prompt format other than
-/// `profile` and [`PROMPT_FORMAT_VERSION`] (its `train_summary.json` fields `profile` and
-/// `prompt_format_version`); `None` when they match or the adapter records neither.
-pub fn adapter_mismatch(name: &str, dir: &std::path::Path, profile: &Profile) -> Option<String> {
+/// `profile` and `format` (the version the engine serves retrieval prompts in:
+/// [`PROMPT_FORMAT_VERSION`], or [`BLOCK_PROMPT_FORMAT_VERSION`] with block attention; the
+/// adapter's `train_summary.json` fields `profile` and `prompt_format_version`); `None` when
+/// they match or the adapter records neither.
+pub fn adapter_mismatch(
+    name: &str,
+    dir: &std::path::Path,
+    profile: &Profile,
+    format: u32,
+) -> Option<String> {
     let text = std::fs::read_to_string(dir.join(ADAPTER_SUMMARY)).ok()?;
     let summary: serde_json::Value = serde_json::from_str(&text).ok()?;
     let trained_profile = summary.get("profile").and_then(|v| v.as_str());
@@ -790,15 +802,14 @@ pub fn adapter_mismatch(name: &str, dir: &std::path::Path, profile: &Profile) ->
     if let Some(p) = trained_profile.filter(|p| *p != profile.name) {
         differences.push(format!("profile `{p}` (running: `{}`)", profile.name));
     }
-    if let Some(v) = trained_format.filter(|v| *v != u64::from(PROMPT_FORMAT_VERSION)) {
-        differences.push(format!(
-            "prompt format {v} (running: {PROMPT_FORMAT_VERSION})"
-        ));
+    if let Some(v) = trained_format.filter(|v| *v != u64::from(format)) {
+        differences.push(format!("prompt format {v} (running: {format})"));
     }
     (!differences.is_empty()).then(|| {
         format!(
             "adapter `{name}` was trained for {}: its answers may suffer; retrain it with \
-             `ragtune finetune` for this profile",
+             `ragtune finetune` for this profile and format (`--block-attention` selects \
+             format 2)",
             differences.join(" and ")
         )
     })

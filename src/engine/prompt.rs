@@ -219,17 +219,33 @@ pub fn rag_messages(
     question: &str,
     sources: &[RetrievedChunk],
 ) -> Vec<ChatMessage> {
-    let mut user = String::from("Sources:\n");
+    rag_messages_with_blocks(profile, question, sources).0
+}
+
+/// [`rag_messages`] and where each source's line `[n] … \n` lies in the user message: byte
+/// ranges of its content, in prompt order. These are the blocks of format v2
+/// ([`block_prompt`]); the fine-tuning data marks them so that the trainer can render an
+/// example with the v2 mask.
+pub fn rag_messages_with_blocks(
+    profile: &Profile,
+    question: &str,
+    sources: &[RetrievedChunk],
+) -> (Vec<ChatMessage>, Vec<std::ops::Range<usize>>) {
+    let mut user = String::from(SOURCES_HEADING);
+    let mut blocks = Vec::with_capacity(sources.len());
     for (i, s) in sources.iter().enumerate() {
+        let start = user.len();
         user.push_str(&source_line(profile, i + 1, s));
         user.push('\n');
+        blocks.push(start..user.len());
     }
     user.push_str("\nQuestion: ");
     user.push_str(question.trim());
-    vec![
+    let messages = vec![
         ChatMessage::system(profile.rag_system_prompt.clone()),
         ChatMessage::user(user),
-    ]
+    ];
+    (messages, blocks)
 }
 
 /// The messages of a closed-book prompt for `question`.

@@ -12,7 +12,7 @@ use ragtune_generate::{
     read_gguf, ChatMessage, ChatTemplate, LlamaModel, LoraAdapter, SpecialTokens, TargetModule,
     Tokenizer, WeightFormat,
 };
-use ragtune_train::data::{self, Example};
+use ragtune_train::data::{self, Example, SourceAttention::Causal};
 use ragtune_train::{Error, InitB, LoraSpec, TrainConfig, TrainModel, Trainer};
 
 use crate::util;
@@ -67,19 +67,19 @@ fn examples() -> Vec<Example> {
     ];
     facts
         .iter()
-        .map(|(name, id)| Example {
-            messages: vec![
+        .map(|(name, id)| {
+            Example::new(vec![
                 ChatMessage::system("You are a software license analyst."),
                 ChatMessage::user(format!("Which SPDX id does the {name} have?")),
                 ChatMessage::assistant(format!("The SPDX identifier of the {name} is {id}.")),
-            ],
+            ])
         })
         .collect()
 }
 
 fn tokenized() -> Vec<data::Tokenized> {
     let f = fixture();
-    data::prepare(&examples(), &f.template, &f.tokenizer, 256)
+    data::prepare(&examples(), &f.template, &f.tokenizer, 256, Causal)
         .expect("prepare")
         .examples
 }
@@ -276,7 +276,7 @@ fn a_saved_adapter_reproduces_the_trained_logits_where_it_is_served() {
 fn the_loss_mask_covers_exactly_the_answers() {
     let f = fixture();
     let example = &examples()[0];
-    let t = data::tokenize(example, &f.template, &f.tokenizer).expect("tokenize");
+    let t = data::tokenize(example, &f.template, &f.tokenizer, Causal).expect("tokenize");
     let full = f.template.render(&example.messages, false).expect("render");
     assert_eq!(t.ids, f.tokenizer.encode_prompt(&full).expect("encode"));
     let answer: Vec<u32> = t
@@ -310,7 +310,8 @@ fn the_loss_mask_covers_exactly_the_answers() {
         "the fixture's examples differ in length: {lens:?}"
     );
     let seq_len = longest - 1;
-    let some = data::prepare(&examples(), &f.template, &f.tokenizer, seq_len).expect("some fit");
+    let some =
+        data::prepare(&examples(), &f.template, &f.tokenizer, seq_len, Causal).expect("some fit");
     assert_eq!(
         some.skipped_too_long,
         lens.iter().filter(|&&n| n > seq_len).count()
@@ -322,8 +323,8 @@ fn the_loss_mask_covers_exactly_the_answers() {
     );
     assert!(some.examples.iter().all(|t| t.ids.len() <= seq_len));
 
-    let too_long =
-        data::prepare(&examples(), &f.template, &f.tokenizer, 20).expect_err("all too long");
+    let too_long = data::prepare(&examples(), &f.template, &f.tokenizer, 20, Causal)
+        .expect_err("all too long");
     assert!(
         too_long
             .to_string()
@@ -362,4 +363,168 @@ fn a_full_disk_while_checkpointing_keeps_the_previous_checkpoint() {
             .expect("the first checkpoint survives"),
         1
     );
+}
+
+/// A retrieval example over three real sources, as `ragtune finetune-data` writes it (the
+/// source lines marked as blocks), and the engine's prompt of the same question and sources.
+struct RagExample {
+    example: Example,
+    question: &'static str,
+    sources: Vec<ragtune::retrieve::RetrievedChunk>,
+}
+
+fn rag_example() -> RagExample {
+    let ix = util::subset_index();
+    let retriever = ragtune::retrieve::Retriever::open(util::package(Role::Embedder), &ix.index)
+        .expect("retriever");
+    let question = "Who owns the MIT license?";
+    let sources = retriever
+        .search(&ragtune::retrieve::Query::new(question, 3))
+        .expect("search")
+        .hits;
+    assert_eq!(sources.len(), 3);
+    let profile = ragtune::licensedb::profile();
+    let (mut messages, blocks) =
+        ragtune::engine::prompt::rag_messages_with_blocks(&profile, question, &sources);
+    messages.push(ChatMessage::assistant(
+        "The owner of the MIT License is MIT [3].",
+    ));
+    RagExample {
+        example: Example { messages, blocks },
+        question,
+        sources,
+    }
+}
+
+#[test]
+fn a_training_example_renders_exactly_as_the_engine_serves_it() {
+    use ragtune_train::data::SourceAttention::Blocks;
+    use ragtune_train::Attend;
+    let f = fixture();
+    let rag = rag_example();
+    let profile = ragtune::licensedb::profile();
+    let answer = f
+        .tokenizer
+        .encode(
+            "The owner of the MIT License is MIT [3].<|im_end|>\n",
+            SpecialTokens::Parse,
+        )
+        .expect("answer ids");
+
+    // Format v1: the engine's prompt ids, then the answer; one causal sequence.
+    let v1 = data::tokenize(&rag.example, &f.template, &f.tokenizer, Causal).expect("v1");
+    let served =
+        ragtune::engine::prompt::encode(&f.template, &f.tokenizer, &rag.example.messages[..2])
+            .expect("v1 prompt");
+    assert_eq!(v1.ids[..served.len()], served[..]);
+    assert_eq!(v1.ids[served.len()..], answer[..]);
+    assert!(v1.attend.iter().all(|&a| a == Attend::Context));
+    assert!(v1.loss[served.len()..].iter().all(|&l| l));
+    assert!(!v1.loss[..served.len()].iter().any(|&l| l));
+
+    // Format v2: the engine's block prompt (head, blocks, tail tokenized apart), then the
+    // answer; the blocks labelled as the engine computes them.
+    let v2 = data::tokenize(&rag.example, &f.template, &f.tokenizer, Blocks).expect("v2");
+    let layout = ragtune::engine::prompt::block_prompt(
+        &f.template,
+        &f.tokenizer,
+        &profile,
+        rag.question,
+        &rag.sources,
+        &[],
+    )
+    .expect("block prompt")
+    .expect("SmolLM2's template copies the user message");
+    let n = layout.tokens.len();
+    assert_eq!(v2.ids[..n], layout.tokens[..]);
+    assert_eq!(v2.ids[n..], answer[..]);
+    assert_eq!(layout.blocks.len(), 3);
+    assert_eq!(layout.context, layout.tokens[..layout.head]);
+    let mut expected = vec![Attend::Context; layout.head];
+    for (k, b) in (1u32..).zip(&layout.blocks) {
+        assert_eq!(b.start, expected.len(), "blocks are consecutive");
+        expected.extend(std::iter::repeat_n(Attend::Block(k), b.len()));
+    }
+    expected.resize(v2.ids.len(), Attend::All);
+    assert_eq!(v2.attend, expected);
+    assert!(v2.loss[n..].iter().all(|&l| l));
+    assert!(!v2.loss[..n].iter().any(|&l| l));
+}
+
+/// The trainer's block-attention mask computes what the engine serves for a v2 prompt: the
+/// head prefilled, each source's KV computed right after the head (one call, block mask) and
+/// re-rotated to its place, then the tail. Both on the f32 path; the trainer computes the
+/// blocks in place, so the two differ by the rounding of the re-rotation only.
+#[test]
+fn the_block_attention_mask_gives_the_served_v2_logits() {
+    use ragtune_train::data::SourceAttention::Blocks;
+    use ragtune_train::PackedSeq;
+    let f = fixture();
+    let rag = rag_example();
+    let model =
+        TrainModel::load(&f.path, spec(&TargetModule::ALL, 0.0), InitB::Zeros, 1).expect("load");
+    let t = data::tokenize(&rag.example, &f.template, &f.tokenizer, Blocks).expect("v2");
+    let head = t
+        .attend
+        .iter()
+        .position(|&a| a != ragtune_train::Attend::Context)
+        .expect("blocks");
+    let tail = t
+        .attend
+        .iter()
+        .position(|&a| a == ragtune_train::Attend::All)
+        .expect("a tail");
+    let seq = |attend: Vec<ragtune_train::Attend>| PackedSeq {
+        tokens: t.ids.clone(),
+        positions: (0..t.ids.len() as u32).collect(),
+        segments: vec![0; t.ids.len()],
+        attend,
+        targets: Vec::new(),
+    };
+    let ours = model
+        .logits_packed(&seq(t.attend.clone()))
+        .expect("train logits");
+    let causal = model.logits(&t.ids).expect("causal logits");
+
+    // The engine's way.
+    let served = &f.served;
+    let mut cache = served.new_cache(t.ids.len()).expect("cache");
+    served.forward(&t.ids[..head], 0, &mut cache).expect("head");
+    let mut blocks: Vec<&[u32]> = Vec::new();
+    let mut at = head;
+    while at < tail {
+        let end = (at..tail)
+            .find(|&i| t.attend[i] != t.attend[at])
+            .unwrap_or(tail);
+        blocks.push(&t.ids[at..end]);
+        at = end;
+    }
+    assert_eq!(blocks.len(), 3);
+    let mut after_head = cache.copy_prefix(head, tail).expect("copy");
+    let spans = served
+        .forward_blocks(&blocks, &mut after_head, None)
+        .expect("blocks");
+    for span in &spans {
+        served.append_span(&mut cache, span, None).expect("place");
+    }
+    let served_tail = served
+        .forward(&t.ids[tail..], tail, &mut cache)
+        .expect("tail");
+
+    let ours_tail = ours.narrow(0, tail, t.ids.len() - tail).expect("narrow");
+    let causal_tail = causal.narrow(0, tail, t.ids.len() - tail).expect("narrow");
+    let diff = max_abs_diff(&ours_tail, &served_tail);
+    // The mask matters: the causal prompt's logits are far from both.
+    let causal_diff = max_abs_diff(&causal_tail, &served_tail);
+    assert!(diff < 0.05, "max |logit difference| v2 = {diff}");
+    assert!(
+        causal_diff > 20.0 * diff,
+        "causal {causal_diff} vs v2 {diff}"
+    );
+    let argmax = |x: &Tensor| {
+        x.argmax(1)
+            .and_then(|a| a.to_vec1::<u32>())
+            .expect("argmax")
+    };
+    assert_eq!(argmax(&ours_tail), argmax(&served_tail));
 }

@@ -39,7 +39,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|_| {
             let ids: Vec<u32> = (0..seq_len).map(|_| next()).collect();
             let loss = (0..seq_len).map(|i| i >= seq_len * 3 / 4).collect();
-            ragtune_train::data::Tokenized { ids, loss }
+            let attend = vec![ragtune_train::Attend::Context; seq_len];
+            ragtune_train::data::Tokenized { ids, loss, attend }
         })
         .collect();
     let config = TrainConfig {

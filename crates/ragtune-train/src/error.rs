@@ -59,11 +59,12 @@ pub enum Error {
         /// The spec of the training config.
         config: Box<crate::LoraSpec>,
     },
-    /// A packed sequence whose token, position and segment lists are empty or differ in
-    /// length.
+    /// A packed sequence whose token, position, segment and attention lists are empty or
+    /// differ in length.
     #[error(
-        "a packed sequence needs tokens, positions and segments of one length >= 1, got \
-         {tokens} tokens, {positions} positions and {segments} segments"
+        "a packed sequence needs tokens, positions, segments and attention labels of one \
+         length >= 1, got {tokens} tokens, {positions} positions, {segments} segments and \
+         {attend} labels"
     )]
     SequenceShape {
         /// Token ids.
@@ -72,6 +73,8 @@ pub enum Error {
         positions: usize,
         /// Segment ids.
         segments: usize,
+        /// Attention labels.
+        attend: usize,
     },
     /// A token id outside the model's vocabulary.
     #[error(
@@ -112,6 +115,14 @@ pub enum Error {
         /// The 0-based index of the assistant message where the check failed.
         message: usize,
     },
+    /// An example's source blocks could not be placed: its first user message is not copied
+    /// verbatim into the chat template's rendering.
+    #[error(
+        "an example's \"blocks\" could not be placed: the chat template does not copy its \
+         first user message verbatim (train without block attention, or use a template that \
+         renders the message as it is)"
+    )]
+    BlocksNotFound,
     /// A checkpoint lacks a LoRA tensor of the model.
     #[error("checkpoint has no tensor {name}")]
     CheckpointTensorMissing {

@@ -24,7 +24,7 @@
 //! let template = ChatTemplate::from_props(&props, &tokenizer)?.expect("a chat template");
 //! let config = TrainConfig::default();
 //! let examples = data::read_jsonl("train.jsonl")?;
-//! let train = data::prepare(&examples, &template, &tokenizer, config.seq_len)?;
+//! let train = data::prepare(&examples, &template, &tokenizer, config.seq_len, data::SourceAttention::Causal)?;
 //! let model = TrainModel::load(gguf, config.lora.clone(), InitB::Zeros, config.seed)?;
 //! let mut trainer = Trainer::new(model, config, &train.examples, &[], "sha256 of the gguf")?;
 //! while trainer.step() < trainer.total_steps() {
@@ -45,5 +45,5 @@ pub mod optim;
 mod trainer;
 
 pub use error::{EmptyReason, Error, Result};
-pub use model::{InitB, LoraFactors, LoraSpec, PackedSeq, TrainModel};
+pub use model::{Attend, InitB, LoraFactors, LoraSpec, PackedSeq, TrainModel};
 pub use trainer::{Event, Finish, StepReport, TrainConfig, Trainer};

@@ -9,6 +9,11 @@
 //!
 //! Inputs are *packed* sequences ([`PackedSeq`]): several examples concatenated, each with
 //! its own positions (from 0) and attending only to itself (a block-diagonal causal mask).
+//! Within an example, each token's [`Attend`] label narrows what it sees: the source blocks
+//! of prompt format v2 see the example's head and themselves only (block attention, Sun et al.
+//! 2024, arXiv 2409.15355), as the engine computes them. The engine computes a block right
+//! after the head and re-rotates its keys to where it is placed; here it is computed in place.
+//! RoPE scores depend on position differences only, so the two agree up to rounding.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -128,6 +133,30 @@ pub enum InitB {
     },
 }
 
+/// What a token attends to within its example (always causally, never past itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Attend {
+    /// The tokens labelled `Context` before it: the example's head, or the whole example when
+    /// it has no source blocks.
+    #[default]
+    Context,
+    /// Source block `k` (from 1): the `Context` tokens and block `k`'s tokens before it.
+    Block(u32),
+    /// Every token of the example before it (the question after the sources, the answer).
+    All,
+}
+
+impl Attend {
+    /// Whether a token labelled `self` sees an earlier token of its example labelled `other`.
+    pub fn sees(self, other: Attend) -> bool {
+        match self {
+            Attend::All => true,
+            Attend::Context => other == Attend::Context,
+            Attend::Block(k) => other == Attend::Context || other == Attend::Block(k),
+        }
+    }
+}
+
 /// One packed training sequence: `tokens[i]` at position `positions[i]` in example
 /// `segments[i]`; `targets` lists `(i, next)` where the loss asks for token `next` after
 /// reading `tokens[..=i]` (assistant tokens only).
@@ -139,6 +168,8 @@ pub struct PackedSeq {
     pub positions: Vec<u32>,
     /// Example index of each token within this sequence; tokens attend within one example.
     pub segments: Vec<u32>,
+    /// What each token attends to within its example.
+    pub attend: Vec<Attend>,
     /// `(index into tokens, target id)`, in increasing index order.
     pub targets: Vec<(u32, u32)>,
 }
@@ -445,11 +476,12 @@ impl TrainModel {
     ) -> Result<Tensor> {
         let p = &self.props;
         let t = seq.len();
-        if t == 0 || seq.positions.len() != t || seq.segments.len() != t {
+        if t == 0 || seq.positions.len() != t || seq.segments.len() != t || seq.attend.len() != t {
             return Err(Error::SequenceShape {
                 tokens: t,
                 positions: seq.positions.len(),
                 segments: seq.segments.len(),
+                attend: seq.attend.len(),
             });
         }
         if let Some(&bad) = seq.tokens.iter().find(|&&id| id as usize >= p.vocab_size) {
@@ -475,7 +507,8 @@ impl TrainModel {
         let pos = Tensor::new(seq.positions.as_slice(), &dev)?;
         let cos = self.cos.index_select(&pos, 0)?;
         let sin = self.sin.index_select(&pos, 0)?;
-        // Block-diagonal causal mask, tiled for the `rep` query heads of each KV head.
+        // Block-diagonal causal mask narrowed by the attention labels, tiled for the `rep`
+        // query heads of each KV head.
         let mut mask = vec![MASKED; rep * t * t];
         for r in 0..rep {
             for i in 0..t {
@@ -484,7 +517,9 @@ impl TrainModel {
                     if seq.segments[j] != seq.segments[i] {
                         break;
                     }
-                    row[j] = 0.0;
+                    if j == i || seq.attend[i].sees(seq.attend[j]) {
+                        row[j] = 0.0;
+                    }
                 }
             }
         }
@@ -532,13 +567,22 @@ impl TrainModel {
     /// # Errors
     /// As [`hidden`](Self::hidden).
     pub fn logits(&self, tokens: &[u32]) -> Result<Tensor> {
-        let seq = PackedSeq {
+        self.logits_packed(&PackedSeq {
             tokens: tokens.to_vec(),
             positions: (0..tokens.len() as u32).collect(),
             segments: vec![0; tokens.len()],
+            attend: vec![Attend::Context; tokens.len()],
             targets: Vec::new(),
-        };
-        frozen_linear(&self.hidden(&seq, None)?, &self.output)
+        })
+    }
+
+    /// Logits of every position of `seq`, with its segments and attention labels:
+    /// `(t, vocab)`, without dropout. For tests and evaluation.
+    ///
+    /// # Errors
+    /// As [`hidden`](Self::hidden).
+    pub fn logits_packed(&self, seq: &PackedSeq) -> Result<Tensor> {
+        frozen_linear(&self.hidden(seq, None)?, &self.output)
     }
 
     /// The summed cross-entropy (nats) of `seq`'s targets, a scalar f32 tensor that tracks

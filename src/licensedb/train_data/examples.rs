@@ -51,6 +51,7 @@ impl Generator<'_> {
                         fact: f.fact,
                     },
                     license: key.to_string(),
+                    blocks: Vec::new(),
                 });
             }
         }
@@ -112,7 +113,8 @@ impl Generator<'_> {
                 }
                 None => (Style::Absent, f.fact.absent(&f.subject)),
             };
-            let mut messages = prompt::rag_messages(&self.profile, &question, &sources);
+            let (mut messages, blocks) =
+                prompt::rag_messages_with_blocks(&self.profile, &question, &sources);
             messages.push(ChatMessage::assistant(answer));
             out.push(Example {
                 messages,
@@ -121,6 +123,7 @@ impl Generator<'_> {
                     fact: f.fact,
                 },
                 license: key.to_string(),
+                blocks: blocks.into_iter().map(|r| [r.start, r.end]).collect(),
             });
         }
         Ok(out)

@@ -3,7 +3,9 @@
 //!
 //! Each line is one [`Example`]:
 //! `{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}], "kind": "...",
-//! "license": "<key>"}`. A trainer reads `messages`; `kind` (`closed/spdx`, `oracle/owner`,
+//! "license": "<key>", "blocks": [[start, end], ...]}`. A trainer reads `messages`, and
+//! `blocks` (retrieval examples only: each source line's byte range in the user message) when
+//! it trains for block attention (prompt format v2); `kind` (`closed/spdx`, `oracle/owner`,
 //! `absent/category`, ...) and `license` are for counting and auditing.
 //!
 //! **What is generated**, per seen license (never a fresh one, see below), from its front
@@ -68,7 +70,7 @@ use crate::retrieve::{RetrievedChunk, Retriever};
 use crate::{Error, Result};
 
 /// The version of the generator: a change to what is generated is a new version.
-pub const GENERATOR_VERSION: u32 = 1;
+pub const GENERATOR_VERSION: u32 = 2;
 
 /// A license is in the dev split when the first byte of `sha256("dev:" + key)` is below this
 /// (13 / 256, about 5%).
@@ -132,6 +134,11 @@ pub struct Example {
     pub kind: ExampleKind,
     /// The license key the example is about (always a seen license).
     pub license: String,
+    /// The sources' lines in a retrieval example, `[start, end)` byte ranges of the user
+    /// message's content: the blocks of prompt format v2, which the trainer reads with
+    /// block attention on (`ragtune_train::data`). Absent from closed-book examples.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub blocks: Vec<[usize; 2]>,
 }
 
 /// What to generate.
