@@ -173,6 +173,11 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         eval_max_seqs: args.eval_max_seqs,
         save_every: args.save_every,
         seed: args.seed,
+        source_attention: if ctx.config.block_attention {
+            data::SourceAttention::Blocks
+        } else {
+            data::SourceAttention::Causal
+        },
     };
     config.validate()?;
     let out = &args.out;
@@ -221,11 +226,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         );
     }
 
-    let attention = if ctx.config.block_attention {
-        data::SourceAttention::Blocks
-    } else {
-        data::SourceAttention::Causal
-    };
+    let attention = config.source_attention;
     let examples = data::read_jsonl(&args.data)?;
     if attention == data::SourceAttention::Blocks && examples.iter().all(|e| e.blocks.is_empty()) {
         bail!(

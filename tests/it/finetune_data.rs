@@ -200,6 +200,10 @@ fn finetune_data_on_the_subset_follows_every_rule_and_is_deterministic() {
         let doc = by_key[key];
         let name = doc.metadata["name"].trim();
         assert_eq!(e["messages"].as_array().expect("messages").len(), 3);
+        assert!(
+            e.get("blocks").is_none(),
+            "a closed-book example has no sources: {e}"
+        );
         let question = content(e, 1);
         let expected = prompt::closed_book_messages(&ragtune::licensedb::profile(), question);
         assert_eq!(content(e, 0), expected[0].content);
@@ -288,6 +292,13 @@ fn finetune_data_on_the_subset_follows_every_rule_and_is_deterministic() {
         assert_eq!(sources.len(), 4, "{user}");
         for (i, s) in sources.iter().enumerate() {
             assert!(s.starts_with(&format!("[{}] ", i + 1)), "{s}");
+        }
+        // The source lines are marked as the blocks of prompt format v2, in order.
+        let blocks = e["blocks"].as_array().expect("blocks");
+        assert_eq!(blocks.len(), sources.len());
+        for (b, s) in blocks.iter().zip(&sources) {
+            let (start, end) = (b[0].as_u64().expect("start"), b[1].as_u64().expect("end"));
+            assert_eq!(&user[start as usize..end as usize], format!("{s}\n"));
         }
         let docs_of: Vec<String> = sources.iter().map(|s| source_doc(s)).collect();
         for d in &docs_of {

@@ -451,10 +451,10 @@ fn a_training_example_renders_exactly_as_the_engine_serves_it() {
     assert!(!v2.loss[..n].iter().any(|&l| l));
 }
 
-/// The trainer's block-attention mask computes what the engine serves for a v2 prompt: the
-/// head prefilled, each source's KV computed right after the head (one call, block mask) and
-/// re-rotated to its place, then the tail. Both on the f32 path; the trainer computes the
-/// blocks in place, so the two differ by the rounding of the re-rotation only.
+/// The trainer's block attention computes what the engine serves for a v2 prompt: the head
+/// prefilled, each source's KV computed right after the head (one call, block mask) and
+/// re-rotated to its place, then the tail. Both on the f32 path, so the two differ by the
+/// rounding of the re-rotation only; plain causal attention over the same ids is far off.
 #[test]
 fn the_block_attention_mask_gives_the_served_v2_logits() {
     use ragtune_train::data::SourceAttention::Blocks;
@@ -516,11 +516,10 @@ fn the_block_attention_mask_gives_the_served_v2_logits() {
     let diff = max_abs_diff(&ours_tail, &served_tail);
     // The mask matters: the causal prompt's logits are far from both.
     let causal_diff = max_abs_diff(&causal_tail, &served_tail);
-    assert!(diff < 0.05, "max |logit difference| v2 = {diff}");
-    assert!(
-        causal_diff > 20.0 * diff,
-        "causal {causal_diff} vs v2 {diff}"
-    );
+    // The same arithmetic up to the rounding of the re-rotation (measured: 6e-5), within the
+    // bound of the causal comparison above (2e-3, the two sides' different GEMM orders).
+    assert!(diff < 2e-3, "max |logit difference| v2 = {diff}");
+    assert!(causal_diff > 1.0, "causal {causal_diff} vs v2 {diff}");
     let argmax = |x: &Tensor| {
         x.argmax(1)
             .and_then(|a| a.to_vec1::<u32>())

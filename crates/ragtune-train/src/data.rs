@@ -58,7 +58,8 @@ impl Example {
 }
 
 /// How the source blocks of a retrieval example are attended: the engine's prompt formats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum SourceAttention {
     /// Prompt format v1: one causal sequence; an example's blocks are ignored.
     #[default]

@@ -11,9 +11,12 @@
 //! its own positions (from 0) and attending only to itself (a block-diagonal causal mask).
 //! Within an example, each token's [`Attend`] label narrows what it sees: the source blocks
 //! of prompt format v2 see the example's head and themselves only (block attention, Sun et al.
-//! 2024, arXiv 2409.15355), as the engine computes them. The engine computes a block right
-//! after the head and re-rotates its keys to where it is placed; here it is computed in place.
-//! RoPE scores depend on position differences only, so the two agree up to rounding.
+//! 2024, arXiv 2409.15355), as the engine computes them. The engine computes every block as
+//! if it came right after the head (its *canonical* positions) and re-rotates its keys to
+//! where the block is placed. So here a block token's query and key take its canonical
+//! position when the block attends (to the head and itself), and later tokens see its key
+//! at its place in the prompt: two score matrices, each row taken from the one its token
+//! uses. This is what the engine serves, up to the rounding of the re-rotation.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -184,6 +187,37 @@ impl PackedSeq {
     pub fn is_empty(&self) -> bool {
         self.tokens.is_empty()
     }
+}
+
+/// The positions the engine computes `seq`'s tokens at when they attend: a source block's
+/// tokens right after its example's head (the `Context` tokens before the first block), at
+/// `head + offset in the block`; every other token at its own position. `None` when `seq`
+/// has no block token.
+fn canonical_positions(seq: &PackedSeq) -> Option<Vec<u32>> {
+    if !seq.attend.iter().any(|a| matches!(a, Attend::Block(_))) {
+        return None;
+    }
+    let mut out = seq.positions.clone();
+    let mut head = 0u32;
+    let mut block_start = 0u32;
+    for (i, canonical) in out.iter_mut().enumerate() {
+        let position = seq.positions[i];
+        let new_example = i == 0 || seq.segments[i] != seq.segments[i - 1];
+        if new_example {
+            head = 0;
+        }
+        match seq.attend[i] {
+            Attend::Context if head == position => head += 1,
+            Attend::Block(k) => {
+                if new_example || seq.attend[i - 1] != Attend::Block(k) {
+                    block_start = position;
+                }
+                *canonical = head + position - block_start;
+            }
+            _ => {}
+        }
+    }
+    Some(out)
 }
 
 #[derive(Debug)]
@@ -524,6 +558,25 @@ impl TrainModel {
             }
         }
         let mask = Tensor::from_vec(mask, (rep * t, t), &dev)?;
+        // Block tokens at their canonical positions, and which score rows they own.
+        let canonical = match canonical_positions(seq) {
+            Some(positions) => {
+                let pos = Tensor::new(positions.as_slice(), &dev)?;
+                let rows: Vec<f32> = (0..rep)
+                    .flat_map(|_| seq.attend.iter())
+                    .map(|a| f32::from(u8::from(matches!(a, Attend::Block(_)))))
+                    .collect();
+                let block_rows = Tensor::from_vec(rows, (rep * t, 1), &dev)?;
+                let other_rows = (1.0 - &block_rows)?;
+                Some((
+                    self.cos.index_select(&pos, 0)?,
+                    self.sin.index_select(&pos, 0)?,
+                    block_rows,
+                    other_rows,
+                ))
+            }
+            None => None,
+        };
         let scale = 1.0 / (d as f64).sqrt();
         let eps = f64::from(p.rms_norm_eps);
 
@@ -536,9 +589,16 @@ impl TrainModel {
             let q = heads(self.project(l, TargetModule::QProj, &n, &mut dropout)?, h)?;
             let k = heads(self.project(l, TargetModule::KProj, &n, &mut dropout)?, kv)?;
             let v = heads(self.project(l, TargetModule::VProj, &n, &mut dropout)?, kv)?;
-            let q = rope_interleaved(&q, &cos, &sin)?.reshape((kv, rep * t, d))?;
-            let k = rope_interleaved(&k, &cos, &sin)?;
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
+            let qp = rope_interleaved(&q, &cos, &sin)?.reshape((kv, rep * t, d))?;
+            let kp = rope_interleaved(&k, &cos, &sin)?;
+            let mut scores = qp.matmul(&kp.t()?)?;
+            if let Some((cos_c, sin_c, block_rows, other_rows)) = &canonical {
+                let qc = rope_interleaved(&q, cos_c, sin_c)?.reshape((kv, rep * t, d))?;
+                let kc = rope_interleaved(&k, cos_c, sin_c)?;
+                let blocks = qc.matmul(&kc.t()?)?.broadcast_mul(block_rows)?;
+                scores = (scores.broadcast_mul(other_rows)? + blocks)?;
+            }
+            let scores = (scores * scale)?.broadcast_add(&mask)?;
             let attn = softmax_last_dim(&scores)?.matmul(&v)?; // (kv, rep*t, d)
             let attn = attn
                 .reshape((h, t, d))?
@@ -632,5 +692,45 @@ impl TrainModel {
             var.set(&t.to_dtype(DType::F32)?)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_attend_at_their_canonical_positions() {
+        use Attend::{All, Block, Context};
+        // Two examples: head of 2, blocks of 3 and 2, a tail of 2; then one without blocks.
+        let attend = [
+            Context,
+            Context,
+            Block(1),
+            Block(1),
+            Block(1),
+            Block(2),
+            Block(2),
+            All,
+            All,
+            Context,
+            Context,
+        ];
+        let seq = PackedSeq {
+            tokens: vec![0; 11],
+            positions: vec![0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1],
+            segments: vec![0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1],
+            attend: attend.to_vec(),
+            targets: Vec::new(),
+        };
+        assert_eq!(
+            canonical_positions(&seq).expect("blocks"),
+            [0, 1, 2, 3, 4, 2, 3, 7, 8, 0, 1]
+        );
+        let plain = PackedSeq {
+            attend: vec![Context; 11],
+            ..seq
+        };
+        assert_eq!(canonical_positions(&plain), None);
     }
 }

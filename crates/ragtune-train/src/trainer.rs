@@ -16,6 +16,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use crate::checkpoint::{self, CheckpointState};
+use crate::data::SourceAttention;
 use crate::data::{pack, Tokenized};
 use crate::model::{LoraSpec, PackedSeq, TrainModel};
 use crate::optim::{clip_grad_norm, learning_rate, AdamW, AdamWParams};
@@ -52,6 +53,11 @@ pub struct TrainConfig {
     pub save_every: usize,
     /// The seed of everything random.
     pub seed: u64,
+    /// How the examples' source blocks were attended ([`data::prepare`](crate::data::prepare)
+    /// takes it): recorded so that a resume with the other prompt format is refused.
+    /// Checkpoints written before this field read as [`SourceAttention::Causal`].
+    #[serde(default)]
+    pub source_attention: SourceAttention,
 }
 
 impl Default for TrainConfig {
@@ -76,6 +82,7 @@ impl Default for TrainConfig {
             eval_max_seqs: 32,
             save_every: 25,
             seed: 0,
+            source_attention: SourceAttention::Causal,
         }
     }
 }
