@@ -833,3 +833,33 @@ fn assert_send_sync() {
     fn is<T: Send + Sync>() {}
     is::<Engine>();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_adapter_notice_compares_with_the_format_served() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let profile = crate::licensedb::profile();
+        let write = |format: u32| {
+            let summary =
+                serde_json::json!({"profile": profile.name, "prompt_format_version": format});
+            std::fs::write(dir.path().join(ADAPTER_SUMMARY), summary.to_string()).expect("write");
+        };
+        write(PROMPT_FORMAT_VERSION);
+        assert_eq!(
+            adapter_mismatch("a", dir.path(), &profile, PROMPT_FORMAT_VERSION),
+            None
+        );
+        let notice = adapter_mismatch("a", dir.path(), &profile, BLOCK_PROMPT_FORMAT_VERSION)
+            .expect("a v1 adapter served in format 2");
+        assert!(notice.contains("prompt format 1 (running: 2)"), "{notice}");
+        write(BLOCK_PROMPT_FORMAT_VERSION);
+        assert_eq!(
+            adapter_mismatch("a", dir.path(), &profile, BLOCK_PROMPT_FORMAT_VERSION),
+            None
+        );
+        assert!(adapter_mismatch("a", dir.path(), &profile, PROMPT_FORMAT_VERSION).is_some());
+    }
+}
