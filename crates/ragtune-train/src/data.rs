@@ -69,16 +69,6 @@ pub enum SourceAttention {
     Blocks,
 }
 
-impl SourceAttention {
-    /// The engine's prompt format version this stands for (1 or 2).
-    pub fn prompt_format_version(self) -> u32 {
-        match self {
-            Self::Causal => 1,
-            Self::Blocks => 2,
-        }
-    }
-}
-
 /// Parses a message's `"blocks"`: `[[start, end], ...]`, checked against `content`.
 fn parse_blocks(value: &Value, content: &str) -> std::result::Result<Vec<Range<usize>>, String> {
     let list = value
