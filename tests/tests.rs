@@ -39,3 +39,5 @@ mod retrieval;
 mod serve;
 #[path = "it/train.rs"]
 mod train;
+#[path = "it/train_arch.rs"]
+mod train_arch;

@@ -1,11 +1,26 @@
-//! The llama forward pass for training: the frozen base dequantized to f32, LoRA factors as
+//! The forward pass for training, for every architecture `ragtune-generate` serves
+//! ([`Architecture`](ragtune_generate::Architecture): llama with or without Llama 3.1's
+//! `rope_freqs`, qwen2, gemma3): the frozen base dequantized to f32, LoRA factors as
 //! candle `Var`s, every op differentiable (see [`crate::ops`]).
 //!
 //! The arithmetic is the one `ragtune-generate` serves (`LlamaModel` with
-//! `WeightFormat::F32`): pre-norm blocks, grouped-query attention with interleaved RoPE on
-//! the GGUF q/k layout, a SwiGLU MLP, tied or separate output projection. A test checks the
-//! two agree on logits, and that an adapter saved from here and loaded there reproduces the
-//! trained model's logits.
+//! `WeightFormat::F32`), and the variants are decided by the same `Architecture` methods
+//! and built from the same [`rope_tables`]: pre-norm blocks, grouped-query attention with
+//! interleaved (llama) or NeoX (qwen2, gemma3) RoPE on the GGUF q/k layout, q/k/v biases
+//! (qwen2), Gemma's per-head q/k norms, post-norms, GeGLU, embedding scale and local
+//! sliding-window layers with their own RoPE base, a gated MLP, tied or separate output
+//! projection. Tests check this forward against llama.cpp's logits (tiny qwen2 and llama3
+//! files, Gemma 3 270M's greedy tokens) and against the served model, and that an adapter
+//! saved from here and loaded there reproduces the trained model's logits.
+//!
+//! Why a second forward pass and not the served one with `Var`s: the served model is built
+//! for inference. Its projections run on quantized weights through this workspace's own
+//! kernels, its RoPE, residual adds and norms write in place into plain buffers, and its
+//! attention reads and writes a KV cache. None of that records a candle graph, so no
+//! gradient could flow through it. Here every op is a candle op with a backward, over
+//! packed sequences with block-diagonal masks instead of a cache. What is shared is what
+//! decides the arithmetic: the metadata ([`LlamaProps`]), the architecture's variant
+//! switches, the RoPE tables and the PEFT target names and shapes ([`TargetModule`]).
 //!
 //! Inputs are *packed* sequences ([`PackedSeq`]): several examples concatenated, each with
 //! its own positions (from 0) and attending only to itself (a block-diagonal causal mask).
@@ -24,11 +39,13 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::Content;
 use candle_core::{DType, Device, Tensor, Var};
 use ragtune_generate::lora::Factor;
-use ragtune_generate::{rope_tables, Architecture, LlamaProps, LoraConfig, TargetModule};
+use ragtune_generate::{rope_tables, LlamaProps, LoraConfig, RopeParams, RopeStyle, TargetModule};
 use rand::{Rng, SeedableRng};
 
 use crate::error::io;
-use crate::ops::{frozen_linear, lora_linear, rms_norm, rope_interleaved, softmax_last_dim};
+use crate::ops::{
+    frozen_linear, lora_linear, rms_norm, rope_interleaved, rope_neox, softmax_last_dim,
+};
 use crate::{Error, Result};
 
 /// The additive mask value of a position a query may not see (finite, so that no `inf - inf`
@@ -226,6 +243,17 @@ struct FrozenBlock {
     ffn_norm: Tensor,
     /// Per [`TargetModule::ALL`] index, `(out, in)` f32.
     weights: Vec<Tensor>,
+    /// Qwen2: the biases of the q, k and v projections, `(out,)` each.
+    qkv_bias: Option<[Tensor; 3]>,
+    /// Gemma 3: RMS norms of each head's query and key, `(head_dim,)`, before RoPE.
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    /// Gemma 3: norms of the attention output and of the MLP output, `(hidden,)`, before
+    /// each residual add.
+    post_attn_norm: Option<Tensor>,
+    post_ffn_norm: Option<Tensor>,
+    /// A local layer: sliding-window attention and the local RoPE base.
+    local: bool,
 }
 
 /// The LoRA factors of one projection, in GGUF row order: `a: (r, in)`, `b: (out, r)`.
@@ -250,6 +278,10 @@ pub struct TrainModel {
     /// `(context_length, d / 2)`.
     cos: Tensor,
     sin: Tensor,
+    /// The local layers' tables (Gemma 3), `(context_length, d / 2)` each.
+    local_rope: Option<(Tensor, Tensor)>,
+    /// Gemma: the embeddings are scaled by `sqrt(hidden)`.
+    embed_scale: Option<f64>,
     spec: LoraSpec,
     /// Per layer, per [`TargetModule::ALL`] index.
     lora: Vec<Vec<Option<LoraFactors>>>,
@@ -261,14 +293,17 @@ fn dequantize(content: &Content, reader: &mut std::fs::File, name: &str) -> Resu
 }
 
 impl TrainModel {
-    /// Loads the GGUF at `path`, dequantizes every weight to f32 (SmolLM2-135M: 0.5 GiB) and
-    /// adds LoRA factors for `spec`: `A` Kaiming-uniform in `±1/sqrt(in)` (PEFT's init),
-    /// `B` per `init_b`, from a generator seeded with `seed`.
+    /// Loads the GGUF at `path`, dequantizes every weight to f32 (SmolLM2-135M: 0.5 GiB,
+    /// Gemma 3 270M: 1.1 GiB, most of it the 262,144-row embedding) and adds LoRA factors for
+    /// `spec`: `A` Kaiming-uniform in `±1/sqrt(in)` (PEFT's init), `B` per `init_b`, from a
+    /// generator seeded with `seed`.
     ///
     /// # Errors
     /// GGUF and props errors of `ragtune-generate` (among them
-    /// [`TensorShape`](ragtune_generate::Error::TensorShape) for a weight whose shape differs
-    /// from the metadata), [`Error::InvalidParameter`] for a bad `spec`.
+    /// [`Unsupported`](ragtune_generate::Error::Unsupported) naming an architecture outside
+    /// [`Architecture::ALL`](ragtune_generate::Architecture::ALL), and
+    /// [`TensorShape`](ragtune_generate::Error::TensorShape) for a weight whose shape
+    /// differs from the metadata), [`Error::InvalidParameter`] for a bad `spec`.
     pub fn load(path: impl AsRef<Path>, spec: LoraSpec, init_b: InitB, seed: u64) -> Result<Self> {
         spec.validate()?;
         let path = path.as_ref();
@@ -278,24 +313,8 @@ impl TrainModel {
             source,
         })?;
         let props = LlamaProps::try_from(&content)?;
-        // This differentiable forward is llama's alone: no q/k/v biases, adjacent-pair RoPE,
-        // no frequency factors. Another variant would train a model other than the one served.
-        let rope_freqs = content.tensor_infos.contains_key("rope_freqs.weight");
-        if props.architecture != Architecture::Llama || rope_freqs {
-            return Err(ragtune_generate::Error::Unsupported {
-                what: format!(
-                    "LoRA training of a `{}` model{} (the trainer runs llama without \
-                     rope_freqs; serving such a model works)",
-                    props.architecture.gguf_name(),
-                    if rope_freqs {
-                        " with rope_freqs.weight"
-                    } else {
-                        ""
-                    }
-                ),
-            }
-            .into());
-        }
+        let arch = props.architecture;
+        let (hidden, hd) = (props.embedding_length, props.head_dim);
         let embeddings = dequantize(&content, &mut file, "token_embd.weight")?;
         let output = if content.tensor_infos.contains_key("output.weight") {
             dequantize(&content, &mut file, "output.weight")?
@@ -305,36 +324,79 @@ impl TrainModel {
         let norm = dequantize(&content, &mut file, "output_norm.weight")?;
         let mut blocks = Vec::with_capacity(props.block_count);
         for i in 0..props.block_count {
-            let mut t = |n: &str| dequantize(&content, &mut file, &format!("blk.{i}.{n}.weight"));
-            let attn_norm = t("attn_norm")?;
-            let ffn_norm = t("ffn_norm")?;
+            let mut t = |n: &str, shape: &[usize]| {
+                let name = format!("blk.{i}.{n}");
+                let w = dequantize(&content, &mut file, &name)?;
+                if w.dims() != shape {
+                    return Err(Error::from(ragtune_generate::Error::TensorShape {
+                        name,
+                        expected: shape.to_vec(),
+                        got: w.dims().to_vec(),
+                    }));
+                }
+                Ok(w)
+            };
+            let attn_norm = t("attn_norm.weight", &[hidden])?;
+            let ffn_norm = t("ffn_norm.weight", &[hidden])?;
+            let qkv_bias = match arch.qkv_bias() {
+                true => {
+                    let (q, kv) = (props.head_count * hd, props.head_count_kv * hd);
+                    Some([
+                        t("attn_q.bias", &[q])?,
+                        t("attn_k.bias", &[kv])?,
+                        t("attn_v.bias", &[kv])?,
+                    ])
+                }
+                false => None,
+            };
+            let gemma = arch.is_gemma();
+            let mut norm = |n: &str, len: usize| match gemma {
+                true => t(n, &[len]).map(Some),
+                false => Ok(None),
+            };
+            let (q_norm, k_norm) = (
+                norm("attn_q_norm.weight", hd)?,
+                norm("attn_k_norm.weight", hd)?,
+            );
+            let (post_attn_norm, post_ffn_norm) = (
+                norm("post_attention_norm.weight", hidden)?,
+                norm("post_ffw_norm.weight", hidden)?,
+            );
             let mut weights = Vec::with_capacity(7);
             for m in TargetModule::ALL {
-                let w = t(m.gguf_name())?;
                 let (out, inp) = m.dims(&props);
-                if w.dims() != [out, inp] {
-                    return Err(ragtune_generate::Error::TensorShape {
-                        name: format!("blk.{i}.{}.weight", m.gguf_name()),
-                        expected: vec![out, inp],
-                        got: w.dims().to_vec(),
-                    }
-                    .into());
-                }
-                weights.push(w);
+                weights.push(t(&format!("{}.weight", m.gguf_name()), &[out, inp])?);
             }
             blocks.push(FrozenBlock {
                 attn_norm,
                 ffn_norm,
                 weights,
+                qkv_bias,
+                q_norm,
+                k_norm,
+                post_attn_norm,
+                post_ffn_norm,
+                local: arch.is_local_layer(i),
             });
         }
-        let (cos, sin) = rope_tables(
-            &props.rope,
-            props.head_dim,
-            props.context_length,
-            None,
-            &Device::Cpu,
-        )?;
+        // Llama 3.1+ RoPE scaling: per-frequency divisors of the global tables.
+        let freq_factors = match content.tensor_infos.contains_key("rope_freqs.weight") {
+            true => Some(dequantize(&content, &mut file, "rope_freqs.weight")?.to_vec1::<f32>()?),
+            false => None,
+        };
+        let ctx = props.context_length;
+        let (cos, sin) = rope_tables(&props.rope, hd, ctx, freq_factors.as_deref(), &Device::Cpu)?;
+        let local_rope = match arch.local_rope_base() {
+            Some(freq_base) => {
+                let params = RopeParams {
+                    freq_base,
+                    ..props.rope
+                };
+                Some(rope_tables(&params, hd, ctx, None, &Device::Cpu)?)
+            }
+            None => None,
+        };
+        let embed_scale = arch.is_gemma().then(|| f64::from((hidden as f32).sqrt()));
         let mut model = Self {
             props,
             embeddings,
@@ -343,6 +405,8 @@ impl TrainModel {
             output,
             cos,
             sin,
+            local_rope,
+            embed_scale,
             spec,
             lora: Vec::new(),
         };
@@ -539,27 +603,57 @@ impl TrainModel {
         let rep = h / kv;
         let ids = Tensor::new(seq.tokens.as_slice(), &dev)?;
         let pos = Tensor::new(seq.positions.as_slice(), &dev)?;
-        let cos = self.cos.index_select(&pos, 0)?;
-        let sin = self.sin.index_select(&pos, 0)?;
+        let tables = |(cos, sin): (&Tensor, &Tensor), pos: &Tensor| -> Result<(Tensor, Tensor)> {
+            Ok((cos.index_select(pos, 0)?, sin.index_select(pos, 0)?))
+        };
+        let global = tables((&self.cos, &self.sin), &pos)?;
+        let local = match &self.local_rope {
+            Some((cos, sin)) => Some(tables((cos, sin), &pos)?),
+            None => None,
+        };
         // Block-diagonal causal mask narrowed by the attention labels, tiled for the `rep`
-        // query heads of each KV head.
-        let mut mask = vec![MASKED; rep * t * t];
-        for r in 0..rep {
-            for i in 0..t {
-                let row = &mut mask[(r * t + i) * t..(r * t + i + 1) * t];
-                for j in (0..=i).rev() {
-                    if seq.segments[j] != seq.segments[i] {
-                        break;
-                    }
-                    if j == i || seq.attend[i].sees(seq.attend[j]) {
-                        row[j] = 0.0;
+        // query heads of each KV head; local layers also limit the distance to the sliding
+        // window (query at position p sees keys p + 1 - w ..= p, as the engine's
+        // `Mask::Sliding` and llama.cpp's standard SWA).
+        let build_mask = |window: Option<usize>| -> Result<Tensor> {
+            let mut mask = vec![MASKED; rep * t * t];
+            for r in 0..rep {
+                for i in 0..t {
+                    let row = &mut mask[(r * t + i) * t..(r * t + i + 1) * t];
+                    for j in (0..=i).rev() {
+                        if seq.segments[j] != seq.segments[i] {
+                            break;
+                        }
+                        let near =
+                            window.is_none_or(|w| (seq.positions[i] - seq.positions[j]) < w as u32);
+                        if near && (j == i || seq.attend[i].sees(seq.attend[j])) {
+                            row[j] = 0.0;
+                        }
                     }
                 }
             }
-        }
-        let mask = Tensor::from_vec(mask, (rep * t, t), &dev)?;
+            Ok(Tensor::from_vec(mask, (rep * t, t), &dev)?)
+        };
+        let mask = build_mask(None)?;
+        let window = p
+            .sliding_window
+            .filter(|_| self.blocks.iter().any(|b| b.local));
+        let local_mask = match window {
+            Some(w) => Some(build_mask(Some(w))?),
+            None => None,
+        };
         // Block tokens at their canonical positions, and which score rows they own.
         let canonical = match canonical_positions(seq) {
+            Some(_) if p.sliding_window.is_some() => {
+                // As the engine's `forward_blocks`: a block's KV computed apart would not
+                // see the window it is placed in.
+                return Err(ragtune_generate::Error::Unsupported {
+                    what: "block attention (prompt format v2) on a model with sliding-window \
+                           layers: train without --block-attention"
+                        .into(),
+                }
+                .into());
+            }
             Some(positions) => {
                 let pos = Tensor::new(positions.as_slice(), &dev)?;
                 let rows: Vec<f32> = (0..rep)
@@ -568,55 +662,87 @@ impl TrainModel {
                     .collect();
                 let block_rows = Tensor::from_vec(rows, (rep * t, 1), &dev)?;
                 let other_rows = (1.0 - &block_rows)?;
-                Some((
-                    self.cos.index_select(&pos, 0)?,
-                    self.sin.index_select(&pos, 0)?,
-                    block_rows,
-                    other_rows,
-                ))
+                let (cos, sin) = tables((&self.cos, &self.sin), &pos)?;
+                Some((cos, sin, block_rows, other_rows))
             }
             None => None,
         };
         let scale = 1.0 / (d as f64).sqrt();
         let eps = f64::from(p.rms_norm_eps);
+        let rope = |x: &Tensor, cos: &Tensor, sin: &Tensor| match p.rope.style {
+            RopeStyle::Normal => rope_interleaved(x, cos, sin),
+            RopeStyle::Neox => rope_neox(x, cos, sin),
+        };
+        let head_norm = |norm: &Option<Tensor>, y: Tensor, count: usize| -> Result<Tensor> {
+            match norm {
+                Some(w) => {
+                    Ok(rms_norm(&y.reshape((t, count, d))?, w, eps)?.reshape((t, count * d))?)
+                }
+                None => Ok(y),
+            }
+        };
 
         let mut x = self.embeddings.index_select(&ids, 0)?;
+        if let Some(s) = self.embed_scale {
+            x = (x * s)?;
+        }
         for (l, block) in self.blocks.iter().enumerate() {
             let n = rms_norm(&x, &block.attn_norm, eps)?;
             let heads = |y: Tensor, count: usize| -> Result<Tensor> {
                 Ok(y.reshape((t, count, d))?.transpose(0, 1)?.contiguous()?)
             };
-            let q = heads(self.project(l, TargetModule::QProj, &n, &mut dropout)?, h)?;
-            let k = heads(self.project(l, TargetModule::KProj, &n, &mut dropout)?, kv)?;
-            let v = heads(self.project(l, TargetModule::VProj, &n, &mut dropout)?, kv)?;
-            let qp = rope_interleaved(&q, &cos, &sin)?.reshape((kv, rep * t, d))?;
-            let kp = rope_interleaved(&k, &cos, &sin)?;
+            let mut q = self.project(l, TargetModule::QProj, &n, &mut dropout)?;
+            let mut k = self.project(l, TargetModule::KProj, &n, &mut dropout)?;
+            let mut v = self.project(l, TargetModule::VProj, &n, &mut dropout)?;
+            if let Some([bq, bk, bv]) = &block.qkv_bias {
+                q = q.broadcast_add(bq)?;
+                k = k.broadcast_add(bk)?;
+                v = v.broadcast_add(bv)?;
+            }
+            let q = heads(head_norm(&block.q_norm, q, h)?, h)?;
+            let k = heads(head_norm(&block.k_norm, k, kv)?, kv)?;
+            let v = heads(v, kv)?;
+            let ((cos, sin), mask) = match (&local, &local_mask, block.local) {
+                (Some(tables), Some(m), true) => (tables, m),
+                (Some(tables), None, true) => (tables, &mask),
+                _ => (&global, &mask),
+            };
+            let qp = rope(&q, cos, sin)?.reshape((kv, rep * t, d))?;
+            let kp = rope(&k, cos, sin)?;
             let mut scores = qp.matmul(&kp.t()?)?;
             if let Some((cos_c, sin_c, block_rows, other_rows)) = &canonical {
-                let qc = rope_interleaved(&q, cos_c, sin_c)?.reshape((kv, rep * t, d))?;
-                let kc = rope_interleaved(&k, cos_c, sin_c)?;
+                let qc = rope(&q, cos_c, sin_c)?.reshape((kv, rep * t, d))?;
+                let kc = rope(&k, cos_c, sin_c)?;
                 let blocks = qc.matmul(&kc.t()?)?.broadcast_mul(block_rows)?;
                 scores = (scores.broadcast_mul(other_rows)? + blocks)?;
             }
-            let scores = (scores * scale)?.broadcast_add(&mask)?;
+            let scores = (scores * scale)?.broadcast_add(mask)?;
             let attn = softmax_last_dim(&scores)?.matmul(&v)?; // (kv, rep*t, d)
             let attn = attn
                 .reshape((h, t, d))?
                 .transpose(0, 1)?
                 .contiguous()?
                 .reshape((t, h * d))?;
-            x = (x + self.project(l, TargetModule::OProj, &attn, &mut dropout)?)?;
+            let mut y = self.project(l, TargetModule::OProj, &attn, &mut dropout)?;
+            if let Some(w) = &block.post_attn_norm {
+                y = rms_norm(&y, w, eps)?;
+            }
+            x = (x + y)?;
 
             let n = rms_norm(&x, &block.ffn_norm, eps)?;
             let gate = self.project(l, TargetModule::GateProj, &n, &mut dropout)?;
             let up = self.project(l, TargetModule::UpProj, &n, &mut dropout)?;
-            let mlp = self.project(
-                l,
-                TargetModule::DownProj,
-                &(gate.silu()? * up)?,
-                &mut dropout,
-            )?;
-            x = (x + mlp)?;
+            // SwiGLU, or GeGLU with the tanh approximation of GELU for Gemma (candle's
+            // `gelu`, llama.cpp's `ggml_gelu`).
+            let act = match p.architecture.is_gemma() {
+                true => gate.gelu()?,
+                false => gate.silu()?,
+            };
+            let mut y = self.project(l, TargetModule::DownProj, &(act * up)?, &mut dropout)?;
+            if let Some(w) = &block.post_ffn_norm {
+                y = rms_norm(&y, w, eps)?;
+            }
+            x = (x + y)?;
         }
         rms_norm(&x, &self.norm, eps)
     }

@@ -210,6 +210,25 @@ pub fn rope_interleaved(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor
     Ok(Tensor::cat(&[out0, out1], 3)?.reshape((h, t, d))?)
 }
 
+/// Rotary position embedding on the two halves `(i, i + d / 2)` (llama.cpp's NeoX RoPE,
+/// used by Qwen2 and Gemma 3, whose GGUF q/k rows are not permuted): `x: (heads, t, d)`,
+/// `cos`/`sin: (t, d / 2)`. `out[i] = x[i] cos_i - x[i + d/2] sin_i`,
+/// `out[i + d/2] = x[i] sin_i + x[i + d/2] cos_i` (Su et al. 2021, RoFormer, eq. 34, with
+/// GPT-NeoX's pairing).
+///
+/// # Errors
+/// Shape errors only (`d` must be even).
+pub fn rope_neox(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (h, t, d) = x.dims3()?;
+    let x0 = x.narrow(2, 0, d / 2)?;
+    let x1 = x.narrow(2, d / 2, d / 2)?;
+    let cos = cos.reshape((1, t, d / 2))?;
+    let sin = sin.reshape((1, t, d / 2))?;
+    let out0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
+    let out1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
+    Ok(Tensor::cat(&[out0, out1], 2)?.reshape((h, t, d))?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -332,6 +351,31 @@ mod tests {
         assert!(close(&rms_norm(&x, &w, 1e-5).expect("ours"), &fused, 1e-5));
         let fused = candle_nn::ops::softmax_last_dim(&x).expect("fused");
         assert!(close(&softmax_last_dim(&x).expect("ours"), &fused, 1e-6));
+    }
+
+    #[test]
+    fn neox_rope_matches_candle_rope_and_backprops() {
+        let dev = Device::Cpu;
+        let x =
+            Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 5, 8), &dev).expect("x")).expect("var");
+        // Real rotations (cos² + sin² = 1), so that the gradient is known in closed form.
+        let angles = Tensor::randn(0f32, 3.0, (5, 4), &dev).expect("angles");
+        let (cos, sin) = (angles.cos().expect("cos"), angles.sin().expect("sin"));
+        let fused =
+            candle_nn::rotary_emb::rope(&x.as_tensor().unsqueeze(0).expect("4d"), &cos, &sin)
+                .and_then(|t| t.squeeze(0))
+                .expect("fused");
+        let ours = rope_neox(x.as_tensor(), &cos, &sin).expect("ours");
+        assert!(close(&ours, &fused, 1e-5));
+        // y = R x with R orthogonal: d sum(y²) / dx = 2 Rᵀ R x = 2 x.
+        let grads = ours
+            .sqr()
+            .and_then(|s| s.sum_all())
+            .expect("L")
+            .backward()
+            .expect("bwd");
+        let g = grads.get(x.as_tensor()).expect("x has a gradient");
+        assert!(close(g, &(x.as_tensor() * 2.0).expect("2x"), 1e-4));
     }
 
     #[test]
