@@ -46,9 +46,10 @@ pub struct Args {
     /// A GGUF base model instead of the pinned SmolLM2-135M-Instruct.
     #[arg(long, env = "RAGTUNE_GGUF")]
     gguf: Option<PathBuf>,
-    /// `base_model_name_or_path` recorded in adapter_config.json.
-    #[arg(long, default_value = DEFAULT_BASE_NAME)]
-    base_name: String,
+    /// `base_model_name_or_path` recorded in adapter_config.json [default: the Hugging Face
+    /// name of the pinned model; for another GGUF, its `general.name`, else its file name].
+    #[arg(long)]
+    base_name: Option<String>,
     /// LoRA rank r.
     #[arg(long, default_value_t = 8)]
     rank: usize,
@@ -359,7 +360,18 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     let wall = started.elapsed().as_secs_f64();
-    trainer.model().save_adapter(out, &args.base_name)?;
+    let base_name = match (
+        &args.base_name,
+        args.gguf.is_some() || ctx.config.gguf.is_some(),
+    ) {
+        (Some(name), _) => name.clone(),
+        (None, false) => DEFAULT_BASE_NAME.to_string(),
+        (None, true) => trainer.model().props().name.clone().unwrap_or_else(|| {
+            gguf.file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+        }),
+    };
+    trainer.model().save_adapter(out, &base_name)?;
     plot_losses(&log_path, &out.join("loss.svg"))?;
     let (profile, data_format_version) = trained_for(ctx, &args.data);
     let prompt_format_version = match attention {

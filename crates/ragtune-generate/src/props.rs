@@ -47,6 +47,8 @@ pub fn describe(content: &Content, props: &LlamaProps) -> String {
     types.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     let types: Vec<String> = types.iter().map(|(t, n)| format!("{t} x{n}")).collect();
     let template = match props.chat_template.as_deref() {
+        // `ChatTemplate::from_props` falls back to Gemma's documented turn format.
+        None if props.architecture.is_gemma() => "Gemma turn format (the file has none)",
         None => "none (use --raw)",
         Some(t) if t.contains("<|im_start|>") => "ChatML",
         Some(t) if t.contains("<|start_header_id|>") => "Llama 3",
