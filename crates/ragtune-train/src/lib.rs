@@ -36,6 +36,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod attention;
 pub mod checkpoint;
 pub mod data;
 mod error;

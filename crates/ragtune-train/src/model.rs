@@ -31,10 +31,12 @@
 //! where the block is placed. So here a block token's query and key take its canonical
 //! position when the block attends (to the head and itself), and later tokens see its key
 //! at its place in the prompt: two score matrices, each row taken from the one its token
-//! uses. This is what the engine serves, up to the rounding of the re-rotation.
+//! uses (one fused op computes both, `attention.rs`). This is what the engine serves, up to
+//! the rounding of the re-rotation.
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::Content;
 use candle_core::{DType, Device, Tensor, Var};
@@ -42,15 +44,10 @@ use ragtune_generate::lora::Factor;
 use ragtune_generate::{rope_tables, LlamaProps, LoraConfig, RopeParams, RopeStyle, TargetModule};
 use rand::{Rng, SeedableRng};
 
+use crate::attention::{attention, AttentionMask};
 use crate::error::io;
-use crate::ops::{
-    frozen_linear, lora_linear, rms_norm, rope_interleaved, rope_neox, softmax_last_dim,
-};
+use crate::ops::{frozen_linear, lora_linear, rms_norm, rope_interleaved, rope_neox};
 use crate::{Error, Result};
-
-/// The additive mask value of a position a query may not see (finite, so that no `inf - inf`
-/// appears in the backward pass).
-const MASKED: f32 = -1e9;
 
 /// What to adapt and how: PEFT's `r`, `lora_alpha`, `lora_dropout`, `target_modules`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -600,7 +597,6 @@ impl TrainModel {
         }
         let dev = Device::Cpu;
         let (h, kv, d) = (p.head_count, p.head_count_kv, p.head_dim);
-        let rep = h / kv;
         let ids = Tensor::new(seq.tokens.as_slice(), &dev)?;
         let pos = Tensor::new(seq.positions.as_slice(), &dev)?;
         let tables = |(cos, sin): (&Tensor, &Tensor), pos: &Tensor| -> Result<(Tensor, Tensor)> {
@@ -611,39 +607,10 @@ impl TrainModel {
             Some((cos, sin)) => Some(tables((cos, sin), &pos)?),
             None => None,
         };
-        // Block-diagonal causal mask narrowed by the attention labels, tiled for the `rep`
-        // query heads of each KV head; local layers also limit the distance to the sliding
-        // window (query at position p sees keys p + 1 - w ..= p, as the engine's
-        // `Mask::Sliding` and llama.cpp's standard SWA).
-        let build_mask = |window: Option<usize>| -> Result<Tensor> {
-            let mut mask = vec![MASKED; rep * t * t];
-            for r in 0..rep {
-                for i in 0..t {
-                    let row = &mut mask[(r * t + i) * t..(r * t + i + 1) * t];
-                    for j in (0..=i).rev() {
-                        if seq.segments[j] != seq.segments[i] {
-                            break;
-                        }
-                        let near =
-                            window.is_none_or(|w| (seq.positions[i] - seq.positions[j]) < w as u32);
-                        if near && (j == i || seq.attend[i].sees(seq.attend[j])) {
-                            row[j] = 0.0;
-                        }
-                    }
-                }
-            }
-            Ok(Tensor::from_vec(mask, (rep * t, t), &dev)?)
-        };
-        let mask = build_mask(None)?;
-        let window = p
-            .sliding_window
-            .filter(|_| self.blocks.iter().any(|b| b.local));
-        let local_mask = match window {
-            Some(w) => Some(build_mask(Some(w))?),
-            None => None,
-        };
-        // Block tokens at their canonical positions, and which score rows they own.
-        let canonical = match canonical_positions(seq) {
+        // Block-diagonal causal mask narrowed by the attention labels; local layers also limit
+        // the distance to the sliding window (query at position p sees keys p + 1 - w ..= p,
+        // as the engine's `Mask::Sliding` and llama.cpp's standard SWA).
+        let block_rows = match canonical_positions(seq) {
             Some(_) if p.sliding_window.is_some() => {
                 // As the engine's `forward_blocks`: a block's KV computed apart would not
                 // see the window it is placed in.
@@ -656,15 +623,37 @@ impl TrainModel {
             }
             Some(positions) => {
                 let pos = Tensor::new(positions.as_slice(), &dev)?;
-                let rows: Vec<f32> = (0..rep)
-                    .flat_map(|_| seq.attend.iter())
-                    .map(|a| f32::from(u8::from(matches!(a, Attend::Block(_)))))
+                let rows = seq
+                    .attend
+                    .iter()
+                    .map(|a| matches!(a, Attend::Block(_)))
                     .collect();
-                let block_rows = Tensor::from_vec(rows, (rep * t, 1), &dev)?;
-                let other_rows = (1.0 - &block_rows)?;
-                let (cos, sin) = tables((&self.cos, &self.sin), &pos)?;
-                Some((cos, sin, block_rows, other_rows))
+                Some((tables((&self.cos, &self.sin), &pos)?, rows))
             }
+            None => None,
+        };
+        let build_mask = |window: Option<usize>| -> Result<Arc<AttentionMask>> {
+            let mut allowed = vec![false; t * t];
+            for i in 0..t {
+                let row = &mut allowed[i * t..(i + 1) * t];
+                for j in (0..=i).rev() {
+                    if seq.segments[j] != seq.segments[i] {
+                        break;
+                    }
+                    let near =
+                        window.is_none_or(|w| (seq.positions[i] - seq.positions[j]) < w as u32);
+                    row[j] = near && (j == i || seq.attend[i].sees(seq.attend[j]));
+                }
+            }
+            let rows = block_rows.as_ref().map(|(_, rows)| Vec::clone(rows));
+            Ok(Arc::new(AttentionMask::new(t, allowed, rows)?))
+        };
+        let mask = build_mask(None)?;
+        let window = p
+            .sliding_window
+            .filter(|_| self.blocks.iter().any(|b| b.local));
+        let local_mask = match window {
+            Some(w) => Some(build_mask(Some(w))?),
             None => None,
         };
         let scale = 1.0 / (d as f64).sqrt();
@@ -707,17 +696,16 @@ impl TrainModel {
                 (Some(tables), None, true) => (tables, &mask),
                 _ => (&global, &mask),
             };
-            let qp = rope(&q, cos, sin)?.reshape((kv, rep * t, d))?;
-            let kp = rope(&k, cos, sin)?;
-            let mut scores = qp.matmul(&kp.t()?)?;
-            if let Some((cos_c, sin_c, block_rows, other_rows)) = &canonical {
-                let qc = rope(&q, cos_c, sin_c)?.reshape((kv, rep * t, d))?;
-                let kc = rope(&k, cos_c, sin_c)?;
-                let blocks = qc.matmul(&kc.t()?)?.broadcast_mul(block_rows)?;
-                scores = (scores.broadcast_mul(other_rows)? + blocks)?;
-            }
-            let scores = (scores * scale)?.broadcast_add(mask)?;
-            let attn = softmax_last_dim(&scores)?.matmul(&v)?; // (kv, rep*t, d)
+            // Block rows score with q and k at canonical positions: the second half of the
+            // width (see `attention`).
+            let (qa, ka) = match &block_rows {
+                Some(((cos_c, sin_c), _)) => (
+                    Tensor::cat(&[rope(&q, cos, sin)?, rope(&q, cos_c, sin_c)?], 2)?,
+                    Tensor::cat(&[rope(&k, cos, sin)?, rope(&k, cos_c, sin_c)?], 2)?,
+                ),
+                None => (rope(&q, cos, sin)?, rope(&k, cos, sin)?),
+            };
+            let attn = attention(&qa, &ka, &v, mask, scale)?; // (h, t, d)
             let attn = attn
                 .reshape((h, t, d))?
                 .transpose(0, 1)?

@@ -1,0 +1,590 @@
+//! Fused masked attention for training: one candle op with its own backward, so that the
+//! `(t, t)` score, probability and mask tensors of every layer are neither built op by op
+//! nor kept alive until the backward pass.
+//!
+//! Written op by op (`matmul`, `* scale`, `+ mask`, a softmax of five elementwise ops,
+//! `matmul`), one layer of SmolLM2-135M over 768 packed tokens keeps about six `(9, 768,
+//! 768)` f32 tensors (21 MB each) for the backward, 30 layers about 4 GB a sequence, and the
+//! elementwise passes over them took more time than the projections. Here the forward keeps
+//! only its inputs and output; the backward recomputes each head's probabilities (one `t x t`
+//! matrix product) and frees them per head, as FlashAttention does (Dao et al. 2022,
+//! arXiv 2205.14135, §3.1: recomputation in the backward; the gradient of the softmax is
+//! `dS = P ⊙ (dP - rowsum(P ⊙ dP))`, their eq. in Appendix B.2).
+//!
+//! Block attention (prompt format v2, see `model.rs`) needs two score matrices: the
+//! tokens of a source block score with their queries and keys at canonical positions, all
+//! other tokens with those at their real positions. The op takes both in one tensor: `q` and
+//! `k` of width `2d`, the first half at real positions, the second at canonical ones, and
+//! the rows of [`AttentionMask::block_rows`] read the second half.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::Result;
+
+/// Which keys each query sees, for one packed sequence of `t` tokens (the same for every
+/// head).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct AttentionMask {
+    t: usize,
+    /// Row-major `(t, t)`: whether query `i` sees key `j`.
+    allowed: Vec<bool>,
+    /// Per query, whether it scores with the second half of `q` and `k` (a block token at
+    /// its canonical position). `None`: every row reads the whole width.
+    block_rows: Option<Vec<bool>>,
+}
+
+impl AttentionMask {
+    /// A mask of `t` queries over `t` keys from `allowed` (row-major `t x t`), where every
+    /// query sees at least itself, and the rows that score at canonical positions.
+    ///
+    /// # Errors
+    /// `Error::InvalidParameter` for lengths other than
+    /// `t * t` and `t`, or a query that does not see itself.
+    pub(crate) fn new(t: usize, allowed: Vec<bool>, block_rows: Option<Vec<bool>>) -> Result<Self> {
+        let bad = |value: String| crate::Error::InvalidParameter {
+            name: "attention mask",
+            value,
+            expected: "t x t entries, every query seeing itself, and t block-row flags",
+        };
+        if allowed.len() != t * t {
+            return Err(bad(format!("{} entries for {t} tokens", allowed.len())));
+        }
+        if let Some(i) = (0..t).find(|&i| !allowed[i * t + i]) {
+            return Err(bad(format!("query {i} does not see itself")));
+        }
+        if let Some(rows) = block_rows.as_ref().filter(|r| r.len() != t) {
+            return Err(bad(format!(
+                "{} block-row flags for {t} tokens",
+                rows.len()
+            )));
+        }
+        Ok(Self {
+            t,
+            allowed,
+            block_rows,
+        })
+    }
+}
+
+/// Grouped-query attention `softmax(scale · q kᵀ + mask) v` of one packed sequence:
+/// `q: (h, t, dq)`, `k: (kvh, t, dq)`, `v: (kvh, t, d)` -> `(h, t, d)`, query head `i` on
+/// key/value head `i / (h / kvh)`. `dq` is `d`, or `2d` when `mask` has block rows (module
+/// docs). f32 or f64, all three of one dtype; differentiable in all three.
+///
+/// # Errors
+/// Shape errors: ranks, a `t` other than the mask's, `h` not a multiple of `kvh`, `dq`
+/// neither `d` nor `2d` as the mask wants.
+pub(crate) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Arc<AttentionMask>,
+    scale: f64,
+) -> Result<Tensor> {
+    let op = FusedAttention {
+        mask: mask.clone(),
+        scale,
+    };
+    op.geometry(q.dims(), k.dims(), v.dims())?;
+    Ok(q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+}
+
+struct FusedAttention {
+    mask: Arc<AttentionMask>,
+    scale: f64,
+}
+
+/// The sizes of one call.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    h: usize,
+    kvh: usize,
+    t: usize,
+    d: usize,
+    /// Width of q and k rows: `d`, or `2d` with block rows.
+    dq: usize,
+}
+
+impl FusedAttention {
+    fn geometry(&self, q: &[usize], k: &[usize], v: &[usize]) -> candle_core::Result<Geometry> {
+        let (&[h, t, dq], &[kvh, tk, dk], &[kvv, tv, d]) = (q, k, v) else {
+            candle_core::bail!("fused attention: q {q:?}, k {k:?}, v {v:?} are not 3-D");
+        };
+        let want_dq = if self.mask.block_rows.is_some() {
+            2 * d
+        } else {
+            d
+        };
+        if t != self.mask.t || tk != t || tv != t {
+            candle_core::bail!(
+                "fused attention: {t}/{tk}/{tv} tokens, mask of {}",
+                self.mask.t
+            );
+        }
+        if kvh == 0 || h % kvh != 0 || kvv != kvh || dk != dq || dq != want_dq {
+            candle_core::bail!(
+                "fused attention: q {q:?}, k {k:?}, v {v:?} (q/k width {want_dq} wanted)"
+            );
+        }
+        Ok(Geometry { h, kvh, t, d, dq })
+    }
+}
+
+/// f32 or f64.
+trait Real:
+    'static
+    + Copy
+    + Default
+    + Send
+    + Sync
+    + PartialOrd
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+    + candle_core::WithDType
+{
+    fn exp(self) -> Self;
+}
+
+impl Real for f32 {
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+}
+
+impl Real for f64 {
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+}
+
+/// A strided matrix view: element `(r, c)` at `offset + r * rs + c * cs`.
+#[derive(Clone, Copy)]
+struct View<'a, T> {
+    data: &'a [T],
+    offset: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a, T> View<'a, T> {
+    fn new(data: &'a [T], offset: usize, rs: usize, cs: usize) -> Self {
+        Self {
+            data,
+            offset,
+            rs,
+            cs,
+        }
+    }
+
+    /// The transpose.
+    fn t(self) -> Self {
+        Self {
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+
+    fn check(&self, rows: usize, cols: usize) {
+        let last = self.offset + (rows - 1) * self.rs + (cols - 1) * self.cs;
+        assert!(last < self.data.len(), "view out of bounds");
+    }
+}
+
+/// `dst (m, n), row-major with row stride dst_rs = lhs (m, k) · rhs (k, n)`, single-threaded
+/// (the callers run one head per rayon task).
+fn matmul<T: Real>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    dst_rs: usize,
+    lhs: View<'_, T>,
+    rhs: View<'_, T>,
+) {
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    lhs.check(m, k);
+    rhs.check(k, n);
+    assert!((m - 1) * dst_rs + n <= dst.len(), "dst out of bounds");
+    // SAFETY: the three views were checked above to stay inside their slices for the
+    // (m, k), (k, n) and (m, n) index ranges gemm reads and writes; dst is borrowed mutably.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            false,
+            lhs.data.as_ptr().add(lhs.offset),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr().add(rhs.offset),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            T::default(),
+            T::from_f64(1.0),
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+impl FusedAttention {
+    /// The softmax probabilities `(t, t)` of head `hh`: masked entries exactly 0.
+    fn probabilities<T: Real>(&self, g: Geometry, q: &[T], k: &[T], hh: usize) -> Vec<T> {
+        let Geometry { t, d, dq, .. } = g;
+        let kv = hh / (g.h / g.kvh);
+        let mut s = vec![T::default(); t * t];
+        let scores = |s: &mut [T], half: usize| {
+            let qh = View::new(q, hh * t * dq + half, dq, 1);
+            let kt = View::new(k, kv * t * dq + half, dq, 1).t();
+            matmul(t, t, d, s, t, qh, kt);
+        };
+        scores(&mut s, 0);
+        if let Some(rows) = &self.mask.block_rows {
+            let mut canonical = vec![T::default(); t * t];
+            scores(&mut canonical, d);
+            for (i, _) in rows.iter().enumerate().filter(|(_, b)| **b) {
+                s[i * t..(i + 1) * t].copy_from_slice(&canonical[i * t..(i + 1) * t]);
+            }
+        }
+        let scale = T::from_f64(self.scale);
+        for (row, allowed) in s.chunks_mut(t).zip(self.mask.allowed.chunks(t)) {
+            let mut max: Option<T> = None;
+            for (x, &a) in row.iter_mut().zip(allowed) {
+                *x = *x * scale;
+                if a && max.is_none_or(|m| *x > m) {
+                    max = Some(*x);
+                }
+            }
+            let max = max.unwrap_or_default();
+            let mut sum = T::default();
+            for (x, &a) in row.iter_mut().zip(allowed) {
+                *x = if a { (*x - max).exp() } else { T::default() };
+                sum = sum + *x;
+            }
+            for x in row.iter_mut() {
+                *x = *x / sum;
+            }
+        }
+        s
+    }
+
+    fn forward<T: Real>(&self, g: Geometry, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
+        let Geometry { t, d, .. } = g;
+        let rep = g.h / g.kvh;
+        let heads: Vec<Vec<T>> = (0..g.h)
+            .into_par_iter()
+            .map(|hh| {
+                let p = self.probabilities(g, q, k, hh);
+                let mut out = vec![T::default(); t * d];
+                let vg = View::new(v, (hh / rep) * t * d, d, 1);
+                matmul(t, d, t, &mut out, d, View::new(&p, 0, t, 1), vg);
+                out
+            })
+            .collect();
+        heads.concat()
+    }
+
+    /// `(dq, dk, dv)` for the output gradient `dout: (h, t, d)`.
+    fn backward<T: Real>(
+        &self,
+        g: Geometry,
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        dout: &[T],
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+        let Geometry { t, d, dq, .. } = g;
+        let rep = g.h / g.kvh;
+        let scale = T::from_f64(self.scale);
+        let per_head: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..g.h)
+            .into_par_iter()
+            .map(|hh| {
+                let kv = hh / rep;
+                let p = self.probabilities(g, q, k, hh);
+                let pv = View::new(&p, 0, t, 1);
+                let doh = View::new(dout, hh * t * d, d, 1);
+                // dV_h = Pᵀ dO.
+                let mut dv = vec![T::default(); t * d];
+                matmul(t, d, t, &mut dv, d, pv.t(), doh);
+                // dP = dO Vᵀ, then dS = P ⊙ (dP - rowsum(P ⊙ dP)) · scale, in place.
+                let mut ds = vec![T::default(); t * t];
+                let vt = View::new(v, kv * t * d, d, 1).t();
+                matmul(t, t, d, &mut ds, t, doh, vt);
+                for (drow, prow) in ds.chunks_mut(t).zip(p.chunks(t)) {
+                    let dot = drow
+                        .iter()
+                        .zip(prow)
+                        .fold(T::default(), |acc, (&a, &b)| acc + a * b);
+                    for (x, &pp) in drow.iter_mut().zip(prow) {
+                        *x = pp * (*x - dot) * scale;
+                    }
+                }
+                // dQ = dS K, dK = dSᵀ Q, per half: the rows that read each half.
+                let mut dqh = vec![T::default(); t * dq];
+                let mut dkh = vec![T::default(); t * dq];
+                let mut half = |ds: &[T], offset: usize| {
+                    let kh = View::new(k, kv * t * dq + offset, dq, 1);
+                    let qh = View::new(q, hh * t * dq + offset, dq, 1);
+                    let dsv = View::new(ds, 0, t, 1);
+                    matmul(t, d, t, &mut dqh[offset..], dq, dsv, kh);
+                    matmul(t, d, t, &mut dkh[offset..], dq, dsv.t(), qh);
+                };
+                match &self.mask.block_rows {
+                    None => half(&ds, 0),
+                    Some(rows) => {
+                        let mut canonical = vec![T::default(); t * t];
+                        for (i, _) in rows.iter().enumerate().filter(|(_, b)| **b) {
+                            let r = i * t..(i + 1) * t;
+                            canonical[r.clone()].copy_from_slice(&ds[r.clone()]);
+                            ds[r].fill(T::default());
+                        }
+                        half(&ds, 0);
+                        half(&canonical, d);
+                    }
+                }
+                (dqh, dkh, dv)
+            })
+            .collect();
+        let mut dq_all = Vec::with_capacity(g.h * t * dq);
+        let mut dk_all = vec![T::default(); g.kvh * t * dq];
+        let mut dv_all = vec![T::default(); g.kvh * t * d];
+        for (hh, (dqh, dkh, dv)) in per_head.into_iter().enumerate() {
+            let kv = hh / rep;
+            dq_all.extend(dqh);
+            for (acc, x) in dk_all[kv * t * dq..(kv + 1) * t * dq].iter_mut().zip(dkh) {
+                *acc = *acc + x;
+            }
+            for (acc, x) in dv_all[kv * t * d..(kv + 1) * t * d].iter_mut().zip(dv) {
+                *acc = *acc + x;
+            }
+        }
+        (dq_all, dk_all, dv_all)
+    }
+}
+
+fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> candle_core::Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("fused attention: inputs must be contiguous"),
+    }
+}
+
+impl CustomOp3 for FusedAttention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = self.geometry(l1.dims(), l2.dims(), l3.dims())?;
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                CpuStorage::F32(self.forward(
+                    g,
+                    contiguous(q, l1)?,
+                    contiguous(k, l2)?,
+                    contiguous(v, l3)?,
+                ))
+            }
+            (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => {
+                CpuStorage::F64(self.forward(
+                    g,
+                    contiguous(q, l1)?,
+                    contiguous(k, l2)?,
+                    contiguous(v, l3)?,
+                ))
+            }
+            _ => candle_core::bail!("fused attention: q, k, v all f32 or all f64"),
+        };
+        Ok((out, Shape::from((g.h, g.t, g.d))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = self.geometry(q.dims(), k.dims(), v.dims())?;
+        let dev = q.device();
+        let flat = |x: &Tensor| x.flatten_all();
+        let (dq, dk, dv) = match q.dtype() {
+            candle_core::DType::F32 => {
+                let (a, b, c) = self.backward::<f32>(
+                    g,
+                    &flat(q)?.to_vec1()?,
+                    &flat(k)?.to_vec1()?,
+                    &flat(v)?.to_vec1()?,
+                    &flat(grad_res)?.to_vec1()?,
+                );
+                (
+                    Tensor::from_vec(a, q.shape(), dev)?,
+                    Tensor::from_vec(b, k.shape(), dev)?,
+                    Tensor::from_vec(c, v.shape(), dev)?,
+                )
+            }
+            candle_core::DType::F64 => {
+                let (a, b, c) = self.backward::<f64>(
+                    g,
+                    &flat(q)?.to_vec1()?,
+                    &flat(k)?.to_vec1()?,
+                    &flat(v)?.to_vec1()?,
+                    &flat(grad_res)?.to_vec1()?,
+                );
+                (
+                    Tensor::from_vec(a, q.shape(), dev)?,
+                    Tensor::from_vec(b, k.shape(), dev)?,
+                    Tensor::from_vec(c, v.shape(), dev)?,
+                )
+            }
+            other => candle_core::bail!("fused attention: {other:?} gradients"),
+        };
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    /// The op-by-op composition this op replaces, on candle's autograd: per head,
+    /// `softmax(scale · q kᵀ + mask) v`, block rows from the second half of the width.
+    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask, scale: f64) -> Tensor {
+        let (h, t, _) = q.dims3().expect("q");
+        let (kvh, _, d) = v.dims3().expect("v");
+        let additive: Vec<f64> = mask
+            .allowed
+            .iter()
+            .map(|&a| if a { 0.0 } else { -1e9 })
+            .collect();
+        let additive = Tensor::from_vec(additive, (t, t), q.device()).expect("mask");
+        let heads: Vec<Tensor> = (0..h)
+            .map(|hh| {
+                let g = hh / (h / kvh);
+                let (qh, kg, vg) = (
+                    q.get(hh).expect("q"),
+                    k.get(g).expect("k"),
+                    v.get(g).expect("v"),
+                );
+                let scores = |off: usize| {
+                    qh.narrow(1, off, d)
+                        .and_then(|a| a.matmul(&kg.narrow(1, off, d)?.t()?))
+                        .expect("scores")
+                };
+                let mut s = scores(0);
+                if let Some(rows) = &mask.block_rows {
+                    let sel: Vec<f64> = rows.iter().map(|&b| f64::from(u8::from(b))).collect();
+                    let sel = Tensor::from_vec(sel, (t, 1), q.device()).expect("sel");
+                    let other = (1.0 - &sel).expect("other");
+                    s = (s.broadcast_mul(&other).expect("a")
+                        + scores(d).broadcast_mul(&sel).expect("b"))
+                    .expect("select");
+                }
+                let s = ((s * scale).expect("scale") + &additive).expect("mask");
+                crate::ops::softmax_last_dim(&s)
+                    .and_then(|p| Ok(p.matmul(&vg)?))
+                    .expect("pv")
+            })
+            .collect();
+        Tensor::stack(&heads, 0).expect("stack")
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .and_then(|x| x.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>())
+            .expect("diff")
+    }
+
+    /// Two packed examples (a segment boundary), two source blocks that see only the head and
+    /// themselves, grouped-query heads, with and without canonical rows: the output and the
+    /// gradients of q, k and v equal candle's autograd of the op-by-op formula (f64).
+    #[test]
+    fn fused_attention_equals_the_op_by_op_formula_and_its_gradients() {
+        let dev = Device::Cpu;
+        let (h, kvh, t, d) = (4, 2, 9, 3);
+        // Example 0: tokens 0..6 = head 0..2, block A 2..4, block B 4..6 (each block sees
+        // the head and itself only); example 1: tokens 6..9, causal, except that token 8
+        // does not see token 6 (a hole in a row).
+        let block = |i: usize| match i {
+            2..4 => Some(0),
+            4..6 => Some(1),
+            _ => None,
+        };
+        let mut allowed = vec![false; t * t];
+        for i in 0..t {
+            for j in 0..=i {
+                let same = (i < 6) == (j < 6);
+                let sees = match (block(i), block(j)) {
+                    (Some(a), Some(b)) => a == b,
+                    _ => true,
+                };
+                allowed[i * t + j] = same && sees;
+            }
+        }
+        allowed[8 * t + 6] = false;
+        let block_rows: Vec<bool> = (0..t).map(|i| block(i).is_some()).collect();
+        for canonical in [false, true] {
+            let dq = if canonical { 2 * d } else { d };
+            let mask = Arc::new(
+                AttentionMask::new(t, allowed.clone(), canonical.then(|| block_rows.clone()))
+                    .expect("mask"),
+            );
+            let var = |shape: (usize, usize, usize)| {
+                Var::from_tensor(&Tensor::randn(0f64, 1.0, shape, &dev).expect("randn"))
+                    .expect("var")
+            };
+            let (q, k, v) = (var((h, t, dq)), var((kvh, t, dq)), var((kvh, t, d)));
+            let weights = Tensor::randn(0f64, 1.0, (h, t, d), &dev).expect("weights");
+            let scale = 0.7;
+            let ours = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask, scale)
+                .expect("fused");
+            let theirs = reference(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask, scale);
+            assert!(max_diff(&ours, &theirs) < 1e-12, "forward");
+            let loss = |y: &Tensor| (y * &weights).and_then(|p| p.sum_all()).expect("loss");
+            let g_ours = loss(&ours).backward().expect("bwd");
+            let g_theirs = loss(&theirs).backward().expect("bwd");
+            for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+                let a = g_ours.get(x.as_tensor()).expect("fused gradient");
+                let b = g_theirs.get(x.as_tensor()).expect("reference gradient");
+                let diff = max_diff(a, b);
+                assert!(diff < 1e-10, "canonical {canonical}: d{name} off by {diff}");
+                assert!(
+                    max_diff(b, &b.zeros_like().expect("0")) > 1e-3,
+                    "d{name} is zero"
+                );
+            }
+            assert_eq!(ours.dtype(), DType::F64);
+        }
+    }
+
+    #[test]
+    fn a_mask_where_a_query_misses_itself_is_refused() {
+        let err = AttentionMask::new(2, vec![true, false, true, false], None).expect_err("bad");
+        assert!(err.to_string().contains("query 1"), "{err}");
+        assert!(AttentionMask::new(2, vec![true; 3], None).is_err());
+    }
+}
