@@ -146,6 +146,9 @@ trait Real:
     + std::ops::Sub<Output = Self>
     + std::ops::Mul<Output = Self>
     + std::ops::Div<Output = Self>
+    + std::ops::AddAssign
+    + std::ops::MulAssign
+    + std::ops::DivAssign
     + candle_core::WithDType
 {
     fn exp(self) -> Self;
@@ -264,7 +267,7 @@ impl FusedAttention {
         for (row, allowed) in s.chunks_mut(t).zip(self.mask.allowed.chunks(t)) {
             let mut max: Option<T> = None;
             for (x, &a) in row.iter_mut().zip(allowed) {
-                *x = *x * scale;
+                *x *= scale;
                 if a && max.is_none_or(|m| *x > m) {
                     max = Some(*x);
                 }
@@ -273,10 +276,10 @@ impl FusedAttention {
             let mut sum = T::default();
             for (x, &a) in row.iter_mut().zip(allowed) {
                 *x = if a { (*x - max).exp() } else { T::default() };
-                sum = sum + *x;
+                sum += *x;
             }
             for x in row.iter_mut() {
-                *x = *x / sum;
+                *x /= sum;
             }
         }
         s
@@ -366,10 +369,10 @@ impl FusedAttention {
             let kv = hh / rep;
             dq_all.extend(dqh);
             for (acc, x) in dk_all[kv * t * dq..(kv + 1) * t * dq].iter_mut().zip(dkh) {
-                *acc = *acc + x;
+                *acc += x;
             }
             for (acc, x) in dv_all[kv * t * d..(kv + 1) * t * d].iter_mut().zip(dv) {
-                *acc = *acc + x;
+                *acc += x;
             }
         }
         (dq_all, dk_all, dv_all)
