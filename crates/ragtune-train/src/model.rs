@@ -291,9 +291,9 @@ fn dequantize(content: &Content, reader: &mut std::fs::File, name: &str) -> Resu
 
 impl TrainModel {
     /// Loads the GGUF at `path`, dequantizes every weight to f32 (SmolLM2-135M: 0.5 GiB,
-    /// Gemma 3 270M: 1.1 GiB, most of it the 262,144-row embedding) and adds LoRA factors for
-    /// `spec`: `A` Kaiming-uniform in `±1/sqrt(in)` (PEFT's init), `B` per `init_b`, from a
-    /// generator seeded with `seed`.
+    /// Gemma 3 270M: about 1 GiB, 0.6 GiB of it the 262,144-row embedding) and adds LoRA
+    /// factors for `spec`: `A` Kaiming-uniform in `±1/sqrt(in)` (PEFT's init), `B` per
+    /// `init_b`, from a generator seeded with `seed`.
     ///
     /// # Errors
     /// GGUF and props errors of `ragtune-generate` (among them
@@ -563,7 +563,9 @@ impl TrainModel {
     /// # Errors
     /// [`Error::SequenceShape`] for an empty sequence, [`Error::TokenOutOfRange`] for a token
     /// outside the vocabulary, [`Error::PositionOutOfRange`] for a position past the context
-    /// length; tensor errors.
+    /// length, [`Unsupported`](ragtune_generate::Error::Unsupported) for source blocks on a
+    /// model with sliding-window layers (the engine serves no block attention there);
+    /// tensor errors.
     pub fn hidden(
         &self,
         seq: &PackedSeq,
