@@ -379,6 +379,28 @@ impl FusedAttention {
     }
 }
 
+impl FusedAttention {
+    /// [`backward`](Self::backward) on tensors: `(dq, dk, dv)` shaped as `q`, `k`, `v`.
+    fn gradients<T: Real>(
+        &self,
+        g: Geometry,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        dout: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let values = |x: &Tensor| x.flatten_all()?.to_vec1::<T>();
+        let (dq, dk, dv) =
+            self.backward::<T>(g, &values(q)?, &values(k)?, &values(v)?, &values(dout)?);
+        let dev = q.device();
+        Ok((
+            Tensor::from_vec(dq, q.shape(), dev)?,
+            Tensor::from_vec(dk, k.shape(), dev)?,
+            Tensor::from_vec(dv, v.shape(), dev)?,
+        ))
+    }
+}
+
 fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> candle_core::Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
@@ -432,37 +454,9 @@ impl CustomOp3 for FusedAttention {
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = self.geometry(q.dims(), k.dims(), v.dims())?;
-        let dev = q.device();
-        let flat = |x: &Tensor| x.flatten_all();
         let (dq, dk, dv) = match q.dtype() {
-            candle_core::DType::F32 => {
-                let (a, b, c) = self.backward::<f32>(
-                    g,
-                    &flat(q)?.to_vec1()?,
-                    &flat(k)?.to_vec1()?,
-                    &flat(v)?.to_vec1()?,
-                    &flat(grad_res)?.to_vec1()?,
-                );
-                (
-                    Tensor::from_vec(a, q.shape(), dev)?,
-                    Tensor::from_vec(b, k.shape(), dev)?,
-                    Tensor::from_vec(c, v.shape(), dev)?,
-                )
-            }
-            candle_core::DType::F64 => {
-                let (a, b, c) = self.backward::<f64>(
-                    g,
-                    &flat(q)?.to_vec1()?,
-                    &flat(k)?.to_vec1()?,
-                    &flat(v)?.to_vec1()?,
-                    &flat(grad_res)?.to_vec1()?,
-                );
-                (
-                    Tensor::from_vec(a, q.shape(), dev)?,
-                    Tensor::from_vec(b, k.shape(), dev)?,
-                    Tensor::from_vec(c, v.shape(), dev)?,
-                )
-            }
+            candle_core::DType::F32 => self.gradients::<f32>(g, q, k, v, grad_res)?,
+            candle_core::DType::F64 => self.gradients::<f64>(g, q, k, v, grad_res)?,
             other => candle_core::bail!("fused attention: {other:?} gradients"),
         };
         Ok((Some(dq), Some(dk), Some(dv)))
