@@ -15,7 +15,6 @@ use ragtune_generate::{Architecture, LlamaModel};
 /// factors move logits by whole units.
 fn check(file: &str, arch: Architecture) {
     let golden = util::golden("synthetic.json");
-    let g = &golden["models"][file];
     let path = util::repo().join("tests/golden").join(file);
     let model = LlamaModel::from_gguf(&path).expect("load");
     assert_eq!(model.props().architecture, arch);
@@ -25,39 +24,7 @@ fn check(file: &str, arch: Architecture) {
         .forward(&tokens, 0, &mut cache)
         .and_then(|l| Ok(l.to_vec2::<f32>()?))
         .expect("forward");
-    let theirs: Vec<Vec<f64>> = g["logits"]
-        .as_array()
-        .expect("logits")
-        .iter()
-        .map(|row| {
-            row.as_array()
-                .expect("row")
-                .iter()
-                .map(|v| v.as_f64().expect("logit"))
-                .collect()
-        })
-        .collect();
-    assert_eq!(ours.len(), theirs.len());
-    let max_abs = theirs.iter().flatten().fold(0f64, |m, v| m.max(v.abs()));
-    let mut worst = 0f64;
-    for (pos, (o, t)) in ours.iter().zip(&theirs).enumerate() {
-        assert_eq!(o.len(), t.len(), "vocabulary");
-        for (a, b) in o.iter().zip(t) {
-            worst = worst.max((f64::from(*a) - b).abs());
-        }
-        let argmax = |v: &[f64]| {
-            (0..v.len())
-                .max_by(|&i, &j| v[i].total_cmp(&v[j]))
-                .expect("non-empty")
-        };
-        let o64: Vec<f64> = o.iter().map(|&v| f64::from(v)).collect();
-        assert_eq!(argmax(&o64), argmax(t), "{file}: argmax at position {pos}");
-    }
-    eprintln!("{file}: max |logit - llama.cpp's| = {worst:.2e} (max |logit| {max_abs:.1})");
-    assert!(
-        worst <= 2e-3 * max_abs,
-        "{file}: max logit difference {worst}"
-    );
+    util::assert_synthetic_logits(file, "served", &ours);
 }
 
 #[test]

@@ -15,7 +15,7 @@ use ragtune_generate::{
 use ragtune_train::data::{self, Example, SourceAttention::Causal};
 use ragtune_train::{Error, InitB, LoraSpec, TrainConfig, TrainModel, Trainer};
 
-use crate::util;
+use crate::util::{self, max_abs_diff};
 
 const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
@@ -82,15 +82,6 @@ fn tokenized() -> Vec<data::Tokenized> {
     data::prepare(&examples(), &f.template, &f.tokenizer, 256, Causal)
         .expect("prepare")
         .examples
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .and_then(|d| d.abs())
-        .and_then(|d| d.flatten_all())
-        .and_then(|d| d.max(0))
-        .and_then(|d| d.to_scalar::<f32>())
-        .expect("diff")
 }
 
 fn config(spec: LoraSpec, steps: usize) -> TrainConfig {

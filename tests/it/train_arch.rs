@@ -10,12 +10,12 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use ragtune::fetch::Role;
-use ragtune_generate::candle_core::{IndexOp, Tensor, D};
+use ragtune_generate::candle_core::{IndexOp, D};
 use ragtune_generate::{Architecture, LlamaModel, LoraAdapter, TargetModule, WeightFormat};
 use ragtune_train::{Attend, InitB, LoraSpec, PackedSeq, TrainModel};
 use serde_json::Value;
 
-use crate::util::{self, ids};
+use crate::util::{self, ids, max_abs_diff};
 
 fn spec() -> LoraSpec {
     LoraSpec {
@@ -41,15 +41,6 @@ fn gemma3() -> &'static TrainModel {
     M.get_or_init(|| {
         TrainModel::load(gemma3_path(), spec(), InitB::Zeros, 0).expect("load Gemma 3")
     })
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .and_then(|d| d.abs())
-        .and_then(|d| d.flatten_all())
-        .and_then(|d| d.max(0))
-        .and_then(|d| d.to_scalar::<f32>())
-        .expect("diff")
 }
 
 /// Saves `model`'s adapter, loads it into the served f32 model of `path` and returns the
@@ -82,27 +73,7 @@ fn check_synthetic(file: &str, arch: Architecture) {
         .logits(&tokens)
         .and_then(|l| Ok(l.to_vec2::<f32>()?))
         .expect("logits");
-    let theirs = golden["models"][file]["logits"].as_array().expect("logits");
-    assert_eq!(ours.len(), theirs.len());
-    let (mut worst, mut max_abs) = (0f64, 0f64);
-    for (pos, (o, t)) in ours.iter().zip(theirs).enumerate() {
-        let t: Vec<f64> = t
-            .as_array()
-            .expect("row")
-            .iter()
-            .map(|v| v.as_f64().expect("logit"))
-            .collect();
-        assert_eq!(o.len(), t.len(), "vocabulary");
-        for (a, b) in o.iter().zip(&t) {
-            worst = worst.max((f64::from(*a) - b).abs());
-            max_abs = max_abs.max(b.abs());
-        }
-        let argmax = |v: &[f64]| (0..v.len()).max_by(|&i, &j| v[i].total_cmp(&v[j]));
-        let o: Vec<f64> = o.iter().map(|&v| f64::from(v)).collect();
-        assert_eq!(argmax(&o), argmax(&t), "{file}: argmax at position {pos}");
-    }
-    eprintln!("{file}: trainer max |logit - llama.cpp's| = {worst:.2e} (max {max_abs:.1})");
-    assert!(worst <= 2e-3 * max_abs, "{file}: {worst}");
+    util::assert_synthetic_logits(file, "trainer", &ours);
 
     let moved = TrainModel::load(&path, spec(), InitB::Gaussian { std: 0.5 }, 3).expect("load");
     let (diff, by) = served_difference(&moved, &path, &tokens);

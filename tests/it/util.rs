@@ -123,6 +123,60 @@ pub fn golden(name: &str) -> serde_json::Value {
     serde_json::from_slice(&bytes).expect("golden JSON")
 }
 
+/// Compares `ours`, the logits `(16, vocab)` of `synthetic.json`'s token sequence for the
+/// tiny GGUF `file`, with llama.cpp's: asserts the same argmax at every position and every
+/// logit within `2e-3 · max|logit|` of llama.cpp's (the bound `generate_arch` explains),
+/// and prints the difference under `who`.
+pub fn assert_synthetic_logits(file: &str, who: &str, ours: &[Vec<f32>]) {
+    let golden = golden("synthetic.json");
+    let theirs: Vec<Vec<f64>> = golden["models"][file]["logits"]
+        .as_array()
+        .expect("logits")
+        .iter()
+        .map(|row| {
+            row.as_array()
+                .expect("row")
+                .iter()
+                .map(|v| v.as_f64().expect("logit"))
+                .collect()
+        })
+        .collect();
+    assert_eq!(ours.len(), theirs.len());
+    let max_abs = theirs.iter().flatten().fold(0f64, |m, v| m.max(v.abs()));
+    let mut worst = 0f64;
+    for (pos, (o, t)) in ours.iter().zip(&theirs).enumerate() {
+        assert_eq!(o.len(), t.len(), "vocabulary");
+        for (a, b) in o.iter().zip(t) {
+            worst = worst.max((f64::from(*a) - b).abs());
+        }
+        let argmax = |v: &[f64]| {
+            (0..v.len())
+                .max_by(|&i, &j| v[i].total_cmp(&v[j]))
+                .expect("non-empty")
+        };
+        let o64: Vec<f64> = o.iter().map(|&v| f64::from(v)).collect();
+        assert_eq!(argmax(&o64), argmax(t), "{file}: argmax at position {pos}");
+    }
+    eprintln!("{file}: {who} max |logit - llama.cpp's| = {worst:.2e} (max |logit| {max_abs:.1})");
+    assert!(
+        worst <= 2e-3 * max_abs,
+        "{file}: {who} max logit difference {worst}"
+    );
+}
+
+/// The largest absolute elementwise difference of two f32 tensors of one shape.
+pub fn max_abs_diff(
+    a: &ragtune_generate::candle_core::Tensor,
+    b: &ragtune_generate::candle_core::Tensor,
+) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(0))
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("diff")
+}
+
 /// The token ids of a golden JSON array.
 pub fn ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array()
