@@ -5,7 +5,7 @@
 //! dimension; all activations are `f32` on the CPU.
 
 use candle_core::quantized::QTensor;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -21,19 +21,23 @@ use crate::{Error, Result};
 #[derive(Debug, Clone)]
 pub(crate) struct Rope {
     style: RopeStyle,
-    /// `(max_positions, d / 2)`.
-    cos: Tensor,
-    /// `(max_positions, d / 2)`.
-    sin: Tensor,
-    /// `cos`'s values, row-major, for [`rotate_token`](Self::rotate_token).
-    cos_values: Arc<[f32]>,
-    /// `sin`'s values, row-major.
-    sin_values: Arc<[f32]>,
+    freqs: RopeFrequencies,
+    /// Positions the tables cover (the context length).
+    max_positions: usize,
+    /// The rows of positions `c * ROPE_CHUNK ..`, computed when a position in them is first
+    /// used: `ROPE_CHUNK * d / 2` cosines, then as many sines. A model with a long context
+    /// (Gemma 3: 32,768 positions, two RoPE bases, `d = 256`) would otherwise hold 67 MB of
+    /// tables for positions a prompt never reaches.
+    chunks: Arc<[OnceLock<Box<[f32]>>]>,
 }
 
+/// Positions per lazily computed chunk of [`Rope`]'s tables.
+const ROPE_CHUNK: usize = 256;
+
 impl Rope {
-    /// Tables for positions `0..max_positions` ([`rope_tables`]), `freq_factors` from the
-    /// file's `rope_freqs.weight` (Llama 3.1+), if it has one.
+    /// Tables for positions `0..max_positions` (the values of [`rope_tables`], computed on
+    /// first use), `freq_factors` from the file's `rope_freqs.weight` (Llama 3.1+), if it has
+    /// one.
     ///
     /// # Errors
     /// As [`rope_tables`].
@@ -42,16 +46,15 @@ impl Rope {
         head_dim: usize,
         max_positions: usize,
         freq_factors: Option<&[f32]>,
-        device: &Device,
+        _device: &Device,
     ) -> Result<Self> {
-        let (cos, sin) = rope_tables(rope, head_dim, max_positions, freq_factors, device)?;
-        let values = |t: &Tensor| -> Result<Arc<[f32]>> { Ok(t.flatten_all()?.to_vec1()?.into()) };
+        let freqs = RopeFrequencies::new(rope, head_dim, freq_factors)?;
+        let n_chunks = max_positions.div_ceil(ROPE_CHUNK);
         Ok(Self {
             style: rope.style,
-            cos_values: values(&cos)?,
-            sin_values: values(&sin)?,
-            cos,
-            sin,
+            freqs,
+            max_positions,
+            chunks: (0..n_chunks).map(|_| OnceLock::new()).collect(),
         })
     }
 
@@ -63,27 +66,53 @@ impl Rope {
     /// # Errors
     /// [`Error::InvalidParams`] when `position` is beyond the tables.
     pub(crate) fn rotate_token(&self, x: &mut [f32], position: usize) -> Result<()> {
-        let Some((cos, sin)) = self.table_row(position) else {
-            return Err(Error::InvalidParams {
-                detail: format!(
-                    "RoPE position {position} beyond the {} of the tables",
-                    self.cos.dim(0)?
-                ),
-            });
-        };
+        let (cos, sin) = self.row(position)?;
         for row in x.chunks_exact_mut(2 * cos.len()) {
             rotate_pairs(self.style, row, cos, sin);
         }
         Ok(())
     }
 
-    /// The cosines and sines (`d / 2` each) of `position`, `None` beyond the tables.
-    fn table_row(&self, position: usize) -> Option<(&[f32], &[f32])> {
-        let half = self.cos.dims().get(1).copied()?;
-        let at = position.checked_mul(half)?;
-        Some((
-            self.cos_values.get(at..at + half)?,
-            self.sin_values.get(at..at + half)?,
+    /// The cosines and sines (`d / 2` each) of `position`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParams`] beyond the tables.
+    fn row(&self, position: usize) -> Result<(&[f32], &[f32])> {
+        let chunk = (position < self.max_positions)
+            .then(|| self.chunks.get(position / ROPE_CHUNK))
+            .flatten();
+        let Some(chunk) = chunk else {
+            return Err(Error::InvalidParams {
+                detail: format!(
+                    "RoPE position {position} beyond the {} of the tables",
+                    self.max_positions
+                ),
+            });
+        };
+        let half = self.freqs.inv_freq.len();
+        let values = chunk.get_or_init(|| {
+            let first = position / ROPE_CHUNK * ROPE_CHUNK;
+            let (cos, sin) = self.freqs.table(first..first + ROPE_CHUNK);
+            cos.into_iter().chain(sin).collect()
+        });
+        let at = position % ROPE_CHUNK * half;
+        let sin_at = ROPE_CHUNK * half + at;
+        Ok((&values[at..at + half], &values[sin_at..sin_at + half]))
+    }
+
+    /// `(cos, sin)`, each `(positions.len(), d / 2)`, for the positions given.
+    fn tables(&self, positions: impl Iterator<Item = usize>) -> Result<(Tensor, Tensor)> {
+        let half = self.freqs.inv_freq.len();
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for p in positions {
+            let (c, s) = self.row(p)?;
+            cos.extend_from_slice(c);
+            sin.extend_from_slice(s);
+        }
+        let t = cos.len() / half.max(1);
+        Ok((
+            Tensor::from_vec(cos, (t, half), &Device::Cpu)?,
+            Tensor::from_vec(sin, (t, half), &Device::Cpu)?,
         ))
     }
 
@@ -96,9 +125,7 @@ impl Rope {
 
     /// Rotates `x: (1, heads, t, d)` (contiguous) whose first token is at position `pos`.
     pub(crate) fn apply(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
-        let t = x.dim(2)?;
-        let cos = self.cos.narrow(0, pos, t)?;
-        let sin = self.sin.narrow(0, pos, t)?;
+        let (cos, sin) = self.tables(pos..pos + x.dim(2)?)?;
         self.rotate(x, &cos, &sin)
     }
 
@@ -106,10 +133,7 @@ impl Rope {
     /// `positions[i]` (any order; block attention computes several chunks at the same
     /// positions in one call).
     pub(crate) fn apply_at(&self, x: &Tensor, positions: &[usize]) -> Result<Tensor> {
-        let ids: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
-        let ids = Tensor::new(ids.as_slice(), x.device())?;
-        let cos = self.cos.index_select(&ids, 0)?;
-        let sin = self.sin.index_select(&ids, 0)?;
+        let (cos, sin) = self.tables(positions.iter().copied())?;
         self.rotate(x, &cos, &sin)
     }
 
@@ -122,11 +146,11 @@ impl Rope {
     /// # Errors
     /// [`Error::InvalidParams`] when `|delta|` is beyond the tables.
     pub(crate) fn shift(&self, delta: isize) -> Result<impl Fn(&mut [f32])> {
-        let Some((cos, sin)) = self.table_row(delta.unsigned_abs()) else {
+        let Ok((cos, sin)) = self.row(delta.unsigned_abs()) else {
             return Err(Error::InvalidParams {
                 detail: format!(
                     "a RoPE shift of {delta} positions beyond the {} of the tables",
-                    self.cos.dim(0)?
+                    self.max_positions
                 ),
             });
         };
@@ -181,55 +205,85 @@ pub fn rope_tables(
     freq_factors: Option<&[f32]>,
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
-    if rope.dimension_count != head_dim {
-        return Err(Error::Unsupported {
-            what: format!(
-                "rotary dimension {} differs from the head dimension {head_dim}",
-                rope.dimension_count
-            ),
-        });
-    }
-    let position_scale = match rope.scaling {
-        RopeScaling::None => 1.0f32,
-        RopeScaling::Linear { factor } => 1.0 / factor,
-        other => {
-            return Err(Error::Unsupported {
-                what: format!("RoPE scaling {other:?}"),
-            })
-        }
-    };
+    let (cos, sin) = RopeFrequencies::new(rope, head_dim, freq_factors)?.table(0..max_positions);
     let half = head_dim / 2;
-    if let Some(f) = freq_factors {
-        if f.len() != half || f.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
-            return Err(Error::InvalidParams {
-                detail: format!(
-                    "rope_freqs.weight: {} factors for a head of {head_dim} (wants {half}, \
-                     each positive)",
-                    f.len()
-                ),
-            });
-        }
-    }
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| {
-            let factor = freq_factors.map_or(1.0, |f| f[i]);
-            1.0 / rope.freq_base.powf((2 * i) as f32 / head_dim as f32) / factor
-        })
-        .collect();
-    let mut cos = Vec::with_capacity(max_positions * half);
-    let mut sin = Vec::with_capacity(max_positions * half);
-    for p in 0..max_positions {
-        let p = p as f32 * position_scale;
-        for f in &inv_freq {
-            let (s, c) = (p * f).sin_cos();
-            cos.push(c);
-            sin.push(s);
-        }
-    }
     Ok((
         Tensor::from_vec(cos, (max_positions, half), device)?,
         Tensor::from_vec(sin, (max_positions, half), device)?,
     ))
+}
+
+/// What RoPE's angle `p · s · base^(-2i / head_dim) / f_i` depends on besides the position
+/// (see [`rope_tables`]), validated once.
+#[derive(Debug, Clone)]
+struct RopeFrequencies {
+    /// `base^(-2i / head_dim) / f_i`, `head_dim / 2` values.
+    inv_freq: Vec<f32>,
+    /// `s`, the inverse of the linear scaling factor (1 without scaling).
+    position_scale: f32,
+}
+
+impl RopeFrequencies {
+    /// # Errors
+    /// As [`rope_tables`].
+    fn new(rope: &RopeParams, head_dim: usize, freq_factors: Option<&[f32]>) -> Result<Self> {
+        if rope.dimension_count != head_dim {
+            return Err(Error::Unsupported {
+                what: format!(
+                    "rotary dimension {} differs from the head dimension {head_dim}",
+                    rope.dimension_count
+                ),
+            });
+        }
+        let position_scale = match rope.scaling {
+            RopeScaling::None => 1.0f32,
+            RopeScaling::Linear { factor } => 1.0 / factor,
+            other => {
+                return Err(Error::Unsupported {
+                    what: format!("RoPE scaling {other:?}"),
+                })
+            }
+        };
+        let half = head_dim / 2;
+        if let Some(f) = freq_factors {
+            if f.len() != half || f.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
+                return Err(Error::InvalidParams {
+                    detail: format!(
+                        "rope_freqs.weight: {} factors for a head of {head_dim} (wants {half}, \
+                         each positive)",
+                        f.len()
+                    ),
+                });
+            }
+        }
+        let inv_freq = (0..half)
+            .map(|i| {
+                let factor = freq_factors.map_or(1.0, |f| f[i]);
+                1.0 / rope.freq_base.powf((2 * i) as f32 / head_dim as f32) / factor
+            })
+            .collect();
+        Ok(Self {
+            inv_freq,
+            position_scale,
+        })
+    }
+
+    /// The rows `(cos, sin)` of `positions`, row-major, `d / 2` values a row. Each value
+    /// depends on its position and frequency alone, so a chunk computed later holds the same
+    /// bits as one table built at once.
+    fn table(&self, positions: std::ops::Range<usize>) -> (Vec<f32>, Vec<f32>) {
+        let n = positions.len() * self.inv_freq.len();
+        let (mut cos, mut sin) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for p in positions {
+            let p = p as f32 * self.position_scale;
+            for f in &self.inv_freq {
+                let (s, c) = (p * f).sin_cos();
+                cos.push(c);
+                sin.push(s);
+            }
+        }
+        (cos, sin)
+    }
 }
 
 /// The gate activation of a gated MLP: SiLU (SwiGLU; llama, Qwen2) or GELU with the tanh
@@ -593,6 +647,36 @@ mod tests {
         for (g, w) in y.iter().zip(want) {
             assert!((g - w).abs() < 1e-6, "{y:?} vs {want:?}");
         }
+    }
+
+    /// The rows computed chunk by chunk on first use are the bits of the whole table built
+    /// at once by [`rope_tables`] (the training crate's), on both sides of a chunk boundary
+    /// and at the last position; a position past the context is an error even inside the
+    /// last chunk.
+    #[test]
+    fn lazily_computed_rows_equal_the_whole_table() {
+        let params = RopeParams {
+            style: RopeStyle::Neox,
+            freq_base: 1_000_000.0,
+            dimension_count: 16,
+            scaling: RopeScaling::Linear { factor: 2.0 },
+        };
+        let max = 3 * ROPE_CHUNK - 40;
+        let factors: Vec<f32> = (0..8).map(|i| 1.0 + i as f32 * 0.5).collect();
+        let rope = Rope::new(&params, 16, max, Some(&factors), &Device::Cpu).expect("rope");
+        let (cos, sin) =
+            rope_tables(&params, 16, max, Some(&factors), &Device::Cpu).expect("tables");
+        let (cos, sin) = (
+            cos.to_vec2::<f32>().expect("cos"),
+            sin.to_vec2::<f32>().expect("sin"),
+        );
+        for p in [max - 1, ROPE_CHUNK, ROPE_CHUNK - 1, 0, 300] {
+            let (c, s) = rope.row(p).expect("row");
+            assert_eq!(c, cos[p].as_slice(), "cos at {p}");
+            assert_eq!(s, sin[p].as_slice(), "sin at {p}");
+        }
+        assert!(rope.row(max).is_err());
+        assert!(rope.row(3 * ROPE_CHUNK).is_err());
     }
 
     /// Shifting keys rotated at positions `p..` by `delta` gives the keys rotated at

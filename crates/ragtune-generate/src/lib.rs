@@ -55,6 +55,7 @@ mod props;
 mod quant;
 mod requantize;
 mod session;
+mod spm;
 mod tokenizer;
 mod weight;
 
@@ -79,5 +80,6 @@ pub use session::{
     end_of_generation_ids, GenerateParams, Generation, Generator, RepeatPenalty, Sampling,
     StopReason, Timings,
 };
-pub use tokenizer::{SpecialTokens, Tokenizer};
+pub use spm::SpmModel;
+pub use tokenizer::{InnerTokenizer, SharedModel, SpecialTokens, Tokenizer};
 pub use weight::WeightFormat;

@@ -11,7 +11,6 @@
 //! [`Architecture::is_local_layer`](crate::Architecture::is_local_layer)).
 
 use std::path::Path;
-use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::QTensor;
@@ -23,7 +22,7 @@ use crate::kv_cache::{KvCache, KvSpan};
 use crate::layers::{self, GateActivation, Linear, LoraPair, RmsNorm, Rope};
 use crate::lora::{LayerDeltas, LoraAdapter, TargetModule};
 use crate::props::LlamaProps;
-use crate::weight::{Weight, WeightFormat};
+use crate::weight::{TensorReader, Weight, WeightFormat};
 use crate::{Error, Result};
 
 #[derive(Debug, Clone)]
@@ -134,34 +133,23 @@ impl LlamaModel {
         };
         let file = std::fs::File::open(path).map_err(io)?;
         let mut reader = std::io::BufReader::new(file);
-        let content = Content::read(&mut reader).map_err(|source| Error::Gguf {
+        let mut content = Content::read(&mut reader).map_err(|source| Error::Gguf {
             path: path.to_path_buf(),
             source,
         })?;
         let props = LlamaProps::try_from(&content)?;
+        // The metadata is read: its vocabulary (33 MB of strings for Gemma 3's 262,144
+        // pieces) would otherwise be held while the tensors load.
+        content.metadata = Default::default();
         let device = Device::Cpu;
-        let mut load = |name: &str, expected: &[usize]| -> Result<QTensor> {
-            let t = content
-                .tensor(&mut reader, name, &device)
-                .map_err(|source| Error::Tensor {
-                    name: name.to_string(),
-                    source,
-                })?;
-            if t.shape().dims() != expected {
-                return Err(Error::TensorShape {
-                    name: name.to_string(),
-                    expected: expected.to_vec(),
-                    got: t.shape().dims().to_vec(),
-                });
-            }
-            Ok(t)
+        let mut tensors = TensorReader {
+            content: &content,
+            reader,
+            path,
         };
         let p = &props;
         let (hidden, hd, ff) = (p.embedding_length, p.head_dim, p.feed_forward_length);
         let (q_out, kv_out) = (p.head_count * hd, p.head_count_kv * hd);
-        let linear = |t: QTensor| -> Result<Linear> {
-            Ok(Linear::new(Weight::from_qtensor(Arc::new(t), format)?))
-        };
         let f32_values = |t: QTensor| -> Result<Vec<f32>> {
             Ok(t.dequantize(&device)?
                 .to_dtype(candle_core::DType::F32)?
@@ -171,29 +159,43 @@ impl LlamaModel {
 
         // The embedding is never needed dense: rows are looked up, and the f32 reference
         // path dequantizes them exactly as a dense copy would.
-        let embd = Arc::new(load("token_embd.weight", &[p.vocab_size, hidden])?);
-        let embeddings = Weight::from_qtensor(embd, WeightFormat::AsStored)?;
+        let embeddings = tensors.weight(
+            "token_embd.weight",
+            &[p.vocab_size, hidden],
+            WeightFormat::AsStored,
+        )?;
         let output = if content.tensor_infos.contains_key("output.weight") {
-            linear(load("output.weight", &[p.vocab_size, hidden])?)?
+            Linear::new(tensors.weight("output.weight", &[p.vocab_size, hidden], format)?)
         } else if format == WeightFormat::AsStored {
             Linear::new(embeddings.clone())
         } else {
             Linear::new(Weight::Dense(embeddings.dequantize()?))
         };
-        let norm = RmsNorm::from_qtensor(load("output_norm.weight", &[hidden])?, p.rms_norm_eps)?;
+        let norm = RmsNorm::from_qtensor(
+            tensors.qtensor("output_norm.weight", &[hidden])?,
+            p.rms_norm_eps,
+        )?;
         let mut blocks = Vec::with_capacity(p.block_count);
         for i in 0..p.block_count {
-            let mut t =
-                |name: &str, shape: &[usize]| load(&format!("blk.{i}.{name}.weight"), shape);
+            let mut linear = |name: &str, shape: &[usize]| -> Result<Linear> {
+                let w = tensors.weight(&format!("blk.{i}.{name}.weight"), shape, format)?;
+                Ok(Linear::new(w))
+            };
             let (q, k, v) = (
-                linear(t("attn_q", &[q_out, hidden])?)?,
-                linear(t("attn_k", &[kv_out, hidden])?)?,
-                linear(t("attn_v", &[kv_out, hidden])?)?,
+                linear("attn_q", &[q_out, hidden])?,
+                linear("attn_k", &[kv_out, hidden])?,
+                linear("attn_v", &[kv_out, hidden])?,
             );
+            let o = linear("attn_output", &[hidden, q_out])?;
+            let mlp = Mlp {
+                gate: linear("ffn_gate", &[ff, hidden])?,
+                up: linear("ffn_up", &[ff, hidden])?,
+                down: linear("ffn_down", &[hidden, ff])?,
+            };
             let (q, k, v) = if p.architecture.qkv_bias() {
                 let mut biased = |l: Linear, name: &str, n: usize| -> Result<Linear> {
                     let name = format!("blk.{i}.{name}.bias");
-                    let b = f32_values(load(&name, &[n])?)?;
+                    let b = f32_values(tensors.qtensor(&name, &[n])?)?;
                     Linear::with_bias(l.weight, b, &name)
                 };
                 (
@@ -204,46 +206,39 @@ impl LlamaModel {
             } else {
                 (q, k, v)
             };
-            let mut t =
-                |name: &str, shape: &[usize]| load(&format!("blk.{i}.{name}.weight"), shape);
-            let gemma = p.architecture.is_gemma();
-            let mut norm = |name: &str, n: usize| -> Result<Option<RmsNorm>> {
-                if !gemma {
-                    return Ok(None);
-                }
-                Ok(Some(RmsNorm::from_qtensor(t(name, &[n])?, p.rms_norm_eps)?))
+            let mut norm = |name: &str, n: usize| -> Result<RmsNorm> {
+                let t = tensors.qtensor(&format!("blk.{i}.{name}.weight"), &[n])?;
+                RmsNorm::from_qtensor(t, p.rms_norm_eps)
             };
-            let (q_norm, k_norm) = (norm("attn_q_norm", hd)?, norm("attn_k_norm", hd)?);
-            let (post_attn_norm, post_ffn_norm) = (
-                norm("post_attention_norm", hidden)?,
-                norm("post_ffw_norm", hidden)?,
+            let gemma = p.architecture.is_gemma();
+            let mut gemma_norm = |name: &str, n: usize| -> Result<Option<RmsNorm>> {
+                gemma.then(|| norm(name, n)).transpose()
+            };
+            let (q_norm, k_norm) = (
+                gemma_norm("attn_q_norm", hd)?,
+                gemma_norm("attn_k_norm", hd)?,
             );
-            let mut t =
-                |name: &str, shape: &[usize]| load(&format!("blk.{i}.{name}.weight"), shape);
+            let (post_attn_norm, post_ffn_norm) = (
+                gemma_norm("post_attention_norm", hidden)?,
+                gemma_norm("post_ffw_norm", hidden)?,
+            );
             blocks.push(Block {
                 q_norm,
                 k_norm,
                 post_attn_norm,
                 post_ffn_norm,
                 local: p.architecture.is_local_layer(i),
-                attn_norm: RmsNorm::from_qtensor(t("attn_norm", &[hidden])?, p.rms_norm_eps)?,
-                attn: Attention {
-                    q,
-                    k,
-                    v,
-                    o: linear(t("attn_output", &[hidden, q_out])?)?,
-                },
-                ffn_norm: RmsNorm::from_qtensor(t("ffn_norm", &[hidden])?, p.rms_norm_eps)?,
-                mlp: Mlp {
-                    gate: linear(t("ffn_gate", &[ff, hidden])?)?,
-                    up: linear(t("ffn_up", &[ff, hidden])?)?,
-                    down: linear(t("ffn_down", &[hidden, ff])?)?,
-                },
+                attn_norm: norm("attn_norm", hidden)?,
+                attn: Attention { q, k, v, o },
+                ffn_norm: norm("ffn_norm", hidden)?,
+                mlp,
             });
         }
         // Llama 3.1+ RoPE scaling: per-frequency divisors, one tensor for the whole model.
         let freq_factors = match content.tensor_infos.contains_key("rope_freqs.weight") {
-            true => Some(f32_values(load("rope_freqs.weight", &[hd / 2])?)?),
+            true => Some(f32_values(
+                tensors.qtensor("rope_freqs.weight", &[hd / 2])?,
+            )?),
             false => None,
         };
         let rope = Rope::new(

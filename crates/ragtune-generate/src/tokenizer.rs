@@ -10,16 +10,20 @@
 //! SmolLM2, so text does not round-trip).
 //!
 //! For a SentencePiece GGUF (`tokenizer.ggml.model = "llama"`: Llama 2, Mistral, TinyLlama,
-//! Gemma) it is what Hugging Face's `SentencePieceExtractor` and llama.cpp's `llm_tokenizer_spm`
-//! both amount to: a BPE model over `tokenizer.ggml.tokens` whose merges are every split of a
-//! piece into two pieces, ranked by the piece's `tokenizer.ggml.scores` (highest first), with
-//! byte fallback (`<0xXX>` pieces) for what no piece covers; a normalizer that prepends `▁`
+//! Gemma) the model is [`SpmModel`](crate::SpmModel), llama.cpp's `llm_tokenizer_spm`
+//! (highest-scored merges of adjacent pieces by `tokenizer.ggml.scores`, byte fallback to the
+//! `<0xXX>` pieces), inside a `tokenizers` pipeline: a normalizer that prepends `▁`
 //! (`tokenizer.ggml.add_space_prefix`, default true; to every text segment between special
 //! tokens, as llama.cpp does after a special token) and writes spaces as `▁`; the decoder
 //! undoing both. Control and unknown tokens (types 3 and 2) are special tokens.
+//!
+//! Both special-token modes ([`SpecialTokens`]) share one model ([`SharedModel`]): Gemma 3's
+//! tokenizer takes about 11 MB, where two Hugging Face-style BPE copies with every split of
+//! every piece as a merge took 128 MB.
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use tokenizers::models::bpe::{Vocab, BPE};
@@ -27,9 +31,13 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
+use tokenizers::{
+    AddedToken, DecoderWrapper, Model, ModelWrapper, NormalizerWrapper, PostProcessorWrapper,
+    PreTokenizerWrapper, SplitDelimiterBehavior, Token, TokenizerImpl,
+};
 
 use crate::props::Metadata;
+use crate::spm::SpmModel;
 use crate::{Error, Result};
 
 /// GGUF token type of control tokens (`<|im_start|>`, `<|endoftext|>`, ...).
@@ -50,15 +58,106 @@ pub enum SpecialTokens {
     AsText,
 }
 
+/// The model half of a tokenizer (vocabulary and segmentation), held once and shared by the
+/// two special-token modes of [`Tokenizer`]: `tokenizers` keeps that mode in the added
+/// vocabulary of a whole `TokenizerImpl`, so the two modes are two of those around one model.
+#[derive(Debug, Clone)]
+pub enum SharedModel {
+    /// A `tokenizers` model (byte-level BPE from GGUF, or any `tokenizer.json`).
+    Hf(Arc<ModelWrapper>),
+    /// SentencePiece's BPE as llama.cpp runs it on a GGUF vocabulary (module `spm`).
+    Spm(Arc<SpmModel>),
+}
+
+impl Model for SharedModel {
+    type Trainer = tokenizers::models::TrainerWrapper;
+
+    fn tokenize(&self, sequence: &str) -> tokenizers::Result<Vec<Token>> {
+        match self {
+            Self::Hf(m) => m.tokenize(sequence),
+            Self::Spm(m) => m.tokenize(sequence),
+        }
+    }
+
+    fn token_to_id(&self, token: &str) -> Option<u32> {
+        match self {
+            Self::Hf(m) => m.token_to_id(token),
+            Self::Spm(m) => m.token_to_id(token),
+        }
+    }
+
+    fn id_to_token(&self, id: u32) -> Option<String> {
+        match self {
+            Self::Hf(m) => m.id_to_token(id),
+            Self::Spm(m) => m.id_to_token(id),
+        }
+    }
+
+    fn get_vocab(&self) -> HashMap<String, u32> {
+        match self {
+            Self::Hf(m) => m.get_vocab(),
+            Self::Spm(m) => m.get_vocab(),
+        }
+    }
+
+    fn get_vocab_size(&self) -> usize {
+        match self {
+            Self::Hf(m) => m.get_vocab_size(),
+            Self::Spm(m) => m.get_vocab_size(),
+        }
+    }
+
+    fn save(
+        &self,
+        folder: &Path,
+        prefix: Option<&str>,
+    ) -> tokenizers::Result<Vec<std::path::PathBuf>> {
+        match self {
+            Self::Hf(m) => m.save(folder, prefix),
+            Self::Spm(m) => m.save(folder, prefix),
+        }
+    }
+
+    fn get_trainer(&self) -> Self::Trainer {
+        match self {
+            Self::Hf(m) => m.get_trainer(),
+            Self::Spm(m) => m.get_trainer(),
+        }
+    }
+}
+
+impl serde::Serialize for SharedModel {
+    /// A `tokenizers` model serializes as itself (so [`InnerTokenizer::save`] writes a
+    /// `tokenizer.json`); a GGUF SentencePiece vocabulary is refused.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Self::Hf(m) => m.as_ref().serialize(s),
+            Self::Spm(_) => Err(serde::ser::Error::custom(
+                "a SentencePiece vocabulary read from GGUF metadata has no tokenizer.json form",
+            )),
+        }
+    }
+}
+
+/// A `tokenizers` tokenizer around a [`SharedModel`].
+pub type InnerTokenizer = TokenizerImpl<
+    SharedModel,
+    NormalizerWrapper,
+    PreTokenizerWrapper,
+    PostProcessorWrapper,
+    DecoderWrapper,
+>;
+
 /// A tokenizer with the model's BOS policy.
 ///
-/// Cheap to share by reference; `encode` and `decode` take `&self`.
+/// Cheap to share by reference; `encode` and `decode` take `&self`. Cloning shares the
+/// vocabulary.
 #[derive(Clone)]
 pub struct Tokenizer {
     /// Splits special-token text into special tokens.
-    parsing: tokenizers::Tokenizer,
+    parsing: InnerTokenizer,
     /// Treats special-token text as ordinary text.
-    plain: tokenizers::Tokenizer,
+    plain: InnerTokenizer,
     bos: Option<u32>,
     add_bos: bool,
 }
@@ -136,7 +235,7 @@ impl Tokenizer {
                 path: None,
                 detail: e.to_string(),
             })?;
-        let mut tok = tokenizers::Tokenizer::new(bpe);
+        let mut tok = InnerTokenizer::new(SharedModel::Hf(Arc::new(bpe.into())));
         tok.with_pre_tokenizer(Some(pre_tokenizer));
         tok.with_decoder(Some(ByteLevel::default()));
 
@@ -155,12 +254,57 @@ impl Tokenizer {
             path: Some(path.to_path_buf()),
             detail: e.to_string(),
         })?;
-        Ok(Self::from_inner(tok, None, false))
+        Self::from_hf(tok, None, false).map_err(|e| match e {
+            Error::Tokenizer { detail, .. } => Error::Tokenizer {
+                path: Some(path.to_path_buf()),
+                detail,
+            },
+            other => other,
+        })
     }
 
-    /// Wraps a `tokenizers` tokenizer. `bos` is prepended by [`Tokenizer::encode_prompt`] when
-    /// `add_bos` is true.
-    pub fn from_inner(tok: tokenizers::Tokenizer, bos: Option<u32>, add_bos: bool) -> Self {
+    /// Wraps a `tokenizers` tokenizer: its model, normalizer, pre-tokenizer, post-processor,
+    /// decoder and added tokens (with their ids). `bos` is prepended by
+    /// [`Tokenizer::encode_prompt`] when `add_bos` is true.
+    ///
+    /// # Errors
+    /// [`Error::Tokenizer`] when an added token does not keep its id.
+    pub fn from_hf(tok: tokenizers::Tokenizer, bos: Option<u32>, add_bos: bool) -> Result<Self> {
+        let mut inner = InnerTokenizer::new(SharedModel::Hf(Arc::new(tok.get_model().clone())));
+        inner
+            .with_normalizer(tok.get_normalizer().cloned())
+            .map_err(|e| tokenizer_error(e.to_string()))?;
+        inner.with_pre_tokenizer(tok.get_pre_tokenizer().cloned());
+        inner.with_post_processor(tok.get_post_processor().cloned());
+        inner.with_decoder(tok.get_decoder().cloned());
+        let mut added: Vec<(u32, AddedToken)> =
+            tok.get_added_tokens_decoder().into_iter().collect();
+        added.sort_by_key(|(id, _)| *id);
+        // In id order, runs of special and of ordinary tokens (each call rebuilds the
+        // matcher of added tokens, so not one call a token).
+        for run in added.chunk_by(|a, b| a.1.special == b.1.special) {
+            let tokens = run.iter().map(|(_, t)| t.clone());
+            let result = match run[0].1.special {
+                true => inner.add_special_tokens(tokens),
+                false => inner.add_tokens(tokens),
+            };
+            result.map_err(|e| tokenizer_error(e.to_string()))?;
+        }
+        for (id, token) in &added {
+            let got = inner.token_to_id(&token.content);
+            if got != Some(*id) {
+                return Err(tokenizer_error(format!(
+                    "added token `{}` (id {id}) gets id {got:?} when rebuilt",
+                    token.content
+                )));
+            }
+        }
+        Ok(Self::from_inner(inner, bos, add_bos))
+    }
+
+    /// Wraps a tokenizer built around a [`SharedModel`]; the two special-token modes share
+    /// its model. `bos` is prepended by [`Tokenizer::encode_prompt`] when `add_bos` is true.
+    pub fn from_inner(tok: InnerTokenizer, bos: Option<u32>, add_bos: bool) -> Self {
         let mut parsing = tok.clone();
         parsing.set_encode_special_tokens(false);
         let mut plain = tok;
@@ -251,7 +395,7 @@ impl Tokenizer {
     }
 
     /// The underlying `tokenizers` tokenizer (special-token text parsed).
-    pub fn inner(&self) -> &tokenizers::Tokenizer {
+    pub fn inner(&self) -> &InnerTokenizer {
         &self.parsing
     }
 }
@@ -261,7 +405,7 @@ impl Tokenizer {
 /// vocabularies, false for byte-level BPE as the golden file's loader reads it).
 fn finish(
     md: &Metadata<'_>,
-    tok: tokenizers::Tokenizer,
+    tok: InnerTokenizer,
     vocab_size: usize,
     add_bos_default: bool,
 ) -> Result<Tokenizer> {
@@ -280,6 +424,11 @@ fn finish(
         .opt_bool("tokenizer.ggml.add_bos_token")?
         .unwrap_or(add_bos_default);
     Ok(Tokenizer::from_inner(tok, bos, add_bos))
+}
+
+/// An [`Error::Tokenizer`] without a path.
+fn tokenizer_error(detail: String) -> Error {
+    Error::Tokenizer { path: None, detail }
 }
 
 /// GGUF token type of the unknown token.
@@ -306,7 +455,7 @@ fn token_types(md: &Metadata<'_>, n: usize) -> Result<Vec<i64>> {
 /// special-token text, text otherwise) and the user-defined ones as added tokens (always
 /// split out, as llama.cpp does).
 fn add_typed_tokens(
-    tok: &mut tokenizers::Tokenizer,
+    tok: &mut InnerTokenizer,
     tokens: &[&str],
     types: &[i64],
     special: &[i64],
@@ -358,48 +507,12 @@ fn spm_from_metadata(md: &Metadata<'_>) -> Result<Tokenizer> {
         path: None,
         detail: e.to_string(),
     };
-    let vocab: Vocab = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.to_string(), i as u32))
-        .collect();
-    // Every split of a piece into two pieces, ordered within a piece by the ids of its
-    // halves and overall by the piece's score, highest first (a stable sort keeps the first).
-    let mut merges: Vec<(u32, u32, f32)> = Vec::new();
-    for (piece, score) in tokens.iter().zip(&scores) {
-        let mut local: Vec<(u32, u32, f32)> = piece
-            .char_indices()
-            .skip(1)
-            .filter_map(|(at, _)| {
-                let (l, r) = piece.split_at(at);
-                Some((*vocab.get(l)?, *vocab.get(r)?, *score))
-            })
-            .collect();
-        local.sort_by_key(|&(l, r, _)| (l, r));
-        merges.extend(local);
-    }
-    merges.sort_by(|a, b| b.2.total_cmp(&a.2));
-    let merges: Vec<(String, String)> = merges
-        .into_iter()
-        .map(|(l, r, _)| {
-            (
-                tokens[l as usize].to_string(),
-                tokens[r as usize].to_string(),
-            )
-        })
-        .collect();
     let unk = md
         .opt_u64("tokenizer.ggml.unknown_token_id")?
-        .and_then(|id| tokens.get(id as usize))
-        .map_or("<unk>", |t| t);
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .byte_fallback(true)
-        .unk_token(unk.to_string())
-        .fuse_unk(true)
-        .build()
-        .map_err(tokenizer_err)?;
-    let mut tok = tokenizers::Tokenizer::new(bpe);
+        .filter(|&id| (id as usize) < tokens.len())
+        .map(|id| id as u32);
+    let model = SpmModel::new(&tokens, &scores, unk);
+    let mut tok = InnerTokenizer::new(SharedModel::Spm(Arc::new(model)));
     let add_space_prefix = md
         .opt_bool("tokenizer.ggml.add_space_prefix")?
         .unwrap_or(true);

@@ -13,11 +13,16 @@
 //!   results do not depend on the batch size (exact KV-cache tests, training). Four to
 //!   eight times the memory of a 4-bit file.
 
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use crate::quant::{QMatrix, QuantFormat, Q4_1, Q8_0};
-use crate::Result;
+use crate::{Error, Result};
+use ragtune_quant::{FromRowsError, QK};
 
 /// How a model's projection weights are held after loading.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -68,7 +73,7 @@ impl Weight {
                 cols,
                 &convert::q4_0_as_q4_1(&t.data()?),
             )?),
-            GgmlDType::Q4K => Self::Q4_1(QMatrix::from_blocks(
+            GgmlDType::Q4K => Weight::Q4_1(QMatrix::from_blocks(
                 rows,
                 cols,
                 &convert::q4_k_as_q4_1(&t.data()?),
@@ -160,4 +165,139 @@ fn qmatmul<F: QuantFormat>(m: &QMatrix<F>, x: &Tensor) -> Result<Tensor> {
         *last = m.dims().0;
     }
     Ok(Tensor::from_vec(m.matmul(&xs, t), out_dims, &Device::Cpu)?)
+}
+
+/// Reads a GGUF file's tensors, checking each one's shape against the metadata.
+pub(crate) struct TensorReader<'a, R> {
+    pub(crate) content: &'a Content,
+    pub(crate) reader: R,
+    pub(crate) path: &'a Path,
+}
+
+/// How a block format that is streamed from the file becomes a held one: the source's
+/// bytes and weights per block, and the conversion of whole blocks (`None`: held as stored).
+type StreamPlan = (usize, usize, Option<BlockConversion>);
+
+/// A conversion of whole blocks of one format into another's ([`crate::quant::convert`]).
+type BlockConversion = fn(&[u8]) -> Vec<u8>;
+
+impl<R: Read + Seek> TensorReader<'_, R> {
+    /// The tensor `name` as candle reads it (a copy of its bytes).
+    ///
+    /// # Errors
+    /// [`Error::Tensor`] for a missing or unreadable tensor, [`Error::TensorShape`] when its
+    /// shape is not `expected`.
+    pub(crate) fn qtensor(&mut self, name: &str, expected: &[usize]) -> Result<QTensor> {
+        let t = self
+            .content
+            .tensor(&mut self.reader, name, &Device::Cpu)
+            .map_err(|source| Error::Tensor {
+                name: name.to_string(),
+                source,
+            })?;
+        check_shape(name, t.shape().dims(), expected)?;
+        Ok(t)
+    }
+
+    /// The 2-D tensor `name` as a [`Weight`] in `format`. The formats held as Q4_1/Q8_0 with
+    /// a block-wise conversion (or none) are read 16 rows at a time straight into the held
+    /// matrix, so loading takes no second copy of the tensor; the others go through
+    /// [`qtensor`](Self::qtensor) and [`Weight::from_qtensor`].
+    ///
+    /// # Errors
+    /// As [`qtensor`](Self::qtensor); [`Error::Io`] for a read that fails;
+    /// [`Error::Unsupported`] for rows that are not whole blocks.
+    pub(crate) fn weight(
+        &mut self,
+        name: &str,
+        expected: &[usize],
+        format: WeightFormat,
+    ) -> Result<Weight> {
+        use crate::quant::convert;
+        let Some(info) = self.content.tensor_infos.get(name) else {
+            return Weight::from_qtensor(self.qtensor(name, expected)?.into(), format);
+        };
+        let plan: Option<StreamPlan> = match info.ggml_dtype {
+            _ if format != WeightFormat::AsStored => None,
+            GgmlDType::Q4_1 => Some((20, 32, None)),
+            GgmlDType::Q8_0 => Some((34, 32, None)),
+            GgmlDType::Q4_0 => Some((18, 32, Some(convert::q4_0_as_q4_1))),
+            GgmlDType::Q4K => Some((144, 256, Some(convert::q4_k_as_q4_1))),
+            GgmlDType::Q5_0 => Some((22, 32, Some(convert::q5_0_as_q8_0))),
+            _ => None,
+        };
+        let Some((block_bytes, block_weights, convert)) = plan else {
+            return Weight::from_qtensor(self.qtensor(name, expected)?.into(), format);
+        };
+        check_shape(name, info.shape.dims(), expected)?;
+        let (rows, cols) = info.shape.dims2()?;
+        if cols % block_weights != 0 {
+            return Err(Error::Unsupported {
+                what: format!(
+                    "tensor `{name}`: {:?} rows of {cols} values (not whole blocks of \
+                     {block_weights})",
+                    info.ggml_dtype
+                ),
+            });
+        }
+        let offset = self.content.tensor_data_offset + info.offset;
+        let path = self.path;
+        let io = |source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        self.reader.seek(SeekFrom::Start(offset)).map_err(io)?;
+        let source_row_bytes = cols / block_weights * block_bytes;
+        let reader = &mut self.reader;
+        Ok(match info.ggml_dtype {
+            GgmlDType::Q4_1 | GgmlDType::Q4_0 | GgmlDType::Q4K => {
+                Weight::Q4_1(read_rows(reader, rows, cols, source_row_bytes, convert).map_err(io)?)
+            }
+            _ => {
+                Weight::Q8_0(read_rows(reader, rows, cols, source_row_bytes, convert).map_err(io)?)
+            }
+        })
+    }
+}
+
+/// A `(rows, cols)` matrix of `F` read from `reader`, 16 rows at a time: rows of
+/// `source_row_bytes` in the file, turned into `F`'s blocks by `convert` (`None`: already
+/// `F`'s blocks).
+///
+/// # Errors
+/// The read's error; `InvalidData` for `cols` that is not a multiple of 32.
+fn read_rows<F: QuantFormat>(
+    reader: &mut impl Read,
+    rows: usize,
+    cols: usize,
+    source_row_bytes: usize,
+    convert: Option<BlockConversion>,
+) -> std::io::Result<QMatrix<F>> {
+    let held_row_bytes = cols / QK * F::BYTES;
+    let mut source = Vec::new();
+    let fill = |buf: &mut [u8]| -> std::io::Result<()> {
+        let Some(convert) = convert else {
+            return reader.read_exact(buf);
+        };
+        source.resize(buf.len() / held_row_bytes * source_row_bytes, 0);
+        reader.read_exact(&mut source)?;
+        buf.copy_from_slice(&convert(&source));
+        Ok(())
+    };
+    QMatrix::from_row_source(rows, cols, fill).map_err(|e| match e {
+        FromRowsError::Source(e) => e,
+        FromRowsError::Shape(e) => std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+    })
+}
+
+/// Fails with [`Error::TensorShape`] unless `got == expected`.
+fn check_shape(name: &str, got: &[usize], expected: &[usize]) -> Result<()> {
+    if got == expected {
+        return Ok(());
+    }
+    Err(Error::TensorShape {
+        name: name.to_string(),
+        expected: expected.to_vec(),
+        got: got.to_vec(),
+    })
 }
