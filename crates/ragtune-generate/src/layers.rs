@@ -496,7 +496,7 @@ impl Linear {
     pub(crate) fn forward(&self, x: &Tensor, delta: Option<&LoraPair>) -> Result<Tensor> {
         let inp = *x.dims().last().unwrap_or(&0);
         let rows = x.elem_count() / inp.max(1);
-        let own_kernels = matches!(self.weight, Weight::Q4_1(_) | Weight::Q8_0(_));
+        let own_kernels = matches!(self.weight, Weight::Blocks(_));
         if delta.is_none() && self.bias.is_none() {
             return self.weight.forward(x);
         }

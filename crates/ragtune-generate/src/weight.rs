@@ -3,12 +3,15 @@
 //! A projection weight is `(out, in)` (GGUF's `ne = [in, out]`, row-major rows of `in`
 //! values). It is kept in one of three forms:
 //!
-//! - [`Weight::Q4_1`], [`Weight::Q8_0`]: blocks multiplied by this crate's own kernels
-//!   ([`crate::quant`]: q8 activations, integer dot products, for decode and prefill). Every
-//!   other GGUF block format is rewritten into one of these two at load
-//!   ([`crate::quant::convert`]: Q4_0 and Q4_K become Q4_1, Q5_0 becomes Q8_0, the rest is
-//!   requantized to Q8_0).
-//! - [`Weight::Dense`]: f32, multiplied by an f32 gemm. For F32/F16/BF16 tensors, when a
+//! - [`Weight::Blocks`]: Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 blocks multiplied by this crate's
+//!   own kernels ([`crate::quant`]: q8 activations, integer dot products, for decode and
+//!   prefill). Every other GGUF block format is rewritten into one of these at load
+//!   ([`crate::quant::convert`]: Q4_K becomes Q4_1, Q5_K becomes Q5_1, the rest is
+//!   requantized to Q8_0). Block formats are read from the file 16 rows at a time straight
+//!   into the held matrix.
+//! - [`Weight::F16`]: F16 tensors kept in f16 (half the memory of f32), converted a slab of
+//!   rows at a time inside the product ([`F16Matrix`]).
+//! - [`Weight::Dense`]: f32, multiplied by an f32 gemm. For F32/BF16 tensors, when a
 //!   LoRA adapter is merged into the weights, and for [`WeightFormat::F32`] loads, whose
 //!   results do not depend on the batch size (exact KV-cache tests, training). Four to
 //!   eight times the memory of a 4-bit file.
@@ -20,9 +23,9 @@ use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
-use crate::quant::{QMatrix, QuantFormat, Q4_1, Q8_0};
+use crate::quant::{QMatrix, QuantFormat, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
 use crate::{Error, Result};
-use ragtune_quant::{FromRowsError, QK};
+use ragtune_quant::{F16Matrix, FromRowsError, QK};
 
 /// How a model's projection weights are held after loading.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -37,17 +40,59 @@ pub enum WeightFormat {
 /// One projection weight `(out, in)`; see the module docs.
 #[derive(Debug, Clone)]
 pub(crate) enum Weight {
-    /// Q4_1 with this crate's kernels.
-    Q4_1(QMatrix<Q4_1>),
-    /// Q8_0 with this crate's kernels.
-    Q8_0(QMatrix<Q8_0>),
+    /// Blocks multiplied by this crate's integer kernels.
+    Blocks(Blocks),
+    /// f16, converted to f32 slab by slab inside the product.
+    F16(F16Matrix),
     /// `(out, in)` f32, contiguous.
     Dense(Tensor),
 }
 
+/// A block-quantized weight in one of the formats the kernels take.
+#[derive(Debug, Clone)]
+pub(crate) enum Blocks {
+    Q4_0(QMatrix<Q4_0>),
+    Q4_1(QMatrix<Q4_1>),
+    Q5_0(QMatrix<Q5_0>),
+    Q5_1(QMatrix<Q5_1>),
+    Q8_0(QMatrix<Q8_0>),
+}
+
+/// `$body` with `$m` bound to the [`QMatrix`] of any [`Blocks`] variant.
+macro_rules! with_matrix {
+    ($blocks:expr, $m:ident => $body:expr) => {
+        match $blocks {
+            Blocks::Q4_0($m) => $body,
+            Blocks::Q4_1($m) => $body,
+            Blocks::Q5_0($m) => $body,
+            Blocks::Q5_1($m) => $body,
+            Blocks::Q8_0($m) => $body,
+        }
+    };
+}
+
+impl Blocks {
+    /// The matrix of `bytes`, blocks of `dtype` as stored, when the kernels take `dtype`.
+    fn from_stored(
+        dtype: GgmlDType,
+        rows: usize,
+        cols: usize,
+        bytes: &[u8],
+    ) -> Result<Option<Self>> {
+        Ok(Some(match dtype {
+            GgmlDType::Q4_0 => Self::Q4_0(QMatrix::from_blocks(rows, cols, bytes)?),
+            GgmlDType::Q4_1 => Self::Q4_1(QMatrix::from_blocks(rows, cols, bytes)?),
+            GgmlDType::Q5_0 => Self::Q5_0(QMatrix::from_blocks(rows, cols, bytes)?),
+            GgmlDType::Q5_1 => Self::Q5_1(QMatrix::from_blocks(rows, cols, bytes)?),
+            GgmlDType::Q8_0 => Self::Q8_0(QMatrix::from_blocks(rows, cols, bytes)?),
+            _ => return Ok(None),
+        }))
+    }
+}
+
 impl Weight {
-    /// Wraps a tensor read from a GGUF file in the requested format. f32/f16/bf16 tensors
-    /// are always made dense; block formats other than Q4_1/Q8_0 are converted
+    /// Wraps a tensor read from a GGUF file in the requested format. f32/bf16 tensors are
+    /// made dense, f16 ones kept in f16; block formats the kernels do not take are converted
     /// ([`crate::quant::convert`]).
     ///
     /// # Errors
@@ -56,6 +101,17 @@ impl Weight {
     pub(crate) fn from_qtensor(t: std::sync::Arc<QTensor>, format: WeightFormat) -> Result<Self> {
         use crate::quant::convert;
         let dtype = t.dtype();
+        if dtype == GgmlDType::F16 && format == WeightFormat::AsStored {
+            let (rows, cols) = t.shape().dims2()?;
+            let bytes = t.data()?;
+            let mut at = 0;
+            let m = F16Matrix::from_byte_source(rows, cols, |buf: &mut [u8]| {
+                buf.copy_from_slice(&bytes[at..at + buf.len()]);
+                at += buf.len();
+                Ok::<_, std::convert::Infallible>(())
+            });
+            return Ok(Self::F16(m.unwrap_or_else(|never| match never {})));
+        }
         let float = matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
         if format == WeightFormat::F32 || float {
             let dense = t
@@ -65,36 +121,27 @@ impl Weight {
             return Ok(Self::Dense(dense));
         }
         let (rows, cols) = t.shape().dims2()?;
-        Ok(match dtype {
-            GgmlDType::Q4_1 => Self::Q4_1(QMatrix::from_blocks(rows, cols, &t.data()?)?),
-            GgmlDType::Q8_0 => Self::Q8_0(QMatrix::from_blocks(rows, cols, &t.data()?)?),
-            GgmlDType::Q4_0 => Self::Q4_1(QMatrix::from_blocks(
-                rows,
-                cols,
-                &convert::q4_0_as_q4_1(&t.data()?),
-            )?),
-            GgmlDType::Q4K => Weight::Q4_1(QMatrix::from_blocks(
-                rows,
-                cols,
-                &convert::q4_k_as_q4_1(&t.data()?),
-            )?),
-            GgmlDType::Q5_0 => Self::Q8_0(QMatrix::from_blocks(
-                rows,
-                cols,
-                &convert::q5_0_as_q8_0(&t.data()?),
-            )?),
-            _ => {
+        let data = t.data()?;
+        if let Some(blocks) = Blocks::from_stored(dtype, rows, cols, &data)? {
+            return Ok(Self::Blocks(blocks));
+        }
+        let converted = match dtype {
+            GgmlDType::Q4K => Some((GgmlDType::Q4_1, convert::q4_k_as_q4_1(&data))),
+            GgmlDType::Q5K => Some((GgmlDType::Q5_1, convert::q5_k_as_q5_1(&data))),
+            _ => None,
+        };
+        let (dtype, bytes) = match converted {
+            Some(c) => c,
+            None => {
                 let x = t
                     .dequantize(&Device::Cpu)?
                     .flatten_all()?
                     .to_vec1::<f32>()?;
-                Self::Q8_0(QMatrix::from_blocks(
-                    rows,
-                    cols,
-                    &ragtune_quant::quantize_q8_0(&x),
-                )?)
+                (GgmlDType::Q8_0, ragtune_quant::quantize_q8_0(&x))
             }
-        })
+        };
+        let blocks = Blocks::from_stored(dtype, rows, cols, &bytes)?;
+        Ok(Self::Blocks(blocks.expect("a format the kernels take")))
     }
 
     /// Rows `ids` of the matrix as `(ids.len(), in)` f32: the token embedding's lookup,
@@ -105,8 +152,8 @@ impl Weight {
     pub(crate) fn rows(&self, ids: &[u32]) -> Result<Tensor> {
         let cols = self.dims()?.1;
         let values = match self {
-            Self::Q4_1(m) => m.dequantize_rows(ids),
-            Self::Q8_0(m) => m.dequantize_rows(ids),
+            Self::Blocks(b) => with_matrix!(b, m => m.dequantize_rows(ids)),
+            Self::F16(m) => m.dequantize_rows(ids),
             Self::Dense(t) => {
                 let ids = Tensor::new(ids, t.device())?;
                 return Ok(t.index_select(&ids, 0)?);
@@ -118,28 +165,31 @@ impl Weight {
     /// `(out, in)`.
     pub(crate) fn dims(&self) -> Result<(usize, usize)> {
         Ok(match self {
-            Self::Q4_1(m) => m.dims(),
-            Self::Q8_0(m) => m.dims(),
+            Self::Blocks(b) => with_matrix!(b, m => m.dims()),
+            Self::F16(m) => m.dims(),
             Self::Dense(t) => t.dims2()?,
         })
     }
 
     /// The weight as `(out, in)` f32 (a copy for quantized weights).
     pub(crate) fn dequantize(&self) -> Result<Tensor> {
-        Ok(match self {
-            Self::Q4_1(m) => Tensor::from_vec(m.dequantize(), m.dims(), &Device::Cpu)?,
-            Self::Q8_0(m) => Tensor::from_vec(m.dequantize(), m.dims(), &Device::Cpu)?,
-            Self::Dense(t) => t.clone(),
-        })
+        let (dims, values) = match self {
+            Self::Blocks(b) => with_matrix!(b, m => (m.dims(), m.dequantize())),
+            Self::F16(m) => (m.dims(), m.dequantize()),
+            Self::Dense(t) => return Ok(t.clone()),
+        };
+        Ok(Tensor::from_vec(values, dims, &Device::Cpu)?)
     }
 
     /// `x: (.., in)` f32 -> `(.., out)` f32.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(match self {
-            Self::Q4_1(m) => qmatmul(m, x)?,
-            Self::Q8_0(m) => qmatmul(m, x)?,
-            Self::Dense(w) => x.broadcast_matmul(&w.t()?)?,
-        })
+        match self {
+            Self::Dense(w) => Ok(x.broadcast_matmul(&w.t()?)?),
+            _ => {
+                let out = self.dims()?.0;
+                rows_product(x, out, |xs, t| self.forward_rows(xs, t).expect("not dense"))
+            }
+        }
     }
 
     /// `x: (.., in)` as a row-major `Vec` of `(rows, out)` values, for the weights this crate
@@ -147,24 +197,29 @@ impl Weight {
     /// before it becomes a tensor. `xs` is `x`'s values.
     pub(crate) fn forward_rows(&self, xs: &[f32], rows: usize) -> Option<Vec<f32>> {
         match self {
-            Self::Q4_1(m) => Some(m.matmul(xs, rows)),
-            Self::Q8_0(m) => Some(m.matmul(xs, rows)),
+            Self::Blocks(b) => Some(with_matrix!(b, m => m.matmul(xs, rows))),
+            Self::F16(m) => Some(m.matmul(xs, rows)),
             Self::Dense(_) => None,
         }
     }
 }
 
-/// `x: (.., in)` times a [`QMatrix`] `(out, in)` -> `(.., out)`.
-fn qmatmul<F: QuantFormat>(m: &QMatrix<F>, x: &Tensor) -> Result<Tensor> {
+/// `x: (.., in)` -> `(.., out)` through `product(values, rows)`, which returns `rows * out`
+/// values.
+fn rows_product(
+    x: &Tensor,
+    out: usize,
+    product: impl FnOnce(&[f32], usize) -> Vec<f32>,
+) -> Result<Tensor> {
     let dims = x.dims();
     let cols = dims[dims.len() - 1];
     let t = x.elem_count() / cols;
     let xs = x.flatten_all()?.to_vec1::<f32>()?;
     let mut out_dims = dims.to_vec();
     if let Some(last) = out_dims.last_mut() {
-        *last = m.dims().0;
+        *last = out;
     }
-    Ok(Tensor::from_vec(m.matmul(&xs, t), out_dims, &Device::Cpu)?)
+    Ok(Tensor::from_vec(product(&xs, t), out_dims, &Device::Cpu)?)
 }
 
 /// Reads a GGUF file's tensors, checking each one's shape against the metadata.
@@ -217,13 +272,17 @@ impl<R: Read + Seek> TensorReader<'_, R> {
         let Some(info) = self.content.tensor_infos.get(name) else {
             return Weight::from_qtensor(self.qtensor(name, expected)?.into(), format);
         };
-        let plan: Option<StreamPlan> = match info.ggml_dtype {
+        let dtype = info.ggml_dtype;
+        let plan: Option<StreamPlan> = match dtype {
             _ if format != WeightFormat::AsStored => None,
+            GgmlDType::F16 => Some((2, 1, None)),
             GgmlDType::Q4_1 => Some((20, 32, None)),
             GgmlDType::Q8_0 => Some((34, 32, None)),
-            GgmlDType::Q4_0 => Some((18, 32, Some(convert::q4_0_as_q4_1))),
+            GgmlDType::Q4_0 => Some((18, 32, None)),
             GgmlDType::Q4K => Some((144, 256, Some(convert::q4_k_as_q4_1))),
-            GgmlDType::Q5_0 => Some((22, 32, Some(convert::q5_0_as_q8_0))),
+            GgmlDType::Q5_0 => Some((22, 32, None)),
+            GgmlDType::Q5_1 => Some((24, 32, None)),
+            GgmlDType::Q5K => Some((176, 256, Some(convert::q5_k_as_q5_1))),
             _ => None,
         };
         let Some((block_bytes, block_weights, convert)) = plan else {
@@ -234,9 +293,8 @@ impl<R: Read + Seek> TensorReader<'_, R> {
         if cols % block_weights != 0 {
             return Err(Error::Unsupported {
                 what: format!(
-                    "tensor `{name}`: {:?} rows of {cols} values (not whole blocks of \
-                     {block_weights})",
-                    info.ggml_dtype
+                    "tensor `{name}`: {dtype:?} rows of {cols} values (not whole blocks of \
+                     {block_weights})"
                 ),
             });
         }
@@ -249,14 +307,27 @@ impl<R: Read + Seek> TensorReader<'_, R> {
         self.reader.seek(SeekFrom::Start(offset)).map_err(io)?;
         let source_row_bytes = cols / block_weights * block_bytes;
         let reader = &mut self.reader;
-        Ok(match info.ggml_dtype {
-            GgmlDType::Q4_1 | GgmlDType::Q4_0 | GgmlDType::Q4K => {
-                Weight::Q4_1(read_rows(reader, rows, cols, source_row_bytes, convert).map_err(io)?)
+        let weight = match dtype {
+            GgmlDType::F16 => {
+                F16Matrix::from_byte_source(rows, cols, |buf: &mut [u8]| reader.read_exact(buf))
+                    .map(Weight::F16)
             }
-            _ => {
-                Weight::Q8_0(read_rows(reader, rows, cols, source_row_bytes, convert).map_err(io)?)
+            GgmlDType::Q4_0 => read_rows(reader, rows, cols, source_row_bytes, convert)
+                .map(|m| Weight::Blocks(Blocks::Q4_0(m))),
+            GgmlDType::Q4_1 | GgmlDType::Q4K => {
+                read_rows(reader, rows, cols, source_row_bytes, convert)
+                    .map(|m| Weight::Blocks(Blocks::Q4_1(m)))
             }
-        })
+            GgmlDType::Q5_0 => read_rows(reader, rows, cols, source_row_bytes, convert)
+                .map(|m| Weight::Blocks(Blocks::Q5_0(m))),
+            GgmlDType::Q5_1 | GgmlDType::Q5K => {
+                read_rows(reader, rows, cols, source_row_bytes, convert)
+                    .map(|m| Weight::Blocks(Blocks::Q5_1(m)))
+            }
+            _ => read_rows(reader, rows, cols, source_row_bytes, convert)
+                .map(|m| Weight::Blocks(Blocks::Q8_0(m))),
+        };
+        weight.map_err(io)
     }
 }
 

@@ -12,7 +12,8 @@
 //! `4c..4c + 4` of each of the 16 rows' `qs`, row after row. The 16 scales of the block follow
 //! in their own array, the 16 minimums in a third. For Q4_1 chunk `c`'s low nibbles are the
 //! weights `4c..4c + 4` and its high nibbles `16 + 4c..16 + 4c + 4`; for Q8_0 chunk `c` is the
-//! weights `4c..4c + 4`. One activation chunk broadcast to every 32-bit lane meets the same 4
+//! weights `4c..4c + 4`; Q5_0 and Q5_1 hold Q4_1's four nibble chunks and a fifth chunk of
+//! each row's `qh` (bit `j` is bit 4 of weight `j`). One activation chunk broadcast to every 32-bit lane meets the same 4
 //! weights of 16 rows ([`super::kernels`]).
 
 use half::f16;
@@ -90,6 +91,99 @@ impl QuantFormat for Q8_0 {
     fn dequantize_block(qs: &[u8], d: f32, _m: f32, out: &mut [f32]) {
         for (o, &q) in out.iter_mut().zip(qs) {
             *o = f32::from(q as i8) * d;
+        }
+    }
+}
+
+/// Q4_0: 4-bit quants `q` in `[0, 15]`, weight `d (q - 8)`.
+#[derive(Debug, Clone, Copy)]
+pub struct Q4_0;
+
+impl QuantFormat for Q4_0 {
+    const NAME: &'static str = "Q4_0";
+    const BYTES: usize = 18;
+    const QS: usize = 16;
+    const HAS_MIN: bool = false;
+    const KERNEL: Kernel = Kernel::Q4_0;
+
+    fn split(b: &[u8], qs: &mut [u8]) -> (f16, f16) {
+        qs.copy_from_slice(&b[2..18]);
+        (f16::from_le_bytes([b[0], b[1]]), f16::ZERO)
+    }
+
+    fn dequantize_block(qs: &[u8], d: f32, _m: f32, out: &mut [f32]) {
+        for (j, &q) in qs.iter().enumerate() {
+            out[j] = (i32::from(q & 0x0F) - 8) as f32 * d;
+            out[j + QK / 2] = (i32::from(q >> 4) - 8) as f32 * d;
+        }
+    }
+}
+
+/// Q5_0: 5-bit quants `q` in `[0, 31]`, weight `d (q - 16)`.
+#[derive(Debug, Clone, Copy)]
+pub struct Q5_0;
+
+/// Q5_1: 5-bit quants with a scale and a minimum, weight `d q + m`.
+#[derive(Debug, Clone, Copy)]
+pub struct Q5_1;
+
+/// The 20 quant bytes of a 5-bit block as held: the 16 nibble bytes of the file (low nibble
+/// of byte `j` = bits 0-3 of weight `j`, high nibble = of weight `16 + j`), then `qh`, whose
+/// bit `j` is bit 4 of weight `j` (little-endian u32). `file_qs` is the block's `qh` (4 bytes)
+/// followed by its 16 nibble bytes, as in `block_q5_0`/`block_q5_1`.
+fn split_5bit(file_qs: &[u8], qs: &mut [u8]) {
+    qs[..16].copy_from_slice(&file_qs[4..20]);
+    qs[16..20].copy_from_slice(&file_qs[..4]);
+}
+
+/// The 32 unsigned 5-bit quants of a held 5-bit block ([`split_5bit`]'s layout).
+fn unpack_5bit(qs: &[u8]) -> [u8; QK] {
+    let qh = u32::from_le_bytes([qs[16], qs[17], qs[18], qs[19]]);
+    let mut q = [0u8; QK];
+    for j in 0..QK / 2 {
+        q[j] = (qs[j] & 0x0F) | ((((qh >> j) & 1) as u8) << 4);
+        q[j + QK / 2] = (qs[j] >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
+    }
+    q
+}
+
+impl QuantFormat for Q5_0 {
+    const NAME: &'static str = "Q5_0";
+    const BYTES: usize = 22;
+    const QS: usize = 20;
+    const HAS_MIN: bool = false;
+    const KERNEL: Kernel = Kernel::Q5_0;
+
+    fn split(b: &[u8], qs: &mut [u8]) -> (f16, f16) {
+        split_5bit(&b[2..22], qs);
+        (f16::from_le_bytes([b[0], b[1]]), f16::ZERO)
+    }
+
+    fn dequantize_block(qs: &[u8], d: f32, _m: f32, out: &mut [f32]) {
+        for (o, q) in out.iter_mut().zip(unpack_5bit(qs)) {
+            *o = (i32::from(q) - 16) as f32 * d;
+        }
+    }
+}
+
+impl QuantFormat for Q5_1 {
+    const NAME: &'static str = "Q5_1";
+    const BYTES: usize = 24;
+    const QS: usize = 20;
+    const HAS_MIN: bool = true;
+    const KERNEL: Kernel = Kernel::Q5_1;
+
+    fn split(b: &[u8], qs: &mut [u8]) -> (f16, f16) {
+        split_5bit(&b[4..24], qs);
+        (
+            f16::from_le_bytes([b[0], b[1]]),
+            f16::from_le_bytes([b[2], b[3]]),
+        )
+    }
+
+    fn dequantize_block(qs: &[u8], d: f32, m: f32, out: &mut [f32]) {
+        for (o, q) in out.iter_mut().zip(unpack_5bit(qs)) {
+            *o = f32::from(q) * d + m;
         }
     }
 }

@@ -46,6 +46,30 @@ pub enum Kernel {
     Q4_1,
     /// Q8_0 weights (32 signed bytes per block and row) × q8_0 activations.
     Q8_0,
+    /// Q4_0 weights (16 bytes of nibbles per block and row) × q8_0 activations: `Σ (q - 8) x`
+    /// as `Σ q x - 8 Σ x`, exact in i32.
+    Q4_0,
+    /// Q5_0 weights (16 bytes of nibbles and 4 of high bits per block and row) × q8_0
+    /// activations: `Σ (q - 16) x` as `Σ q x - 16 Σ x`, exact in i32.
+    Q5_0,
+    /// Q5_1 weights (as Q5_0, with a minimum) × q8_1 activations.
+    Q5_1,
+}
+
+impl Kernel {
+    /// Bytes of quants per block and row.
+    fn qs_per_block(self) -> usize {
+        match self {
+            Kernel::Q4_0 | Kernel::Q4_1 => QK / 2,
+            Kernel::Q8_0 => QK,
+            Kernel::Q5_0 | Kernel::Q5_1 => QK / 2 + 4,
+        }
+    }
+
+    /// Whether the blocks carry a minimum (added as `m_w s_x`).
+    fn has_min(self) -> bool {
+        matches!(self, Kernel::Q4_1 | Kernel::Q5_1)
+    }
 }
 
 /// `out[j][r]` = weight row `r` of `g` · activation row `xs[j]`, for `j < xs.len()`.
@@ -65,12 +89,8 @@ pub(crate) fn group_matmul(
         "{level} kernels on a CPU without them"
     );
     let nb = g.d.len() / GROUP;
-    let qs_per_block = match kernel {
-        Kernel::Q4_1 => QK / 2,
-        Kernel::Q8_0 => QK,
-    };
-    assert!(g.qs.len() == nb * GROUP * qs_per_block && out.len() == xs.len());
-    assert!(kernel == Kernel::Q8_0 || g.m.len() == g.d.len());
+    assert!(g.qs.len() == nb * GROUP * kernel.qs_per_block() && out.len() == xs.len());
+    assert!(!kernel.has_min() || g.m.len() == g.d.len());
     assert!(xs
         .iter()
         .all(|x| x.qs.len() == nb * QK && x.d.len() == nb && x.s.len() == nb));
@@ -100,16 +120,20 @@ fn portable(kernel: Kernel, g: GroupRef<'_>, xs: &[ActRow], out: &mut [[f32; GRO
             let xq = &x.qs[b * QK..(b + 1) * QK];
             for r in 0..GROUP {
                 let isum: i32 = match kernel {
-                    Kernel::Q4_1 => {
+                    Kernel::Q4_0 | Kernel::Q4_1 => {
                         let qs = &g.qs[b * GROUP * 16..(b + 1) * GROUP * 16];
-                        (0..4)
+                        let sum: i32 = (0..4)
                             .flat_map(|c| (0..4).map(move |i| (c, i)))
                             .map(|(c, i)| {
                                 let byte = qs[c * 4 * GROUP + r * 4 + i];
                                 i32::from(byte & 0x0F) * i32::from(xq[4 * c + i])
                                     + i32::from(byte >> 4) * i32::from(xq[16 + 4 * c + i])
                             })
-                            .sum()
+                            .sum();
+                        match kernel {
+                            Kernel::Q4_0 => sum - 8 * x.qsum[b],
+                            _ => sum,
+                        }
                     }
                     Kernel::Q8_0 => {
                         let qs = &g.qs[b * GROUP * 32..(b + 1) * GROUP * 32];
@@ -121,10 +145,29 @@ fn portable(kernel: Kernel, g: GroupRef<'_>, xs: &[ActRow], out: &mut [[f32; GRO
                             })
                             .sum()
                     }
+                    Kernel::Q5_0 | Kernel::Q5_1 => {
+                        let qs = &g.qs[b * GROUP * 20..(b + 1) * GROUP * 20];
+                        let h = &qs[16 * GROUP + 4 * r..16 * GROUP + 4 * r + 4];
+                        let qh = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
+                        let bit = |j: usize| (((qh >> j) & 1) as u8) << 4;
+                        let sum: i32 = (0..4)
+                            .flat_map(|c| (0..4).map(move |i| (c, i)))
+                            .map(|(c, i)| {
+                                let byte = qs[c * 4 * GROUP + r * 4 + i];
+                                let (lo, hi) = (4 * c + i, 16 + 4 * c + i);
+                                i32::from((byte & 0x0F) | bit(lo)) * i32::from(xq[lo])
+                                    + i32::from((byte >> 4) | bit(hi)) * i32::from(xq[hi])
+                            })
+                            .sum();
+                        match kernel {
+                            Kernel::Q5_0 => sum - 16 * x.qsum[b],
+                            _ => sum,
+                        }
+                    }
                 };
                 let dd = g.d[b * GROUP + r].to_f32() * x.d[b];
                 acc[r] = dd.mul_add(isum as f32, acc[r]);
-                if kernel == Kernel::Q4_1 {
+                if kernel.has_min() {
                     macc[r] = g.m[b * GROUP + r].to_f32().mul_add(x.s[b], macc[r]);
                 }
             }
@@ -164,6 +207,18 @@ mod avx2 {
                 (Kernel::Q8_0, 3) => q8_0::<3>(g, xs, out),
                 (Kernel::Q8_0, 2) => q8_0::<2>(g, xs, out),
                 (Kernel::Q8_0, _) => q8_0::<1>(g, xs, out),
+                (Kernel::Q4_0, 4) => nibbles::<4, false, false>(g, xs, out),
+                (Kernel::Q4_0, 3) => nibbles::<3, false, false>(g, xs, out),
+                (Kernel::Q4_0, 2) => nibbles::<2, false, false>(g, xs, out),
+                (Kernel::Q4_0, _) => nibbles::<1, false, false>(g, xs, out),
+                (Kernel::Q5_0, 4) => nibbles::<4, true, false>(g, xs, out),
+                (Kernel::Q5_0, 3) => nibbles::<3, true, false>(g, xs, out),
+                (Kernel::Q5_0, 2) => nibbles::<2, true, false>(g, xs, out),
+                (Kernel::Q5_0, _) => nibbles::<1, true, false>(g, xs, out),
+                (Kernel::Q5_1, 4) => nibbles::<4, true, true>(g, xs, out),
+                (Kernel::Q5_1, 3) => nibbles::<3, true, true>(g, xs, out),
+                (Kernel::Q5_1, 2) => nibbles::<2, true, true>(g, xs, out),
+                (Kernel::Q5_1, _) => nibbles::<1, true, true>(g, xs, out),
             }
         }
     }
@@ -286,6 +341,172 @@ mod avx2 {
             }
         }
     }
+
+    /// Bit 4 of the 4 weights of each lane whose bits are `first..first + 4` of the lane's
+    /// `qh` (`first` a multiple of 4), as bytes `0x10` or 0: the byte holding them is
+    /// broadcast within the lane, each byte keeps its own bit, and a compare makes it a mask.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn high_bits(qh: __m256i, first: usize) -> __m256i {
+        let byte = (first / 8) as i8;
+        let shift = first % 8;
+        let lane = |k: i8| 4 * k + byte;
+        let pick = _mm256_setr_epi8(
+            lane(0),
+            lane(0),
+            lane(0),
+            lane(0),
+            lane(1),
+            lane(1),
+            lane(1),
+            lane(1),
+            lane(2),
+            lane(2),
+            lane(2),
+            lane(2),
+            lane(3),
+            lane(3),
+            lane(3),
+            lane(3),
+            lane(0),
+            lane(0),
+            lane(0),
+            lane(0),
+            lane(1),
+            lane(1),
+            lane(1),
+            lane(1),
+            lane(2),
+            lane(2),
+            lane(2),
+            lane(2),
+            lane(3),
+            lane(3),
+            lane(3),
+            lane(3),
+        );
+        let bit = |i: usize| (1u8 << (shift + i)) as i8;
+        let mask = _mm256_setr_epi8(
+            bit(0),
+            bit(1),
+            bit(2),
+            bit(3),
+            bit(0),
+            bit(1),
+            bit(2),
+            bit(3),
+            bit(0),
+            bit(1),
+            bit(2),
+            bit(3),
+            bit(0),
+            bit(1),
+            bit(2),
+            bit(3),
+            bit(0),
+            bit(1),
+            bit(2),
+            bit(3),
+            bit(0),
+            bit(1),
+            bit(2),
+            bit(3),
+            bit(0),
+            bit(1),
+            bit(2),
+            bit(3),
+            bit(0),
+            bit(1),
+            bit(2),
+            bit(3),
+        );
+        let set = _mm256_and_si256(_mm256_shuffle_epi8(qh, pick), mask);
+        _mm256_and_si256(_mm256_cmpeq_epi8(set, mask), _mm256_set1_epi8(0x10))
+    }
+
+    /// Q4_0 (`HIGH = false, MIN = false`), Q5_0 (`HIGH`) and Q5_1 (`HIGH, MIN`): Q4_1's
+    /// nibbles, with bit 4 from the fifth chunk ([`high_bits`]) for the 5-bit formats;
+    /// `vpmaddubsw` pairs reach 2 × 31 × 127 = 7,874, so four chunks are summed in i16
+    /// (31,496) before each `vpmaddwd`. Without a minimum the offset (8 or 16) times `Σ x` is
+    /// subtracted from the i32 sum (exact, as `Σ (q - 8) x` / `Σ (q - 16) x`); Q5_1 adds
+    /// `m_w s_x` as Q4_1 does.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn nibbles<const N: usize, const HIGH: bool, const MIN: bool>(
+        g: GroupRef<'_>,
+        xs: &[ActRow],
+        out: &mut [[f32; GROUP]],
+    ) {
+        let nb = g.d.len() / GROUP;
+        let low = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let (block_bytes, offset) = if HIGH { (20, 16) } else { (16, 8) };
+        for h in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); N];
+            let mut macc = [_mm256_setzero_ps(); N];
+            for b in 0..nb {
+                let mut w = [_mm256_setzero_si256(); 8];
+                // SAFETY: b < nb: the block's quant bytes (16 rows of 16 or 20) and 16 scales
+                // (and minimums for Q5_1) are in bounds (lengths checked by group_matmul).
+                let (dw, mw) = unsafe {
+                    let base = g.qs.as_ptr().add(b * GROUP * block_bytes + h * 32);
+                    for c in 0..4 {
+                        let v = _mm256_loadu_si256(base.add(c * 4 * GROUP).cast());
+                        w[c] = _mm256_and_si256(v, low);
+                        w[4 + c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                    }
+                    if HIGH {
+                        let qh = _mm256_loadu_si256(base.add(4 * 4 * GROUP).cast());
+                        for c in 0..4 {
+                            w[c] = _mm256_or_si256(w[c], high_bits(qh, 4 * c));
+                            w[4 + c] = _mm256_or_si256(w[4 + c], high_bits(qh, 16 + 4 * c));
+                        }
+                    }
+                    let dw = _mm256_cvtph_ps(_mm_loadu_si128(
+                        g.d.as_ptr().add(b * GROUP + h * 8).cast(),
+                    ));
+                    let mw = match MIN {
+                        true => _mm256_cvtph_ps(_mm_loadu_si128(
+                            g.m.as_ptr().add(b * GROUP + h * 8).cast(),
+                        )),
+                        false => _mm256_setzero_ps(),
+                    };
+                    (dw, mw)
+                };
+                for j in 0..N {
+                    let x = &xs[j];
+                    let mut s16 = [_mm256_setzero_si256(); 2];
+                    for (c, wc) in w.iter().enumerate() {
+                        // SAFETY: x has nb blocks (checked by group_matmul).
+                        let xc = unsafe { chunk(x, b, c) };
+                        s16[c / 4] = _mm256_add_epi16(s16[c / 4], _mm256_maddubs_epi16(*wc, xc));
+                    }
+                    let mut isum = _mm256_add_epi32(
+                        _mm256_madd_epi16(s16[0], ones),
+                        _mm256_madd_epi16(s16[1], ones),
+                    );
+                    if !MIN {
+                        isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(offset * x.qsum[b]));
+                    }
+                    let dd = _mm256_mul_ps(dw, _mm256_set1_ps(x.d[b]));
+                    acc[j] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(isum), acc[j]);
+                    if MIN {
+                        macc[j] = _mm256_fmadd_ps(mw, _mm256_set1_ps(x.s[b]), macc[j]);
+                    }
+                }
+            }
+            for j in 0..N {
+                // `acc + macc`, macc = 0 without a minimum, as the portable level computes it.
+                // SAFETY: 8 floats at h * 8 inside a row of GROUP = 16.
+                unsafe {
+                    _mm256_storeu_ps(
+                        out[j].as_mut_ptr().add(h * 8),
+                        _mm256_add_ps(acc[j], macc[j]),
+                    )
+                };
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -318,6 +539,11 @@ mod avx512 {
                 (Kernel::Q8_0, 3) => q8_0::<3>(g, xs, out),
                 (Kernel::Q8_0, 2) => q8_0::<2>(g, xs, out),
                 (Kernel::Q8_0, _) => q8_0::<1>(g, xs, out),
+                // Q4_0 and the 5-bit formats have AVX2 kernels only (an AVX-512 CPU has AVX2); the
+                // levels give the same bits, so which one runs changes no result.
+                (Kernel::Q4_0 | Kernel::Q5_0 | Kernel::Q5_1, _) => {
+                    super::avx2::tile(kernel, g, xs, out)
+                }
             }
         }
     }

@@ -1,4 +1,5 @@
-//! Block-quantized matrices (the GGUF Q4_1 and Q8_0 block formats) and their integer matmul
+//! Block-quantized matrices (the GGUF Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 block formats) and
+//! f16 matrices, with their matmul
 //! kernels, chosen at run time: the hot loop of the generator's decode and prefill
 //! (`ragtune-generate`, GGUF weights) and of the sentence encoder's projections
 //! (`ragtune-embed`, BERT weights quantized to Q8_0 at load).
@@ -12,24 +13,33 @@
 //! - **Formats** (`ggml-common.h`), blocks of 32 weights:
 //!   `block_q4_1 { d: f16, m: f16, qs: [u8; 16] }` (20 bytes), weight `j` = `d * q_j + m`,
 //!   `q_j` the low nibble of `qs[j]` for `j < 16`, the high nibble of `qs[j - 16]` otherwise;
-//!   `block_q8_0 { d: f16, qs: [i8; 32] }` (34 bytes), weight `j` = `d * qs[j]`. Held
-//!   interleaved in groups of 16 rows (module `blocks`): the same bytes as the file, regrouped.
+//!   `block_q8_0 { d: f16, qs: [i8; 32] }` (34 bytes), weight `j` = `d * qs[j]`;
+//!   `block_q4_0 { d, qs[16] }` (18 bytes), weight `d (q_j - 8)`; `block_q5_0 { d, qh[4],
+//!   qs[16] }` (22 bytes) and `block_q5_1 { d, m, qh[4], qs[16] }` (24 bytes), Q4_0/Q4_1's
+//!   nibbles with bit 4 of weight `j` in bit `j` of `qh`, weight `d (q_j - 16)` or
+//!   `d q_j + m`. Held interleaved in groups of 16 rows (module `blocks`): the same bytes as
+//!   the file, regrouped.
 //! - **Every product is integer**, for one token (decode) as for 512 (prefill): each
-//!   activation row is quantized as llama.cpp does (`block_q8_1 { d, s = d Σq, qs }` for Q4_1,
-//!   `block_q8_0` for Q8_0; `d = max|x| / 127`, `q = round(x / d)`), and each output is
-//!   `Σ_blocks d_w d_x Σ q_w q_x (+ m_w s_x)`, exactly `ggml_vec_dot_q4_1_q8_1` /
-//!   `ggml_vec_dot_q8_0_q8_0`, computed for 16 weight rows and 4 activation rows at a time
-//!   (module `kernels`: AVX-512 VNNI, AVX2 or portable, chosen at run time). An activation row's
+//!   activation row is quantized as llama.cpp does (`block_q8_1 { d, s = d Σq, qs }` for the
+//!   formats with a minimum, `block_q8_0` for the others; `d = max|x| / 127`,
+//!   `q = round(x / d)`), and each output is `Σ_blocks d_w d_x Σ q_w q_x (+ m_w s_x)` (the
+//!   offsets of Q4_0/Q5_0 subtracted from the integer sum), exactly ggml's
+//!   `ggml_vec_dot_{q4_0,q5_0,q8_0}_q8_0` / `ggml_vec_dot_{q4_1,q5_1}_q8_1`, computed for 16
+//!   weight rows and 4 activation rows at a time (module `kernels`: AVX-512 VNNI for Q4_1 and
+//!   Q8_0, AVX2 for all, or portable, chosen at run time). An activation row's
 //!   result does not depend on how many rows are multiplied with it, so a prompt prefilled in
 //!   one call or in pieces, and a sequence decoded alone or in a batch, see the same numbers.
-//! - **Other formats** (Q4_0, the k-quants, Q5_0 ...) are rewritten into these two by the
-//!   generator at load (`ragtune-generate`'s `quant::convert`), and f32 weights are quantized
+//! - **Other formats** (the k-quants ...) are rewritten into these by the generator at load
+//!   (`ragtune-generate`'s `quant::convert`), and f32 weights are quantized
 //!   to Q8_0 with [`quantize_q8_0`] (ggml's `quantize_row_q8_0_ref`).
+//! - **F16 weights** stay f16 ([`F16Matrix`]): converted to f32 a slab of rows at a time
+//!   inside each parallel task and multiplied with an f32 GEMM.
 //! - **Parallel work**: tasks of 64 weight rows × 64 activation rows handed out one at a time
 //!   on the rayon pool ([`for_each_dynamic`]), so a core taken by another process delays one
 //!   task, not half the matrix.
 
 mod blocks;
+mod half_matrix;
 mod kernels;
 
 use std::marker::PhantomData;
@@ -41,7 +51,8 @@ use ragtune_util::ptr::SyncPtr;
 use rayon::prelude::*;
 
 use blocks::ActRow;
-pub use blocks::{QuantFormat, Q4_1, Q8_0, QK};
+pub use blocks::{QuantFormat, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, QK};
+pub use half_matrix::F16Matrix;
 pub use kernels::Kernel;
 use kernels::{GroupRef, GROUP};
 
@@ -383,6 +394,9 @@ mod tests {
         match F::NAME {
             "Q4_1" => GgmlDType::Q4_1,
             "Q8_0" => GgmlDType::Q8_0,
+            "Q4_0" => GgmlDType::Q4_0,
+            "Q5_0" => GgmlDType::Q5_0,
+            "Q5_1" => GgmlDType::Q5_1,
             other => panic!("no candle type for {other}"),
         }
     }
@@ -447,6 +461,66 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn q4_0_rows_at_once_equal_one_row() {
+        rows_at_once_equal_one_row::<Q4_0>();
+    }
+
+    #[test]
+    fn q4_0_every_level_equals_portable() {
+        every_level_equals_portable::<Q4_0>();
+    }
+
+    #[test]
+    fn q4_0_dequantize_matches_candle() {
+        dequantize_matches_candle::<Q4_0>();
+    }
+
+    #[test]
+    fn q4_0_quantized_path_matches_candle() {
+        quantized_path_matches_candle::<Q4_0>();
+    }
+
+    #[test]
+    fn q5_0_rows_at_once_equal_one_row() {
+        rows_at_once_equal_one_row::<Q5_0>();
+    }
+
+    #[test]
+    fn q5_1_rows_at_once_equal_one_row() {
+        rows_at_once_equal_one_row::<Q5_1>();
+    }
+
+    #[test]
+    fn q5_0_every_level_equals_portable() {
+        every_level_equals_portable::<Q5_0>();
+    }
+
+    #[test]
+    fn q5_1_every_level_equals_portable() {
+        every_level_equals_portable::<Q5_1>();
+    }
+
+    #[test]
+    fn q5_0_dequantize_matches_candle() {
+        dequantize_matches_candle::<Q5_0>();
+    }
+
+    #[test]
+    fn q5_1_dequantize_matches_candle() {
+        dequantize_matches_candle::<Q5_1>();
+    }
+
+    #[test]
+    fn q5_0_quantized_path_matches_candle() {
+        quantized_path_matches_candle::<Q5_0>();
+    }
+
+    #[test]
+    fn q5_1_quantized_path_matches_candle() {
+        quantized_path_matches_candle::<Q5_1>();
     }
 
     #[test]

@@ -4,7 +4,9 @@
 
 pub(crate) mod convert;
 
-pub(crate) use ragtune_quant::{for_each_dynamic, QMatrix, QuantFormat, Q4_1, Q8_0};
+pub(crate) use ragtune_quant::{
+    for_each_dynamic, QMatrix, QuantFormat, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
+};
 
 impl From<ragtune_quant::Error> for crate::Error {
     fn from(e: ragtune_quant::Error) -> Self {
