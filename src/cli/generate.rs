@@ -58,7 +58,7 @@ pub struct Args {
     stop: Vec<String>,
     /// Output format: `text`, the text streamed as it is generated, timings on stderr;
     /// `json`, one JSON object at the end: `{"prompt_tokens": [...], "tokens": [...], "text":
-    /// "...", "timings_ms": {...}}`.
+    /// "...", "timings_ms": {...}, "peak_rss_bytes": N}` (peak resident memory, on Linux).
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
 }
@@ -70,6 +70,9 @@ struct JsonOut<'a> {
     text: &'a str,
     stop: String,
     timings_ms: JsonTimings,
+    /// The process's peak resident memory (`VmHWM`), bytes; absent off Linux.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peak_rss_bytes: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -180,8 +183,11 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     match args.format {
         Format::Text => {
             writeln!(out)?;
+            let memory = peak_rss_bytes()
+                .map(|b| format!(", peak RSS {} MB", b / 1_000_000))
+                .unwrap_or_default();
             eprintln!(
-                "[{} prompt tokens, {} generated ({:?}); prefill {:.0} ms ({:.1} tokens/s), decode {:.0} ms ({:.1} tokens/s)]",
+                "[{} prompt tokens, {} generated ({:?}); prefill {:.0} ms ({:.1} tokens/s), decode {:.0} ms ({:.1} tokens/s){memory}]",
                 generation.prompt_tokens,
                 generation.tokens.len(),
                 generation.stop,
@@ -204,11 +210,21 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
                     prefill_tokens_per_s: t.prefill_tok_s,
                     decode_tokens_per_s: t.decode_tok_s,
                 },
+                peak_rss_bytes: peak_rss_bytes(),
             };
             writeln!(out, "{}", serde_json::to_string(&json)?)?;
         }
     }
     Ok(())
+}
+
+/// The process's peak resident set size (`VmHWM` of `/proc/self/status`), bytes; `None` where
+/// there is no such file (not Linux).
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?;
+    let kb: u64 = line.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// The pinned GGUF (fetched if missing).

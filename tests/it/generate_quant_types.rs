@@ -30,12 +30,13 @@ fn golden() -> &'static Value {
     G.get_or_init(|| util::golden("smollm2_requant.json"))
 }
 
-/// The pinned file re-quantized with the types llama.cpp chose for `ftype`, written to a
-/// temporary folder (kept for the test binary's life); panics naming a tensor whose bytes
-/// differ from those of the file llama.cpp ran on.
+/// The pinned file re-quantized with the types llama.cpp chose for `ftype`, written (again
+/// on every run) to Cargo's scratch folder for integration tests, `target/tmp/requant` (a
+/// temporary folder held by a static would never be removed: 700 MB left behind a run);
+/// panics naming a tensor whose bytes differ from those of the file llama.cpp ran on.
 fn requantized(ftype: &str) -> PathBuf {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    let dir = DIR.get_or_init(|| tempfile::tempdir().expect("temp dir"));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("requant");
+    std::fs::create_dir_all(&dir).expect("scratch folder");
     let src_name = golden()["source_file"].as_str().expect("source_file");
     let src = util::package(Role::Generator).join(src_name);
     let tensors = golden()["files"][ftype]["tensors"]
@@ -51,7 +52,7 @@ fn requantized(ftype: &str) -> PathBuf {
             )
         })
         .collect();
-    let dst = dir.path().join(format!("smollm2-{ftype}.gguf"));
+    let dst = dir.join(format!("smollm2-{ftype}.gguf"));
     requantize(&src, &dst, &plan).expect("requantize");
     let mut reader = std::io::BufReader::new(std::fs::File::open(&dst).expect("open"));
     let content = Content::read(&mut reader).expect("GGUF");
