@@ -38,6 +38,35 @@ fn llama3_rope_freqs_match_llama_cpp() {
 }
 
 /// An architecture this crate does not run is an error naming it and the supported ones.
+/// A quantized file cut short fails to load with an error that names the tensor it could not
+/// read (the block formats are streamed from the file into place).
+#[test]
+fn a_truncated_file_names_the_tensor_it_could_not_read() {
+    use ragtune_generate::candle_core::quantized::GgmlDType;
+    let src = util::repo().join("tests/golden/tiny-qwen2.gguf");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let q8 = dir.path().join("tiny-qwen2-q8_0.gguf");
+    let plan = ragtune_generate::read_gguf(&src)
+        .expect("GGUF")
+        .tensor_infos
+        .iter()
+        .filter(|(n, i)| n.ends_with(".weight") && i.shape.dims().len() == 2)
+        .map(|(n, _)| (n.clone(), GgmlDType::Q8_0))
+        .collect();
+    ragtune_generate::requantize(&src, &q8, &plan).expect("requantize");
+    LlamaModel::from_gguf(&q8).expect("the whole Q8_0 file loads");
+    let bytes = std::fs::read(&q8).expect("read");
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() - 1000]).expect("write");
+    let msg = LlamaModel::from_gguf(&cut)
+        .expect_err("a truncated file is refused")
+        .to_string();
+    assert!(
+        msg.contains("GGUF tensor `") && msg.contains(".weight`"),
+        "{msg}"
+    );
+}
+
 #[test]
 fn an_unknown_architecture_is_named() {
     use ragtune_generate::candle_core::quantized::gguf_file::Value as V;

@@ -260,7 +260,7 @@ impl<R: Read + Seek> TensorReader<'_, R> {
     /// [`qtensor`](Self::qtensor) and [`Weight::from_qtensor`].
     ///
     /// # Errors
-    /// As [`qtensor`](Self::qtensor); [`Error::Io`] for a read that fails;
+    /// As [`qtensor`](Self::qtensor), also for a read that fails (a truncated file);
     /// [`Error::Unsupported`] for rows that are not whole blocks.
     pub(crate) fn weight(
         &mut self,
@@ -299,10 +299,11 @@ impl<R: Read + Seek> TensorReader<'_, R> {
             });
         }
         let offset = self.content.tensor_data_offset + info.offset;
-        let path = self.path;
-        let io = |source| Error::Io {
-            path: path.to_path_buf(),
-            source,
+        // A read that fails names the tensor (a truncated file fails at the first tensor
+        // past its end).
+        let io = |source: std::io::Error| Error::Tensor {
+            name: name.to_string(),
+            source: candle_core::Error::Io(source),
         };
         self.reader.seek(SeekFrom::Start(offset)).map_err(io)?;
         let source_row_bytes = cols / block_weights * block_bytes;
