@@ -145,7 +145,6 @@ impl LlamaModel {
         let mut tensors = TensorReader {
             content: &content,
             reader,
-            path,
         };
         let p = &props;
         let (hidden, hd, ff) = (p.embedding_length, p.head_dim, p.feed_forward_length);

@@ -17,7 +17,6 @@
 //!   eight times the memory of a 4-bit file.
 
 use std::io::{Read, Seek, SeekFrom};
-use std::path::Path;
 
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -226,7 +225,6 @@ fn rows_product(
 pub(crate) struct TensorReader<'a, R> {
     pub(crate) content: &'a Content,
     pub(crate) reader: R,
-    pub(crate) path: &'a Path,
 }
 
 /// How a block format that is streamed from the file becomes a held one: the source's
