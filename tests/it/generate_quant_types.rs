@@ -143,8 +143,9 @@ fn q4_0_follows_llama_cpp() {
 /// 256 (`block_q8_K`), coarser than the 32 of every other format. Measured on these files
 /// (2026-12-02): this crate's quantized path 91.4% (Q4_K_M), 96.3% (Q5_K_M), 96.9% (Q6_K);
 /// the same files dequantized to f32 (`WeightFormat::F32`, no activation quantization at
-/// all) 93.4%, 94.9%, 96.9%. With the Q5_0/Q5_1 kernels and Q5_K held as Q5_1 (2026-12-03):
-/// 92.1%, 97.1%, 96.2%. So the weight conversion costs at most a point or two against
+/// all) 93.4%, 94.9%, 96.9%. On 2026-12-03: 92.1%, 97.1%, 96.2% with the Q5_0/Q5_1 kernels
+/// and Q5_K held as Q5_1; Q4_K_M and Q6_K gave the same 92.1% and 96.2% on the build before
+/// those kernels. So the weight conversion costs at most a point or two against
 /// exact arithmetic; the floors below sit under the measured rates by that much. Matching
 /// llama.cpp closer needs q8_K activations for k-quant weights (an own kernel per k-quant).
 #[test]
