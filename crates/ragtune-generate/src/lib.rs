@@ -55,6 +55,7 @@ mod props;
 mod quant;
 mod requantize;
 mod session;
+mod shared_model;
 mod spm;
 mod tokenizer;
 mod weight;
@@ -80,6 +81,7 @@ pub use session::{
     end_of_generation_ids, GenerateParams, Generation, Generator, RepeatPenalty, Sampling,
     StopReason, Timings,
 };
+pub use shared_model::{InnerTokenizer, SharedModel};
 pub use spm::SpmModel;
-pub use tokenizer::{InnerTokenizer, SharedModel, SpecialTokens, Tokenizer};
+pub use tokenizer::{SpecialTokens, Tokenizer};
 pub use weight::WeightFormat;

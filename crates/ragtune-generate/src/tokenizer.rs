@@ -31,12 +31,10 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::{
-    AddedToken, DecoderWrapper, Model, ModelWrapper, NormalizerWrapper, PostProcessorWrapper,
-    PreTokenizerWrapper, SplitDelimiterBehavior, Token, TokenizerImpl,
-};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
 
 use crate::props::Metadata;
+use crate::shared_model::{InnerTokenizer, SharedModel};
 use crate::spm::SpmModel;
 use crate::{Error, Result};
 
@@ -57,96 +55,6 @@ pub enum SpecialTokens {
     /// Special-token text is ordinary text (for user input and documents).
     AsText,
 }
-
-/// The model half of a tokenizer (vocabulary and segmentation), held once and shared by the
-/// two special-token modes of [`Tokenizer`]: `tokenizers` keeps that mode in the added
-/// vocabulary of a whole `TokenizerImpl`, so the two modes are two of those around one model.
-#[derive(Debug, Clone)]
-pub enum SharedModel {
-    /// A `tokenizers` model (byte-level BPE from GGUF, or any `tokenizer.json`).
-    Hf(Arc<ModelWrapper>),
-    /// SentencePiece's BPE as llama.cpp runs it on a GGUF vocabulary (module `spm`).
-    Spm(Arc<SpmModel>),
-}
-
-impl Model for SharedModel {
-    type Trainer = tokenizers::models::TrainerWrapper;
-
-    fn tokenize(&self, sequence: &str) -> tokenizers::Result<Vec<Token>> {
-        match self {
-            Self::Hf(m) => m.tokenize(sequence),
-            Self::Spm(m) => m.tokenize(sequence),
-        }
-    }
-
-    fn token_to_id(&self, token: &str) -> Option<u32> {
-        match self {
-            Self::Hf(m) => m.token_to_id(token),
-            Self::Spm(m) => m.token_to_id(token),
-        }
-    }
-
-    fn id_to_token(&self, id: u32) -> Option<String> {
-        match self {
-            Self::Hf(m) => m.id_to_token(id),
-            Self::Spm(m) => m.id_to_token(id),
-        }
-    }
-
-    fn get_vocab(&self) -> HashMap<String, u32> {
-        match self {
-            Self::Hf(m) => m.get_vocab(),
-            Self::Spm(m) => m.get_vocab(),
-        }
-    }
-
-    fn get_vocab_size(&self) -> usize {
-        match self {
-            Self::Hf(m) => m.get_vocab_size(),
-            Self::Spm(m) => m.get_vocab_size(),
-        }
-    }
-
-    fn save(
-        &self,
-        folder: &Path,
-        prefix: Option<&str>,
-    ) -> tokenizers::Result<Vec<std::path::PathBuf>> {
-        match self {
-            Self::Hf(m) => m.save(folder, prefix),
-            Self::Spm(m) => m.save(folder, prefix),
-        }
-    }
-
-    fn get_trainer(&self) -> Self::Trainer {
-        match self {
-            Self::Hf(m) => m.get_trainer(),
-            Self::Spm(m) => m.get_trainer(),
-        }
-    }
-}
-
-impl serde::Serialize for SharedModel {
-    /// A `tokenizers` model serializes as itself (so [`InnerTokenizer::save`] writes a
-    /// `tokenizer.json`); a GGUF SentencePiece vocabulary is refused.
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        match self {
-            Self::Hf(m) => m.as_ref().serialize(s),
-            Self::Spm(_) => Err(serde::ser::Error::custom(
-                "a SentencePiece vocabulary read from GGUF metadata has no tokenizer.json form",
-            )),
-        }
-    }
-}
-
-/// A `tokenizers` tokenizer around a [`SharedModel`].
-pub type InnerTokenizer = TokenizerImpl<
-    SharedModel,
-    NormalizerWrapper,
-    PreTokenizerWrapper,
-    PostProcessorWrapper,
-    DecoderWrapper,
->;
 
 /// A tokenizer with the model's BOS policy.
 ///
