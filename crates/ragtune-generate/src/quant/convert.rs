@@ -177,13 +177,9 @@ mod tests {
         assert!(ours == theirs);
     }
 
-    /// Each weight within the f16 rounding of its block's two scales: `|d' - d·sc| <=
-    /// 2^-11 d·sc` and the same for `dmin·m`, so `|w' - w| <= 2^-11 (15 d·sc + dmin·m)`;
-    /// `15 d·sc` spans the block's range (at most `2 max|w|`) and `dmin·m` is at most
-    /// `max|w|`, so `3 · 2^-11 · max|w|` of the 256-block bounds it.
-    #[test]
-    fn q4_k_becomes_q4_1_within_the_scale_rounding() {
-        let (ours, theirs) = both(GgmlDType::Q4K, q4_k_as_q4_1, true);
+    /// Each weight of `ours` within `3 · 2^-11 · max|w|` of `theirs`, per 256-block: the bound
+    /// of a k-quant whose scales were rounded to f16 (the tests below derive it).
+    fn assert_within_scale_rounding(ours: &[f32], theirs: &[f32]) {
         for (o, t) in ours.chunks_exact(QK_K).zip(theirs.chunks_exact(QK_K)) {
             let amax = t.iter().fold(0f32, |a, v| a.max(v.abs()));
             let bound = amax * 3.0 / 2048.0 + 1e-7;
@@ -191,6 +187,16 @@ mod tests {
                 assert!((a - b).abs() <= bound, "{a} vs {b} (bound {bound})");
             }
         }
+    }
+
+    /// Each weight within the f16 rounding of its block's two scales: `|d' - d·sc| <=
+    /// 2^-11 d·sc` and the same for `dmin·m`, so `|w' - w| <= 2^-11 (15 d·sc + dmin·m)`;
+    /// `15 d·sc` spans the block's range (at most `2 max|w|`) and `dmin·m` is at most
+    /// `max|w|`, so `3 · 2^-11 · max|w|` of the 256-block bounds it.
+    #[test]
+    fn q4_k_becomes_q4_1_within_the_scale_rounding() {
+        let (ours, theirs) = both(GgmlDType::Q4K, q4_k_as_q4_1, true);
+        assert_within_scale_rounding(&ours, &theirs);
     }
 
     /// Q5_K as Q5_1 within the f16 rounding of the scales: as for Q4_K, with 31 steps in place
@@ -204,13 +210,7 @@ mod tests {
             .expect("test value")
             .dequantize();
         let theirs = flat(&q.dequantize(&Device::Cpu).expect("test value"));
-        for (o, t) in ours.chunks_exact(QK_K).zip(theirs.chunks_exact(QK_K)) {
-            let amax = t.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let bound = amax * 3.0 / 2048.0 + 1e-7;
-            for (a, b) in o.iter().zip(t) {
-                assert!((a - b).abs() <= bound, "{a} vs {b} (bound {bound})");
-            }
-        }
+        assert_within_scale_rounding(&ours, &theirs);
     }
 
     /// The Q5_0 kernel gives the bits of the Q8_0 kernel on the exact Q8_0 conversion (how
