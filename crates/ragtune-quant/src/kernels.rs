@@ -539,11 +539,18 @@ mod avx512 {
                 (Kernel::Q8_0, 3) => q8_0::<3>(g, xs, out),
                 (Kernel::Q8_0, 2) => q8_0::<2>(g, xs, out),
                 (Kernel::Q8_0, _) => q8_0::<1>(g, xs, out),
-                // Q4_0 and the 5-bit formats have AVX2 kernels only (an AVX-512 CPU has AVX2); the
-                // levels give the same bits, so which one runs changes no result.
-                (Kernel::Q4_0 | Kernel::Q5_0 | Kernel::Q5_1, _) => {
-                    super::avx2::tile(kernel, g, xs, out)
-                }
+                (Kernel::Q4_0, 4) => nibbles::<4, false, false>(g, xs, out),
+                (Kernel::Q4_0, 3) => nibbles::<3, false, false>(g, xs, out),
+                (Kernel::Q4_0, 2) => nibbles::<2, false, false>(g, xs, out),
+                (Kernel::Q4_0, _) => nibbles::<1, false, false>(g, xs, out),
+                (Kernel::Q5_0, 4) => nibbles::<4, true, false>(g, xs, out),
+                (Kernel::Q5_0, 3) => nibbles::<3, true, false>(g, xs, out),
+                (Kernel::Q5_0, 2) => nibbles::<2, true, false>(g, xs, out),
+                (Kernel::Q5_0, _) => nibbles::<1, true, false>(g, xs, out),
+                (Kernel::Q5_1, 4) => nibbles::<4, true, true>(g, xs, out),
+                (Kernel::Q5_1, 3) => nibbles::<3, true, true>(g, xs, out),
+                (Kernel::Q5_1, 2) => nibbles::<2, true, true>(g, xs, out),
+                (Kernel::Q5_1, _) => nibbles::<1, true, true>(g, xs, out),
             }
         }
     }
@@ -649,6 +656,90 @@ mod avx512 {
             let y = _mm512_add_ps(acc[j], _mm512_setzero_ps());
             // SAFETY: 16 floats, one output row.
             unsafe { _mm512_storeu_ps(out[j].as_mut_ptr(), y) };
+        }
+    }
+
+    /// Bit 4 of the 4 weights of each 32-bit lane (one row's 4 weights of a chunk) whose bits
+    /// are `first..first + 4` of the row's `qh`, as bytes `0x10` or 0: the lane is shifted so
+    /// those bits are its lowest, its low byte is copied to all 4 bytes (`pick`), and byte `i`
+    /// tests bit `i` (`bits`).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn high_bits(qh: __m512i, first: i32, pick: __m512i, bits: __m512i) -> __m512i {
+        let shifted = _mm512_srl_epi32(qh, _mm_cvtsi32_si128(first));
+        let spread = _mm512_shuffle_epi8(shifted, pick);
+        _mm512_maskz_mov_epi8(_mm512_test_epi8_mask(spread, bits), _mm512_set1_epi8(0x10))
+    }
+
+    /// Q4_0 (`HIGH = false, MIN = false`), Q5_0 (`HIGH`) and Q5_1 (`HIGH, MIN`): Q4_1's
+    /// nibbles (unsigned, the `vpdpbusd` operand that must be), with bit 4 from the fifth
+    /// chunk ([`high_bits`]) for the 5-bit formats. Without a minimum the offset (8 or 16)
+    /// times `Σ x` is subtracted from the i32 sum, as the AVX2 and portable kernels do.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn nibbles<const N: usize, const HIGH: bool, const MIN: bool>(
+        g: GroupRef<'_>,
+        xs: &[ActRow],
+        out: &mut [[f32; GROUP]],
+    ) {
+        let nb = g.d.len() / GROUP;
+        let low = _mm512_set1_epi8(0x0F);
+        // Byte 4k of each 16-byte lane to its bytes 4k..4k + 4; byte i of a dword tests bit i.
+        let pick = _mm512_set4_epi32(0x0C0C_0C0C, 0x0808_0808, 0x0404_0404, 0);
+        let bits = _mm512_set1_epi32(0x0804_0201);
+        let (block_bytes, offset) = if HIGH { (20, 16) } else { (16, 8) };
+        let mut acc = [_mm512_setzero_ps(); N];
+        let mut macc = [_mm512_setzero_ps(); N];
+        for b in 0..nb {
+            let mut w = [_mm512_setzero_si512(); 8];
+            // SAFETY: b < nb: the block's quant bytes (16 rows of 16 or 20) and 16 scales (and
+            // minimums for Q5_1) are in bounds (lengths checked by group_matmul).
+            let (dw, mw) = unsafe {
+                let base = g.qs.as_ptr().add(b * GROUP * block_bytes);
+                for c in 0..4 {
+                    let v = _mm512_loadu_si512(base.add(c * 4 * GROUP).cast());
+                    w[c] = _mm512_and_si512(v, low);
+                    w[4 + c] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+                }
+                if HIGH {
+                    let qh = _mm512_loadu_si512(base.add(4 * 4 * GROUP).cast());
+                    for c in 0..4 {
+                        let first = 4 * c as i32;
+                        w[c] = _mm512_or_si512(w[c], high_bits(qh, first, pick, bits));
+                        w[4 + c] = _mm512_or_si512(w[4 + c], high_bits(qh, 16 + first, pick, bits));
+                    }
+                }
+                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(g.d.as_ptr().add(b * GROUP).cast()));
+                let mw = match MIN {
+                    true => _mm512_cvtph_ps(_mm256_loadu_si256(g.m.as_ptr().add(b * GROUP).cast())),
+                    false => _mm512_setzero_ps(),
+                };
+                (dw, mw)
+            };
+            for j in 0..N {
+                let x = &xs[j];
+                let (mut i0, mut i1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                for c in 0..4 {
+                    // SAFETY: x has nb blocks (checked by group_matmul).
+                    let (lo, hi) = unsafe { (chunk(x, b, c), chunk(x, b, 4 + c)) };
+                    i0 = _mm512_dpbusd_epi32(i0, w[c], lo);
+                    i1 = _mm512_dpbusd_epi32(i1, w[4 + c], hi);
+                }
+                let mut isum = _mm512_add_epi32(i0, i1);
+                if !MIN {
+                    isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(offset * x.qsum[b]));
+                }
+                let dd = _mm512_mul_ps(dw, _mm512_set1_ps(x.d[b]));
+                acc[j] = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(isum), acc[j]);
+                if MIN {
+                    macc[j] = _mm512_fmadd_ps(mw, _mm512_set1_ps(x.s[b]), macc[j]);
+                }
+            }
+        }
+        for j in 0..N {
+            // `acc + macc`, macc = 0 without a minimum, as the portable level computes it.
+            // SAFETY: 16 floats, one output row.
+            unsafe { _mm512_storeu_ps(out[j].as_mut_ptr(), _mm512_add_ps(acc[j], macc[j])) };
         }
     }
 }

@@ -25,8 +25,8 @@
 //!   `q = round(x / d)`), and each output is `Σ_blocks d_w d_x Σ q_w q_x (+ m_w s_x)` (the
 //!   offsets of Q4_0/Q5_0 subtracted from the integer sum), exactly ggml's
 //!   `ggml_vec_dot_{q4_0,q5_0,q8_0}_q8_0` / `ggml_vec_dot_{q4_1,q5_1}_q8_1`, computed for 16
-//!   weight rows and 4 activation rows at a time (module `kernels`: AVX-512 VNNI for Q4_1 and
-//!   Q8_0, AVX2 for all, or portable, chosen at run time). An activation row's
+//!   weight rows and 4 activation rows at a time (module `kernels`: AVX-512 VNNI, AVX2 or
+//!   portable, each for every format, chosen at run time). An activation row's
 //!   result does not depend on how many rows are multiplied with it, so a prompt prefilled in
 //!   one call or in pieces, and a sequence decoded alone or in a batch, see the same numbers.
 //! - **Other formats** (the k-quants ...) are rewritten into these by the generator at load
