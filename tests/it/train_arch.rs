@@ -134,6 +134,13 @@ fn the_trainer_follows_llama_cpp_on_gemma3() {
 /// A Gemma 3 adapter trained here loads in the engine and gives the trained logits: the
 /// sliding-window mask of packed sequences, GeGLU and the post-norms are differentiated as
 /// served.
+///
+/// The bound is 0.1 (0.3% of how far the adapter moves the logits; a wrong scale or a
+/// misplaced factor moves them by whole units). The engine computes GELU as llama.cpp does,
+/// from a table of f16 values, and the trainer the formula. Rounded to f16, an input that the
+/// two forwards compute a last bit apart can land on two table entries 2⁻¹¹ apart. Over 18
+/// layers those steps add up to a few hundredths: 3.0·10⁻² here, against 1.1·10⁻⁴ when both
+/// used the formula (and 3.2·10⁻² when the trainer also read the table).
 #[test]
 fn a_gemma3_adapter_is_served_as_trained() {
     let path = gemma3_path();
@@ -144,7 +151,7 @@ fn a_gemma3_adapter_is_served_as_trained() {
     let (diff, by) = served_difference(&moved, &path, &tokens);
     eprintln!("gemma3: served adapter within {diff:.2e} of the trainer (moved {by:.2})");
     assert!(by > 0.05, "the adapter moved the logits by {by} only");
-    assert!(diff < 5e-3, "served logits {diff} from the trained ones");
+    assert!(diff < 0.1, "served logits {diff} from the trained ones");
 
     // The loss of a packed sequence of two examples backpropagates into every factor.
     let half = tokens.len() / 2;
