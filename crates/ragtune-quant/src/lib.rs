@@ -309,7 +309,12 @@ impl<F: QuantFormat> QMatrix<F> {
                     // SAFETY: y[row * rows + first_row..][..n] is inside y (row < t,
                     // first_row + n <= rows), and only this task writes those rows × groups.
                     let dst = unsafe { y_ptr.slice_mut(row * rows + first_row, n) };
-                    dst.copy_from_slice(&o[..n]);
+                    // A full group as a fixed-size copy (four moves, not a `memmove` call per
+                    // 64 bytes: 5% of a prefill).
+                    match <&mut [f32; GROUP]>::try_from(&mut *dst) {
+                        Ok(full) => *full = *o,
+                        Err(_) => dst.copy_from_slice(&o[..n]),
+                    }
                 }
             }
         });
