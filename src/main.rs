@@ -12,6 +12,8 @@ fn main() -> ExitCode {
         std::env::remove_var("RUST_BACKTRACE");
         std::env::remove_var("RUST_LIB_BACKTRACE");
     }
+    // Forward passes reuse freed memory instead of faulting it in again (glibc only).
+    ragtune_util::alloc::keep_freed_memory();
     match cli::run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

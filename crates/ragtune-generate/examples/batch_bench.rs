@@ -17,6 +17,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // As the `ragtune` binary runs (ragtune_util::alloc).
+    ragtune_util::alloc::keep_freed_memory();
     let gguf = std::env::args().nth(1).ok_or("usage: batch_bench GGUF")?;
     let model = LlamaModel::from_gguf(&gguf)?;
     let prompt: Vec<u32> = (0..64).map(|i| 1000 + i * 7).collect();

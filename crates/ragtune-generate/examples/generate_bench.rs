@@ -21,6 +21,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // As the `ragtune` binary runs (ragtune_util::alloc).
+    ragtune_util::alloc::keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let flag = |name: &str, default: usize| -> usize {
         args.iter()

@@ -14,6 +14,7 @@
 
 #![warn(missing_docs)]
 
+pub mod alloc;
 pub mod cpu;
 pub mod fs;
 pub mod math;
