@@ -19,9 +19,10 @@
 use std::io::{Read, Seek, SeekFrom};
 
 use candle_core::quantized::gguf_file::Content;
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::{k_quants, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
+use crate::quant::convert;
 use crate::quant::{QMatrix, QuantFormat, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
 use crate::{Error, Result};
 use ragtune_quant::{F16Matrix, FromRowsError, QK};
@@ -98,7 +99,6 @@ impl Weight {
     /// [`Error::Unsupported`](crate::Error::Unsupported) for a tensor that is not 2-D or whose
     /// rows are not whole blocks; candle's errors for a format it cannot dequantize.
     pub(crate) fn from_qtensor(t: std::sync::Arc<QTensor>, format: WeightFormat) -> Result<Self> {
-        use crate::quant::convert;
         let dtype = t.dtype();
         if dtype == GgmlDType::F16 && format == WeightFormat::AsStored {
             let (rows, cols) = t.shape().dims2()?;
@@ -252,9 +252,9 @@ impl<R: Read + Seek> TensorReader<'_, R> {
         Ok(t)
     }
 
-    /// The 2-D tensor `name` as a [`Weight`] in `format`. The formats held as Q4_1/Q8_0 with
-    /// a block-wise conversion (or none) are read 16 rows at a time straight into the held
-    /// matrix, so loading takes no second copy of the tensor; the others go through
+    /// The 2-D tensor `name` as a [`Weight`] in `format`. Block formats (held as stored or
+    /// converted block by block, [`convert`]) and F16 are read 16 rows at a time straight into
+    /// the held matrix, so loading takes no second copy of the tensor; the others go through
     /// [`qtensor`](Self::qtensor) and [`Weight::from_qtensor`].
     ///
     /// # Errors
@@ -266,7 +266,6 @@ impl<R: Read + Seek> TensorReader<'_, R> {
         expected: &[usize],
         format: WeightFormat,
     ) -> Result<Weight> {
-        use crate::quant::convert;
         let Some(info) = self.content.tensor_infos.get(name) else {
             return Weight::from_qtensor(self.qtensor(name, expected)?.into(), format);
         };
@@ -281,6 +280,10 @@ impl<R: Read + Seek> TensorReader<'_, R> {
             GgmlDType::Q5_0 => Some((22, 32, None)),
             GgmlDType::Q5_1 => Some((24, 32, None)),
             GgmlDType::Q5K => Some((176, 256, Some(convert::q5_k_as_q5_1))),
+            GgmlDType::Q6K => Some(as_q8_0::<k_quants::BlockQ6K>()),
+            GgmlDType::Q3K => Some(as_q8_0::<k_quants::BlockQ3K>()),
+            GgmlDType::Q2K => Some(as_q8_0::<k_quants::BlockQ2K>()),
+            GgmlDType::Q8_1 => Some(as_q8_0::<k_quants::BlockQ8_1>()),
             _ => None,
         };
         let Some((block_bytes, block_weights, convert)) = plan else {
@@ -358,6 +361,15 @@ fn read_rows<F: QuantFormat>(
         FromRowsError::Source(e) => e,
         FromRowsError::Shape(e) => std::io::Error::new(std::io::ErrorKind::InvalidData, e),
     })
+}
+
+/// The plan of a format requantized to Q8_0 block by block ([`convert::as_q8_0`]).
+fn as_q8_0<T: k_quants::GgmlType>() -> StreamPlan {
+    (
+        std::mem::size_of::<T>(),
+        T::BLCK_SIZE,
+        Some(convert::as_q8_0::<T>),
+    )
 }
 
 /// Fails with [`Error::TensorShape`] unless `got == expected`.

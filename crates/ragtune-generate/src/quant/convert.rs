@@ -1,20 +1,22 @@
-//! Every other GGUF block format, rewritten at load into the two this crate multiplies
-//! ([`Q4_1`](super::Q4_1) and [`Q8_0`](super::Q8_0)), so one set of kernels serves any
-//! quantized file (llama.cpp's CPU "repack" does the same for its own layouts).
+//! Every GGUF block format without a kernel of its own, rewritten at load into one that has
+//! one ([`Q4_1`](super::Q4_1), [`Q5_1`](super::Q5_1) or [`Q8_0`](super::Q8_0)), so one set
+//! of kernels serves any quantized file (llama.cpp's CPU "repack" does the same for its own
+//! layouts). Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 have kernels and are held as stored. Every
+//! conversion works on whole blocks, so the loader converts a tensor 16 rows at a time.
 //!
 //! Block layouts from `ggml-common.h`, the decodings from `dequantize_row_*` in
 //! `ggml-quants.c`:
 //!
 //! | source | bytes / 32 weights | becomes | how | exact? |
 //! |---|--:|---|---|---|
-//! //! | Q4_K 256-blocks `{d, dmin, scales[12], qs[128]}`, `w = d·sc_j q - dmin·m_j` per 32 | 18 | Q4_1 (20) | per 32: `d' = f16(d·sc_j)`, `m' = f16(-dmin·m_j)` | scales rounded to f16: each within 2^-11 relative |
-//! | Q5_0 `{d, qh[4], qs[16]}`, `w = d (q - 16)` | 22 | Q8_0 (34) | `q - 16` in `[-16, 15]` as i8 | yes |
-//! | any other (Q5_1, Q2_K, Q3_K, Q5_K, Q6_K, Q8_1 ...) | | Q8_0 (34) | dequantized (candle), then `quantize_row_q8_0_ref` | within half a q8 step (`max|w| / 254` per block) |
+//! | Q4_K 256-blocks `{d, dmin, scales[12], qs[128]}`, `w = d·sc_j q - dmin·m_j` per 32 | 18 | Q4_1 (20) | per 32: `d' = f16(d·sc_j)`, `m' = f16(-dmin·m_j)` | scales rounded to f16: each within 2^-11 relative |
+//! | Q5_K `{d, dmin, scales[12], qh[32], qs[128]}` | 22 | Q5_1 (24) | as Q4_K, with bit 4 from `qh` | scales rounded to f16 |
+//! | any other (Q2_K, Q3_K, Q6_K, Q8_1) | | Q8_0 (34) | dequantized (candle's `to_float`), then `quantize_row_q8_0_ref` | within half a q8 step (`max|w| / 254` per block) |
 //!
-//! Q4_0, Q5_0 and Q5_1 have their own kernels and are held as stored. The Q8_0 requantization
-//! costs 8.5 bits a weight in memory against 6.6 in a Q6_K file; an own 6-bit kernel would
-//! keep the file's size.
+//! The Q8_0 requantization costs 8.5 bits a weight in memory against 6.6 in a Q6_K file; an
+//! own 6-bit kernel would keep the file's size.
 
+use candle_core::quantized::k_quants::GgmlType;
 use half::f16;
 
 use ragtune_quant::QK;
@@ -105,6 +107,30 @@ pub(crate) fn q5_k_as_q5_1(src: &[u8]) -> Vec<u8> {
         }
     }
     out
+}
+
+/// Blocks of candle's `T` (a format without a kernel of its own: Q6_K, Q3_K, Q2_K, Q8_1)
+/// requantized to Q8_0: dequantized by candle's `T::to_float` (ggml's `dequantize_row_*`),
+/// then [`quantize_q8_0`](ragtune_quant::quantize_q8_0). The bits of dequantizing the whole
+/// tensor first, for any slice of whole blocks, so a tensor is converted 16 rows at a time and
+/// never exists in f32 (a Q6_K output matrix of a 1B model would be 1 GB of f32).
+///
+/// # Panics
+/// When `src` is not whole blocks of `T`.
+pub(crate) fn as_q8_0<T: GgmlType>(src: &[u8]) -> Vec<u8> {
+    let block_bytes = std::mem::size_of::<T>();
+    assert_eq!(src.len() % block_bytes, 0, "whole {:?} blocks", T::DTYPE);
+    let n = src.len() / block_bytes;
+    let mut blocks = vec![T::zeros(); n];
+    // SAFETY: candle's block types are `repr(C)` structs of integers, byte arrays and f16
+    // (plain data, any bit pattern valid, no padding: candle asserts each size), and `blocks`
+    // holds exactly `src.len()` bytes of them.
+    unsafe {
+        std::ptr::copy_nonoverlapping(src.as_ptr(), blocks.as_mut_ptr().cast::<u8>(), src.len());
+    }
+    let mut values = vec![0f32; n * T::BLCK_SIZE];
+    T::to_float(&blocks, &mut values);
+    ragtune_quant::quantize_q8_0(&values)
 }
 
 /// Q5_0 blocks as Q8_0 blocks: the 5-bit quants minus 16 as bytes, the same `d` (the load
@@ -231,6 +257,32 @@ mod tests {
                 a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),
                 "t = {t}"
             );
+        }
+    }
+
+    /// The streamed conversion of a few rows at a time gives the bits of candle's whole-tensor
+    /// dequantization followed by `quantize_q8_0` (how these formats were loaded before).
+    #[test]
+    fn streamed_q8_0_conversion_equals_the_whole_tensor_one() {
+        use candle_core::quantized::k_quants::{BlockQ2K, BlockQ3K, BlockQ6K, BlockQ8_1};
+        let cases: [(GgmlDType, fn(&[u8]) -> Vec<u8>); 4] = [
+            (GgmlDType::Q6K, as_q8_0::<BlockQ6K>),
+            (GgmlDType::Q3K, as_q8_0::<BlockQ3K>),
+            (GgmlDType::Q2K, as_q8_0::<BlockQ2K>),
+            (GgmlDType::Q8_1, as_q8_0::<BlockQ8_1>),
+        ];
+        for (dtype, convert) in cases {
+            let (rows, cols) = (19, 512);
+            let q = QTensor::quantize(&values(rows, cols, 7), dtype).expect("test value");
+            let whole = quantize_q8_0(&flat(&q.dequantize(&Device::Cpu).expect("test value")));
+            let bytes = q.data().expect("test value");
+            // Three rows at a time, as a loader reading a few rows would.
+            let row_bytes = bytes.len() / rows;
+            let streamed: Vec<u8> = bytes
+                .chunks(3 * row_bytes)
+                .flat_map(|rows| convert(rows))
+                .collect();
+            assert!(streamed == whole, "{dtype:?}");
         }
     }
 
