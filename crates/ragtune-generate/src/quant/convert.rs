@@ -260,12 +260,14 @@ mod tests {
         }
     }
 
+    type Conversion = fn(&[u8]) -> Vec<u8>;
+
     /// The streamed conversion of a few rows at a time gives the bits of candle's whole-tensor
     /// dequantization followed by `quantize_q8_0` (how these formats were loaded before).
     #[test]
     fn streamed_q8_0_conversion_equals_the_whole_tensor_one() {
         use candle_core::quantized::k_quants::{BlockQ2K, BlockQ3K, BlockQ6K, BlockQ8_1};
-        let cases: [(GgmlDType, fn(&[u8]) -> Vec<u8>); 4] = [
+        let cases: [(GgmlDType, Conversion); 4] = [
             (GgmlDType::Q6K, as_q8_0::<BlockQ6K>),
             (GgmlDType::Q3K, as_q8_0::<BlockQ3K>),
             (GgmlDType::Q2K, as_q8_0::<BlockQ2K>),
@@ -278,10 +280,7 @@ mod tests {
             let bytes = q.data().expect("test value");
             // Three rows at a time, as a loader reading a few rows would.
             let row_bytes = bytes.len() / rows;
-            let streamed: Vec<u8> = bytes
-                .chunks(3 * row_bytes)
-                .flat_map(|rows| convert(rows))
-                .collect();
+            let streamed: Vec<u8> = bytes.chunks(3 * row_bytes).flat_map(convert).collect();
             assert!(streamed == whole, "{dtype:?}");
         }
     }
