@@ -365,10 +365,18 @@ struct RagExample {
 }
 
 fn rag_example() -> RagExample {
+    rag_example_for(
+        "Who owns the MIT license?",
+        "The owner of the MIT License is MIT [3].",
+    )
+}
+
+/// A retrieval-augmented example: `question` with its top 3 sources from the subset index,
+/// answered by `answer`.
+fn rag_example_for(question: &'static str, answer: &str) -> RagExample {
     let ix = util::subset_index();
     let retriever = ragtune::retrieve::Retriever::open(util::package(Role::Embedder), &ix.index)
         .expect("retriever");
-    let question = "Who owns the MIT license?";
     let sources = retriever
         .search(&ragtune::retrieve::Query::new(question, 3))
         .expect("search")
@@ -377,9 +385,7 @@ fn rag_example() -> RagExample {
     let profile = ragtune::licensedb::profile();
     let (mut messages, blocks) =
         ragtune::engine::prompt::rag_messages_with_blocks(&profile, question, &sources);
-    messages.push(ChatMessage::assistant(
-        "The owner of the MIT License is MIT [3].",
-    ));
+    messages.push(ChatMessage::assistant(answer));
     RagExample {
         example: Example { messages, blocks },
         question,
@@ -517,4 +523,110 @@ fn the_block_attention_mask_gives_the_served_v2_logits() {
             .expect("argmax")
     };
     assert_eq!(argmax(&ours_tail), argmax(&served_tail));
+}
+
+/// The engine's v2 logits of the tail of `t` (the tokens after the last source block): the
+/// head prefilled, the blocks computed right after it in one call and re-rotated into place,
+/// then the tail, all with `adapter`. Returns `(tail start, logits (tail, vocab))`.
+fn served_v2_tail(
+    served: &LlamaModel,
+    t: &data::Tokenized,
+    adapter: Option<&LoraAdapter>,
+) -> (usize, Tensor) {
+    use ragtune_train::Attend;
+    let head = t
+        .attend
+        .iter()
+        .position(|&a| a != Attend::Context)
+        .expect("blocks");
+    let tail = t
+        .attend
+        .iter()
+        .position(|&a| a == Attend::All)
+        .expect("a tail");
+    let mut cache = served.new_cache(t.ids.len()).expect("cache");
+    served
+        .forward_with(&t.ids[..head], 0, &mut cache, adapter)
+        .expect("head");
+    let mut blocks: Vec<&[u32]> = Vec::new();
+    let mut at = head;
+    while at < tail {
+        let end = (at..tail)
+            .find(|&i| t.attend[i] != t.attend[at])
+            .unwrap_or(tail);
+        blocks.push(&t.ids[at..end]);
+        at = end;
+    }
+    let mut after_head = cache.copy_prefix(head, tail).expect("copy");
+    let spans = served
+        .forward_blocks(&blocks, &mut after_head, adapter)
+        .expect("blocks");
+    for span in &spans {
+        served
+            .append_span(&mut cache, span, adapter)
+            .expect("place");
+    }
+    let logits = served
+        .forward_with(&t.ids[tail..], tail, &mut cache, adapter)
+        .expect("tail");
+    (tail, logits)
+}
+
+/// What a v2 training step computes is what the engine serves with the trained adapter: two
+/// retrieval examples packed into one sequence (as `pack` makes them for a step), a LoRA
+/// adapter with random `B` on every projection, and each example's tail compared with the
+/// engine's v2 path for that example alone (head, blocks computed apart and re-rotated, tail,
+/// all with the adapter loaded from the saved files). The single-example test above has no
+/// adapter and no packing.
+#[test]
+fn a_v2_adapter_is_served_as_trained_on_a_packed_sequence() {
+    use ragtune_train::data::SourceAttention::Blocks;
+    let f = fixture();
+    let examples = [
+        rag_example(),
+        rag_example_for(
+            "What is the SPDX identifier of the Apache License 2.0?",
+            "The SPDX identifier is Apache-2.0 [1].",
+        ),
+    ];
+    let tokenized: Vec<data::Tokenized> = examples
+        .iter()
+        .map(|e| data::tokenize(&e.example, &f.template, &f.tokenizer, Blocks).expect("v2"))
+        .collect();
+    let seqs = data::pack(&tokenized, &[0, 1], 4096);
+    assert_eq!(seqs.len(), 1, "both examples in one sequence");
+    let model = TrainModel::load(
+        &f.path,
+        spec(&TargetModule::ALL, 0.0),
+        InitB::Gaussian { std: 0.05 },
+        11,
+    )
+    .expect("load");
+    let trained = model.logits_packed(&seqs[0]).expect("trained logits");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    model.save_adapter(dir.path(), "base").expect("save");
+    let adapter = LoraAdapter::load(dir.path(), &f.served).expect("the adapter loads");
+    let mut start = 0;
+    for (k, t) in tokenized.iter().enumerate() {
+        let (tail, served) = served_v2_tail(&f.served, t, Some(&adapter));
+        let (_, base) = served_v2_tail(&f.served, t, None);
+        let ours = trained
+            .narrow(0, start + tail, t.ids.len() - tail)
+            .expect("narrow");
+        let diff = max_abs_diff(&ours, &served);
+        let moved = max_abs_diff(&ours, &base);
+        eprintln!(
+            "example {k}: served within {diff:.2e} of the trainer (adapter moves {moved:.2})"
+        );
+        assert!(
+            moved > 0.5,
+            "example {k}: the adapter moved the logits by {moved} only"
+        );
+        assert!(
+            diff < 2e-3,
+            "example {k}: served v2 logits {diff} from the trained ones"
+        );
+        start += t.ids.len();
+    }
 }
