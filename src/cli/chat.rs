@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use ragtune::engine::{Answer, Engine, Mode};
+use ragtune::engine::{Answer, Engine, IndexStatus, Mode};
 use ragtune_generate::ChatMessage;
 use rustyline::error::ReadlineError;
 
@@ -147,7 +147,11 @@ enum Next {
 }
 
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
-    let engine = ctx.engine(args.answer.adapter.as_deref())?;
+    // A first run opens the prompt once the metadata records are indexed; the full texts
+    // are embedded in the background and searched once they are in.
+    let mut config = ctx.engine_config(args.answer.adapter.as_deref())?;
+    config.index_in_background = true;
+    let engine = Engine::open(config, &ctx.progress)?;
     let mut answer_args = args.answer;
     // Settle the mode now, so that a bad --mode fails at start and the prompt names it.
     let mode = answer_args.mode(&engine)?;
@@ -209,6 +213,20 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         }
     };
     input.save_history();
+    if let IndexStatus::RecordsOnly {
+        embedded, total, ..
+    } = chat.engine.index_status()
+    {
+        let done = if total == 0 {
+            String::new()
+        } else {
+            format!(" ({:.0}% embedded)", 100.0 * embedded as f64 / total as f64)
+        };
+        eprintln!(
+            "(the full index was not finished{done}; the next `ragtune chat` starts it again \
+             in the background, `ragtune ingest` builds it in the foreground)"
+        );
+    }
     result?;
     // Piped, a session in which every question failed is a failure (for scripts); at a
     // terminal the user saw each error already.
@@ -331,6 +349,8 @@ impl Chat {
         };
         request.history = self.history.clone();
         request.cancel = Some(self.cancel.clone());
+        // Read before answering: it also switches to the full index once that is written.
+        let index = self.engine.index_status();
         self.cancel.store(false, Ordering::SeqCst);
         self.busy.store(true, Ordering::SeqCst);
         let stdout = std::io::stdout();
@@ -356,6 +376,14 @@ impl Chat {
                     eprintln!("(stopped)");
                 }
                 print_summary(&answer, self.history.len());
+                if let IndexStatus::RecordsOnly {
+                    embedded, total, ..
+                } = index
+                {
+                    if answer.mode.uses_retrieval() {
+                        eprintln!("{}", partial_index_note(embedded, total));
+                    }
+                }
                 if !answer.text.trim().is_empty() {
                     self.history.push(ChatMessage::user(question.trim()));
                     self.history
@@ -371,6 +399,22 @@ impl Chat {
         }
         Ok(())
     }
+}
+
+/// What a retrieval answer could draw on while a first run's full ingest runs.
+fn partial_index_note(embedded: usize, total: usize) -> String {
+    let done = if total == 0 {
+        "starting".to_string()
+    } else {
+        format!(
+            "{:.0}% embedded ({embedded} of {total} chunks)",
+            100.0 * embedded as f64 / total as f64
+        )
+    };
+    format!(
+        "(sources from the metadata records only: the full texts are being indexed in the \
+         background, {done}; the chat switches to them when they are in)"
+    )
 }
 
 /// One or two lines on stderr after an answer: the sources, then mode, tokens and timings

@@ -93,6 +93,11 @@ pub struct EngineConfig {
     /// How sources are retrieved: `mode` (`hybrid`, `dense`, `lexical`), RRF constant and
     /// weights, identifier fields (see [`RetrievalConfig`]).
     pub retrieval: RetrievalConfig,
+    /// When the default index has to be built on first use: index the metadata records
+    /// first and embed the full texts on a thread, so the engine opens in seconds and
+    /// searches the full index once it is written (`ragtune chat` sets it). Not a file key.
+    #[serde(skip)]
+    pub index_in_background: bool,
 }
 
 impl Default for EngineConfig {
@@ -119,6 +124,7 @@ impl Default for EngineConfig {
             block_attention: false,
             batch_decode: true,
             retrieval: RetrievalConfig::default(),
+            index_in_background: false,
         }
     }
 }

@@ -28,7 +28,7 @@ pub mod prompt;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Instant;
 
 use ragtune_embed::SentenceEncoder;
@@ -44,6 +44,7 @@ pub use config::{default_index_dir, EngineConfig, CONFIG_FILE};
 pub use prompt::{Citation, BLOCK_PROMPT_FORMAT_VERSION, PROMPT_FORMAT_VERSION};
 
 use crate::fetch::{FetchConfig, Role};
+use crate::ingest::BackgroundIngest;
 use crate::profile::Profile;
 use crate::progress::Progress;
 use crate::retrieve::{Query, RetrievalMode, RetrievedChunk, Retriever};
@@ -248,10 +249,39 @@ impl Finish {
     }
 }
 
+/// Whether the engine searches the whole corpus ([`Engine::index_status`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum IndexStatus {
+    /// The index holds every chunk.
+    Complete,
+    /// A first run: the index holds the metadata records only, while the full ingest runs
+    /// on a thread ([`crate::ingest::ensure_default_index_in_background`]); the engine
+    /// searches the full index as soon as it is written.
+    RecordsOnly {
+        /// Chunks of the full ingest embedded so far.
+        embedded: usize,
+        /// Chunks it embeds in all (0 while the documents are being chunked).
+        total: usize,
+        /// Seconds since it started.
+        elapsed_secs: f64,
+    },
+}
+
+/// `m` locked; a poisoned lock is taken over (what it guards stays consistent: an option
+/// taken or left whole).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// The engine (see the module docs).
 #[derive(Debug)]
 pub struct Engine {
-    retriever: Retriever,
+    /// Swapped for the full index when a background ingest finishes ([`IndexStatus`]).
+    retriever: RwLock<Arc<Retriever>>,
+    /// The full ingest of a first run, while it runs.
+    background: Mutex<Option<BackgroundIngest>>,
+    /// Where notices go (the full index ready, or its build failed).
+    notices: Progress,
     model: LlamaModel,
     tokenizer: Tokenizer,
     template: ChatTemplate,
@@ -287,7 +317,18 @@ impl Engine {
             None => crate::fetch::ensure(&fetch, Role::Embedder, progress)?,
         };
         let encoder = SentenceEncoder::load_with(&encoder_dir, config.encoder_options())?;
-        crate::ingest::ensure_default_index(&config, &profile, &encoder, progress)?;
+        let background = if config.index_in_background {
+            crate::ingest::ensure_default_index_in_background(
+                &config,
+                &profile,
+                &encoder,
+                &encoder_dir,
+                progress,
+            )?
+        } else {
+            crate::ingest::ensure_default_index(&config, &profile, &encoder, progress)?;
+            None
+        };
         let retriever = Retriever::with_encoder(encoder, &index_dir)?
             .with_profile(config.retrieval.clone(), &profile)?;
         if let Some(notice) = retriever.lexical_notice() {
@@ -331,7 +372,10 @@ impl Engine {
             }
             adapters.insert(name.clone(), adapter);
         }
-        Self::assemble(retriever, model, &gguf, adapters, config, profile)
+        let mut engine = Self::assemble(retriever, model, &gguf, adapters, config, profile)?;
+        *lock(&engine.background) = background;
+        engine.notices = progress.clone();
+        Ok(engine)
     }
 
     /// Builds the engine from loaded parts (the tokenizer and chat template are read from
@@ -398,7 +442,9 @@ impl Engine {
             0
         };
         Ok(Engine {
-            retriever,
+            retriever: RwLock::new(Arc::new(retriever)),
+            background: Mutex::new(None),
+            notices: Progress::hidden(),
             model,
             tokenizer,
             template,
@@ -449,9 +495,82 @@ impl Engine {
         self.kv.clear();
     }
 
-    /// The retriever (encoder and index).
-    pub fn retriever(&self) -> &Retriever {
-        &self.retriever
+    /// The retriever (encoder and index) that searches now: the full index once a first
+    /// run's background ingest has finished ([`index_status`](Self::index_status)).
+    pub fn retriever(&self) -> Arc<Retriever> {
+        self.poll_background();
+        Arc::clone(
+            &self
+                .retriever
+                .read()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
+    }
+
+    /// Searches the index `ingest` writes once it has finished: until then
+    /// [`index_status`](Self::index_status) reports its progress, then the engine opens the
+    /// new index with the ingest's encoder (a notice on the engine's progress says so). This
+    /// is what [`open`](Self::open) does with a first run's background ingest
+    /// ([`EngineConfig::index_in_background`]); an engine built with
+    /// [`from_parts`](Self::from_parts) can follow one started with
+    /// [`crate::ingest::ingest_in_stages`] into the directory it searches.
+    pub fn follow_ingest(&self, ingest: BackgroundIngest) {
+        *lock(&self.background) = Some(ingest);
+    }
+
+    /// Whether the index is complete, or holds the metadata records only while a first run
+    /// embeds the rest in the background.
+    pub fn index_status(&self) -> IndexStatus {
+        self.poll_background();
+        match lock(&self.background).as_ref() {
+            None => IndexStatus::Complete,
+            Some(b) => {
+                let (embedded, total) = b.chunks();
+                IndexStatus::RecordsOnly {
+                    embedded,
+                    total,
+                    elapsed_secs: b.elapsed_secs(),
+                }
+            }
+        }
+    }
+
+    /// When the background ingest has finished: opens the full index with its encoder and
+    /// searches it from now on (a notice says so), or keeps the records and says why.
+    fn poll_background(&self) {
+        let mut background = lock(&self.background);
+        if !background
+            .as_ref()
+            .is_some_and(BackgroundIngest::is_finished)
+        {
+            return;
+        }
+        let Some(done) = background.take() else {
+            return;
+        };
+        let index_dir = done.index_dir().to_path_buf();
+        let opened = done.join().and_then(|(report, encoder)| {
+            let retriever = Retriever::with_encoder(encoder, &index_dir)?
+                .with_profile(self.config.retrieval.clone(), &self.profile)?;
+            Ok((report, retriever))
+        });
+        match opened {
+            Ok((report, retriever)) => {
+                *self
+                    .retriever
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner) = Arc::new(retriever);
+                self.notices.notice(&format!(
+                    "full index ready: {} documents as {} chunks (embedded in the background \
+                     in {:.0} s); answers now draw on the full texts",
+                    report.documents, report.chunks, report.total_secs
+                ));
+            }
+            Err(e) => self.notices.notice(&format!(
+                "the full index could not be built in the background ({e}); searching the \
+                 metadata records only (`ragtune ingest` builds it)"
+            )),
+        }
     }
 
     /// The names of the loaded adapters.
@@ -739,7 +858,7 @@ impl Engine {
         let mut query = Query::new(question, k * 3);
         query.filter = filter;
         query.mode = retrieval;
-        let result = self.retriever.search(&query)?;
+        let result = self.retriever().search(&query)?;
         timings.embed = result.embed_ms;
         timings.retrieve = result.search_ms;
         let mut per_doc: BTreeMap<&str, usize> = BTreeMap::new();

@@ -561,3 +561,99 @@ fn the_readme_questions_are_answered_right_in_hybrid_and_rag() {
         }
     }
 }
+
+/// A first run in stages (`ragtune chat` on a machine without an index): the metadata records
+/// are indexed before the call returns, marked partial, and the engine searches them; the full
+/// ingest runs on a thread, and the engine searches its index once it is written, with the
+/// marker gone. The subset corpus stands in for the pinned one.
+#[test]
+fn a_first_run_answers_from_the_records_then_from_the_full_index() {
+    use ragtune::engine::IndexStatus;
+    use ragtune::ingest::{ingest_in_stages, partial_marker, IngestOptions};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let corpus = dir.path().join("corpus");
+    util::copy_subset(&corpus, util::SUBSET);
+    let index = dir.path().join("index").join("licensedb");
+    let staged = ingest_in_stages(
+        util::encoder(),
+        || Ok(util::load_encoder()),
+        &corpus,
+        &index,
+        &IngestOptions::default(),
+        &ragtune::progress::Progress::hidden(),
+    )
+    .expect("the records, then the full ingest started");
+    // The records alone, one per document, under the marker (the thread may be done already
+    // on a fast machine; the marker goes only when the full index is in place).
+    let records = ragtune_index::Index::open(&index, &ragtune::embedder_id(util::encoder()))
+        .expect("the records index")
+        .stats();
+    let full = util::subset_index();
+    let full_stats =
+        ragtune_index::Index::open(&full.index, &ragtune::embedder_id(util::encoder()))
+            .expect("the subset index")
+            .stats();
+    assert_eq!(records.docs, util::SUBSET.len());
+    assert!(
+        records.chunks == util::SUBSET.len() || records.chunks == full_stats.chunks,
+        "{} chunks: neither the records nor the full index",
+        records.chunks
+    );
+
+    let e = engine_with(EngineConfig {
+        index: Some(index.clone()),
+        ..config()
+    });
+    let hits = e
+        .retriever()
+        .search(&ragtune::retrieve::Query::new(APACHE, 20))
+        .expect("search")
+        .hits;
+    let body_hits = e
+        .retriever()
+        .search(&ragtune::retrieve::Query::new(BODY_LINE, 3))
+        .expect("search")
+        .hits;
+    if records.chunks == util::SUBSET.len() {
+        assert!(hits.iter().all(|h| h.chunk == 0), "records only: {hits:?}");
+        assert!(
+            body_hits.iter().all(|h| h.chunk == 0),
+            "records only: {body_hits:?}"
+        );
+    }
+    e.follow_ingest(staged);
+    let started = std::time::Instant::now();
+    while let IndexStatus::RecordsOnly {
+        embedded, total, ..
+    } = e.index_status()
+    {
+        assert!(embedded <= total || total == 0, "{embedded} of {total}");
+        assert!(
+            started.elapsed().as_secs() < 600,
+            "the background ingest did not finish"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        !partial_marker(&index).exists(),
+        "the marker outlived the full index"
+    );
+    let stats = e.retriever().index().stats();
+    assert_eq!(
+        (stats.docs, stats.chunks),
+        (full_stats.docs, full_stats.chunks)
+    );
+    // A line of a license text: only a body chunk holds it.
+    let hits = e
+        .retriever()
+        .search(&ragtune::retrieve::Query::new(BODY_LINE, 3))
+        .expect("search")
+        .hits;
+    assert!(
+        hits.iter().any(|h| h.chunk > 0),
+        "body chunks are searched: {hits:?}"
+    );
+}
+
+/// A line of the Apache License 2.0's text (in a body chunk, not in its record).
+const BODY_LINE: &str = "you may not use this file except in compliance with the License";

@@ -307,3 +307,29 @@ fn empty_files_are_skipped_and_an_all_failed_chat_fails() {
     assert!(!out.status.success(), "every question failed: {stderr}");
     assert!(stderr.contains("line 1 is not valid UTF-8"), "{stderr}");
 }
+
+/// `ingest --add` into an index that a first run has indexed the metadata records of only
+/// (its `<index>.partial` marker beside it) is refused, saying what to run: the full ingest
+/// that completes it replaces the whole index, and would drop what was added.
+#[test]
+fn adding_to_a_records_only_index_is_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let index = tmp.path().join("licensedb");
+    copy_subset_index(&index);
+    let before = documents(&index);
+    std::fs::write(ragtune::ingest::partial_marker(&index), "records only\n").expect("marker");
+    let corpus = tmp.path().join("corpus");
+    util::copy_subset(&corpus, &["afl-3.0"]);
+    let out = ragtune(&index)
+        .args(["ingest", "--add"])
+        .arg(&corpus)
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "accepted: {stderr}");
+    assert!(
+        stderr.contains("metadata records only") && stderr.contains("ragtune ingest"),
+        "{stderr}"
+    );
+    assert_eq!(documents(&index), before);
+}
