@@ -376,12 +376,16 @@ impl Chat {
                     eprintln!("(stopped)");
                 }
                 print_summary(&answer, self.history.len());
-                if let IndexStatus::RecordsOnly {
-                    embedded, total, ..
-                } = index
-                {
-                    if answer.mode.uses_retrieval() {
-                        eprintln!("{}", partial_index_note(embedded, total));
+                if answer.mode.uses_retrieval() {
+                    match index {
+                        IndexStatus::RecordsOnly {
+                            embedded, total, ..
+                        } => eprintln!("{}", partial_index_note(embedded, total)),
+                        IndexStatus::RecordsOnlyFailed => eprintln!(
+                            "(sources from the metadata records only: the full index could \
+                             not be built, see above; `ragtune ingest` builds it)"
+                        ),
+                        IndexStatus::Complete => {}
                     }
                 }
                 if !answer.text.trim().is_empty() {

@@ -27,7 +27,7 @@ pub mod prompt;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Instant;
 
@@ -265,6 +265,9 @@ pub enum IndexStatus {
         /// Seconds since it started.
         elapsed_secs: f64,
     },
+    /// The full ingest of a first run failed (a notice said why): the index holds the
+    /// metadata records only until `ragtune ingest` (or the next first-run check) builds it.
+    RecordsOnlyFailed,
 }
 
 /// `m` locked; a poisoned lock is taken over (what it guards stays consistent: an option
@@ -280,6 +283,8 @@ pub struct Engine {
     retriever: RwLock<Arc<Retriever>>,
     /// The full ingest of a first run, while it runs.
     background: Mutex<Option<BackgroundIngest>>,
+    /// It failed: the index holds the records only.
+    background_failed: AtomicBool,
     /// Where notices go (the full index ready, or its build failed).
     notices: Progress,
     model: LlamaModel,
@@ -444,6 +449,7 @@ impl Engine {
         Ok(Engine {
             retriever: RwLock::new(Arc::new(retriever)),
             background: Mutex::new(None),
+            background_failed: AtomicBool::new(false),
             notices: Progress::hidden(),
             model,
             tokenizer,
@@ -523,6 +529,9 @@ impl Engine {
     pub fn index_status(&self) -> IndexStatus {
         self.poll_background();
         match lock(&self.background).as_ref() {
+            None if self.background_failed.load(Ordering::Relaxed) => {
+                IndexStatus::RecordsOnlyFailed
+            }
             None => IndexStatus::Complete,
             Some(b) => {
                 let (embedded, total) = b.chunks();
@@ -566,10 +575,13 @@ impl Engine {
                     report.documents, report.chunks, report.total_secs
                 ));
             }
-            Err(e) => self.notices.notice(&format!(
-                "the full index could not be built in the background ({e}); searching the \
+            Err(e) => {
+                self.background_failed.store(true, Ordering::Relaxed);
+                self.notices.notice(&format!(
+                    "the full index could not be built in the background ({e}); searching the \
                  metadata records only (`ragtune ingest` builds it)"
-            )),
+                ));
+            }
         }
     }
 
