@@ -303,8 +303,7 @@ fn remove_partial_marker(index_dir: &Path) -> Result<()> {
     }
 }
 
-/// The corpus folder and index directory of `config`'s default index when it has to be built
-/// or completed: the profile has a pinned corpus, `config` names no index directory and no
+/// The directory of `config`'s default index when that has to be built or completed: the profile has a pinned corpus, `config` names no index directory and no
 /// embedder of its own, and the index directory does not exist or holds the records only
 /// ([`partial_marker`]). `None` otherwise.
 fn default_index_to_build(config: &EngineConfig, profile: &Profile) -> Option<PathBuf> {

@@ -217,14 +217,10 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         embedded, total, ..
     } = chat.engine.index_status()
     {
-        let done = if total == 0 {
-            String::new()
-        } else {
-            format!(" ({:.0}% embedded)", 100.0 * embedded as f64 / total as f64)
-        };
         eprintln!(
-            "(the full index was not finished{done}; the next `ragtune chat` starts it again \
-             in the background, `ragtune ingest` builds it in the foreground)"
+            "(the full index was not finished: {}; the next `ragtune chat` starts it again \
+             in the background, `ragtune ingest` builds it in the foreground)",
+            embedded_so_far(embedded, total)
         );
     }
     result?;
@@ -405,19 +401,23 @@ impl Chat {
     }
 }
 
+/// How far a background ingest got: `starting` or `N% embedded (E of T chunks)`.
+fn embedded_so_far(embedded: usize, total: usize) -> String {
+    if total == 0 {
+        return "starting".to_string();
+    }
+    format!(
+        "{:.0}% embedded ({embedded} of {total} chunks)",
+        100.0 * embedded as f64 / total as f64
+    )
+}
+
 /// What a retrieval answer could draw on while a first run's full ingest runs.
 fn partial_index_note(embedded: usize, total: usize) -> String {
-    let done = if total == 0 {
-        "starting".to_string()
-    } else {
-        format!(
-            "{:.0}% embedded ({embedded} of {total} chunks)",
-            100.0 * embedded as f64 / total as f64
-        )
-    };
     format!(
         "(sources from the metadata records only: the full texts are being indexed in the \
-         background, {done}; the chat switches to them when they are in)"
+         background, {}; the chat switches to them when they are in)",
+        embedded_so_far(embedded, total)
     )
 }
 
