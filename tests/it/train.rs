@@ -461,16 +461,15 @@ fn the_block_attention_mask_gives_the_served_v2_logits() {
     let model =
         TrainModel::load(&f.path, spec(&TargetModule::ALL, 0.0), InitB::Zeros, 1).expect("load");
     let t = data::tokenize(&rag.example, &f.template, &f.tokenizer, Blocks).expect("v2");
-    let head = t
+    let blocks = t
         .attend
         .iter()
-        .position(|&a| a != ragtune_train::Attend::Context)
-        .expect("blocks");
-    let tail = t
-        .attend
-        .iter()
-        .position(|&a| a == ragtune_train::Attend::All)
-        .expect("a tail");
+        .filter_map(|a| match a {
+            ragtune_train::Attend::Block(k) => Some(*k),
+            _ => None,
+        })
+        .max();
+    assert_eq!(blocks, Some(3), "one block per source");
     let seq = |attend: Vec<ragtune_train::Attend>| PackedSeq {
         tokens: t.ids.clone(),
         positions: (0..t.ids.len() as u32).collect(),
@@ -484,29 +483,7 @@ fn the_block_attention_mask_gives_the_served_v2_logits() {
     let causal = model.logits(&t.ids).expect("causal logits");
 
     // The engine's way.
-    let served = &f.served;
-    let mut cache = served.new_cache(t.ids.len()).expect("cache");
-    served.forward(&t.ids[..head], 0, &mut cache).expect("head");
-    let mut blocks: Vec<&[u32]> = Vec::new();
-    let mut at = head;
-    while at < tail {
-        let end = (at..tail)
-            .find(|&i| t.attend[i] != t.attend[at])
-            .unwrap_or(tail);
-        blocks.push(&t.ids[at..end]);
-        at = end;
-    }
-    assert_eq!(blocks.len(), 3);
-    let mut after_head = cache.copy_prefix(head, tail).expect("copy");
-    let spans = served
-        .forward_blocks(&blocks, &mut after_head, None)
-        .expect("blocks");
-    for span in &spans {
-        served.append_span(&mut cache, span, None).expect("place");
-    }
-    let served_tail = served
-        .forward(&t.ids[tail..], tail, &mut cache)
-        .expect("tail");
+    let (tail, served_tail) = served_v2_tail(&f.served, &t, None);
 
     let ours_tail = ours.narrow(0, tail, t.ids.len() - tail).expect("narrow");
     let causal_tail = causal.narrow(0, tail, t.ids.len() - tail).expect("narrow");
