@@ -427,4 +427,71 @@ impl KvSpan {
     pub fn shape(&self) -> (usize, usize) {
         (self.layers.len(), self.n_kv_heads)
     }
+
+    /// `(layers, n_kv_heads, head_dim)`.
+    pub(crate) fn geometry(&self) -> (usize, usize, usize) {
+        (self.layers.len(), self.n_kv_heads, self.head_dim)
+    }
+
+    /// Whether the values are held in f16 (else f32).
+    pub(crate) fn is_f16(&self) -> bool {
+        matches!(self.layers.first(), Some((SpanData::F16(_), _)) | None)
+    }
+
+    /// Appends the values to `out`: per layer the keys, then the values, each
+    /// `(n_kv_heads, len, head_dim)` little-endian f16 or f32 ([`is_f16`](Self::is_f16)).
+    pub(crate) fn write_values(&self, out: &mut Vec<u8>) {
+        for (k, v) in &self.layers {
+            for data in [k, v] {
+                match data {
+                    SpanData::F16(x) => out.extend(x.iter().flat_map(|h| h.to_le_bytes())),
+                    SpanData::F32(x) => out.extend(x.iter().flat_map(|f| f.to_le_bytes())),
+                }
+            }
+        }
+    }
+
+    /// The span that [`write_values`](Self::write_values) wrote into `bytes`, of `len`
+    /// positions whose keys were computed at `first_position` with the adapter of id
+    /// `adapter`. `None` when `bytes` has another length than the geometry wants.
+    pub(crate) fn from_values(
+        bytes: &[u8],
+        f16_values: bool,
+        (layers, n_kv_heads, head_dim): (usize, usize, usize),
+        len: usize,
+        first_position: usize,
+        adapter: Option<u64>,
+    ) -> Option<KvSpan> {
+        let per = n_kv_heads * len * head_dim;
+        let width = if f16_values { 2 } else { 4 };
+        if len == 0 || bytes.len() != 2 * layers * per * width {
+            return None;
+        }
+        let mut parts = bytes.chunks_exact(per * width).map(|b| {
+            if f16_values {
+                SpanData::F16(
+                    b.chunks_exact(2)
+                        .map(|c| f16::from_le_bytes([c[0], c[1]]))
+                        .collect(),
+                )
+            } else {
+                SpanData::F32(
+                    b.chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect(),
+                )
+            }
+        });
+        let layers = (0..layers)
+            .map(|_| Some((parts.next()?, parts.next()?)))
+            .collect::<Option<Vec<_>>>()?;
+        Some(KvSpan {
+            layers,
+            len,
+            n_kv_heads,
+            head_dim,
+            first_position,
+            adapter,
+        })
+    }
 }

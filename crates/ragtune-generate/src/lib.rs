@@ -44,6 +44,7 @@
 #![warn(missing_docs)]
 
 mod attention;
+mod block_store;
 mod chat;
 mod error;
 mod kv_cache;
@@ -63,6 +64,7 @@ mod weight;
 #[cfg(test)]
 mod fuzz_tests;
 
+pub use block_store::{BlockStore, BlockStoreIdentity, Skipped, StoredBlock, SEGMENT_EXTENSION};
 /// The candle version this crate is built on: [`LlamaModel::forward`] returns its `Tensor`.
 pub use candle_core;
 pub use chat::{ChatMessage, ChatTemplate, Role, GEMMA3_TEMPLATE};
