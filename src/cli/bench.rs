@@ -190,7 +190,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         machine: Machine::here(),
         settings: Settings {
             questions: source,
-            questions_sha256: hex(&sha2::Sha256::digest(text.as_bytes())),
+            questions_sha256: ragtune::util::hex(&sha2::Sha256::digest(text.as_bytes())),
             n_questions: set.len(),
             warmup: args.warmup,
             k: args.k.unwrap_or(engine.config().k),
@@ -927,10 +927,6 @@ where
         .draw()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -23,7 +23,6 @@ use ragtune::util::write_atomic;
 use ragtune_generate::{read_gguf, ChatTemplate, LlamaProps, TargetModule, Tokenizer};
 use ragtune_train::{data, Event, Finish, InitB, LoraSpec, TrainConfig, TrainModel, Trainer};
 use serde_json::json;
-use sha2::Digest;
 
 use super::Context;
 
@@ -112,14 +111,6 @@ pub struct Args {
     /// Without it, an --out holding an adapter is refused.
     #[arg(long)]
     overwrite: bool,
-}
-
-fn sha256_file(path: &Path) -> anyhow::Result<String> {
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut hasher = sha2::Sha256::new();
-    std::io::copy(&mut file, &mut hasher).with_context(|| format!("reading {}", path.display()))?;
-    Ok(format!("{:x}", hasher.finalize()))
 }
 
 /// Keeps the records of `loss.jsonl` up to `step` (a resumed run rewrites what came after).
@@ -265,7 +256,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         None => data::Prepared::default(),
     };
 
-    let base_sha256 = sha256_file(&gguf)?;
+    let base_sha256 = ragtune::fetch::sha256_hex(&gguf)?;
     let model = TrainModel::load(&gguf, config.lora.clone(), InitB::Zeros, config.seed)?;
     let params = model.param_count();
     let mut trainer = Trainer::new(

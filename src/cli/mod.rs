@@ -10,6 +10,7 @@ mod finetune_data;
 mod generate;
 mod index;
 mod ingest;
+mod precompute_blocks;
 mod search;
 mod serve;
 
@@ -117,6 +118,9 @@ enum Command {
     /// Write the LicenseDB fine-tuning data (chat JSON Lines: closed-book and
     /// retrieval-augmented examples of seen licenses) into train.jsonl, dev.jsonl, stats.json.
     FinetuneData(finetune_data::Args),
+    /// Compute the chunk blocks of block attention (prompt format v2) ahead, for chosen
+    /// documents (default: every metadata record), and write them next to the index.
+    PrecomputeBlocks(precompute_blocks::Args),
 }
 
 /// Output format of `search`, `ask` and `generate` (each command's `--format` help says what
@@ -157,6 +161,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Ask(args) => ask::run(&ctx, args),
         Command::Chat(args) => chat::run(&ctx, args),
         Command::Bench(args) => bench::run(&ctx, args),
+        Command::PrecomputeBlocks(args) => precompute_blocks::run(&ctx, args),
         Command::Finetune(args) => finetune::run(&ctx, args),
         Command::FinetuneData(args) => finetune_data::run(&ctx, args),
         Command::Serve(args) => serve::run(&ctx, args),

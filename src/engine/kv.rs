@@ -4,9 +4,9 @@
 //!    ([`PrefixCache`], a trie of blocks of [`BLOCK_TOKENS`](ragtune_generate::BLOCK_TOKENS) positions): the system prompt, a conversation's
 //!    earlier turns, a repeated prompt.
 //! 2. For a block-attention prompt ([`BlockPrompt`], format v2), the rest of the head is
-//!    prefilled, then each source's KV block is taken from the cache (or computed after the
-//!    context and kept; the missing ones together in one forward call with a block mask) and
-//!    appended with its keys re-rotated to its place.
+//!    prefilled, then each source's KV block is taken from the cache, else from the blocks
+//!    persisted next to the index (blocks.rs), else computed after the context (one causal
+//!    prefill call each) and kept, and appended with its keys re-rotated to its place.
 //! 3. The generator prefills what is left (the tail) and decodes.
 //!
 //! After the answer, the prompt and the generated tokens are kept in the trie, so the next
@@ -53,7 +53,9 @@ pub(crate) struct Assembled {
 
 impl Engine {
     /// A cache of `capacity` positions holding the first positions of `prompt` (all but the
-    /// tail, for a block prompt; at least one token is always left to prefill).
+    /// tail, for a block prompt; at least one token is always left to prefill). `named` is
+    /// `adapter` with its configured name (`None` for the base model or an adapter given
+    /// without one), for the persisted chunk blocks.
     ///
     /// # Errors
     /// Model errors (a forward pass, a span that does not fit).
@@ -61,6 +63,7 @@ impl Engine {
         &self,
         prompt: &[u32],
         layout: Option<&BlockPrompt>,
+        named: Option<(&str, &LoraAdapter)>,
         adapter: Option<&LoraAdapter>,
         capacity: usize,
     ) -> Result<(KvCache, Assembled)> {
@@ -106,6 +109,18 @@ impl Engine {
                     .chunk(BLOCKS, adapter, &layout.context, &prompt[(*b).clone()])
             })
             .collect();
+        // Missed in memory: from the persisted blocks (blocks.rs), kept in memory too.
+        for (b, s) in todo.iter().zip(spans.iter_mut()) {
+            if s.is_none() {
+                let ids = &prompt[(*b).clone()];
+                if let Some(span) = self.stored_block(named, &layout.context, ids) {
+                    *s = Some(
+                        self.kv
+                            .insert_chunk(BLOCKS, adapter, &layout.context, ids, span)?,
+                    );
+                }
+            }
+        }
         for (b, s) in todo.iter().zip(&spans) {
             if s.is_some() {
                 done.cached += b.len();
@@ -131,8 +146,11 @@ impl Engine {
     }
 
     /// The KV blocks of `chunks`, each computed right after the layout's context and
-    /// attending to it and itself only, all in one forward call when they have enough tokens
-    /// for the prefill path (else one call each). The context's KV comes from a copy of the
+    /// attending to it and itself only: one causal prefill call each, on a scratch copy of
+    /// the context's KV. That is the model's fastest path (several chunks in one call need a
+    /// `(t, past + t)` block mask outside the own attention kernels: about half the
+    /// speed), and it computes a block exactly as `Engine::precompute_blocks` does, so a
+    /// block read from disk holds the same bits. The context's KV comes from a copy of the
     /// request's head when the prompt has no history (the head is the context), else from
     /// the prefix cache, the rest prefilled and kept.
     fn chunk_blocks(
@@ -143,8 +161,8 @@ impl Engine {
         adapter: Option<&LoraAdapter>,
     ) -> Result<Vec<KvSpan>> {
         let context = &layout.context;
-        let total: usize = chunks.iter().map(|c| c.len()).sum();
-        let capacity = context.len() + total;
+        let longest = chunks.iter().map(|c| c.len()).max().unwrap_or(0);
+        let capacity = context.len() + longest;
         let mut cache = if layout.head == context.len() && request.len() >= layout.head {
             request.copy_prefix(layout.head, capacity)?
         } else {
@@ -161,7 +179,11 @@ impl Engine {
             self.kv.insert(BLOCKS, adapter, context, &c)?;
             c
         };
-        Ok(self.model.forward_blocks(chunks, &mut cache, adapter)?)
+        let mut spans = Vec::with_capacity(chunks.len());
+        for chunk in chunks {
+            spans.extend(self.model.forward_blocks(&[chunk], &mut cache, adapter)?);
+        }
+        Ok(spans)
     }
 
     /// Keeps the computed positions of `tokens` (the prompt, then the generated ids) for

@@ -21,14 +21,15 @@
 //! a time.
 
 pub mod batch;
+mod blocks;
 mod config;
 mod kv;
 pub mod prompt;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 use std::time::Instant;
 
 use ragtune_embed::SentenceEncoder;
@@ -40,6 +41,7 @@ use ragtune_generate::{
 use ragtune_index::Filter;
 use serde::Serialize;
 
+pub use blocks::{block_store_dir, PrecomputeReport};
 pub use config::{default_index_dir, EngineConfig, CONFIG_FILE};
 pub use prompt::{Citation, BLOCK_PROMPT_FORMAT_VERSION, PROMPT_FORMAT_VERSION};
 
@@ -300,6 +302,11 @@ pub struct Engine {
     kv: PrefixCache,
     /// Batches the decode steps of concurrent answers.
     batcher: batch::DecodeBatcher,
+    /// The GGUF file the model was loaded from, and its sha256 once computed (blocks.rs).
+    gguf: PathBuf,
+    model_sha256: OnceLock<String>,
+    /// The persisted chunk blocks per adapter name, opened on first use (blocks.rs).
+    block_stores: Mutex<HashMap<Option<String>, Option<Arc<ragtune_generate::BlockStore>>>>,
 }
 
 impl Engine {
@@ -461,6 +468,9 @@ impl Engine {
             index_dir,
             kv: PrefixCache::new(kv_bytes),
             batcher: batch::DecodeBatcher::default(),
+            gguf: gguf.to_path_buf(),
+            model_sha256: OnceLock::new(),
+            block_stores: Mutex::new(HashMap::new()),
         })
     }
 
@@ -741,8 +751,14 @@ impl Engine {
         if let Some(b) = &layout {
             prompt.clone_from(&b.tokens);
         }
-        let (mut cache, assembled) =
-            self.assemble_kv(&prompt, layout.as_ref(), adapter, prompt.len() + max_tokens)?;
+        let named = adapter_name.as_deref().zip(adapter);
+        let (mut cache, assembled) = self.assemble_kv(
+            &prompt,
+            layout.as_ref(),
+            named,
+            adapter,
+            prompt.len() + max_tokens,
+        )?;
         let generator = Generator::new(&self.model, &self.tokenizer, &self.eog);
         let mut first_token = None;
         // Decode steps go through the batcher, which runs them together with those of the

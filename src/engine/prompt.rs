@@ -196,6 +196,24 @@ pub fn sources_end(
     ))
 }
 
+/// The ids of source `n`'s block in a version-2 prompt ([`block_prompt`]): its line
+/// `[n] … \n` tokenized alone, as `block_prompt` tokenizes each block. What
+/// [`Engine::precompute_blocks`](super::Engine::precompute_blocks) computes ahead.
+///
+/// # Errors
+/// Tokenizer errors.
+pub fn source_block_ids(
+    tokenizer: &Tokenizer,
+    profile: &Profile,
+    n: usize,
+    chunk: &RetrievedChunk,
+) -> Result<Vec<u32>> {
+    let line = source_line(profile, n, chunk) + "\n";
+    tokenizer
+        .encode(&line, SpecialTokens::Parse)
+        .map_err(generate_err)
+}
+
 /// The text of source `n` (1-based) as it appears in the prompt: `[n] (doc_id) text`, or
 /// `[n] text` for a metadata record that names its document itself (the profile's
 /// [`RecordTemplate::id_mention`](crate::profile::RecordTemplate::id_mention)).

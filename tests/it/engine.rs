@@ -496,6 +496,103 @@ fn block_attention_reuses_sources_per_adapter() {
     assert_eq!(concurrent, sequential);
 }
 
+/// Chunk blocks precomputed into `<index>.kv-blocks` are read by a later engine (another
+/// process in real use) instead of being prefilled, and give the answer that computing them
+/// gives. A second precompute finds them stored; a damaged entry is not used (its block is
+/// computed again); blocks of an index that changed are ignored, then removed.
+#[test]
+fn precomputed_blocks_are_read_from_disk_by_a_new_engine() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let index = tmp.path().join("index");
+    util::copy_subset_index(&index);
+    let store = ragtune::engine::block_store_dir(&index);
+    assert_eq!(store, tmp.path().join("index.kv-blocks"));
+    let fresh = || {
+        let mut c = config();
+        c.index = Some(index.clone());
+        c.block_attention = true;
+        engine_with(c)
+    };
+    let hidden = ragtune::progress::Progress::hidden();
+    let cold = fresh()
+        .answer(&request(APACHE, Mode::Rag, 2, 12))
+        .expect("cold");
+    assert_eq!(cold.sources.len(), 2);
+
+    // The base model's blocks (rag) of the two sources, as numbers 1 and 2.
+    let e = fresh();
+    let report = e
+        .precompute_blocks(&cold.sources, 2, None, &hidden)
+        .expect("precompute");
+    assert_eq!(
+        (report.blocks, report.written, report.already_stored),
+        (4, 4, 0)
+    );
+    let on_disk: u64 = report
+        .segments
+        .iter()
+        .map(|p| std::fs::metadata(p).expect("segment").len())
+        .sum();
+    assert_eq!(report.bytes_written, on_disk);
+    // SmolLM2-135M, f16: 23,040 bytes of KV a position, plus ids and the table.
+    let per_position = report.bytes_written as f64 / report.positions as f64;
+    assert!(
+        (23_040.0..23_400.0).contains(&per_position),
+        "{per_position}"
+    );
+
+    let warm_engine = fresh();
+    let warm = warm_engine
+        .answer(&request(APACHE, Mode::Rag, 2, 12))
+        .expect("from disk");
+    assert_eq!(warm.text, cold.text);
+    assert_eq!(warm_engine.block_store_reads(), (2, 0));
+    assert!(
+        warm.tokens.cached >= cold.tokens.cached + 40,
+        "{:?} vs cold {:?}",
+        warm.tokens,
+        cold.tokens
+    );
+    // Under an adapter the base model's blocks are not used.
+    let hybrid = warm_engine
+        .answer(&request(APACHE, Mode::Hybrid, 2, 12))
+        .expect("hybrid");
+    assert_eq!(warm_engine.block_store_reads(), (2, 0));
+    assert!(hybrid.tokens.cached < warm.tokens.cached);
+
+    let again = e
+        .precompute_blocks(&cold.sources, 2, None, &hidden)
+        .expect("again");
+    assert_eq!((again.written, again.already_stored), (0, 4));
+
+    // Flip the last byte of the last segment: the last block written (the second source
+    // as number 2, which the prompt uses) fails its checksum and is computed again.
+    let last = report.segments.last().expect("a segment");
+    let mut bytes = std::fs::read(last).expect("read");
+    *bytes.last_mut().expect("byte") ^= 0x40;
+    std::fs::write(last, &bytes).expect("write");
+    let damaged = fresh();
+    let answer = damaged
+        .answer(&request(APACHE, Mode::Rag, 2, 12))
+        .expect("damaged");
+    assert_eq!(answer.text, cold.text);
+    assert_eq!(damaged.block_store_reads(), (1, 1));
+
+    // A changed index (a document deleted) makes the segments stale: ignored, then removed
+    // by the next precompute.
+    util::run_ok(util::ragtune(&index).args(["index", "delete", "zlib"]));
+    let stale = fresh();
+    stale
+        .answer(&request(APACHE, Mode::Rag, 2, 12))
+        .expect("stale");
+    assert_eq!(stale.block_store_reads(), (0, 0));
+    let rebuilt = stale
+        .precompute_blocks(&cold.sources[..1], 1, None, &hidden)
+        .expect("rebuild");
+    assert_eq!(rebuilt.removed_stale, report.segments.len());
+    assert_eq!(rebuilt.written, 1);
+}
+
 /// The README's example questions, answered by the shipped adapter (`hybrid`) and by the
 /// base model (`rag`) with the default settings (k = 2, hybrid retrieval, greedy) over the
 /// subset index, whose look-alikes (`mit-license-1998`, `mit-1995`, `gpl-3.0-plus`,

@@ -5,7 +5,7 @@
 //! atomically (temporary file, fsync, rename, directory fsync: `ragtune_util::fs`), so a
 //! crash leaves either no segment or a complete one; a later write adds a segment and never
 //! touches an existing one. Every segment records the [`BlockStoreIdentity`] its blocks were
-//! computed under (model file, adapter, prompt format, index). A segment of another identity
+//! computed under (model file, adapter, prompt format, KV precision, index). A segment of another identity
 //! is not read: a changed model or adapter gives other KV for the same ids, and a rebuilt
 //! index makes the blocks stale.
 //!
@@ -60,6 +60,9 @@ pub struct BlockStoreIdentity {
     pub adapter_sha256: Option<String>,
     /// The prompt format the blocks were cut for (2: block attention).
     pub prompt_format: u32,
+    /// The KV precision, `f16` (a quantized model) or `f32` (the f32 path): blocks of the
+    /// other precision would not give the values a fresh prefill writes.
+    pub kv_dtype: String,
     /// A fingerprint of the index the chunks came from: blocks of another index are stale.
     pub index: String,
 }
@@ -457,6 +460,7 @@ impl BlockStore {
             model_sha256: String::new(),
             adapter_sha256: None,
             prompt_format: 0,
+            kv_dtype: String::new(),
             index: index.to_string(),
         };
         let store = BlockStore::open(dir, probe, (0, 0, 0))?;
@@ -481,6 +485,7 @@ mod tests {
             model_sha256: "m".into(),
             adapter_sha256: None,
             prompt_format: 2,
+            kv_dtype: "f16".into(),
             index: index.into(),
         }
     }

@@ -393,6 +393,14 @@ impl LlamaModel {
         }
         let past = cache.len();
         let start = cache.first_position() + past;
+        if let [chunk] = chunks {
+            // One chunk after the context is a plain causal prefill: the own attention
+            // kernels, no (t, past + t) mask.
+            on_pool(|| self.hidden(chunk, past, cache, adapter).map(|_| ()))?;
+            let span = cache.span(past..past + t)?.at_position(start);
+            cache.truncate(past);
+            return Ok(vec![span]);
+        }
         let mut positions = Vec::with_capacity(t);
         let mut mask = Vec::with_capacity(t * (past + t));
         let mut offset = 0;
