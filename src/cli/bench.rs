@@ -205,6 +205,10 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             block_attention: engine.config().block_attention,
         },
         kv: engine.kv_stats(),
+        stored_blocks: {
+            let (read, damaged) = engine.block_store_reads();
+            StoredBlocks { read, damaged }
+        },
         modes: modes
             .iter()
             .map(|&m| match notes.get(&m) {
@@ -265,8 +269,17 @@ struct Report {
     settings: Settings,
     /// The prefix cache at the end of the run: bytes held, hits.
     kv: ragtune_generate::PrefixCacheStats,
+    /// Chunk blocks read from `<index>.kv-blocks` (`ragtune precompute-blocks`).
+    stored_blocks: StoredBlocks,
     modes: Vec<ModeSummary>,
     results: Vec<Record>,
+}
+
+/// Chunk blocks read from disk on memory-cache misses, and damaged entries skipped.
+#[derive(Serialize)]
+struct StoredBlocks {
+    read: u64,
+    damaged: u64,
 }
 
 /// Where it ran.
@@ -664,13 +677,19 @@ fn markdown(r: &Report) -> String {
         "\ncold = the first question about its document in the run (the cache is emptied after \
          the warm-up); follow-up = a later question about the same document (other words, \
          another fact). Cells are median / p95. At the end the cache held {:.1} MiB in {} \
-         prefix blocks and {} chunk blocks ({} evictions); chunk-block hits {} of {}.\n",
+         prefix blocks and {} chunk blocks ({} evictions); chunk-block hits {} of {}; \
+         chunk blocks read from disk (`ragtune precompute-blocks`) {}{}.\n",
         r.kv.bytes as f64 / (1 << 20) as f64,
         r.kv.prefix_blocks,
         r.kv.chunk_blocks,
         r.kv.evictions,
         r.kv.chunk_hits,
         r.kv.chunk_lookups,
+        r.stored_blocks.read,
+        match r.stored_blocks.damaged {
+            0 => String::new(),
+            n => format!(" ({n} damaged, computed again)"),
+        },
     ));
 
     let kinds: Vec<Kind> = {

@@ -607,3 +607,97 @@ fn a_v2_adapter_is_served_as_trained_on_a_packed_sequence() {
         start += t.ids.len();
     }
 }
+
+/// The gradient the trainer steps with is the derivative of its loss, with block attention
+/// (v2) as without (v1): along a fixed pseudo-random direction `u` over every LoRA factor,
+/// autograd's directional derivative `∇L · u` equals the central finite difference
+/// `(L(θ + εu) − L(θ − εu)) / 2ε` on two packed retrieval examples. This covers what the
+/// served-logits tests do not: the backward through the canonical-position RoPE, the
+/// concatenated q/k halves and the fused attention's block rows at real lengths.
+#[test]
+fn the_loss_gradient_is_its_finite_difference_in_v1_and_v2() {
+    use ragtune_generate::candle_core::Device;
+    use ragtune_train::data::SourceAttention::Blocks;
+    let f = fixture();
+    let examples = [
+        rag_example(),
+        rag_example_for(
+            "What is the SPDX identifier of the Apache License 2.0?",
+            "The SPDX identifier is Apache-2.0 [1].",
+        ),
+    ];
+    for attention in [Causal, Blocks] {
+        let tokenized: Vec<data::Tokenized> = examples
+            .iter()
+            .map(|e| data::tokenize(&e.example, &f.template, &f.tokenizer, attention).expect("ids"))
+            .collect();
+        let seqs = data::pack(&tokenized, &[0, 1], 4096);
+        let model = TrainModel::load(
+            &f.path,
+            spec(&TargetModule::ALL, 0.0),
+            InitB::Gaussian { std: 0.05 },
+            11,
+        )
+        .expect("load");
+        let params = model.named_params();
+        let mut state = 99u64;
+        let direction: Vec<Tensor> = params
+            .iter()
+            .map(|(_, v)| {
+                let n = v.as_tensor().elem_count();
+                let u: Vec<f32> = (0..n)
+                    .map(|_| {
+                        state = state
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+                    })
+                    .collect();
+                Tensor::from_vec(u, v.as_tensor().shape(), &Device::Cpu).expect("u")
+            })
+            .collect();
+        let loss = |m: &TrainModel| -> f64 {
+            let (nll, _) = m.loss(&seqs[0], None).expect("loss");
+            f64::from(nll.to_scalar::<f32>().expect("scalar"))
+        };
+        let (nll, _) = model.loss(&seqs[0], None).expect("loss");
+        let grads = nll.backward().expect("backward");
+        let slope: f64 = params
+            .iter()
+            .zip(&direction)
+            .map(|((name, v), u)| {
+                let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{name}"));
+                f64::from(
+                    (g * u)
+                        .and_then(|p| p.sum_all())
+                        .and_then(|s| s.to_scalar::<f32>())
+                        .expect("dot"),
+                )
+            })
+            .sum();
+        let start: Vec<Tensor> = params
+            .iter()
+            .map(|(_, v)| v.as_tensor().copy().expect("copy"))
+            .collect();
+        // A step that moves the loss by about 0.05 nats: well above f32 rounding of the
+        // summed loss, small enough for the central difference's O(ε²) error.
+        let eps = 0.05 / slope.abs();
+        let at = |s: f64| -> f64 {
+            for (((_, v), x), u) in params.iter().zip(&start).zip(&direction) {
+                v.set(&(x + (u * s).expect("step")).expect("add"))
+                    .expect("set");
+            }
+            loss(&model)
+        };
+        let difference = (at(eps) - at(-eps)) / (2.0 * eps);
+        at(0.0);
+        let rel = (difference - slope).abs() / slope.abs();
+        eprintln!(
+            "{attention:?}: slope {slope:.5}, finite difference {difference:.5}, rel {rel:.2e}"
+        );
+        assert!(
+            rel < 1e-2,
+            "{attention:?}: ∇L·u = {slope}, finite difference {difference}"
+        );
+    }
+}
