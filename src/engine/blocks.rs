@@ -277,6 +277,15 @@ impl Engine {
                 }
             }
         }
+        if !todo.is_empty() {
+            let positions: usize = todo.iter().map(Vec::len).sum();
+            progress.notice(&format!(
+                "{} blocks to compute ({positions} positions): about {:.0} MB in {}",
+                todo.len(),
+                (positions * head.span_bytes_per_position()) as f64 / 1e6,
+                dir.display()
+            ));
+        }
         let mut pending: Vec<(Vec<u32>, KvSpan)> = Vec::new();
         let mut pending_bytes = 0;
         let longest = todo.iter().map(Vec::len).max().unwrap_or(0);
