@@ -16,7 +16,7 @@ pub struct Args {
     /// record when the profile has records (the LicenseDB's), else every chunk.
     #[arg(long = "doc", value_name = "DOC_ID")]
     docs: Vec<String>,
-    /// Every chunk of the index (22,836 for the LicenseDB: about 50 GB per source number).
+    /// Every chunk of the index (22,836 for the LicenseDB: well over 100 GB per source number).
     #[arg(long, conflicts_with = "docs")]
     all: bool,
     /// At most this many chunks, in index order.

@@ -102,10 +102,7 @@ impl Engine {
                     .config
                     .adapters
                     .get(name)
-                    .ok_or_else(|| Error::UnknownAdapter {
-                        name: name.to_string(),
-                        loaded: self.adapters.keys().cloned().collect(),
-                    })?;
+                    .ok_or_else(|| self.unknown_adapter(name))?;
                 Some(sha256_files(&[
                     dir.join(ragtune_generate::lora::CONFIG_FILE),
                     dir.join(ragtune_generate::lora::WEIGHTS_FILE),
@@ -204,9 +201,10 @@ impl Engine {
     /// removed first. Progress is counted in blocks on `progress`.
     ///
     /// # Errors
-    /// [`Error::InvalidSetting`] for `numbers` of 0 or a model whose block attention is
-    /// refused (sliding-window layers) or a chat template without separable sources; model,
-    /// adapter and I/O errors.
+    /// [`Error::InvalidSetting`] for `numbers` of 0, a chat template without separable
+    /// sources, or a chunk longer than the context window leaves; model errors (among them
+    /// block attention refused on a model with sliding-window layers), adapter and I/O
+    /// errors.
     pub fn precompute_blocks(
         &self,
         chunks: &[RetrievedChunk],
@@ -227,10 +225,7 @@ impl Engine {
             Some(name) => Some(
                 self.adapters
                     .get(name)
-                    .ok_or_else(|| Error::UnknownAdapter {
-                        name: name.to_string(),
-                        loaded: self.adapters.keys().cloned().collect(),
-                    })?,
+                    .ok_or_else(|| self.unknown_adapter(name))?,
             ),
         };
         let dir = block_store_dir(&self.index_dir);

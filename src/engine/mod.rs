@@ -866,11 +866,16 @@ impl Engine {
         let adapter = self
             .adapters
             .get(name)
-            .ok_or_else(|| Error::UnknownAdapter {
-                name: name.clone(),
-                loaded: self.adapters.keys().cloned().collect(),
-            })?;
+            .ok_or_else(|| self.unknown_adapter(name))?;
         Ok((Some(name.clone()), Some(adapter)))
+    }
+
+    /// [`Error::UnknownAdapter`] for `name`, listing the loaded adapters.
+    fn unknown_adapter(&self, name: &str) -> Error {
+        Error::UnknownAdapter {
+            name: name.to_string(),
+            loaded: self.adapters.keys().cloned().collect(),
+        }
     }
 
     /// The top chunks for `question`: `3k` candidates from the index, at most

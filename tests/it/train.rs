@@ -393,6 +393,17 @@ fn rag_example_for(question: &'static str, answer: &str) -> RagExample {
     }
 }
 
+/// [`rag_example`] and an Apache one citing source 1: two examples to pack together.
+fn two_rag_examples() -> [RagExample; 2] {
+    [
+        rag_example(),
+        rag_example_for(
+            "What is the SPDX identifier of the Apache License 2.0?",
+            "The SPDX identifier is Apache-2.0 [1].",
+        ),
+    ]
+}
+
 #[test]
 fn a_training_example_renders_exactly_as_the_engine_serves_it() {
     use ragtune_train::data::SourceAttention::Blocks;
@@ -559,13 +570,7 @@ fn served_v2_tail(
 fn a_v2_adapter_is_served_as_trained_on_a_packed_sequence() {
     use ragtune_train::data::SourceAttention::Blocks;
     let f = fixture();
-    let examples = [
-        rag_example(),
-        rag_example_for(
-            "What is the SPDX identifier of the Apache License 2.0?",
-            "The SPDX identifier is Apache-2.0 [1].",
-        ),
-    ];
+    let examples = two_rag_examples();
     let tokenized: Vec<data::Tokenized> = examples
         .iter()
         .map(|e| data::tokenize(&e.example, &f.template, &f.tokenizer, Blocks).expect("v2"))
@@ -619,13 +624,7 @@ fn the_loss_gradient_is_its_finite_difference_in_v1_and_v2() {
     use ragtune_generate::candle_core::Device;
     use ragtune_train::data::SourceAttention::Blocks;
     let f = fixture();
-    let examples = [
-        rag_example(),
-        rag_example_for(
-            "What is the SPDX identifier of the Apache License 2.0?",
-            "The SPDX identifier is Apache-2.0 [1].",
-        ),
-    ];
+    let examples = two_rag_examples();
     for attention in [Causal, Blocks] {
         let tokenized: Vec<data::Tokenized> = examples
             .iter()
