@@ -186,6 +186,20 @@ pub struct RetrievedChunk {
     pub metadata: BTreeMap<String, String>,
 }
 
+impl RetrievedChunk {
+    /// The chunk `c` of the index as a source with retrieval score `score`.
+    pub fn from_record(c: ragtune_index::ChunkRecord, score: f32) -> RetrievedChunk {
+        RetrievedChunk {
+            doc_id: c.doc_id,
+            chunk: c.chunk,
+            score,
+            text: c.text,
+            range: (c.start, c.end),
+            metadata: c.metadata,
+        }
+    }
+}
+
 /// Hits and where the time went.
 #[derive(Debug, Clone)]
 pub struct SearchResult {
@@ -431,15 +445,10 @@ impl Retriever {
         let hits = hits
             .into_iter()
             .map(|h| {
-                let c = self.index.chunk(h.id)?;
-                Ok(RetrievedChunk {
-                    doc_id: c.doc_id,
-                    chunk: c.chunk,
-                    score: h.score,
-                    text: c.text,
-                    range: (c.start, c.end),
-                    metadata: c.metadata,
-                })
+                Ok(RetrievedChunk::from_record(
+                    self.index.chunk(h.id)?,
+                    h.score,
+                ))
             })
             .collect::<Result<Vec<_>>>()?;
         let t2 = Instant::now();

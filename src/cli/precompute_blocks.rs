@@ -58,14 +58,7 @@ fn select(engine: &ragtune::engine::Engine, args: &Args) -> anyhow::Result<Vec<R
         };
         if keep {
             found.insert(c.doc_id.clone());
-            chunks.push(RetrievedChunk {
-                doc_id: c.doc_id,
-                chunk: c.chunk,
-                score: 0.0,
-                text: c.text,
-                range: (c.start, c.end),
-                metadata: c.metadata,
-            });
+            chunks.push(RetrievedChunk::from_record(c, 0.0));
         }
     }
     let missing: Vec<&str> = wanted

@@ -256,9 +256,6 @@ impl Engine {
             expected: "a chat template that copies the user message verbatim".into(),
         })?;
         let context = layout.context;
-        let mut head = self.model.new_cache(context.len())?;
-        self.model
-            .forward_last_with(&context, 0, &mut head, loaded)?;
         let bar = progress.bar(report.blocks as u64, "blocks");
         let mut todo: Vec<Vec<u32>> = Vec::new();
         for chunk in chunks {
@@ -272,20 +269,26 @@ impl Engine {
                 }
             }
         }
-        if !todo.is_empty() {
-            let positions: usize = todo.iter().map(Vec::len).sum();
-            progress.notice(&format!(
-                "{} blocks to compute ({positions} positions): about {:.0} MB in {}",
-                todo.len(),
-                (positions * head.span_bytes_per_position()) as f64 / 1e6,
-                dir.display()
-            ));
+        if todo.is_empty() {
+            bar.finish_and_clear();
+            report.seconds = started.elapsed().as_secs_f64();
+            return Ok(report);
         }
-        let mut pending: Vec<(Vec<u32>, KvSpan)> = Vec::new();
-        let mut pending_bytes = 0;
+        // The context's KV, then each block after it in the free slots.
         let longest = todo.iter().map(Vec::len).max().unwrap_or(0);
         let limit = self.model.props().context_length;
-        let mut cache = head.copy_prefix(context.len(), (context.len() + longest).min(limit))?;
+        let mut cache = self.model.new_cache((context.len() + longest).min(limit))?;
+        self.model
+            .forward_last_with(&context, 0, &mut cache, loaded)?;
+        let positions: usize = todo.iter().map(Vec::len).sum();
+        progress.notice(&format!(
+            "{} blocks to compute ({positions} positions): about {:.0} MB in {}",
+            todo.len(),
+            (positions * cache.span_bytes_per_position()) as f64 / 1e6,
+            dir.display()
+        ));
+        let mut pending: Vec<(Vec<u32>, KvSpan)> = Vec::new();
+        let mut pending_bytes = 0;
         for (i, ids) in todo.iter().enumerate() {
             // One block a call: a plain causal prefill after the context (the model's
             // fastest path; several blocks in one call need a block mask).
