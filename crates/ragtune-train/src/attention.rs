@@ -34,7 +34,26 @@ pub(crate) struct AttentionMask {
     /// Per query, whether it scores with the second half of `q` and `k` (a block token at
     /// its canonical position). `None`: every row reads the whole width.
     block_rows: Option<Vec<bool>>,
+    /// The rows in tiles that cover every query once, in order (see [`Tile`]).
+    tiles: Vec<Tile>,
 }
+
+/// Queries `rows` (at most [`TILE_ROWS`]), all reading the same half of `q` and `k`, which
+/// see no key outside `keys`. The op computes scores only over these rectangles: a packed
+/// sequence is block-diagonal (one block per example) and causal, so about half of `t x t`
+/// or less, and a block-attention row only with the half it reads.
+#[derive(Debug, Clone, PartialEq)]
+struct Tile {
+    rows: std::ops::Range<usize>,
+    keys: std::ops::Range<usize>,
+    /// 0: the first `d` of the q/k width, 1: the second (canonical positions).
+    half: usize,
+}
+
+/// The most queries per [`Tile`]: smaller tiles skip more of the causal triangle, larger
+/// ones make longer matrix products. 64 rows against 768 keys of width 64 keeps the products
+/// efficient.
+const TILE_ROWS: usize = 64;
 
 impl AttentionMask {
     /// A mask of `t` queries over `t` keys from `allowed` (row-major `t x t`), where every
@@ -61,12 +80,47 @@ impl AttentionMask {
                 rows.len()
             )));
         }
+        let tiles = tiles(t, &allowed, block_rows.as_deref());
         Ok(Self {
             t,
             allowed,
             block_rows,
+            tiles,
         })
     }
+}
+
+/// Cuts the `t` queries into [`Tile`]s: a tile ends after [`TILE_ROWS`] rows, where the half
+/// read changes, and before a row whose first visible key comes after the tile's first row
+/// (the start of the next packed example). Its keys span the first to the last key any of
+/// its rows sees. Every row sees itself, so each tile is at least one row.
+fn tiles(t: usize, allowed: &[bool], block_rows: Option<&[bool]>) -> Vec<Tile> {
+    let half = |i: usize| block_rows.map_or(0, |r| usize::from(r[i]));
+    let row = |i: usize| &allowed[i * t..(i + 1) * t];
+    let first = |i: usize| row(i).iter().position(|&a| a).unwrap_or(i);
+    let last = |i: usize| row(i).iter().rposition(|&a| a).unwrap_or(i);
+    let mut tiles = Vec::new();
+    let mut start = 0;
+    while start < t {
+        let (mut lo, mut hi) = (first(start), last(start));
+        let mut end = start + 1;
+        while end < t && end - start < TILE_ROWS && half(end) == half(start) {
+            let row_lo = first(end);
+            if row_lo > start {
+                break;
+            }
+            lo = lo.min(row_lo);
+            hi = hi.max(last(end));
+            end += 1;
+        }
+        tiles.push(Tile {
+            rows: start..end,
+            keys: lo..hi + 1,
+            half: half(start),
+        });
+        start = end;
+    }
+    tiles
 }
 
 /// Grouped-query attention `softmax(scale · q kᵀ + mask) v` of one packed sequence:
@@ -200,8 +254,9 @@ impl<'a, T> View<'a, T> {
     }
 }
 
-/// `dst (m, n), row-major with row stride dst_rs = lhs (m, k) · rhs (k, n)`, single-threaded
-/// (the callers run one head per rayon task).
+/// `dst (m, n), row-major with row stride dst_rs = lhs (m, k) · rhs (k, n)`, or `+=` that
+/// product when `accumulate`; single-threaded (the callers run one head per rayon task).
+#[allow(clippy::too_many_arguments)]
 fn matmul<T: Real>(
     m: usize,
     n: usize,
@@ -210,6 +265,7 @@ fn matmul<T: Real>(
     dst_rs: usize,
     lhs: View<'_, T>,
     rhs: View<'_, T>,
+    accumulate: bool,
 ) {
     if m == 0 || n == 0 || k == 0 {
         return;
@@ -227,14 +283,14 @@ fn matmul<T: Real>(
             dst.as_mut_ptr(),
             1,
             dst_rs as isize,
-            false,
+            accumulate,
             lhs.data.as_ptr().add(lhs.offset),
             lhs.cs as isize,
             lhs.rs as isize,
             rhs.data.as_ptr().add(rhs.offset),
             rhs.cs as isize,
             rhs.rs as isize,
-            T::default(),
+            T::from_f64(1.0),
             T::from_f64(1.0),
             false,
             false,
@@ -245,26 +301,27 @@ fn matmul<T: Real>(
 }
 
 impl FusedAttention {
-    /// The softmax probabilities `(t, t)` of head `hh`: masked entries exactly 0.
-    fn probabilities<T: Real>(&self, g: Geometry, q: &[T], k: &[T], hh: usize) -> Vec<T> {
+    /// The softmax probabilities of head `hh` over `tile`: `(rows, keys)` of the tile,
+    /// row-major; masked entries exactly 0.
+    fn probabilities<T: Real>(
+        &self,
+        g: Geometry,
+        q: &[T],
+        k: &[T],
+        hh: usize,
+        tile: &Tile,
+    ) -> Vec<T> {
         let Geometry { t, d, dq, .. } = g;
         let kv = hh / (g.h / g.kvh);
-        let mut s = vec![T::default(); t * t];
-        let scores = |s: &mut [T], half: usize| {
-            let qh = View::new(q, hh * t * dq + half, dq, 1);
-            let kt = View::new(k, kv * t * dq + half, dq, 1).t();
-            matmul(t, t, d, s, t, qh, kt);
-        };
-        scores(&mut s, 0);
-        if let Some(rows) = &self.mask.block_rows {
-            let mut canonical = vec![T::default(); t * t];
-            scores(&mut canonical, d);
-            for (i, _) in rows.iter().enumerate().filter(|(_, b)| **b) {
-                s[i * t..(i + 1) * t].copy_from_slice(&canonical[i * t..(i + 1) * t]);
-            }
-        }
+        let (m, n) = (tile.rows.len(), tile.keys.len());
+        let half = tile.half * d;
+        let mut s = vec![T::default(); m * n];
+        let qh = View::new(q, hh * t * dq + tile.rows.start * dq + half, dq, 1);
+        let kt = View::new(k, kv * t * dq + tile.keys.start * dq + half, dq, 1).t();
+        matmul(m, n, d, &mut s, n, qh, kt, false);
         let scale = T::from_f64(self.scale);
-        for (row, allowed) in s.chunks_mut(t).zip(self.mask.allowed.chunks(t)) {
+        for (row, i) in s.chunks_mut(n).zip(tile.rows.clone()) {
+            let allowed = &self.mask.allowed[i * t + tile.keys.start..i * t + tile.keys.end];
             let mut max: Option<T> = None;
             for (x, &a) in row.iter_mut().zip(allowed) {
                 *x *= scale;
@@ -291,10 +348,14 @@ impl FusedAttention {
         let heads: Vec<Vec<T>> = (0..g.h)
             .into_par_iter()
             .map(|hh| {
-                let p = self.probabilities(g, q, k, hh);
                 let mut out = vec![T::default(); t * d];
-                let vg = View::new(v, (hh / rep) * t * d, d, 1);
-                matmul(t, d, t, &mut out, d, View::new(&p, 0, t, 1), vg);
+                for tile in &self.mask.tiles {
+                    let p = self.probabilities(g, q, k, hh, tile);
+                    let (m, n) = (tile.rows.len(), tile.keys.len());
+                    let vg = View::new(v, (hh / rep) * t * d + tile.keys.start * d, d, 1);
+                    let dst = &mut out[tile.rows.start * d..];
+                    matmul(m, d, n, dst, d, View::new(&p, 0, n, 1), vg, false);
+                }
                 out
             })
             .collect();
@@ -317,47 +378,40 @@ impl FusedAttention {
             .into_par_iter()
             .map(|hh| {
                 let kv = hh / rep;
-                let p = self.probabilities(g, q, k, hh);
-                let pv = View::new(&p, 0, t, 1);
-                let doh = View::new(dout, hh * t * d, d, 1);
-                // dV_h = Pᵀ dO.
                 let mut dv = vec![T::default(); t * d];
-                matmul(t, d, t, &mut dv, d, pv.t(), doh);
-                // dP = dO Vᵀ, then dS = P ⊙ (dP - rowsum(P ⊙ dP)) · scale, in place.
-                let mut ds = vec![T::default(); t * t];
-                let vt = View::new(v, kv * t * d, d, 1).t();
-                matmul(t, t, d, &mut ds, t, doh, vt);
-                for (drow, prow) in ds.chunks_mut(t).zip(p.chunks(t)) {
-                    let dot = drow
-                        .iter()
-                        .zip(prow)
-                        .fold(T::default(), |acc, (&a, &b)| acc + a * b);
-                    for (x, &pp) in drow.iter_mut().zip(prow) {
-                        *x = pp * (*x - dot) * scale;
-                    }
-                }
-                // dQ = dS K, dK = dSᵀ Q, per half: the rows that read each half.
                 let mut dqh = vec![T::default(); t * dq];
                 let mut dkh = vec![T::default(); t * dq];
-                let mut half = |ds: &[T], offset: usize| {
-                    let kh = View::new(k, kv * t * dq + offset, dq, 1);
-                    let qh = View::new(q, hh * t * dq + offset, dq, 1);
-                    let dsv = View::new(ds, 0, t, 1);
-                    matmul(t, d, t, &mut dqh[offset..], dq, dsv, kh);
-                    matmul(t, d, t, &mut dkh[offset..], dq, dsv.t(), qh);
-                };
-                match &self.mask.block_rows {
-                    None => half(&ds, 0),
-                    Some(rows) => {
-                        let mut canonical = vec![T::default(); t * t];
-                        for (i, _) in rows.iter().enumerate().filter(|(_, b)| **b) {
-                            let r = i * t..(i + 1) * t;
-                            canonical[r.clone()].copy_from_slice(&ds[r.clone()]);
-                            ds[r].fill(T::default());
+                for tile in &self.mask.tiles {
+                    let (m, n) = (tile.rows.len(), tile.keys.len());
+                    let half = tile.half * d;
+                    let p = self.probabilities(g, q, k, hh, tile);
+                    let pv = View::new(&p, 0, n, 1);
+                    let doh = View::new(dout, hh * t * d + tile.rows.start * d, d, 1);
+                    // dV_h[keys] += Pᵀ dO[rows].
+                    let dv_keys = &mut dv[tile.keys.start * d..];
+                    matmul(n, d, m, dv_keys, d, pv.t(), doh, true);
+                    // dP = dO Vᵀ, then dS = P ⊙ (dP - rowsum(P ⊙ dP)) · scale, in place.
+                    let mut ds = vec![T::default(); m * n];
+                    let vt = View::new(v, kv * t * d + tile.keys.start * d, d, 1).t();
+                    matmul(m, n, d, &mut ds, n, doh, vt, false);
+                    for (drow, prow) in ds.chunks_mut(n).zip(p.chunks(n)) {
+                        let dot = drow
+                            .iter()
+                            .zip(prow)
+                            .fold(T::default(), |acc, (&a, &b)| acc + a * b);
+                        for (x, &pp) in drow.iter_mut().zip(prow) {
+                            *x = pp * (*x - dot) * scale;
                         }
-                        half(&ds, 0);
-                        half(&canonical, d);
                     }
+                    // dQ[rows] = dS K[keys], dK[keys] += dSᵀ Q[rows], in the half the
+                    // tile reads (the other half of its rows' dQ stays 0).
+                    let dsv = View::new(&ds, 0, n, 1);
+                    let kh = View::new(k, kv * t * dq + tile.keys.start * dq + half, dq, 1);
+                    let qh = View::new(q, hh * t * dq + tile.rows.start * dq + half, dq, 1);
+                    let dq_rows = &mut dqh[tile.rows.start * dq + half..];
+                    matmul(m, d, n, dq_rows, dq, dsv, kh, false);
+                    let dk_keys = &mut dkh[tile.keys.start * dq + half..];
+                    matmul(n, d, m, dk_keys, dq, dsv.t(), qh, true);
                 }
                 (dqh, dkh, dv)
             })
@@ -655,6 +709,60 @@ mod tests {
                     "d{name} is small"
                 );
             }
+        }
+    }
+
+    /// The tiles cover every query once, in order, each with one half and at most
+    /// `TILE_ROWS` rows, and every key a query sees lies in its tile's keys; on a causal
+    /// sequence they score well under the full square, and a second packed example is
+    /// never scored against the first.
+    #[test]
+    fn tiles_cover_every_visible_key_and_skip_the_rest() {
+        let t = 300;
+        let split = 170; // two packed examples: 0..170 and 170..300
+        let seg = |i: usize| usize::from(i >= split);
+        // Source blocks (rows 20..60 and 60..100) see the head 0..20 and themselves.
+        let block = |i: usize| (20..100).contains(&i).then_some((i - 20) / 40);
+        for (window, with_blocks) in [(None, false), (None, true), (Some(50), false)] {
+            let mut allowed = vec![false; t * t];
+            for i in 0..t {
+                for j in 0..=i {
+                    let sees = match (with_blocks, block(i), block(j)) {
+                        (true, Some(a), Some(b)) => a == b,
+                        (true, Some(_), None) => j < 20,
+                        _ => true,
+                    };
+                    let near = window.is_none_or(|w| i - j < w);
+                    allowed[i * t + j] = seg(i) == seg(j) && sees && near;
+                }
+            }
+            let rows = with_blocks.then(|| (0..t).map(|i| block(i).is_some()).collect());
+            let mask = AttentionMask::new(t, allowed.clone(), rows).expect("mask");
+            let mut next = 0;
+            let mut area = 0;
+            for tile in &mask.tiles {
+                assert_eq!(tile.rows.start, next, "{window:?} {with_blocks}");
+                assert!(!tile.rows.is_empty() && tile.rows.len() <= TILE_ROWS);
+                next = tile.rows.end;
+                area += tile.rows.len() * tile.keys.len();
+                for i in tile.rows.clone() {
+                    let half = usize::from(with_blocks && block(i).is_some());
+                    assert_eq!(tile.half, half, "row {i}");
+                    for j in (0..t).filter(|&j| allowed[i * t + j]) {
+                        assert!(tile.keys.contains(&j), "row {i} key {j} {tile:?}");
+                    }
+                    if i >= split {
+                        assert!(tile.keys.start >= split, "row {i}: {tile:?}");
+                    }
+                }
+            }
+            assert_eq!(next, t);
+            // The visible pairs are about a third of t², split between the two examples.
+            assert!(
+                area < t * t / 2,
+                "{window:?} {with_blocks}: {area} of {}",
+                t * t
+            );
         }
     }
 
