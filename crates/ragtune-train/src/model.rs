@@ -46,7 +46,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::attention::{attention, AttentionMask};
 use crate::error::io;
-use crate::ops::{frozen_linear, lora_linear, rms_norm, rope_interleaved, rope_neox};
+use crate::ops::{frozen_linear, lora_linear, rms_norm, rope_interleaved, rope_neox, Dropout};
 use crate::{Error, Result};
 
 /// What to adapt and how: PEFT's `r`, `lora_alpha`, `lora_dropout`, `target_modules`.
@@ -537,23 +537,20 @@ impl TrainModel {
             return frozen_linear(x, w);
         };
         let p = self.spec.dropout;
-        let x_lora = match dropout {
-            Some(rng) if p > 0.0 => {
-                let keep = (1.0 / (1.0 - p)) as f32;
-                let mask: Vec<f32> = (0..x.elem_count())
-                    .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
-                    .collect();
-                (x * Tensor::from_vec(mask, x.shape(), x.device())?)?
-            }
-            _ => x.clone(),
+        let dropout = match dropout {
+            Some(rng) if p > 0.0 => Some(Dropout {
+                seed: rng.random::<u64>(),
+                p,
+            }),
+            _ => None,
         };
         lora_linear(
             x,
-            &x_lora,
             w,
             f.a.as_tensor(),
             f.b.as_tensor(),
             self.spec.scale(),
+            dropout,
         )
     }
 

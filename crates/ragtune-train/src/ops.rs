@@ -7,7 +7,7 @@
 //! `recip`, `exp`, `broadcast_*`, `narrow`, `cat`, `matmul`) or is a custom op with an
 //! explicit backward ([`frozen_linear`]).
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
 
 use crate::Result;
 
@@ -39,24 +39,323 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op1(op)?)
 }
 
-/// A projection with a LoRA branch (Hu et al. 2021, eq. 3):
-/// `y = x Wᵀ + scale · (x Aᵀ) Bᵀ` with the frozen `W: (out, in)`, `A: (r, in)`,
-/// `B: (out, r)`; `x: (t, in)` -> `(t, out)`. `x_lora` is the input of the LoRA branch (`x`
-/// itself, or `x` after dropout).
+/// LoRA dropout on the adapter's input: each element of `x` is kept, scaled by
+/// `1 / (1 - p)`, or zeroed, from a counter-based hash of `(seed, index)`, so the backward
+/// pass recomputes the same mask instead of keeping it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Dropout {
+    /// Drawn once per projection call from the trainer's seeded generator.
+    pub seed: u64,
+    /// The probability of zeroing an element, in `[0, 1)`.
+    pub p: f64,
+}
+
+impl Dropout {
+    /// The mask's factor for element `index`: `1 / (1 - p)` (kept) or 0. The uniform number
+    /// is the top 53 bits of SplitMix64 (Steele et al. 2014) of `seed + index · φ`.
+    pub fn factor(&self, index: usize) -> f64 {
+        let mut z = self
+            .seed
+            .wrapping_add((index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        let u = (z >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
+        if u < self.p {
+            0.0
+        } else {
+            1.0 / (1.0 - self.p)
+        }
+    }
+
+    /// The mask of `len` elements (for tests and references): [`factor`](Self::factor) of
+    /// `0..len`.
+    pub fn mask(&self, len: usize) -> Vec<f64> {
+        (0..len).map(|i| self.factor(i)).collect()
+    }
+}
+
+/// A projection with a LoRA branch (Hu et al. 2021, eq. 3; PEFT's `lora_B(lora_A(dropout(x)))
+/// · scaling`): `y = x Wᵀ + scale · (dropout(x) Aᵀ) Bᵀ` with the frozen `W: (out, in)`,
+/// `A: (r, in)`, `B: (out, r)`; `x: (t, in)` -> `(t, out)`, f32 or f64, all of one dtype.
+///
+/// One candle op with its own backward: `dx = dy W + scale · ((dy B) A) ⊙ mask`,
+/// `dA = scale · (dy B)ᵀ dropout(x)`, `dB = scale · dyᵀ (dropout(x) Aᵀ)`. Written op by op,
+/// each projection made about ten `(t, in)`/`(t, out)` temporaries and as many elementwise
+/// passes in the backward, and the dropout mask was a tensor of random numbers.
 ///
 /// # Errors
 /// Shape or dtype mismatches.
 pub fn lora_linear(
     x: &Tensor,
-    x_lora: &Tensor,
     weight: &Tensor,
     a: &Tensor,
     b: &Tensor,
     scale: f64,
+    dropout: Option<Dropout>,
 ) -> Result<Tensor> {
-    let y = frozen_linear(x, weight)?;
-    let delta = x_lora.matmul(&a.t()?)?.matmul(&b.t()?)?;
-    Ok((y + (delta * scale)?)?)
+    let (_, k) = x.dims2()?;
+    let (out, wk) = weight.dims2()?;
+    let (r, ak) = a.dims2()?;
+    let (bo, br) = b.dims2()?;
+    let dtypes = [weight.dtype(), a.dtype(), b.dtype()];
+    if k != wk || ak != k || bo != out || br != r || dtypes.iter().any(|&d| d != x.dtype()) {
+        return Err(candle_core::Error::Msg(format!(
+            "lora_linear: x {:?}, W {:?}, A {:?}, B {:?}, dtypes {:?} and {dtypes:?}",
+            x.dims(),
+            weight.dims(),
+            a.dims(),
+            b.dims(),
+            x.dtype()
+        ))
+        .into());
+    }
+    let op = LoraLinear {
+        weight: weight.contiguous()?,
+        scale,
+        dropout: dropout.filter(|d| d.p > 0.0),
+    };
+    Ok(x.contiguous()?
+        .apply_op3(&a.contiguous()?, &b.contiguous()?, op)?)
+}
+
+struct LoraLinear {
+    /// `(out, in)`, contiguous.
+    weight: Tensor,
+    scale: f64,
+    dropout: Option<Dropout>,
+}
+
+/// `dst (m, n) (+)= alpha · lhs (m, k) · rhs (k, n)`, each operand strided: element `(i, j)`
+/// of `lhs` at `i * lhs_rs + j * lhs_cs`, likewise `rhs`; `dst` row-major with row stride
+/// `n`. Threads over rayon for large products.
+#[allow(clippy::too_many_arguments)]
+fn gemm_strided<T: Scalar>(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [T],
+    accumulate: bool,
+    alpha: T,
+    lhs: &[T],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[T],
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    let last = |rs: usize, cs: usize, rows: usize, cols: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(dst.len() >= m * n, "gemm_strided: dst too short");
+    assert!(
+        last(lhs_rs, lhs_cs, m, k) < lhs.len(),
+        "gemm_strided: lhs out of bounds"
+    );
+    assert!(
+        last(rhs_rs, rhs_cs, k, n) < rhs.len(),
+        "gemm_strided: rhs out of bounds"
+    );
+    let threads = rayon::current_num_threads();
+    let parallelism = if m * n * k >= 1 << 18 && threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above keep every (i, j) the strides reach inside the slices; dst
+    // is borrowed mutably and written at i * n + j for i < m, j < n.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            T::one(),
+            alpha,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+impl LoraLinear {
+    /// `dropout(x)`, or `None` without dropout.
+    fn dropped<T: Scalar>(&self, x: &[T]) -> Option<Vec<T>> {
+        let d = self.dropout?;
+        Some(
+            x.iter()
+                .enumerate()
+                .map(|(i, &v)| v * T::from_f64(d.factor(i)))
+                .collect(),
+        )
+    }
+
+    /// `y (t, out)` for `x (t, in)`, `a (r, in)`, `b (out, r)`.
+    fn forward<T: Scalar>(&self, w: &[T], x: &[T], a: &[T], b: &[T], (t, k, r, n): Dims) -> Vec<T> {
+        let mut y = gemm_nt(x, w, t, n, k);
+        let dropped = self.dropped(x);
+        let xd = dropped.as_deref().unwrap_or(x);
+        let u = gemm_nt(xd, a, t, r, k);
+        let scale = T::from_f64(self.scale);
+        gemm_strided((t, n, r), &mut y, true, scale, &u, (r, 1), b, (1, r));
+        y
+    }
+
+    /// `(dx, dA, dB)` for the output gradient `dy (t, out)`.
+    #[allow(clippy::too_many_arguments)]
+    fn backward<T: Scalar>(
+        &self,
+        w: &[T],
+        x: &[T],
+        a: &[T],
+        b: &[T],
+        dy: &[T],
+        (t, k, r, n): Dims,
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+        let scale = T::from_f64(self.scale);
+        let dropped = self.dropped(x);
+        let xd = dropped.as_deref().unwrap_or(x);
+        // dx = dy W: (t, out) · (out, in).
+        let mut dx = vec![T::default(); t * k];
+        gemm_strided((t, k, n), &mut dx, false, T::one(), dy, (n, 1), w, (k, 1));
+        // u = dropout(x) Aᵀ (t, r), g = dy B (t, r).
+        let u = gemm_nt(xd, a, t, r, k);
+        let mut g = vec![T::default(); t * r];
+        gemm_strided((t, r, n), &mut g, false, T::one(), dy, (n, 1), b, (r, 1));
+        // dB = scale · dyᵀ u (out, r); dA = scale · gᵀ dropout(x) (r, in).
+        let mut db = vec![T::default(); n * r];
+        gemm_strided((n, r, t), &mut db, false, scale, dy, (1, n), &u, (r, 1));
+        let mut da = vec![T::default(); r * k];
+        gemm_strided((r, k, t), &mut da, false, scale, &g, (1, r), xd, (k, 1));
+        // dx += scale · (g A) ⊙ mask.
+        match self.dropout {
+            None => gemm_strided((t, k, r), &mut dx, true, scale, &g, (r, 1), a, (k, 1)),
+            Some(d) => {
+                let mut ga = vec![T::default(); t * k];
+                gemm_strided((t, k, r), &mut ga, false, scale, &g, (r, 1), a, (k, 1));
+                for (i, (acc, v)) in dx.iter_mut().zip(ga).enumerate() {
+                    *acc += v * T::from_f64(d.factor(i));
+                }
+            }
+        }
+        (dx, da, db)
+    }
+}
+
+/// `(t, in, r, out)` of one [`LoraLinear`] call.
+type Dims = (usize, usize, usize, usize);
+
+/// The contiguous values of a CPU tensor's storage.
+fn values<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("lora-linear: {what} must be contiguous"),
+    }
+}
+
+impl LoraLinear {
+    fn dims(&self, x: &Layout, a: &Layout) -> candle_core::Result<Dims> {
+        let (t, k) = x.shape().dims2()?;
+        let (r, _) = a.shape().dims2()?;
+        let (n, _) = self.weight.dims2()?;
+        Ok((t, k, r, n))
+    }
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = self.dims(l1, l2)?;
+        let (w_storage, w_layout) = self.weight.storage_and_layout();
+        let candle_core::Storage::Cpu(w_storage) = &*w_storage else {
+            candle_core::bail!("lora-linear: CPU only");
+        };
+        let y = match (w_storage, s1, s2, s3) {
+            (CpuStorage::F32(w), CpuStorage::F32(x), CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                CpuStorage::F32(self.forward(
+                    values(w, w_layout, "W")?,
+                    values(x, l1, "x")?,
+                    values(a, l2, "A")?,
+                    values(b, l3, "B")?,
+                    dims,
+                ))
+            }
+            (CpuStorage::F64(w), CpuStorage::F64(x), CpuStorage::F64(a), CpuStorage::F64(b)) => {
+                CpuStorage::F64(self.forward(
+                    values(w, w_layout, "W")?,
+                    values(x, l1, "x")?,
+                    values(a, l2, "A")?,
+                    values(b, l3, "B")?,
+                    dims,
+                ))
+            }
+            _ => candle_core::bail!("lora-linear: x, W, A, B all f32 or all f64"),
+        };
+        Ok((y, Shape::from((dims.0, dims.3))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (t, k) = x.dims2()?;
+        let (r, _) = a.dims2()?;
+        let (n, _) = self.weight.dims2()?;
+        let dims = (t, k, r, n);
+        fn grads<T: Scalar + candle_core::WithDType>(
+            op: &LoraLinear,
+            [w, x, a, b, dy]: [&Tensor; 5],
+            dims: Dims,
+        ) -> candle_core::Result<(Vec<T>, Vec<T>, Vec<T>)> {
+            let v = |t: &Tensor| t.flatten_all()?.to_vec1::<T>();
+            Ok(op.backward(&v(w)?, &v(x)?, &v(a)?, &v(b)?, &v(dy)?, dims))
+        }
+        let tensors = [&self.weight, x, a, b, grad_res];
+        let dev = x.device();
+        let (dx, da, db) = match x.dtype() {
+            candle_core::DType::F32 => {
+                let (dx, da, db) = grads::<f32>(self, tensors, dims)?;
+                (
+                    Tensor::from_vec(dx, (t, k), dev)?,
+                    Tensor::from_vec(da, (r, k), dev)?,
+                    Tensor::from_vec(db, (n, r), dev)?,
+                )
+            }
+            candle_core::DType::F64 => {
+                let (dx, da, db) = grads::<f64>(self, tensors, dims)?;
+                (
+                    Tensor::from_vec(dx, (t, k), dev)?,
+                    Tensor::from_vec(da, (r, k), dev)?,
+                    Tensor::from_vec(db, (n, r), dev)?,
+                )
+            }
+            other => candle_core::bail!("lora-linear: {other:?} gradients"),
+        };
+        Ok((Some(dx), Some(da), Some(db)))
+    }
 }
 
 struct FrozenLinear {
@@ -65,13 +364,7 @@ struct FrozenLinear {
 }
 
 /// `dst (m, n) = lhs (m, k) · rhs(n, k)ᵀ`, all row-major and contiguous.
-fn gemm_nt<T: 'static + Copy + Default + num_one::One>(
-    lhs: &[T],
-    rhs: &[T],
-    m: usize,
-    n: usize,
-    k: usize,
-) -> Vec<T> {
+fn gemm_nt<T: Scalar>(lhs: &[T], rhs: &[T], m: usize, n: usize, k: usize) -> Vec<T> {
     let mut dst = vec![T::default(); m * n];
     let threads = rayon::current_num_threads();
     let parallelism = if m * n * k >= 1 << 18 && threads > 1 {
@@ -108,19 +401,36 @@ fn gemm_nt<T: 'static + Copy + Default + num_one::One>(
     dst
 }
 
-mod num_one {
-    pub trait One {
-        fn one() -> Self;
+/// f32 or f64, for the gemm calls and the LoRA op.
+trait Scalar:
+    'static
+    + Copy
+    + Default
+    + Send
+    + Sync
+    + std::ops::Add<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::AddAssign
+{
+    fn one() -> Self;
+    fn from_f64(v: f64) -> Self;
+}
+
+impl Scalar for f32 {
+    fn one() -> Self {
+        1.0
     }
-    impl One for f32 {
-        fn one() -> Self {
-            1.0
-        }
+    fn from_f64(v: f64) -> Self {
+        v as f32
     }
-    impl One for f64 {
-        fn one() -> Self {
-            1.0
-        }
+}
+
+impl Scalar for f64 {
+    fn one() -> Self {
+        1.0
+    }
+    fn from_f64(v: f64) -> Self {
+        v
     }
 }
 
@@ -277,19 +587,12 @@ mod tests {
         let b = Var::from_tensor(&randn((out, r))).expect("b");
         let c = randn((t, out));
         let loss = |x: &Tensor, a: &Tensor, b: &Tensor| -> f64 {
-            lora_linear(x, x, &w, a, b, scale)
+            lora_linear(x, &w, a, b, scale, None)
                 .and_then(|y| Ok((y * &c)?.sum_all()?.to_scalar::<f64>()?))
                 .expect("loss")
         };
-        let y = lora_linear(
-            x.as_tensor(),
-            x.as_tensor(),
-            &w,
-            a.as_tensor(),
-            b.as_tensor(),
-            scale,
-        )
-        .expect("y");
+        let y =
+            lora_linear(x.as_tensor(), &w, a.as_tensor(), b.as_tensor(), scale, None).expect("y");
         let grads = (y * &c)
             .and_then(|p| p.sum_all())
             .expect("L")
@@ -340,6 +643,64 @@ mod tests {
             }
         }
         assert_eq!(w.dtype(), DType::F64);
+    }
+
+    /// With dropout, the fused op's output and its gradients of `x`, `A` and `B` equal the
+    /// op-by-op formula `x Wᵀ + scale · ((x ⊙ mask) Aᵀ) Bᵀ` on candle's autograd, with the
+    /// mask from [`Dropout::mask`]; the mask keeps about `1 - p` of the elements.
+    #[test]
+    fn lora_linear_with_dropout_equals_the_op_by_op_formula() {
+        let dev = Device::Cpu;
+        let randn = |shape: (usize, usize)| Tensor::randn(0f64, 1.0, shape, &dev).expect("randn");
+        let (t, inp, out, r, scale) = (37, 24, 20, 4, 2.0);
+        let x = Var::from_tensor(&randn((t, inp))).expect("x");
+        let w = randn((out, inp));
+        let a = Var::from_tensor(&randn((r, inp))).expect("a");
+        let b = Var::from_tensor(&randn((out, r))).expect("b");
+        let c = randn((t, out));
+        let dropout = Dropout { seed: 7, p: 0.25 };
+        let mask = dropout.mask(t * inp);
+        let dropped = mask.iter().filter(|&&m| m == 0.0).count() as f64 / mask.len() as f64;
+        assert!((dropped - 0.25).abs() < 0.05, "{dropped}");
+        assert!(mask
+            .iter()
+            .all(|&m| m == 0.0 || (m - 1.0 / 0.75).abs() < 1e-12));
+        let mask = Tensor::from_vec(mask, (t, inp), &dev).expect("mask");
+
+        let fused = lora_linear(
+            x.as_tensor(),
+            &w,
+            a.as_tensor(),
+            b.as_tensor(),
+            scale,
+            Some(dropout),
+        )
+        .expect("fused");
+        let reference = (x.as_tensor().matmul(&w.t().expect("t")).expect("xw")
+            + ((x.as_tensor() * &mask).expect("xd"))
+                .matmul(&a.as_tensor().t().expect("t"))
+                .and_then(|u| u.matmul(&b.as_tensor().t()?))
+                .and_then(|d| d * scale)
+                .expect("delta"))
+        .expect("reference");
+        assert!(close(&fused, &reference, 1e-10));
+        let grads = |y: &Tensor| {
+            (y * &c)
+                .and_then(|p| p.sum_all())
+                .and_then(|l| l.backward())
+                .expect("backward")
+        };
+        let (gf, gr) = (grads(&fused), grads(&reference));
+        for var in [&x, &a, &b] {
+            let f = gf.get(var.as_tensor()).expect("fused gradient");
+            let r = gr.get(var.as_tensor()).expect("reference gradient");
+            assert!(close(f, r, 1e-10), "{:?}", var.as_tensor().dims());
+        }
+        // Another seed, another mask.
+        assert_ne!(
+            Dropout { seed: 8, p: 0.25 }.mask(64),
+            Dropout { seed: 7, p: 0.25 }.mask(64)
+        );
     }
 
     #[test]
