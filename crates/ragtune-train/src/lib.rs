@@ -40,6 +40,7 @@ mod attention;
 pub mod checkpoint;
 pub mod data;
 mod error;
+pub mod fused;
 mod model;
 pub mod ops;
 pub mod optim;

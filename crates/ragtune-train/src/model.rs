@@ -46,7 +46,8 @@ use rand::{Rng, SeedableRng};
 
 use crate::attention::{attention, AttentionMask};
 use crate::error::io;
-use crate::ops::{frozen_linear, lora_linear, rms_norm, rope_interleaved, rope_neox, Dropout};
+use crate::fused::{glu, rms_norm, rope, Gate, RopePairs};
+use crate::ops::{frozen_linear, lora_linear, Dropout};
 use crate::{Error, Result};
 
 /// What to adapt and how: PEFT's `r`, `lora_alpha`, `lora_dropout`, `target_modules`.
@@ -657,9 +658,9 @@ impl TrainModel {
         };
         let scale = 1.0 / (d as f64).sqrt();
         let eps = f64::from(p.rms_norm_eps);
-        let rope = |x: &Tensor, cos: &Tensor, sin: &Tensor| match p.rope.style {
-            RopeStyle::Normal => rope_interleaved(x, cos, sin),
-            RopeStyle::Neox => rope_neox(x, cos, sin),
+        let pairs = match p.rope.style {
+            RopeStyle::Normal => RopePairs::Interleaved,
+            RopeStyle::Neox => RopePairs::Neox,
         };
         let head_norm = |norm: &Option<Tensor>, y: Tensor, count: usize| -> Result<Tensor> {
             match norm {
@@ -699,10 +700,13 @@ impl TrainModel {
             // width (see `attention`).
             let (qa, ka) = match &block_rows {
                 Some(((cos_c, sin_c), _)) => (
-                    Tensor::cat(&[rope(&q, cos, sin)?, rope(&q, cos_c, sin_c)?], 2)?,
-                    Tensor::cat(&[rope(&k, cos, sin)?, rope(&k, cos_c, sin_c)?], 2)?,
+                    rope(&q, &[(cos, sin), (cos_c, sin_c)], pairs)?,
+                    rope(&k, &[(cos, sin), (cos_c, sin_c)], pairs)?,
                 ),
-                None => (rope(&q, cos, sin)?, rope(&k, cos, sin)?),
+                None => (
+                    rope(&q, &[(cos, sin)], pairs)?,
+                    rope(&k, &[(cos, sin)], pairs)?,
+                ),
             };
             let attn = attention(&qa, &ka, &v, mask, scale)?; // (h, t, d)
             let attn = attn
@@ -723,10 +727,15 @@ impl TrainModel {
             // (candle's `gelu`), differentiable. The engine looks GELU up in llama.cpp's f16
             // table, within 2⁻¹⁰ relative of this.
             let act = match p.architecture.is_gemma() {
-                true => gate.gelu()?,
-                false => gate.silu()?,
+                true => Gate::GeluTanh,
+                false => Gate::Silu,
             };
-            let mut y = self.project(l, TargetModule::DownProj, &(act * up)?, &mut dropout)?;
+            let mut y = self.project(
+                l,
+                TargetModule::DownProj,
+                &glu(&gate, &up, act)?,
+                &mut dropout,
+            )?;
             if let Some(w) = &block.post_ffn_norm {
                 y = rms_norm(&y, w, eps)?;
             }

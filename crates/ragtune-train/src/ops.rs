@@ -3,9 +3,9 @@
 //! candle's autograd silently drops gradients through `QMatMul` and through the fused
 //! `candle_nn` kernels (`rms_norm`, `softmax_last_dim`, `rope`/`rope_i`, `layer_norm`): they
 //! have no backward, and a graph through them simply stops tracking. Everything here is either
-//! written with elementary candle ops that have a backward (`sqr`, `mean_keepdim`, `sqrt`,
-//! `recip`, `exp`, `broadcast_*`, `narrow`, `cat`, `matmul`) or is a custom op with an
-//! explicit backward ([`frozen_linear`]).
+//! written with elementary candle ops that have a backward ([`softmax_last_dim`]) or is a
+//! custom op with an explicit backward ([`frozen_linear`], [`lora_linear`]); the norms, RoPE
+//! and the gated activation are in [`crate::fused`].
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
 
@@ -479,16 +479,6 @@ impl CustomOp1 for FrozenLinear {
     }
 }
 
-/// RMSNorm, `x / sqrt(mean(x²) + eps) * w`, over the last dimension of `x: (.., hidden)`
-/// with `w: (hidden,)` (Zhang & Sennrich 2019; the llama definition).
-///
-/// # Errors
-/// Shape errors only.
-pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let rms = (x.sqr()?.mean_keepdim(candle_core::D::Minus1)? + eps)?.sqrt()?;
-    Ok(x.broadcast_div(&rms)?.broadcast_mul(weight)?)
-}
-
 /// Softmax over the last dimension, `exp(x - max) / sum(exp(x - max))`; the max is
 /// detached (it cancels out of the value, so it needs no gradient).
 ///
@@ -499,44 +489,6 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let e = x.broadcast_sub(&max)?.exp()?;
     let sum = e.sum_keepdim(candle_core::D::Minus1)?;
     Ok(e.broadcast_div(&sum)?)
-}
-
-/// Rotary position embedding on interleaved pairs `(2i, 2i + 1)` (llama.cpp's "normal"
-/// RoPE, the layout of GGUF q/k weights): `x: (heads, t, d)`, `cos`/`sin: (t, d / 2)` for the
-/// tokens' positions. `out[2i] = x[2i] cos_i - x[2i+1] sin_i`,
-/// `out[2i+1] = x[2i] sin_i + x[2i+1] cos_i` (Su et al. 2021, RoFormer, eq. 34).
-///
-/// # Errors
-/// Shape errors only (`d` must be even).
-pub fn rope_interleaved(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (h, t, d) = x.dims3()?;
-    let pairs = x.reshape((h, t, d / 2, 2))?;
-    let x0 = pairs.narrow(3, 0, 1)?;
-    let x1 = pairs.narrow(3, 1, 1)?;
-    let cos = cos.reshape((1, t, d / 2, 1))?;
-    let sin = sin.reshape((1, t, d / 2, 1))?;
-    let out0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
-    let out1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
-    Ok(Tensor::cat(&[out0, out1], 3)?.reshape((h, t, d))?)
-}
-
-/// Rotary position embedding on the two halves `(i, i + d / 2)` (llama.cpp's NeoX RoPE,
-/// used by Qwen2 and Gemma 3, whose GGUF q/k rows are not permuted): `x: (heads, t, d)`,
-/// `cos`/`sin: (t, d / 2)`. `out[i] = x[i] cos_i - x[i + d/2] sin_i`,
-/// `out[i + d/2] = x[i] sin_i + x[i + d/2] cos_i` (Su et al. 2021, RoFormer, eq. 34, with
-/// GPT-NeoX's pairing).
-///
-/// # Errors
-/// Shape errors only (`d` must be even).
-pub fn rope_neox(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (h, t, d) = x.dims3()?;
-    let x0 = x.narrow(2, 0, d / 2)?;
-    let x1 = x.narrow(2, d / 2, d / 2)?;
-    let cos = cos.reshape((1, t, d / 2))?;
-    let sin = sin.reshape((1, t, d / 2))?;
-    let out0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
-    let out1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
-    Ok(Tensor::cat(&[out0, out1], 2)?.reshape((h, t, d))?)
 }
 
 #[cfg(test)]
@@ -704,54 +656,10 @@ mod tests {
     }
 
     #[test]
-    fn rms_norm_and_softmax_match_candle_fused_kernels() {
+    fn softmax_matches_candle_fused_kernel() {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 2.0, (4, 16), &dev).expect("x");
-        let w = Tensor::randn(1f32, 0.1, 16, &dev).expect("w");
-        let fused = candle_nn::ops::rms_norm(&x, &w, 1e-5).expect("fused");
-        assert!(close(&rms_norm(&x, &w, 1e-5).expect("ours"), &fused, 1e-5));
         let fused = candle_nn::ops::softmax_last_dim(&x).expect("fused");
         assert!(close(&softmax_last_dim(&x).expect("ours"), &fused, 1e-6));
-    }
-
-    #[test]
-    fn neox_rope_matches_candle_rope_and_backprops() {
-        let dev = Device::Cpu;
-        let x =
-            Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 5, 8), &dev).expect("x")).expect("var");
-        // Real rotations (cos² + sin² = 1), so that the gradient is known in closed form.
-        let angles = Tensor::randn(0f32, 3.0, (5, 4), &dev).expect("angles");
-        let (cos, sin) = (angles.cos().expect("cos"), angles.sin().expect("sin"));
-        let fused =
-            candle_nn::rotary_emb::rope(&x.as_tensor().unsqueeze(0).expect("4d"), &cos, &sin)
-                .and_then(|t| t.squeeze(0))
-                .expect("fused");
-        let ours = rope_neox(x.as_tensor(), &cos, &sin).expect("ours");
-        assert!(close(&ours, &fused, 1e-5));
-        // y = R x with R orthogonal: d sum(y²) / dx = 2 Rᵀ R x = 2 x.
-        let grads = ours
-            .sqr()
-            .and_then(|s| s.sum_all())
-            .expect("L")
-            .backward()
-            .expect("bwd");
-        let g = grads.get(x.as_tensor()).expect("x has a gradient");
-        assert!(close(g, &(x.as_tensor() * 2.0).expect("2x"), 1e-4));
-    }
-
-    #[test]
-    fn rope_matches_candle_rope_i() {
-        let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (3, 5, 8), &dev).expect("x");
-        let cos = Tensor::randn(0f32, 1.0, (5, 4), &dev).expect("cos");
-        let sin = Tensor::randn(0f32, 1.0, (5, 4), &dev).expect("sin");
-        let fused = candle_nn::rotary_emb::rope_i(&x.unsqueeze(0).expect("4d"), &cos, &sin)
-            .and_then(|t| t.squeeze(0))
-            .expect("fused");
-        assert!(close(
-            &rope_interleaved(&x, &cos, &sin).expect("ours"),
-            &fused,
-            1e-5
-        ));
     }
 }
