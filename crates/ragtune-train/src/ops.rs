@@ -221,7 +221,12 @@ impl LoraLinear {
         (t, k, r, n): Dims,
     ) -> (Vec<T>, Vec<T>, Vec<T>) {
         let scale = T::from_f64(self.scale);
-        let dropped = self.dropped(x);
+        let mask: Option<Vec<T>> = self
+            .dropout
+            .map(|d| (0..x.len()).map(|i| T::from_f64(d.factor(i))).collect());
+        let dropped: Option<Vec<T>> = mask
+            .as_ref()
+            .map(|m| x.iter().zip(m).map(|(&v, &f)| v * f).collect());
         let xd = dropped.as_deref().unwrap_or(x);
         // dx = dy W: (t, out) · (out, in).
         let mut dx = vec![T::default(); t * k];
@@ -236,13 +241,13 @@ impl LoraLinear {
         let mut da = vec![T::default(); r * k];
         gemm_strided((r, k, t), &mut da, false, scale, &g, (1, r), xd, (k, 1));
         // dx += scale · (g A) ⊙ mask.
-        match self.dropout {
+        match mask {
             None => gemm_strided((t, k, r), &mut dx, true, scale, &g, (r, 1), a, (k, 1)),
-            Some(d) => {
+            Some(mask) => {
                 let mut ga = vec![T::default(); t * k];
                 gemm_strided((t, k, r), &mut ga, false, scale, &g, (r, 1), a, (k, 1));
-                for (i, (acc, v)) in dx.iter_mut().zip(ga).enumerate() {
-                    *acc += v * T::from_f64(d.factor(i));
+                for ((acc, v), f) in dx.iter_mut().zip(ga).zip(mask) {
+                    *acc += v * f;
                 }
             }
         }
@@ -330,8 +335,24 @@ impl CustomOp3 for LoraLinear {
             [w, x, a, b, dy]: [&Tensor; 5],
             dims: Dims,
         ) -> candle_core::Result<(Vec<T>, Vec<T>, Vec<T>)> {
-            let v = |t: &Tensor| t.flatten_all()?.to_vec1::<T>();
-            Ok(op.backward(&v(w)?, &v(x)?, &v(a)?, &v(b)?, &v(dy)?, dims))
+            // Read in place: a copy of W per call was the size of the model per sequence.
+            let dy = dy.contiguous()?;
+            let guards = [w, x, a, b, &dy].map(|t| t.storage_and_layout());
+            let mut slices = Vec::with_capacity(5);
+            for (storage, layout) in &guards {
+                let candle_core::Storage::Cpu(cpu) = &**storage else {
+                    candle_core::bail!("lora-linear: CPU only");
+                };
+                slices.push(values(
+                    T::cpu_storage_as_slice(cpu)?,
+                    layout,
+                    "gradient input",
+                )?);
+            }
+            let [w, x, a, b, dy] = slices[..] else {
+                unreachable!("five slices for five tensors")
+            };
+            Ok(op.backward(w, x, a, b, dy, dims))
         }
         let tensors = [&self.weight, x, a, b, grad_res];
         let dev = x.device();
