@@ -350,6 +350,46 @@ fn finetune_data_on_the_subset_follows_every_rule_and_is_deterministic() {
         oracle > absent && absent > 0,
         "{oracle} oracle, {absent} absent"
     );
+    // SPDX balance: a license whose SPDX id breaks the `LicenseRef-scancode-<key>` pattern is
+    // asked it in a retrieval example (its first); of the others, about as many as there are
+    // such licenses (the rest ask it last, after the two examples made here).
+    let pattern = |key: &str| {
+        by_key[key].metadata["spdx_license_key"]
+            .eq_ignore_ascii_case(&format!("LicenseRef-scancode-{key}"))
+    };
+    let with_spdx: BTreeSet<&str> = closed
+        .iter()
+        .filter(|e| e["kind"] == "closed/spdx")
+        .map(|e| e["license"].as_str().expect("license"))
+        .collect();
+    let rag_licenses: BTreeSet<&str> = rag
+        .iter()
+        .map(|e| e["license"].as_str().expect("license"))
+        .collect();
+    let rag_spdx: BTreeSet<&str> = rag
+        .iter()
+        .filter(|e| e["kind"].as_str().is_some_and(|k| k.ends_with("/spdx")))
+        .map(|e| e["license"].as_str().expect("license"))
+        .collect();
+    let (breaking, following): (Vec<&str>, Vec<&str>) = with_spdx
+        .intersection(&rag_licenses)
+        .copied()
+        .partition(|k| !pattern(k));
+    assert!(!breaking.is_empty() && !following.is_empty());
+    for k in &breaking {
+        assert!(
+            rag_spdx.contains(k),
+            "{k} breaks the pattern and is not asked it"
+        );
+    }
+    let asked = following.iter().filter(|k| rag_spdx.contains(*k)).count();
+    assert!(
+        asked <= breaking.len() + 1
+            && (following.len() <= breaking.len() || asked < following.len()),
+        "{asked} of {} pattern ids asked, {} ids that break it",
+        following.len(),
+        breaking.len()
+    );
     // The right source is not always in one place.
     let positions: BTreeSet<String> = rag
         .iter()

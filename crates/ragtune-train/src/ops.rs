@@ -153,12 +153,7 @@ fn gemm_strided<T: Scalar>(
         last(rhs_rs, rhs_cs, k, n) < rhs.len(),
         "gemm_strided: rhs out of bounds"
     );
-    let threads = rayon::current_num_threads();
-    let parallelism = if m * n * k >= 1 << 18 && threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
+    let parallelism = parallelism(m, n, k);
     // SAFETY: the asserts above keep every (i, j) the strides reach inside the slices; dst
     // is borrowed mutably and written at i * n + j for i < m, j < n.
     unsafe {
@@ -384,15 +379,25 @@ struct FrozenLinear {
     weight: Tensor,
 }
 
-/// `dst (m, n) = lhs (m, k) · rhs(n, k)ᵀ`, all row-major and contiguous.
-fn gemm_nt<T: Scalar>(lhs: &[T], rhs: &[T], m: usize, n: usize, k: usize) -> Vec<T> {
-    let mut dst = vec![T::default(); m * n];
+/// Threads for a `(m, k) · (k, n)` product: rayon's when both output sides are at least
+/// [`PARALLEL_MIN_SIDE`] and the product is large; one thread for the LoRA branch's rank-`r`
+/// products, where splitting costs more than it saves.
+fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
     let threads = rayon::current_num_threads();
-    let parallelism = if m * n * k >= 1 << 18 && threads > 1 {
+    if threads > 1 && m.min(n) >= PARALLEL_MIN_SIDE && m * n * k >= 1 << 18 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
-    };
+    }
+}
+
+/// The smallest output side worth splitting across threads.
+const PARALLEL_MIN_SIDE: usize = 32;
+
+/// `dst (m, n) = lhs (m, k) · rhs(n, k)ᵀ`, all row-major and contiguous.
+fn gemm_nt<T: Scalar>(lhs: &[T], rhs: &[T], m: usize, n: usize, k: usize) -> Vec<T> {
+    let mut dst = vec![T::default(); m * n];
+    let parallelism = parallelism(m, n, k);
     // SAFETY: the slices hold m*k, n*k and m*n elements and the strides below stay inside
     // them: lhs row stride k, rhs read transposed (element (kk, j) at j*k + kk), dst row
     // stride n.

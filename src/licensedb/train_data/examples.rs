@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use ragtune_generate::ChatMessage;
 
-use super::facts::{collapse, sentence, Fact, FactOf};
+use super::facts::{collapse, follows_key_pattern, sentence, Fact, FactOf};
 use super::{pick, DataOptions, Example, ExampleKind, SkippedCounts, Style, ABSENT_PERCENT};
 use crate::engine::prompt;
 use crate::licensedb::contains_words;
@@ -23,6 +23,9 @@ pub(super) struct Generator<'a> {
     pub(super) mention_cache: HashMap<(String, u32), bool>,
     pub(super) metadata_records: HashMap<String, RetrievedChunk>,
     pub(super) skipped: SkippedCounts,
+    /// Percent of the licenses whose SPDX id follows `LicenseRef-scancode-<key>` that get a
+    /// retrieval example on it (see [`Generator::retrieval`]).
+    pub(super) pattern_spdx_percent: u64,
 }
 
 impl Generator<'_> {
@@ -59,7 +62,8 @@ impl Generator<'_> {
     }
 
     /// `rag_per_license` retrieval-augmented examples: facts in a seeded order (repeating
-    /// when there are fewer facts than examples), each oracle or absent.
+    /// when there are fewer facts than examples; the SPDX id first or last, see below), each
+    /// oracle or absent.
     pub(super) fn retrieval(
         &mut self,
         key: &str,
@@ -73,6 +77,19 @@ impl Generator<'_> {
             return Ok(Vec::new());
         }
         facts.sort_by_key(|f| pick(seed, &["rag-fact", key, f.fact.as_str()]));
+        // Balance the SPDX examples: every license whose id is not the LicenseDB pattern is
+        // asked it first, and about as many of those whose id follows the pattern
+        // (`pattern_spdx_percent`); the others ask it last. The adapter then sees as many
+        // ids to copy that break the pattern as ids that follow it.
+        if let Some(i) = facts.iter().position(|f| f.fact == Fact::Spdx) {
+            let spdx = facts.remove(i);
+            let ask = !follows_key_pattern(key, &spdx.value)
+                || pick(seed, &["spdx-pattern", key]) % 100 < self.pattern_spdx_percent;
+            match ask {
+                true => facts.insert(0, spdx),
+                false => facts.push(spdx),
+            }
+        }
         let mut out = Vec::new();
         for n in 0..self.options.rag_per_license {
             bar.inc(1);

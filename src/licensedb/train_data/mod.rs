@@ -70,7 +70,7 @@ use crate::retrieve::{RetrievedChunk, Retriever};
 use crate::{Error, Result};
 
 /// The version of the generator: a change to what is generated is a new version.
-pub const GENERATOR_VERSION: u32 = 2;
+pub const GENERATOR_VERSION: u32 = 3;
 
 /// A license is in the dev split when the first byte of `sha256("dev:" + key)` is below this
 /// (13 / 256, about 5%).
@@ -354,6 +354,17 @@ pub fn generate(
         });
     }
     let (licenses, ambiguous) = unambiguous_facts(&seen, &selected);
+    let (patterned, other) = licenses
+        .iter()
+        .flat_map(|(doc, facts)| facts.iter().map(move |f| (license_key(doc), f)))
+        .filter(|(_, f)| f.fact == Fact::Spdx)
+        .fold(
+            (0u64, 0u64),
+            |(p, o), (key, f)| match facts::follows_key_pattern(key, &f.value) {
+                true => (p + 1, o),
+                false => (p, o + 1),
+            },
+        );
 
     let mut gen = Generator {
         retriever,
@@ -365,6 +376,10 @@ pub fn generate(
         skipped: SkippedCounts {
             ambiguous_facts: ambiguous,
             ..Default::default()
+        },
+        pattern_spdx_percent: match patterned {
+            0 => 100,
+            p => (other * 100 / p).min(100),
         },
     };
     let rag_total = licenses
