@@ -113,16 +113,25 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
                 report.positions,
                 report.already_stored
             );
-            println!(
-                "wrote {:.1} MB in {} segment(s) to {} in {:.1} s ({:.0} bytes per position, \
-                 {:.2} MB per block)",
-                report.bytes_written as f64 / 1e6,
-                report.segments.len(),
-                block_store_dir(engine.index_dir()).display(),
-                report.seconds,
-                per(report.bytes_written, report.positions),
-                per(report.bytes_written, report.written) / 1e6,
-            );
+            let dir = block_store_dir(engine.index_dir());
+            if report.written == 0 {
+                println!(
+                    "nothing to write: every block is already in {} ({:.1} s)",
+                    dir.display(),
+                    report.seconds
+                );
+            } else {
+                println!(
+                    "wrote {:.1} MB in {} segment(s) to {} in {:.1} s ({:.0} bytes per \
+                     position, {:.2} MB per block)",
+                    report.bytes_written as f64 / 1e6,
+                    report.segments.len(),
+                    dir.display(),
+                    report.seconds,
+                    per(report.bytes_written, report.positions),
+                    per(report.bytes_written, report.written) / 1e6,
+                );
+            }
             if report.removed_stale > 0 {
                 println!("removed {} stale segment(s)", report.removed_stale);
             }

@@ -22,6 +22,8 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::ops::{gemm_strided, Dst};
+use crate::real::Real;
 use crate::Result;
 
 /// Which keys each query sees, for one packed sequence of `t` tokens (the same for every
@@ -188,38 +190,6 @@ impl FusedAttention {
     }
 }
 
-/// f32 or f64.
-trait Real:
-    'static
-    + Copy
-    + Default
-    + Send
-    + Sync
-    + PartialOrd
-    + std::ops::Add<Output = Self>
-    + std::ops::Sub<Output = Self>
-    + std::ops::Mul<Output = Self>
-    + std::ops::Div<Output = Self>
-    + std::ops::AddAssign
-    + std::ops::MulAssign
-    + std::ops::DivAssign
-    + candle_core::WithDType
-{
-    fn exp(self) -> Self;
-}
-
-impl Real for f32 {
-    fn exp(self) -> Self {
-        f32::exp(self)
-    }
-}
-
-impl Real for f64 {
-    fn exp(self) -> Self {
-        f64::exp(self)
-    }
-}
-
 /// A strided matrix view: element `(r, c)` at `offset + r * rs + c * cs`.
 #[derive(Clone, Copy)]
 struct View<'a, T> {
@@ -247,11 +217,6 @@ impl<'a, T> View<'a, T> {
             ..self
         }
     }
-
-    fn check(&self, rows: usize, cols: usize) {
-        let last = self.offset + (rows - 1) * self.rs + (cols - 1) * self.cs;
-        assert!(last < self.data.len(), "view out of bounds");
-    }
 }
 
 /// `dst (m, n), row-major with row stride dst_rs = lhs (m, k) · rhs (k, n)`, or `+=` that
@@ -267,37 +232,21 @@ fn matmul<T: Real>(
     rhs: View<'_, T>,
     accumulate: bool,
 ) {
-    if m == 0 || n == 0 || k == 0 {
-        return;
-    }
-    lhs.check(m, k);
-    rhs.check(k, n);
-    assert!((m - 1) * dst_rs + n <= dst.len(), "dst out of bounds");
-    // SAFETY: the three views were checked above to stay inside their slices for the
-    // (m, k), (k, n) and (m, n) index ranges gemm reads and writes; dst is borrowed mutably.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            accumulate,
-            lhs.data.as_ptr().add(lhs.offset),
-            lhs.cs as isize,
-            lhs.rs as isize,
-            rhs.data.as_ptr().add(rhs.offset),
-            rhs.cs as isize,
-            rhs.rs as isize,
-            T::from_f64(1.0),
-            T::from_f64(1.0),
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
+    let dst = Dst {
+        data: dst,
+        rs: dst_rs,
+        accumulate,
+        parallel: false,
+    };
+    gemm_strided(
+        (m, n, k),
+        dst,
+        T::from_f64(1.0),
+        &lhs.data[lhs.offset..],
+        (lhs.rs, lhs.cs),
+        &rhs.data[rhs.offset..],
+        (rhs.rs, rhs.cs),
+    );
 }
 
 impl FusedAttention {

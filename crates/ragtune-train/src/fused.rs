@@ -9,43 +9,9 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 
+use crate::ops::mismatch;
+use crate::real::Real;
 use crate::Result;
-
-/// f32 or f64.
-trait Real:
-    'static
-    + Copy
-    + Default
-    + std::ops::Add<Output = Self>
-    + std::ops::Sub<Output = Self>
-    + std::ops::Mul<Output = Self>
-    + std::ops::Div<Output = Self>
-    + std::ops::Neg<Output = Self>
-    + std::ops::AddAssign
-    + candle_core::WithDType
-{
-    fn sqrt(self) -> Self;
-    fn exp(self) -> Self;
-    fn tanh(self) -> Self;
-}
-
-macro_rules! real {
-    ($t:ty) => {
-        impl Real for $t {
-            fn sqrt(self) -> Self {
-                <$t>::sqrt(self)
-            }
-            fn exp(self) -> Self {
-                <$t>::exp(self)
-            }
-            fn tanh(self) -> Self {
-                <$t>::tanh(self)
-            }
-        }
-    };
-}
-real!(f32);
-real!(f64);
 
 /// The contiguous values of a storage, f32 or f64.
 fn slice<'a, T: candle_core::WithDType>(
@@ -101,14 +67,13 @@ fn tensor_like<T: candle_core::WithDType>(v: Vec<T>, like: &Tensor) -> candle_co
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let hidden = x.dims().last().copied().unwrap_or(0);
     if weight.dims() != [hidden] || weight.dtype() != x.dtype() {
-        return Err(candle_core::Error::Msg(format!(
+        return Err(mismatch(format!(
             "rms_norm: x {:?} {:?}, weight {:?} {:?}",
             x.dims(),
             x.dtype(),
             weight.dims(),
             weight.dtype()
-        ))
-        .into());
+        )));
     }
     let op = RmsNorm {
         weight: weight.contiguous()?,
@@ -219,14 +184,13 @@ pub fn rope(x: &Tensor, tables: &[(&Tensor, &Tensor)], pairs: RopePairs) -> Resu
                 || s.dtype() != x.dtype()
         });
     if bad {
-        return Err(candle_core::Error::Msg(format!(
+        return Err(mismatch(format!(
             "rope: x {:?} {:?} against {} tables of {:?}",
             x.dims(),
             x.dtype(),
             tables.len(),
             tables.first().map(|(c, _)| c.dims().to_vec())
-        ))
-        .into());
+        )));
     }
     let op = Rope {
         tables: tables
@@ -354,14 +318,13 @@ pub enum Gate {
 /// Shapes or dtypes that differ.
 pub fn glu(gate: &Tensor, up: &Tensor, act: Gate) -> Result<Tensor> {
     if gate.dims() != up.dims() || gate.dtype() != up.dtype() {
-        return Err(candle_core::Error::Msg(format!(
+        return Err(mismatch(format!(
             "glu: gate {:?} {:?}, up {:?} {:?}",
             gate.dims(),
             gate.dtype(),
             up.dims(),
             up.dtype()
-        ))
-        .into());
+        )));
     }
     Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, Glu(act))?)
 }

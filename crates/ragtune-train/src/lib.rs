@@ -44,6 +44,7 @@ pub mod fused;
 mod model;
 pub mod ops;
 pub mod optim;
+mod real;
 mod trainer;
 
 pub use error::{EmptyReason, Error, Result};

@@ -9,7 +9,14 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
 
+use crate::real::Real;
 use crate::Result;
+
+/// The error of a training op called with operands that do not fit: `what` names them,
+/// with their shapes and dtypes.
+pub(crate) fn mismatch(what: String) -> crate::Error {
+    candle_core::Error::Msg(what).into()
+}
 
 /// `y = x Wᵀ` for a frozen weight `W: (out, in)`: `x: (t, in)` -> `(t, out)`, f32 or f64
 /// (both operands the same dtype).
@@ -24,14 +31,13 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     let (_, k) = x.dims2()?;
     let (_, wk) = weight.dims2()?;
     if k != wk || x.dtype() != weight.dtype() {
-        return Err(candle_core::Error::Msg(format!(
+        return Err(mismatch(format!(
             "frozen_linear: x {:?} {:?} against weight {:?} {:?}",
             x.dims(),
             x.dtype(),
             weight.dims(),
             weight.dtype()
-        ))
-        .into());
+        )));
     }
     let op = FrozenLinear {
         weight: weight.contiguous()?,
@@ -100,15 +106,14 @@ pub fn lora_linear(
     let (bo, br) = b.dims2()?;
     let dtypes = [weight.dtype(), a.dtype(), b.dtype()];
     if k != wk || ak != k || bo != out || br != r || dtypes.iter().any(|&d| d != x.dtype()) {
-        return Err(candle_core::Error::Msg(format!(
+        return Err(mismatch(format!(
             "lora_linear: x {:?}, W {:?}, A {:?}, B {:?}, dtypes {:?} and {dtypes:?}",
             x.dims(),
             weight.dims(),
             a.dims(),
             b.dims(),
             x.dtype()
-        ))
-        .into());
+        )));
     }
     let op = LoraLinear {
         weight: weight.contiguous()?,
@@ -126,14 +131,26 @@ struct LoraLinear {
     dropout: Option<Dropout>,
 }
 
-/// `dst (m, n) (+)= alpha · lhs (m, k) · rhs (k, n)`, each operand strided: element `(i, j)`
-/// of `lhs` at `i * lhs_rs + j * lhs_cs`, likewise `rhs`; `dst` row-major with row stride
-/// `n`. Threads over rayon for large products.
+/// The output of [`gemm_strided`]: row-major with row stride `rs`, on `threads` (rayon's,
+/// or one).
+pub(crate) struct Dst<'a, T> {
+    pub(crate) data: &'a mut [T],
+    pub(crate) rs: usize,
+    pub(crate) accumulate: bool,
+    pub(crate) parallel: bool,
+}
+
+/// `dst (m, n) (+)= alpha · lhs (m, k) · rhs (k, n)` (`+=` with `dst.accumulate`), each
+/// operand strided: element `(i, j)` of `lhs` at `i * lhs_rs + j * lhs_cs`, likewise `rhs`;
+/// `dst` at `i * dst.rs + j`. With `dst.parallel`, large products run on rayon's threads
+/// (see [`parallelism`]).
+///
+/// # Panics
+/// When a stride reaches outside its slice.
 #[allow(clippy::too_many_arguments)]
-fn gemm_strided<T: Scalar>(
+pub(crate) fn gemm_strided<T: Real>(
     (m, n, k): (usize, usize, usize),
-    dst: &mut [T],
-    accumulate: bool,
+    dst: Dst<'_, T>,
     alpha: T,
     lhs: &[T],
     (lhs_rs, lhs_cs): (usize, usize),
@@ -144,7 +161,10 @@ fn gemm_strided<T: Scalar>(
         return;
     }
     let last = |rs: usize, cs: usize, rows: usize, cols: usize| (rows - 1) * rs + (cols - 1) * cs;
-    assert!(dst.len() >= m * n, "gemm_strided: dst too short");
+    assert!(
+        last(dst.rs, 1, m, n) < dst.data.len(),
+        "gemm_strided: dst out of bounds"
+    );
     assert!(
         last(lhs_rs, lhs_cs, m, k) < lhs.len(),
         "gemm_strided: lhs out of bounds"
@@ -153,25 +173,28 @@ fn gemm_strided<T: Scalar>(
         last(rhs_rs, rhs_cs, k, n) < rhs.len(),
         "gemm_strided: rhs out of bounds"
     );
-    let parallelism = parallelism(m, n, k);
+    let parallelism = match dst.parallel {
+        true => parallelism(m, n, k),
+        false => gemm::Parallelism::None,
+    };
     // SAFETY: the asserts above keep every (i, j) the strides reach inside the slices; dst
-    // is borrowed mutably and written at i * n + j for i < m, j < n.
+    // is borrowed mutably and written at i * dst.rs + j for i < m, j < n.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst.data.as_mut_ptr(),
             1,
-            n as isize,
-            accumulate,
+            dst.rs as isize,
+            dst.accumulate,
             lhs.as_ptr(),
             lhs_cs as isize,
             lhs_rs as isize,
             rhs.as_ptr(),
             rhs_cs as isize,
             rhs_rs as isize,
-            T::one(),
+            T::from_f64(1.0),
             alpha,
             false,
             false,
@@ -181,9 +204,31 @@ fn gemm_strided<T: Scalar>(
     }
 }
 
+/// `dst (m, n) (+)= alpha · lhs (m, k) · rhs (k, n)` into a contiguous `(m, n)` buffer, on
+/// rayon's threads when large: [`gemm_strided`] for the LoRA op.
+#[allow(clippy::too_many_arguments)]
+fn gemm_into<T: Real>(
+    mnk: (usize, usize, usize),
+    data: &mut [T],
+    accumulate: bool,
+    alpha: T,
+    lhs: &[T],
+    lhs_strides: (usize, usize),
+    rhs: &[T],
+    rhs_strides: (usize, usize),
+) {
+    let dst = Dst {
+        data,
+        rs: mnk.1,
+        accumulate,
+        parallel: true,
+    };
+    gemm_strided(mnk, dst, alpha, lhs, lhs_strides, rhs, rhs_strides);
+}
+
 impl LoraLinear {
     /// `dropout(x)`, or `None` without dropout.
-    fn dropped<T: Scalar>(&self, x: &[T]) -> Option<Vec<T>> {
+    fn dropped<T: Real>(&self, x: &[T]) -> Option<Vec<T>> {
         let d = self.dropout?;
         Some(
             x.iter()
@@ -194,19 +239,19 @@ impl LoraLinear {
     }
 
     /// `y (t, out)` for `x (t, in)`, `a (r, in)`, `b (out, r)`.
-    fn forward<T: Scalar>(&self, w: &[T], x: &[T], a: &[T], b: &[T], (t, k, r, n): Dims) -> Vec<T> {
+    fn forward<T: Real>(&self, w: &[T], x: &[T], a: &[T], b: &[T], (t, k, r, n): Dims) -> Vec<T> {
         let mut y = gemm_nt(x, w, t, n, k);
         let dropped = self.dropped(x);
         let xd = dropped.as_deref().unwrap_or(x);
         let u = gemm_nt(xd, a, t, r, k);
         let scale = T::from_f64(self.scale);
-        gemm_strided((t, n, r), &mut y, true, scale, &u, (r, 1), b, (1, r));
+        gemm_into((t, n, r), &mut y, true, scale, &u, (r, 1), b, (1, r));
         y
     }
 
     /// `(dx, dA, dB)` for the output gradient `dy (t, out)`.
     #[allow(clippy::too_many_arguments)]
-    fn backward<T: Scalar>(
+    fn backward<T: Real>(
         &self,
         w: &[T],
         x: &[T],
@@ -225,22 +270,40 @@ impl LoraLinear {
         let xd = dropped.as_deref().unwrap_or(x);
         // dx = dy W: (t, out) · (out, in).
         let mut dx = vec![T::default(); t * k];
-        gemm_strided((t, k, n), &mut dx, false, T::one(), dy, (n, 1), w, (k, 1));
+        gemm_into(
+            (t, k, n),
+            &mut dx,
+            false,
+            T::from_f64(1.0),
+            dy,
+            (n, 1),
+            w,
+            (k, 1),
+        );
         // u = dropout(x) Aᵀ (t, r), g = dy B (t, r).
         let u = gemm_nt(xd, a, t, r, k);
         let mut g = vec![T::default(); t * r];
-        gemm_strided((t, r, n), &mut g, false, T::one(), dy, (n, 1), b, (r, 1));
+        gemm_into(
+            (t, r, n),
+            &mut g,
+            false,
+            T::from_f64(1.0),
+            dy,
+            (n, 1),
+            b,
+            (r, 1),
+        );
         // dB = scale · dyᵀ u (out, r); dA = scale · gᵀ dropout(x) (r, in).
         let mut db = vec![T::default(); n * r];
-        gemm_strided((n, r, t), &mut db, false, scale, dy, (1, n), &u, (r, 1));
+        gemm_into((n, r, t), &mut db, false, scale, dy, (1, n), &u, (r, 1));
         let mut da = vec![T::default(); r * k];
-        gemm_strided((r, k, t), &mut da, false, scale, &g, (1, r), xd, (k, 1));
+        gemm_into((r, k, t), &mut da, false, scale, &g, (1, r), xd, (k, 1));
         // dx += scale · (g A) ⊙ mask.
         match mask {
-            None => gemm_strided((t, k, r), &mut dx, true, scale, &g, (r, 1), a, (k, 1)),
+            None => gemm_into((t, k, r), &mut dx, true, scale, &g, (r, 1), a, (k, 1)),
             Some(mask) => {
                 let mut ga = vec![T::default(); t * k];
-                gemm_strided((t, k, r), &mut ga, false, scale, &g, (r, 1), a, (k, 1));
+                gemm_into((t, k, r), &mut ga, false, scale, &g, (r, 1), a, (k, 1));
                 for ((acc, v), f) in dx.iter_mut().zip(ga).zip(mask) {
                     *acc += v * f;
                 }
@@ -325,7 +388,7 @@ impl CustomOp3 for LoraLinear {
         let (r, _) = a.dims2()?;
         let (n, _) = self.weight.dims2()?;
         let dims = (t, k, r, n);
-        fn grads<T: Scalar + candle_core::WithDType>(
+        fn grads<T: Real>(
             op: &LoraLinear,
             [w, x, a, b, dy]: [&Tensor; 5],
             dims: Dims,
@@ -395,69 +458,19 @@ fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
 const PARALLEL_MIN_SIDE: usize = 32;
 
 /// `dst (m, n) = lhs (m, k) · rhs(n, k)ᵀ`, all row-major and contiguous.
-fn gemm_nt<T: Scalar>(lhs: &[T], rhs: &[T], m: usize, n: usize, k: usize) -> Vec<T> {
+fn gemm_nt<T: Real>(lhs: &[T], rhs: &[T], m: usize, n: usize, k: usize) -> Vec<T> {
     let mut dst = vec![T::default(); m * n];
-    let parallelism = parallelism(m, n, k);
-    // SAFETY: the slices hold m*k, n*k and m*n elements and the strides below stay inside
-    // them: lhs row stride k, rhs read transposed (element (kk, j) at j*k + kk), dst row
-    // stride n.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            lhs.as_ptr(),
-            1,
-            k as isize,
-            rhs.as_ptr(),
-            k as isize,
-            1,
-            T::default(),
-            T::one(),
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
+    gemm_into(
+        (m, n, k),
+        &mut dst,
+        false,
+        T::from_f64(1.0),
+        lhs,
+        (k, 1),
+        rhs,
+        (1, k),
+    );
     dst
-}
-
-/// f32 or f64, for the gemm calls and the LoRA op.
-trait Scalar:
-    'static
-    + Copy
-    + Default
-    + Send
-    + Sync
-    + std::ops::Add<Output = Self>
-    + std::ops::Mul<Output = Self>
-    + std::ops::AddAssign
-{
-    fn one() -> Self;
-    fn from_f64(v: f64) -> Self;
-}
-
-impl Scalar for f32 {
-    fn one() -> Self {
-        1.0
-    }
-    fn from_f64(v: f64) -> Self {
-        v as f32
-    }
-}
-
-impl Scalar for f64 {
-    fn one() -> Self {
-        1.0
-    }
-    fn from_f64(v: f64) -> Self {
-        v
-    }
 }
 
 impl CustomOp1 for FrozenLinear {
