@@ -131,12 +131,15 @@ struct LoraLinear {
     dropout: Option<Dropout>,
 }
 
-/// The output of [`gemm_strided`]: row-major with row stride `rs`, on `threads` (rayon's,
-/// or one).
+/// The output of [`gemm_strided`] and how to write it.
 pub(crate) struct Dst<'a, T> {
+    /// Row-major, row stride `rs`.
     pub(crate) data: &'a mut [T],
     pub(crate) rs: usize,
+    /// Add the product to `data` instead of overwriting it.
     pub(crate) accumulate: bool,
+    /// Let large products run on rayon's threads (the callers inside a rayon task pass
+    /// `false`).
     pub(crate) parallel: bool,
 }
 
