@@ -252,7 +252,9 @@ impl LoraLinear {
         y
     }
 
-    /// `(dx, dA, dB)` for the output gradient `dy (t, out)`.
+    /// `(dx, dA, dB)` for the output gradient `dy (t, out)`; `dx` only when `need_dx` (an
+    /// `x` that tracks no gradient, such as the first layer's, needs none: the largest
+    /// product of the backward is skipped).
     #[allow(clippy::too_many_arguments)]
     fn backward<T: Real>(
         &self,
@@ -262,7 +264,8 @@ impl LoraLinear {
         b: &[T],
         dy: &[T],
         (t, k, r, n): Dims,
-    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+        need_dx: bool,
+    ) -> LoraGrads<T> {
         let scale = T::from_f64(self.scale);
         let mask: Option<Vec<T>> = self
             .dropout
@@ -271,18 +274,6 @@ impl LoraLinear {
             .as_ref()
             .map(|m| x.iter().zip(m).map(|(&v, &f)| v * f).collect());
         let xd = dropped.as_deref().unwrap_or(x);
-        // dx = dy W: (t, out) · (out, in).
-        let mut dx = vec![T::default(); t * k];
-        gemm_into(
-            (t, k, n),
-            &mut dx,
-            false,
-            T::from_f64(1.0),
-            dy,
-            (n, 1),
-            w,
-            (k, 1),
-        );
         // u = dropout(x) Aᵀ (t, r), g = dy B (t, r).
         let u = gemm_nt(xd, a, t, r, k);
         let mut g = vec![T::default(); t * r];
@@ -301,7 +292,13 @@ impl LoraLinear {
         gemm_into((n, r, t), &mut db, false, scale, dy, (1, n), &u, (r, 1));
         let mut da = vec![T::default(); r * k];
         gemm_into((r, k, t), &mut da, false, scale, &g, (1, r), xd, (k, 1));
-        // dx += scale · (g A) ⊙ mask.
+        if !need_dx {
+            return (None, da, db);
+        }
+        // dx = dy W + scale · (g A) ⊙ mask: (t, out) · (out, in), then (t, r) · (r, in).
+        let mut dx = vec![T::default(); t * k];
+        let one = T::from_f64(1.0);
+        gemm_into((t, k, n), &mut dx, false, one, dy, (n, 1), w, (k, 1));
         match mask {
             None => gemm_into((t, k, r), &mut dx, true, scale, &g, (r, 1), a, (k, 1)),
             Some(mask) => {
@@ -312,9 +309,12 @@ impl LoraLinear {
                 }
             }
         }
-        (dx, da, db)
+        (Some(dx), da, db)
     }
 }
+
+/// `(dx, dA, dB)` of one [`LoraLinear`] call, `dx` only when `x` needs one.
+type LoraGrads<T> = (Option<Vec<T>>, Vec<T>, Vec<T>);
 
 /// `(t, in, r, out)` of one [`LoraLinear`] call.
 type Dims = (usize, usize, usize, usize);
@@ -395,7 +395,8 @@ impl CustomOp3 for LoraLinear {
             op: &LoraLinear,
             [w, x, a, b, dy]: [&Tensor; 5],
             dims: Dims,
-        ) -> candle_core::Result<(Vec<T>, Vec<T>, Vec<T>)> {
+            need_dx: bool,
+        ) -> candle_core::Result<LoraGrads<T>> {
             // Read in place: a copy of W per call was the size of the model per sequence.
             let dy = dy.contiguous()?;
             let guards = [w, x, a, b, &dy].map(|t| t.storage_and_layout());
@@ -413,30 +414,31 @@ impl CustomOp3 for LoraLinear {
             let [w, x, a, b, dy] = slices[..] else {
                 unreachable!("five slices for five tensors")
             };
-            Ok(op.backward(w, x, a, b, dy, dims))
+            Ok(op.backward(w, x, a, b, dy, dims, need_dx))
         }
         let tensors = [&self.weight, x, a, b, grad_res];
         let dev = x.device();
+        let need_dx = x.track_op();
         let (dx, da, db) = match x.dtype() {
             candle_core::DType::F32 => {
-                let (dx, da, db) = grads::<f32>(self, tensors, dims)?;
+                let (dx, da, db) = grads::<f32>(self, tensors, dims, need_dx)?;
                 (
-                    Tensor::from_vec(dx, (t, k), dev)?,
+                    dx.map(|dx| Tensor::from_vec(dx, (t, k), dev)).transpose()?,
                     Tensor::from_vec(da, (r, k), dev)?,
                     Tensor::from_vec(db, (n, r), dev)?,
                 )
             }
             candle_core::DType::F64 => {
-                let (dx, da, db) = grads::<f64>(self, tensors, dims)?;
+                let (dx, da, db) = grads::<f64>(self, tensors, dims, need_dx)?;
                 (
-                    Tensor::from_vec(dx, (t, k), dev)?,
+                    dx.map(|dx| Tensor::from_vec(dx, (t, k), dev)).transpose()?,
                     Tensor::from_vec(da, (r, k), dev)?,
                     Tensor::from_vec(db, (n, r), dev)?,
                 )
             }
             other => candle_core::bail!("lora-linear: {other:?} gradients"),
         };
-        Ok((Some(dx), Some(da), Some(db)))
+        Ok((dx, Some(da), Some(db)))
     }
 }
 
@@ -695,6 +697,35 @@ mod tests {
             Dropout { seed: 8, p: 0.25 }.mask(64),
             Dropout { seed: 7, p: 0.25 }.mask(64)
         );
+    }
+
+    /// An input that tracks no gradient (the first layer's) gets none, and `A` and `B` get
+    /// the same gradients as when it does.
+    #[test]
+    fn lora_linear_skips_dx_for_an_input_without_gradient() {
+        let dev = Device::Cpu;
+        let randn = |shape: (usize, usize)| Tensor::randn(0f64, 1.0, shape, &dev).expect("randn");
+        let (x, w, c) = (randn((9, 6)), randn((5, 6)), randn((9, 5)));
+        let a = Var::from_tensor(&randn((2, 6))).expect("a");
+        let b = Var::from_tensor(&randn((5, 2))).expect("b");
+        let dropout = Some(Dropout { seed: 3, p: 0.2 });
+        let grads = |x: &Tensor| {
+            let y = lora_linear(x, &w, a.as_tensor(), b.as_tensor(), 2.0, dropout).expect("y");
+            (y * &c)
+                .and_then(|p| p.sum_all()?.backward())
+                .expect("backward")
+        };
+        let x_var = Var::from_tensor(&x).expect("x");
+        let (tracked, plain) = (grads(x_var.as_tensor()), grads(&x));
+        assert!(tracked.get(x_var.as_tensor()).is_some());
+        assert!(plain.get(&x).is_none());
+        for v in [&a, &b] {
+            let (g1, g2) = (
+                tracked.get(v.as_tensor()).expect("tracked"),
+                plain.get(v.as_tensor()).expect("plain"),
+            );
+            assert!(close(g1, g2, 0.0));
+        }
     }
 
     #[test]
