@@ -671,7 +671,7 @@ mod tests {
         let split = 170; // two packed examples: 0..170 and 170..300
         let seg = |i: usize| usize::from(i >= split);
         // Source blocks (rows 20..60 and 60..100) see the head 0..20 and themselves.
-        let block = |i: usize| (20..100).contains(&i).then_some((i - 20) / 40);
+        let block = |i: usize| (20..100).contains(&i).then(|| (i - 20) / 40);
         for (window, with_blocks) in [(None, false), (None, true), (Some(50), false)] {
             let mut allowed = vec![false; t * t];
             for i in 0..t {
