@@ -22,7 +22,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::ops::{gemm_strided, Dst};
+use crate::ops::{contiguous_values, gemm_strided, Dst};
 use crate::real::Real;
 use crate::Result;
 
@@ -405,10 +405,7 @@ impl FusedAttention {
 }
 
 fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> candle_core::Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("fused attention: inputs must be contiguous"),
-    }
+    contiguous_values(data, layout, "fused attention: inputs")
 }
 
 impl CustomOp3 for FusedAttention {

@@ -9,21 +9,17 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 
-use crate::ops::mismatch;
+use crate::ops::{contiguous_values, mismatch};
 use crate::real::Real;
 use crate::Result;
 
-/// The contiguous values of a storage, f32 or f64.
+/// The contiguous values of a storage, f32 or f64; `what` names the operand in the error.
 fn slice<'a, T: candle_core::WithDType>(
     s: &'a CpuStorage,
     l: &Layout,
-    op: &str,
+    what: &str,
 ) -> candle_core::Result<&'a [T]> {
-    let data = T::cpu_storage_as_slice(s)?;
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("{op}: input must be contiguous"),
-    }
+    contiguous_values(T::cpu_storage_as_slice(s)?, l, what)
 }
 
 /// The values of a tensor (copied), row-major.
@@ -131,7 +127,7 @@ impl CustomOp1 for RmsNorm {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let out = by_dtype!(s, "rms-norm", |T| self
-            .forward::<T>(slice(s, l, "rms-norm")?, &values::<T>(&self.weight)?));
+            .forward::<T>(slice(s, l, "rms-norm: input")?, &values::<T>(&self.weight)?));
         Ok((out, l.shape().clone()))
     }
 
@@ -278,7 +274,7 @@ impl CustomOp1 for Rope {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = l.shape().dims3()?;
         let out = by_dtype!(s, "rope", |T| self
-            .forward::<T>(slice(s, l, "rope")?, dims)?);
+            .forward::<T>(slice(s, l, "rope: input")?, dims)?);
         Ok((
             out,
             Shape::from((dims.0, dims.1, dims.2 * self.tables.len())),
@@ -370,7 +366,10 @@ impl CustomOp2 for Glu {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let out = by_dtype!(s1, "glu", |T| {
-            let (g, u) = (slice::<T>(s1, l1, "glu")?, slice::<T>(s2, l2, "glu")?);
+            let (g, u) = (
+                slice::<T>(s1, l1, "glu: gate")?,
+                slice::<T>(s2, l2, "glu: up")?,
+            );
             g.iter().zip(u).map(|(&g, &u)| self.act(g).0 * u).collect()
         });
         Ok((out, l1.shape().clone()))

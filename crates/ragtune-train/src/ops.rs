@@ -319,11 +319,17 @@ type LoraGrads<T> = (Option<Vec<T>>, Vec<T>, Vec<T>);
 /// `(t, in, r, out)` of one [`LoraLinear`] call.
 type Dims = (usize, usize, usize, usize);
 
-/// The contiguous values of a CPU tensor's storage.
-fn values<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
+/// The values of a CPU storage's `data` under `layout`, which must be contiguous (the ops
+/// make their inputs contiguous before they are applied); `what` names the operand in the
+/// error.
+pub(crate) fn contiguous_values<'a, T>(
+    data: &'a [T],
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("lora-linear: {what} must be contiguous"),
+        None => candle_core::bail!("{what} must be contiguous"),
     }
 }
 
@@ -358,19 +364,19 @@ impl CustomOp3 for LoraLinear {
         let y = match (w_storage, s1, s2, s3) {
             (CpuStorage::F32(w), CpuStorage::F32(x), CpuStorage::F32(a), CpuStorage::F32(b)) => {
                 CpuStorage::F32(self.forward(
-                    values(w, w_layout, "W")?,
-                    values(x, l1, "x")?,
-                    values(a, l2, "A")?,
-                    values(b, l3, "B")?,
+                    contiguous_values(w, w_layout, "lora-linear: W")?,
+                    contiguous_values(x, l1, "lora-linear: x")?,
+                    contiguous_values(a, l2, "lora-linear: A")?,
+                    contiguous_values(b, l3, "lora-linear: B")?,
                     dims,
                 ))
             }
             (CpuStorage::F64(w), CpuStorage::F64(x), CpuStorage::F64(a), CpuStorage::F64(b)) => {
                 CpuStorage::F64(self.forward(
-                    values(w, w_layout, "W")?,
-                    values(x, l1, "x")?,
-                    values(a, l2, "A")?,
-                    values(b, l3, "B")?,
+                    contiguous_values(w, w_layout, "lora-linear: W")?,
+                    contiguous_values(x, l1, "lora-linear: x")?,
+                    contiguous_values(a, l2, "lora-linear: A")?,
+                    contiguous_values(b, l3, "lora-linear: B")?,
                     dims,
                 ))
             }
@@ -405,10 +411,10 @@ impl CustomOp3 for LoraLinear {
                 let candle_core::Storage::Cpu(cpu) = &**storage else {
                     candle_core::bail!("lora-linear: CPU only");
                 };
-                slices.push(values(
+                slices.push(contiguous_values(
                     T::cpu_storage_as_slice(cpu)?,
                     layout,
-                    "gradient input",
+                    "lora-linear: gradient input",
                 )?);
             }
             let [w, x, a, b, dy] = slices[..] else {
