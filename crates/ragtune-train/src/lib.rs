@@ -40,6 +40,7 @@ mod attention;
 pub mod checkpoint;
 pub mod data;
 mod error;
+mod frozen;
 pub mod fused;
 mod model;
 pub mod ops;
@@ -48,5 +49,6 @@ mod real;
 mod trainer;
 
 pub use error::{EmptyReason, Error, Result};
+pub use frozen::FrozenWeight;
 pub use model::{Attend, InitB, LoraFactors, LoraSpec, PackedSeq, TrainModel};
 pub use trainer::{Event, Finish, StepReport, TrainConfig, Trainer};

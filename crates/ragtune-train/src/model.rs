@@ -46,6 +46,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::attention::{attention, AttentionMask};
 use crate::error::io;
+use crate::frozen::FrozenWeight;
 use crate::fused::{glu, rms_norm, rope, Gate, RopePairs};
 use crate::ops::{frozen_linear, lora_linear, Dropout};
 use crate::{Error, Result};
@@ -240,7 +241,7 @@ struct FrozenBlock {
     attn_norm: Tensor,
     ffn_norm: Tensor,
     /// Per [`TargetModule::ALL`] index, `(out, in)` f32.
-    weights: Vec<Tensor>,
+    weights: Vec<FrozenWeight>,
     /// Qwen2: the biases of the q, k and v projections, `(out,)` each.
     qkv_bias: Option<[Tensor; 3]>,
     /// Gemma 3: RMS norms of each head's query and key, `(head_dim,)`, before RoPE.
@@ -363,7 +364,8 @@ impl TrainModel {
             let mut weights = Vec::with_capacity(7);
             for m in TargetModule::ALL {
                 let (out, inp) = m.dims(&props);
-                weights.push(t(&format!("{}.weight", m.gguf_name()), &[out, inp])?);
+                let w = t(&format!("{}.weight", m.gguf_name()), &[out, inp])?;
+                weights.push(FrozenWeight::new(&w)?);
             }
             blocks.push(FrozenBlock {
                 attn_norm,
@@ -535,7 +537,7 @@ impl TrainModel {
     ) -> Result<Tensor> {
         let w = &self.blocks[layer].weights[module.index()];
         let Some(f) = &self.lora[layer][module.index()] else {
-            return frozen_linear(x, w);
+            return frozen_linear(x, w.tensor());
         };
         let p = self.spec.dropout;
         let dropout = match dropout {

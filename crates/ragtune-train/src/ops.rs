@@ -9,6 +9,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
 
+use crate::frozen::{FrozenWeight, Product};
 use crate::real::Real;
 use crate::Result;
 
@@ -94,29 +95,29 @@ impl Dropout {
 /// Shape or dtype mismatches.
 pub fn lora_linear(
     x: &Tensor,
-    weight: &Tensor,
+    weight: &FrozenWeight,
     a: &Tensor,
     b: &Tensor,
     scale: f64,
     dropout: Option<Dropout>,
 ) -> Result<Tensor> {
     let (_, k) = x.dims2()?;
-    let (out, wk) = weight.dims2()?;
+    let (out, wk) = weight.tensor().dims2()?;
     let (r, ak) = a.dims2()?;
     let (bo, br) = b.dims2()?;
-    let dtypes = [weight.dtype(), a.dtype(), b.dtype()];
+    let dtypes = [weight.tensor().dtype(), a.dtype(), b.dtype()];
     if k != wk || ak != k || bo != out || br != r || dtypes.iter().any(|&d| d != x.dtype()) {
         return Err(mismatch(format!(
             "lora_linear: x {:?}, W {:?}, A {:?}, B {:?}, dtypes {:?} and {dtypes:?}",
             x.dims(),
-            weight.dims(),
+            weight.tensor().dims(),
             a.dims(),
             b.dims(),
             x.dtype()
         )));
     }
     let op = LoraLinear {
-        weight: weight.contiguous()?,
+        weight: weight.clone(),
         scale,
         dropout: dropout.filter(|d| d.p > 0.0),
     };
@@ -126,7 +127,7 @@ pub fn lora_linear(
 
 struct LoraLinear {
     /// `(out, in)`, contiguous.
-    weight: Tensor,
+    weight: FrozenWeight,
     scale: f64,
     dropout: Option<Dropout>,
 }
@@ -243,7 +244,8 @@ impl LoraLinear {
 
     /// `y (t, out)` for `x (t, in)`, `a (r, in)`, `b (out, r)`.
     fn forward<T: Real>(&self, w: &[T], x: &[T], a: &[T], b: &[T], (t, k, r, n): Dims) -> Vec<T> {
-        let mut y = gemm_nt(x, w, t, n, k);
+        let mut y = T::packed_product(x, t, &self.weight, Product::Transposed)
+            .unwrap_or_else(|| gemm_nt(x, w, t, n, k));
         let dropped = self.dropped(x);
         let xd = dropped.as_deref().unwrap_or(x);
         let u = gemm_nt(xd, a, t, r, k);
@@ -296,9 +298,12 @@ impl LoraLinear {
             return (None, da, db);
         }
         // dx = dy W + scale · (g A) ⊙ mask: (t, out) · (out, in), then (t, r) · (r, in).
-        let mut dx = vec![T::default(); t * k];
-        let one = T::from_f64(1.0);
-        gemm_into((t, k, n), &mut dx, false, one, dy, (n, 1), w, (k, 1));
+        let mut dx = T::packed_product(dy, t, &self.weight, Product::Plain).unwrap_or_else(|| {
+            let mut dx = vec![T::default(); t * k];
+            let one = T::from_f64(1.0);
+            gemm_into((t, k, n), &mut dx, false, one, dy, (n, 1), w, (k, 1));
+            dx
+        });
         match mask {
             None => gemm_into((t, k, r), &mut dx, true, scale, &g, (r, 1), a, (k, 1)),
             Some(mask) => {
@@ -337,7 +342,7 @@ impl LoraLinear {
     fn dims(&self, x: &Layout, a: &Layout) -> candle_core::Result<Dims> {
         let (t, k) = x.shape().dims2()?;
         let (r, _) = a.shape().dims2()?;
-        let (n, _) = self.weight.dims2()?;
+        let (n, _) = self.weight.tensor().dims2()?;
         Ok((t, k, r, n))
     }
 }
@@ -357,7 +362,7 @@ impl CustomOp3 for LoraLinear {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = self.dims(l1, l2)?;
-        let (w_storage, w_layout) = self.weight.storage_and_layout();
+        let (w_storage, w_layout) = self.weight.tensor().storage_and_layout();
         let candle_core::Storage::Cpu(w_storage) = &*w_storage else {
             candle_core::bail!("lora-linear: CPU only");
         };
@@ -395,7 +400,7 @@ impl CustomOp3 for LoraLinear {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (t, k) = x.dims2()?;
         let (r, _) = a.dims2()?;
-        let (n, _) = self.weight.dims2()?;
+        let (n, _) = self.weight.tensor().dims2()?;
         let dims = (t, k, r, n);
         fn grads<T: Real>(
             op: &LoraLinear,
@@ -422,7 +427,7 @@ impl CustomOp3 for LoraLinear {
             };
             Ok(op.backward(w, x, a, b, dy, dims, need_dx))
         }
-        let tensors = [&self.weight, x, a, b, grad_res];
+        let tensors = [self.weight.tensor(), x, a, b, grad_res];
         let dev = x.device();
         let need_dx = x.track_op();
         let (dx, da, db) = match x.dtype() {
@@ -585,16 +590,24 @@ mod tests {
         let (t, inp, out, r, scale) = (3, 6, 5, 2, 1.5);
         let x = Var::from_tensor(&randn((t, inp))).expect("x");
         let w = randn((out, inp));
+        let frozen = FrozenWeight::new(&w).expect("w");
         let a = Var::from_tensor(&randn((r, inp))).expect("a");
         let b = Var::from_tensor(&randn((out, r))).expect("b");
         let c = randn((t, out));
         let loss = |x: &Tensor, a: &Tensor, b: &Tensor| -> f64 {
-            lora_linear(x, &w, a, b, scale, None)
+            lora_linear(x, &frozen, a, b, scale, None)
                 .and_then(|y| Ok((y * &c)?.sum_all()?.to_scalar::<f64>()?))
                 .expect("loss")
         };
-        let y =
-            lora_linear(x.as_tensor(), &w, a.as_tensor(), b.as_tensor(), scale, None).expect("y");
+        let y = lora_linear(
+            x.as_tensor(),
+            &frozen,
+            a.as_tensor(),
+            b.as_tensor(),
+            scale,
+            None,
+        )
+        .expect("y");
         let grads = (y * &c)
             .and_then(|p| p.sum_all())
             .expect("L")
@@ -671,7 +684,7 @@ mod tests {
 
         let fused = lora_linear(
             x.as_tensor(),
-            &w,
+            &FrozenWeight::new(&w).expect("w"),
             a.as_tensor(),
             b.as_tensor(),
             scale,
@@ -715,6 +728,7 @@ mod tests {
         let a = Var::from_tensor(&randn((2, 6))).expect("a");
         let b = Var::from_tensor(&randn((5, 2))).expect("b");
         let dropout = Some(Dropout { seed: 3, p: 0.2 });
+        let w = FrozenWeight::new(&w).expect("w");
         let grads = |x: &Tensor| {
             let y = lora_linear(x, &w, a.as_tensor(), b.as_tensor(), 2.0, dropout).expect("y");
             (y * &c)
@@ -731,6 +745,48 @@ mod tests {
                 plain.get(v.as_tensor()).expect("plain"),
             );
             assert!(close(g1, g2, 0.0));
+        }
+    }
+
+    /// In f32 (the packed AVX-512 kernel for `x Wᵀ` and `dy W` where the CPU has it, the
+    /// `gemm` crate elsewhere) the op and its gradients equal the f64 op (the `gemm` crate)
+    /// up to f32 rounding. Shapes leave partial register tiles and panels.
+    #[test]
+    fn lora_linear_in_f32_matches_f64() {
+        use candle_core::DType;
+        let dev = Device::Cpu;
+        let randn = |shape: (usize, usize)| Tensor::randn(0f64, 1.0, shape, &dev).expect("randn");
+        let (t, inp, out, r) = (29, 40, 50, 4);
+        let [x, w, a, b, c] = [(t, inp), (out, inp), (r, inp), (out, r), (t, out)].map(randn);
+        let dropout = Some(Dropout { seed: 11, p: 0.1 });
+        let run = |dtype: DType| {
+            let cast = |v: &Tensor| v.to_dtype(dtype).expect("cast");
+            let [x, a, b] = [&x, &a, &b].map(|v| Var::from_tensor(&cast(v)).expect("var"));
+            let frozen = FrozenWeight::new(&cast(&w)).expect("w");
+            let y = lora_linear(
+                x.as_tensor(),
+                &frozen,
+                a.as_tensor(),
+                b.as_tensor(),
+                2.0,
+                dropout,
+            )
+            .expect("y");
+            let grads = (&y * &cast(&c))
+                .and_then(|p| p.sum_all()?.backward())
+                .expect("backward");
+            let to64 = |v: &Tensor| v.to_dtype(DType::F64).expect("f64");
+            let mut all = vec![to64(&y)];
+            for v in [&x, &a, &b] {
+                all.push(to64(grads.get(v.as_tensor()).expect("gradient")));
+            }
+            all
+        };
+        let (single, double) = (run(DType::F32), run(DType::F64));
+        for (i, (s, d)) in single.iter().zip(&double).enumerate() {
+            // Sums of up to 50 products of unit normals (y, dx) and up to 29 x 50 (dA, dB):
+            // f32 keeps them to a few 1e-5 absolute.
+            assert!(close(s, d, 1e-3), "output {i} (y, dx, dA, dB)");
         }
     }
 

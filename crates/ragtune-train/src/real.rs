@@ -1,6 +1,8 @@
 //! The element types of the training ops' own kernels: f32 (training) and f64 (the
 //! gradient checks in the tests).
 
+use crate::frozen::{FrozenWeight, Product};
+
 /// f32 or f64: the arithmetic the attention, LoRA and elementwise ops need, and candle's
 /// [`WithDType`](candle_core::WithDType) for storage and `from_f64`.
 pub(crate) trait Real:
@@ -23,10 +25,19 @@ pub(crate) trait Real:
     fn exp(self) -> Self;
     fn sqrt(self) -> Self;
     fn tanh(self) -> Self;
+
+    /// `x (m, k)` times `w` as `product` says, through [`FrozenWeight`]'s own kernel where
+    /// this type and the CPU have one; `None` leaves the product to the `gemm` crate.
+    fn packed_product(
+        x: &[Self],
+        m: usize,
+        w: &FrozenWeight,
+        product: Product,
+    ) -> Option<Vec<Self>>;
 }
 
 macro_rules! real {
-    ($t:ty) => {
+    ($t:ty, $packed:expr) => {
         impl Real for $t {
             fn exp(self) -> Self {
                 <$t>::exp(self)
@@ -37,8 +48,17 @@ macro_rules! real {
             fn tanh(self) -> Self {
                 <$t>::tanh(self)
             }
+            fn packed_product(
+                x: &[Self],
+                m: usize,
+                w: &FrozenWeight,
+                product: Product,
+            ) -> Option<Vec<Self>> {
+                $packed(x, m, w, product)
+            }
         }
     };
 }
-real!(f32);
-real!(f64);
+real!(f32, |x, m, w: &FrozenWeight, product| w
+    .product(x, m, product));
+real!(f64, |_, _, _, _| None);
