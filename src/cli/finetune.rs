@@ -21,7 +21,9 @@ use anyhow::{bail, Context as _};
 use plotters::prelude::*;
 use ragtune::util::write_atomic;
 use ragtune_generate::{read_gguf, ChatTemplate, LlamaProps, TargetModule, Tokenizer};
-use ragtune_train::{data, Event, Finish, InitB, LoraSpec, TrainConfig, TrainModel, Trainer};
+use ragtune_train::{
+    data, Event, Finish, InitB, LoraSpec, MatmulPrecision, TrainConfig, TrainModel, Trainer,
+};
 use serde_json::json;
 
 use super::Context;
@@ -104,6 +106,11 @@ pub struct Args {
     /// Seed of the LoRA init, the example order and dropout.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// The arithmetic of the products with the frozen base weights: `f32`, or `bf16`
+    /// (operands rounded to bfloat16, summed in f32) on CPUs with Intel AMX (Sapphire
+    /// Rapids and later), f32 elsewhere. Part of the run: a resume must keep it.
+    #[arg(long, default_value = "f32", value_parser = parse_precision)]
+    matmul_precision: MatmulPrecision,
     /// Continue the run whose checkpoints are in --out (same data and flags).
     #[arg(long)]
     resume: bool,
@@ -111,6 +118,14 @@ pub struct Args {
     /// Without it, an --out holding an adapter is refused.
     #[arg(long)]
     overwrite: bool,
+}
+
+/// `f32` or `bf16`, as [`MatmulPrecision::name`] writes them.
+fn parse_precision(name: &str) -> Result<MatmulPrecision, String> {
+    [MatmulPrecision::F32, MatmulPrecision::Bf16]
+        .into_iter()
+        .find(|p| p.name() == name)
+        .ok_or_else(|| format!("`{name}`: expected f32 or bf16"))
 }
 
 /// Keeps the records of `loss.jsonl` up to `step` (a resumed run rewrites what came after).
@@ -170,6 +185,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         } else {
             data::SourceAttention::Causal
         },
+        matmul_precision: args.matmul_precision,
     };
     config.validate()?;
     let out = &args.out;

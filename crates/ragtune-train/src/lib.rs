@@ -49,6 +49,6 @@ mod real;
 mod trainer;
 
 pub use error::{EmptyReason, Error, Result};
-pub use frozen::FrozenWeight;
+pub use frozen::{FrozenWeight, MatmulPrecision};
 pub use model::{Attend, InitB, LoraFactors, LoraSpec, PackedSeq, TrainModel};
 pub use trainer::{Event, Finish, StepReport, TrainConfig, Trainer};

@@ -46,7 +46,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::attention::{attention, AttentionMask};
 use crate::error::io;
-use crate::frozen::FrozenWeight;
+use crate::frozen::{FrozenWeight, MatmulPrecision};
 use crate::fused::{glu, rms_norm, rope, Gate, RopePairs};
 use crate::ops::{frozen_linear, lora_linear, Dropout};
 use crate::{Error, Result};
@@ -456,6 +456,16 @@ impl TrainModel {
     /// The base model's typed metadata.
     pub fn props(&self) -> &LlamaProps {
         &self.props
+    }
+
+    /// Runs the frozen projections' products in `precision` from now on (see
+    /// [`MatmulPrecision`]).
+    pub fn set_matmul_precision(&mut self, precision: MatmulPrecision) {
+        for block in &mut self.blocks {
+            for w in &mut block.weights {
+                *w = w.with_precision(precision);
+            }
+        }
     }
 
     /// The LoRA spec.

@@ -18,6 +18,7 @@ use rand::SeedableRng;
 use crate::checkpoint::{self, CheckpointState};
 use crate::data::SourceAttention;
 use crate::data::{pack, Tokenized};
+use crate::frozen::MatmulPrecision;
 use crate::model::{LoraSpec, PackedSeq, TrainModel};
 use crate::optim::{clip_grad_norm, learning_rate, AdamW, AdamWParams};
 use crate::{EmptyReason, Error, Result};
@@ -58,6 +59,10 @@ pub struct TrainConfig {
     /// Checkpoints written before this field read as [`SourceAttention::Causal`].
     #[serde(default)]
     pub source_attention: SourceAttention,
+    /// The arithmetic of the frozen weights' products ([`MatmulPrecision`]); checkpoints
+    /// written before this field read as f32. The one setting a resume may change.
+    #[serde(default)]
+    pub matmul_precision: MatmulPrecision,
 }
 
 impl Default for TrainConfig {
@@ -83,6 +88,7 @@ impl Default for TrainConfig {
             save_every: 25,
             seed: 0,
             source_attention: SourceAttention::Causal,
+            matmul_precision: MatmulPrecision::F32,
         }
     }
 }
@@ -239,7 +245,7 @@ impl Trainer {
     /// [`Error::InvalidParameter`] for a bad config, [`Error::LoraSpecMismatch`] for a model
     /// whose LoRA spec differs from it; [`Error::EmptyDataset`] for no training example.
     pub fn new(
-        model: TrainModel,
+        mut model: TrainModel,
         config: TrainConfig,
         train: &[Tokenized],
         dev: &[Tokenized],
@@ -272,6 +278,7 @@ impl Trainer {
         if let Some(max) = config.max_steps {
             plan.truncate(max);
         }
+        model.set_matmul_precision(config.matmul_precision);
         let dev_order: Vec<usize> = (0..dev.len()).collect();
         let mut dev = pack(dev, &dev_order, config.seq_len);
         dev.truncate(config.eval_max_seqs);
@@ -463,7 +470,8 @@ impl Trainer {
     /// # Errors
     /// [`Error::Checkpoint`] when there is none, it is unreadable, or it was made for another
     /// base model (sha256 differs), another configuration, or another data set (a different
-    /// number of steps).
+    /// number of steps). Only [`TrainConfig::matmul_precision`] may differ from the
+    /// checkpoint's: the run goes on in this trainer's.
     pub fn resume(&mut self, dir: &Path) -> Result<usize> {
         let (path, state, tensors) = checkpoint::load_latest(dir)?;
         let fail = |message: String| Error::Checkpoint {
@@ -477,7 +485,13 @@ impl Trainer {
                 state.base_sha256, self.base_sha256
             )));
         }
-        if state.config != self.config {
+        // The precision of the frozen products is arithmetic, not the plan: a run may go on
+        // in another one (to switch to bfloat16 midway).
+        let planned = TrainConfig {
+            matmul_precision: self.config.matmul_precision,
+            ..state.config.clone()
+        };
+        if planned != self.config {
             return Err(fail(
                 "it was made with other training settings: pass the same flags as the \
                  interrupted run"
