@@ -710,16 +710,11 @@ impl TrainModel {
             };
             // Block rows score with q and k at canonical positions: the second half of the
             // width (see `attention`).
-            let (qa, ka) = match &block_rows {
-                Some(((cos_c, sin_c), _)) => (
-                    rope(&q, &[(cos, sin), (cos_c, sin_c)], pairs)?,
-                    rope(&k, &[(cos, sin), (cos_c, sin_c)], pairs)?,
-                ),
-                None => (
-                    rope(&q, &[(cos, sin)], pairs)?,
-                    rope(&k, &[(cos, sin)], pairs)?,
-                ),
-            };
+            let mut tables = vec![(cos, sin)];
+            if let Some(((cos_c, sin_c), _)) = &block_rows {
+                tables.push((cos_c, sin_c));
+            }
+            let (qa, ka) = (rope(&q, &tables, pairs)?, rope(&k, &tables, pairs)?);
             let attn = attention(&qa, &ka, &v, mask, scale)?; // (h, t, d)
             let attn = attn
                 .reshape((h, t, d))?
