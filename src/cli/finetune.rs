@@ -292,12 +292,21 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         write_atomic(&log_path, b"")?;
     }
     eprintln!(
-        "training {params} LoRA parameters (r = {}, alpha = {}) over {} steps, {} tokens",
+        "training {params} LoRA parameters (r = {}, alpha = {}) over {} steps, {} tokens, \
+         {} products",
         args.rank,
         args.alpha,
         trainer.total_steps(),
-        trainer.total_tokens()
+        trainer.total_tokens(),
+        args.matmul_precision.on_this_cpu().name()
     );
+    if args.matmul_precision.on_this_cpu() != args.matmul_precision {
+        eprintln!(
+            "note: --matmul-precision {} needs Intel AMX (absent here, or turned off by \
+             RAGTUNE_SIMD): the products run in f32",
+            args.matmul_precision.name()
+        );
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     {

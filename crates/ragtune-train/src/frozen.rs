@@ -55,6 +55,15 @@ pub enum MatmulPrecision {
 }
 
 impl MatmulPrecision {
+    /// The precision the products run in on this CPU: [`Bf16`](Self::Bf16) only where AMX
+    /// is available, [`F32`](Self::F32) otherwise.
+    pub fn on_this_cpu(self) -> Self {
+        match self {
+            Self::Bf16 if amx::available() => Self::Bf16,
+            _ => Self::F32,
+        }
+    }
+
     /// The name the CLI takes and reports print: `f32`, `bf16`.
     pub fn name(self) -> &'static str {
         match self {
