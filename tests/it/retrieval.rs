@@ -62,45 +62,39 @@ fn hnsw_recall_at_10_against_exact_search_on_real_embeddings() {
         base,
     )
     .expect("create");
-    let mut found = 0usize;
-    let mut total = 0usize;
-    for q in queries.chunks(384) {
-        let approx = index
-            .search(
-                q,
-                &SearchParams {
-                    k: 10,
-                    ef_search: None,
-                    filter: None,
-                    exact: false,
-                },
-            )
-            .expect("hnsw");
-        let exact = index
-            .search(
-                q,
-                &SearchParams {
-                    k: 10,
-                    ef_search: None,
-                    filter: None,
-                    exact: true,
-                },
-            )
-            .expect("exact");
-        assert_eq!(exact.len(), 10);
-        total += exact.len();
-        found += exact
-            .iter()
-            .filter(|e| approx.iter().any(|a| a.id == e.id))
-            .count();
-        // Exact search is sorted best first.
-        assert!(exact.windows(2).all(|w| w[0].score >= w[1].score));
-    }
-    let recall = found as f64 / total as f64;
+    let recall_at = |ef_search: Option<usize>| {
+        let mut found = 0usize;
+        let mut total = 0usize;
+        for q in queries.chunks(384) {
+            let search = |exact| SearchParams {
+                k: 10,
+                ef_search,
+                filter: None,
+                exact,
+            };
+            let approx = index.search(q, &search(false)).expect("hnsw");
+            let exact = index.search(q, &search(true)).expect("exact");
+            assert_eq!(exact.len(), 10);
+            total += exact.len();
+            found += exact
+                .iter()
+                .filter(|e| approx.iter().any(|a| a.id == e.id))
+                .count();
+            // Exact search is sorted best first.
+            assert!(exact.windows(2).all(|w| w[0].score >= w[1].score));
+        }
+        found as f64 / total as f64
+    };
+    // The graph is built by parallel inserts, whose order varies from run to run: at the
+    // default ef_search (128) four builds on 2 cores gave 0.9795-0.9845, so the bound sits
+    // below that spread; at 256 they give about 0.992 (see `HnswParams::ef_search`).
+    let recall = recall_at(None);
     assert!(
-        recall >= 0.98,
+        recall >= 0.975,
         "recall@10 {recall} at the default ef_search"
     );
+    let recall = recall_at(Some(256));
+    assert!(recall >= 0.985, "recall@10 {recall} at ef_search 256");
 }
 
 #[test]
