@@ -202,11 +202,6 @@ impl FrozenWeight {
         }
     }
 
-    /// The arithmetic asked for (the products run in f32 where AMX is missing).
-    pub fn precision(&self) -> MatmulPrecision {
-        self.precision
-    }
-
     /// The weight, `(out, in)`.
     pub fn tensor(&self) -> &Tensor {
         &self.tensor
@@ -239,8 +234,9 @@ impl FrozenWeight {
             .as_ref()
     }
 
-    /// `x (m, k)` times the weight as `product` says, row-major, through the AVX-512 kernel;
-    /// `None` where it does not run (see the type). `x` must hold `m` rows of the product's
+    /// `x (m, k)` times the weight as `product` says, row-major, through the AVX-512 f32
+    /// kernel or the AMX bfloat16 one (the weight's precision, where AMX is available);
+    /// `None` where neither runs (see the type). `x` must hold `m` rows of the product's
     /// `k` (`in` for [`Product::Transposed`], `out` for [`Product::Plain`]).
     ///
     /// # Panics
