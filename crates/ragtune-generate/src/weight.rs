@@ -3,11 +3,11 @@
 //! A projection weight is `(out, in)` (GGUF's `ne = [in, out]`, row-major rows of `in`
 //! values). It is kept in one of three forms:
 //!
-//! - [`Weight::Blocks`]: Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 blocks multiplied by this crate's
-//!   own kernels ([`crate::quant`]: q8 activations, integer dot products, for decode and
-//!   prefill). Every other GGUF block format is rewritten into one of these at load
-//!   ([`crate::quant::convert`]: Q4_K becomes Q4_1, Q5_K becomes Q5_1, the rest is
-//!   requantized to Q8_0). Block formats are read from the file 16 rows at a time straight
+//! - [`Weight::Blocks`]: Q4_0, Q4_1, Q5_0, Q5_1, Q6_K or Q8_0 blocks multiplied by this
+//!   crate's own kernels ([`crate::quant`]: q8 activations, integer dot products, for decode
+//!   and prefill). Every other GGUF block format is rewritten into one of these at load
+//!   ([`crate::quant::convert`]: Q4_K becomes Q4_1, Q5_K becomes Q5_1, Q6_K is regrouped in
+//!   blocks of 32 with its bits, the rest is requantized to Q8_0). Block formats are read from the file 16 rows at a time straight
 //!   into the held matrix.
 //! - [`Weight::F16`]: F16 tensors kept in f16 (half the memory of f32), converted a slab of
 //!   rows at a time inside the product ([`F16Matrix`]).
@@ -23,7 +23,7 @@ use candle_core::quantized::{k_quants, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use crate::quant::convert;
-use crate::quant::{QMatrix, QuantFormat, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
+use crate::quant::{QMatrix, QuantFormat, Q4_0, Q4_1, Q5_0, Q5_1, Q6K, Q8_0};
 use crate::{Error, Result};
 use ragtune_quant::{F16Matrix, FromRowsError, QK};
 
@@ -55,6 +55,7 @@ pub(crate) enum Blocks {
     Q4_1(QMatrix<Q4_1>),
     Q5_0(QMatrix<Q5_0>),
     Q5_1(QMatrix<Q5_1>),
+    Q6K(QMatrix<Q6K>),
     Q8_0(QMatrix<Q8_0>),
 }
 
@@ -66,6 +67,7 @@ macro_rules! with_matrix {
             Blocks::Q4_1($m) => $body,
             Blocks::Q5_0($m) => $body,
             Blocks::Q5_1($m) => $body,
+            Blocks::Q6K($m) => $body,
             Blocks::Q8_0($m) => $body,
         }
     };
@@ -123,6 +125,10 @@ impl Weight {
         let data = t.data()?;
         if let Some(blocks) = Blocks::from_stored(dtype, rows, cols, &data)? {
             return Ok(Self::Blocks(blocks));
+        }
+        if dtype == GgmlDType::Q6K {
+            let m = QMatrix::from_blocks(rows, cols, &convert::q6_k_regrouped(&data))?;
+            return Ok(Self::Blocks(Blocks::Q6K(m)));
         }
         let converted = match dtype {
             GgmlDType::Q4K => Some((GgmlDType::Q4_1, convert::q4_k_as_q4_1(&data))),
@@ -280,7 +286,7 @@ impl<R: Read + Seek> TensorReader<'_, R> {
             GgmlDType::Q5_0 => Some((22, 32, None)),
             GgmlDType::Q5_1 => Some((24, 32, None)),
             GgmlDType::Q5K => Some((176, 256, Some(convert::q5_k_as_q5_1))),
-            GgmlDType::Q6K => Some(as_q8_0::<k_quants::BlockQ6K>()),
+            GgmlDType::Q6K => Some((210, 256, Some(convert::q6_k_regrouped))),
             GgmlDType::Q3K => Some(as_q8_0::<k_quants::BlockQ3K>()),
             GgmlDType::Q2K => Some(as_q8_0::<k_quants::BlockQ2K>()),
             GgmlDType::Q8_1 => Some(as_q8_0::<k_quants::BlockQ8_1>()),
@@ -326,6 +332,8 @@ impl<R: Read + Seek> TensorReader<'_, R> {
                 read_rows(reader, rows, cols, source_row_bytes, convert)
                     .map(|m| Weight::Blocks(Blocks::Q5_1(m)))
             }
+            GgmlDType::Q6K => read_rows(reader, rows, cols, source_row_bytes, convert)
+                .map(|m| Weight::Blocks(Blocks::Q6K(m))),
             _ => read_rows(reader, rows, cols, source_row_bytes, convert)
                 .map(|m| Weight::Blocks(Blocks::Q8_0(m))),
         };

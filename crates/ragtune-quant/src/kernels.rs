@@ -1,7 +1,9 @@
 //! Integer matrix kernels over the interleaved layout ([`super::blocks`]): one group of
 //! [`GROUP`] weight rows times a few q8 activation rows, for every block
-//! `y_r += d_w[r] d_x · Σ q_w q_x` (+ `m_w[r] s_x` for Q4_1): ggml's
-//! `ggml_vec_dot_q4_1_q8_1` and `ggml_vec_dot_q8_0_q8_0`, computed for 16 weight rows at once.
+//! `y_r += d_w[r] d_x · Σ q_w q_x` (+ `m_w[r] s_x` for Q4_1; for Q6_K the sum is
+//! `Σ_h sc_h Σ (q_w - 32) q_x` over the block's two halves): ggml's
+//! `ggml_vec_dot_q4_1_q8_1`, `ggml_vec_dot_q8_0_q8_0` and `ggml_vec_dot_q6_K_q8_K` (per block
+//! of 32 rather than per 256), computed for 16 weight rows at once.
 //!
 //! The interleaving puts 4 consecutive weights of 16 rows side by side, so one 4-byte
 //! activation value broadcast to every lane meets the matching 4 weights of each row: with
@@ -37,9 +39,12 @@ pub(crate) struct GroupRef<'a> {
     pub(crate) d: &'a [f16],
     /// `nb * GROUP` minimums (Q4_1), empty for Q8_0.
     pub(crate) m: &'a [f16],
+    /// `nb * 2 * GROUP` sub-scales (Q6_K): per block the 16 rows' first (weights 0-15),
+    /// then their second (16-31); empty for the other formats.
+    pub(crate) sc: &'a [i8],
 }
 
-/// The two formats' group kernels.
+/// The formats' group kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
     /// Q4_1 weights (16 bytes of nibbles per block and row) × q8_1 activations.
@@ -54,6 +59,10 @@ pub enum Kernel {
     Q5_0,
     /// Q5_1 weights (as Q5_0, with a minimum) × q8_1 activations.
     Q5_1,
+    /// Q6_K weights regrouped in blocks of 32 (16 bytes of nibbles and 8 of high bits per
+    /// block and row, two sub-scales) × q8_0 activations: per half of 16 weights
+    /// `sc Σ (q - 32) x` as `sc (Σ q x - 32 Σ x)`, exact in i32.
+    Q6K,
 }
 
 impl Kernel {
@@ -63,6 +72,7 @@ impl Kernel {
             Kernel::Q4_0 | Kernel::Q4_1 => QK / 2,
             Kernel::Q8_0 => QK,
             Kernel::Q5_0 | Kernel::Q5_1 => QK / 2 + 4,
+            Kernel::Q6K => QK / 2 + 8,
         }
     }
 
@@ -91,9 +101,12 @@ pub(crate) fn group_matmul(
     let nb = g.d.len() / GROUP;
     assert!(g.qs.len() == nb * GROUP * kernel.qs_per_block() && out.len() == xs.len());
     assert!(!kernel.has_min() || g.m.len() == g.d.len());
-    assert!(xs
-        .iter()
-        .all(|x| x.qs.len() == nb * QK && x.d.len() == nb && x.s.len() == nb));
+    assert!(kernel != Kernel::Q6K || g.sc.len() == 2 * g.d.len());
+    assert!(xs.iter().all(|x| x.qs.len() == nb * QK
+        && x.d.len() == nb
+        && x.s.len() == nb
+        && x.qsum.len() == nb
+        && x.qsum_lo.len() == nb));
     for (x, o) in xs.chunks(NR).zip(out.chunks_mut(NR)) {
         match level {
             SimdLevel::Portable => portable(kernel, g, x, o),
@@ -164,6 +177,25 @@ fn portable(kernel: Kernel, g: GroupRef<'_>, xs: &[ActRow], out: &mut [[f32; GRO
                             _ => sum,
                         }
                     }
+                    Kernel::Q6K => {
+                        let qs = &g.qs[b * GROUP * 24..(b + 1) * GROUP * 24];
+                        let byte = |c: usize, i: usize| qs[c * 4 * GROUP + r * 4 + i];
+                        let (mut s0, mut s1) = (0i32, 0i32);
+                        for c in 0..4 {
+                            for i in 0..4 {
+                                let (lo, hi) = (4 * c + i, 16 + 4 * c + i);
+                                let high = |h: usize| ((byte(4 + h, i) >> (2 * c)) & 3) << 4;
+                                let q_lo = (byte(c, i) & 0x0F) | high(0);
+                                let q_hi = (byte(c, i) >> 4) | high(1);
+                                s0 += i32::from(q_lo) * i32::from(xq[lo]);
+                                s1 += i32::from(q_hi) * i32::from(xq[hi]);
+                            }
+                        }
+                        let x_lo = x.qsum_lo[b];
+                        let x_hi = x.qsum[b] - x_lo;
+                        let sc = |h: usize| i32::from(g.sc[2 * b * GROUP + h * GROUP + r]);
+                        sc(0) * (s0 - 32 * x_lo) + sc(1) * (s1 - 32 * x_hi)
+                    }
                 };
                 let dd = g.d[b * GROUP + r].to_f32() * x.d[b];
                 acc[r] = dd.mul_add(isum as f32, acc[r]);
@@ -219,6 +251,10 @@ mod avx2 {
                 (Kernel::Q5_1, 3) => nibbles::<3, true, true>(g, xs, out),
                 (Kernel::Q5_1, 2) => nibbles::<2, true, true>(g, xs, out),
                 (Kernel::Q5_1, _) => nibbles::<1, true, true>(g, xs, out),
+                (Kernel::Q6K, 4) => q6_k::<4>(g, xs, out),
+                (Kernel::Q6K, 3) => q6_k::<3>(g, xs, out),
+                (Kernel::Q6K, 2) => q6_k::<2>(g, xs, out),
+                (Kernel::Q6K, _) => q6_k::<1>(g, xs, out),
             }
         }
     }
@@ -507,6 +543,93 @@ mod avx2 {
             }
         }
     }
+
+    /// Bits 4-5 of the weights of nibble chunk `c` (0..4), in place as bytes `0x00..=0x30`:
+    /// the high-bit chunk `qh` holds them at bits `2c..2c + 2` of each byte ([`super::super::
+    /// blocks`]'s Q6_K layout), so one 16-bit shift of the whole register and a mask do it
+    /// (bits crossing a byte boundary land outside the mask).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn q6_high(qh: __m256i, c: usize) -> __m256i {
+        let mask = _mm256_set1_epi8(0x30);
+        let moved = match c {
+            0 => _mm256_slli_epi16(qh, 4),
+            1 => _mm256_slli_epi16(qh, 2),
+            2 => qh,
+            _ => _mm256_srli_epi16(qh, 2),
+        };
+        _mm256_and_si256(moved, mask)
+    }
+
+    /// Q6_K: 8 weight registers of unsigned 6-bit quants per block (Q4_1's nibbles with bits
+    /// 4-5 from the two high-bit chunks, [`q6_high`]); `vpmaddubsw` pairs reach
+    /// 2 × 63 × 127 = 16,002, so two chunks are summed in i16 before each `vpmaddwd`. Each
+    /// half of 16 weights gets its offset (`32 Σ x` of that half) and its sub-scale in i32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q6_k<const N: usize>(g: GroupRef<'_>, xs: &[ActRow], out: &mut [[f32; GROUP]]) {
+        let nb = g.d.len() / GROUP;
+        let low = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        for h in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); N];
+            for b in 0..nb {
+                let mut w = [_mm256_setzero_si256(); 8];
+                // SAFETY: b < nb: the block's 384 quant bytes, 16 scales and 32 sub-scales are
+                // in bounds (the lengths were checked by group_matmul).
+                let (dw, sc0, sc1) = unsafe {
+                    let base = g.qs.as_ptr().add(b * GROUP * 24 + h * 32);
+                    let qh0 = _mm256_loadu_si256(base.add(4 * 4 * GROUP).cast());
+                    let qh1 = _mm256_loadu_si256(base.add(5 * 4 * GROUP).cast());
+                    for c in 0..4 {
+                        let v = _mm256_loadu_si256(base.add(c * 4 * GROUP).cast());
+                        w[c] = _mm256_or_si256(_mm256_and_si256(v, low), q6_high(qh0, c));
+                        w[4 + c] = _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16(v, 4), low),
+                            q6_high(qh1, c),
+                        );
+                    }
+                    let sc = g.sc.as_ptr().add(2 * b * GROUP + h * 8);
+                    (
+                        _mm256_cvtph_ps(_mm_loadu_si128(
+                            g.d.as_ptr().add(b * GROUP + h * 8).cast(),
+                        )),
+                        _mm256_cvtepi8_epi32(_mm_loadl_epi64(sc.cast())),
+                        _mm256_cvtepi8_epi32(_mm_loadl_epi64(sc.add(GROUP).cast())),
+                    )
+                };
+                for j in 0..N {
+                    let x = &xs[j];
+                    let mut half = [_mm256_setzero_si256(); 2];
+                    for k in 0..4 {
+                        // Chunks 2k and 2k + 1: weights 8k..8k + 8 (k < 2: the first half).
+                        let (c0, c1) = (2 * k, 2 * k + 1);
+                        // SAFETY: x has nb blocks (checked by group_matmul).
+                        let (x0, x1) = unsafe { (chunk(x, b, c0), chunk(x, b, c1)) };
+                        let s16 = _mm256_add_epi16(
+                            _mm256_maddubs_epi16(w[c0], x0),
+                            _mm256_maddubs_epi16(w[c1], x1),
+                        );
+                        half[k / 2] = _mm256_add_epi32(half[k / 2], _mm256_madd_epi16(s16, ones));
+                    }
+                    let x_lo = x.qsum_lo[b];
+                    let x_hi = x.qsum[b] - x_lo;
+                    let s0 = _mm256_sub_epi32(half[0], _mm256_set1_epi32(32 * x_lo));
+                    let s1 = _mm256_sub_epi32(half[1], _mm256_set1_epi32(32 * x_hi));
+                    let isum =
+                        _mm256_add_epi32(_mm256_mullo_epi32(sc0, s0), _mm256_mullo_epi32(sc1, s1));
+                    let dd = _mm256_mul_ps(dw, _mm256_set1_ps(x.d[b]));
+                    acc[j] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(isum), acc[j]);
+                }
+            }
+            for j in 0..N {
+                // `acc + 0.0` as the other levels compute `acc + macc` with macc = 0.
+                let y = _mm256_add_ps(acc[j], _mm256_setzero_ps());
+                // SAFETY: 8 floats at h * 8 inside a row of GROUP = 16.
+                unsafe { _mm256_storeu_ps(out[j].as_mut_ptr().add(h * 8), y) };
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -551,6 +674,10 @@ mod avx512 {
                 (Kernel::Q5_1, 3) => nibbles::<3, true, true>(g, xs, out),
                 (Kernel::Q5_1, 2) => nibbles::<2, true, true>(g, xs, out),
                 (Kernel::Q5_1, _) => nibbles::<1, true, true>(g, xs, out),
+                (Kernel::Q6K, 4) => q6_k::<4>(g, xs, out),
+                (Kernel::Q6K, 3) => q6_k::<3>(g, xs, out),
+                (Kernel::Q6K, 2) => q6_k::<2>(g, xs, out),
+                (Kernel::Q6K, _) => q6_k::<1>(g, xs, out),
             }
         }
     }
@@ -740,6 +867,74 @@ mod avx512 {
             // `acc + macc`, macc = 0 without a minimum, as the portable level computes it.
             // SAFETY: 16 floats, one output row.
             unsafe { _mm512_storeu_ps(out[j].as_mut_ptr(), _mm512_add_ps(acc[j], macc[j])) };
+        }
+    }
+
+    /// Q6_K: 8 weight registers of unsigned 6-bit quants per block (Q4_1's nibbles with bits
+    /// 4-5 from the two high-bit chunks, as in the AVX2 kernel); each half's `vpdpbusd` chain
+    /// starts at `-32 Σ x` of that half, and the two sums are scaled by their sub-scales in
+    /// i32.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn q6_k<const N: usize>(g: GroupRef<'_>, xs: &[ActRow], out: &mut [[f32; GROUP]]) {
+        let nb = g.d.len() / GROUP;
+        let low = _mm512_set1_epi8(0x0F);
+        let mask = _mm512_set1_epi8(0x30);
+        let high = |qh: __m512i, c: usize| {
+            let moved = match c {
+                0 => _mm512_slli_epi16(qh, 4),
+                1 => _mm512_slli_epi16(qh, 2),
+                2 => qh,
+                _ => _mm512_srli_epi16(qh, 2),
+            };
+            _mm512_and_si512(moved, mask)
+        };
+        let mut acc = [_mm512_setzero_ps(); N];
+        for b in 0..nb {
+            let mut w = [_mm512_setzero_si512(); 8];
+            // SAFETY: b < nb: the block's 384 quant bytes, 16 scales and 32 sub-scales are in
+            // bounds (the lengths were checked by group_matmul).
+            let (dw, sc0, sc1) = unsafe {
+                let base = g.qs.as_ptr().add(b * GROUP * 24);
+                let qh0 = _mm512_loadu_si512(base.add(4 * 4 * GROUP).cast());
+                let qh1 = _mm512_loadu_si512(base.add(5 * 4 * GROUP).cast());
+                for c in 0..4 {
+                    let v = _mm512_loadu_si512(base.add(c * 4 * GROUP).cast());
+                    w[c] = _mm512_or_si512(_mm512_and_si512(v, low), high(qh0, c));
+                    w[4 + c] = _mm512_or_si512(
+                        _mm512_and_si512(_mm512_srli_epi16(v, 4), low),
+                        high(qh1, c),
+                    );
+                }
+                let sc = g.sc.as_ptr().add(2 * b * GROUP);
+                (
+                    _mm512_cvtph_ps(_mm256_loadu_si256(g.d.as_ptr().add(b * GROUP).cast())),
+                    _mm512_cvtepi8_epi32(_mm_loadu_si128(sc.cast())),
+                    _mm512_cvtepi8_epi32(_mm_loadu_si128(sc.add(GROUP).cast())),
+                )
+            };
+            for j in 0..N {
+                let x = &xs[j];
+                let x_lo = x.qsum_lo[b];
+                let x_hi = x.qsum[b] - x_lo;
+                let mut i0 = _mm512_set1_epi32(-32 * x_lo);
+                let mut i1 = _mm512_set1_epi32(-32 * x_hi);
+                for c in 0..4 {
+                    // SAFETY: x has nb blocks (checked by group_matmul).
+                    let (lo, hi) = unsafe { (chunk(x, b, c), chunk(x, b, 4 + c)) };
+                    i0 = _mm512_dpbusd_epi32(i0, w[c], lo);
+                    i1 = _mm512_dpbusd_epi32(i1, w[4 + c], hi);
+                }
+                let isum =
+                    _mm512_add_epi32(_mm512_mullo_epi32(sc0, i0), _mm512_mullo_epi32(sc1, i1));
+                let dd = _mm512_mul_ps(dw, _mm512_set1_ps(x.d[b]));
+                acc[j] = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(isum), acc[j]);
+            }
+        }
+        for j in 0..N {
+            let y = _mm512_add_ps(acc[j], _mm512_setzero_ps());
+            // SAFETY: 16 floats, one output row.
+            unsafe { _mm512_storeu_ps(out[j].as_mut_ptr(), y) };
         }
     }
 }

@@ -1,4 +1,4 @@
-//! Block-quantized matrices (the GGUF Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 block formats) and
+//! Block-quantized matrices (the GGUF Q4_0, Q4_1, Q5_0, Q5_1, Q6_K and Q8_0 block formats) and
 //! f16 matrices, with their matmul
 //! kernels, chosen at run time: the hot loop of the generator's decode and prefill
 //! (`ragtune-generate`, GGUF weights) and of the sentence encoder's projections
@@ -29,8 +29,12 @@
 //!   portable, each for every format, chosen at run time). An activation row's
 //!   result does not depend on how many rows are multiplied with it, so a prompt prefilled in
 //!   one call or in pieces, and a sequence decoded alone or in a batch, see the same numbers.
-//! - **Other formats** (the k-quants ...) are rewritten into these by the generator at load
-//!   (`ragtune-generate`'s `quant::convert`), and f32 weights are quantized
+//! - **Q6_K** ([`Q6K`]): its super-blocks of 256 regrouped into blocks of 32 with the same
+//!   bits (`d`, two 8-bit sub-scales, 6-bit quants: 7 bits a weight), multiplied with
+//!   activations quantized as llama.cpp does for k-quants (`block_q8_K`, one scale per 256
+//!   values): ggml's `ggml_vec_dot_q6_K_q8_K`, summed per block of 32.
+//! - **Other formats** (the other k-quants ...) are rewritten into these by the generator at
+//!   load (`ragtune-generate`'s `quant::convert`), and f32 weights are quantized
 //!   to Q8_0 with [`quantize_q8_0`] (ggml's `quantize_row_q8_0_ref`).
 //! - **F16 weights** stay f16 ([`F16Matrix`]): converted to f32 a slab of rows at a time
 //!   inside each parallel task and multiplied with an f32 GEMM.
@@ -51,7 +55,7 @@ use ragtune_util::ptr::SyncPtr;
 use rayon::prelude::*;
 
 use blocks::ActRow;
-pub use blocks::{QuantFormat, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, QK};
+pub use blocks::{QuantFormat, Q4_0, Q4_1, Q5_0, Q5_1, Q6K, Q8_0, QK};
 pub use half_matrix::F16Matrix;
 pub use kernels::Kernel;
 use kernels::{GroupRef, GROUP};
@@ -99,6 +103,9 @@ pub struct QMatrix<F> {
     d: Arc<[f16]>,
     /// `groups * nb * GROUP` minimums, empty for formats without one.
     m: Arc<[f16]>,
+    /// `groups * nb * 2 * GROUP` sub-scales (per block the 16 rows' first, then their
+    /// second), empty for formats without them.
+    sc: Arc<[i8]>,
     format: PhantomData<F>,
 }
 
@@ -160,11 +167,14 @@ impl<F: QuantFormat> QMatrix<F> {
         let mut qs = zeroed_u8(groups * nb * GROUP * F::QS);
         let mut d = zeroed_f16(groups * nb * GROUP);
         let mut m = zeroed_f16(if F::HAS_MIN { d.len() } else { 0 });
+        let mut sc: Arc<[i8]> =
+            std::iter::repeat_n(0, if F::SUB_SCALES { 2 * d.len() } else { 0 }).collect();
         {
             let unique = "a new Arc has one owner";
             let qs = Arc::get_mut(&mut qs).expect(unique);
             let d = Arc::get_mut(&mut d).expect(unique);
             let m = Arc::get_mut(&mut m).expect(unique);
+            let sc = Arc::get_mut(&mut sc).expect(unique);
             let mut block_qs = vec![0u8; F::QS];
             let mut buf = vec![0u8; GROUP * nb * F::BYTES];
             for g in 0..groups {
@@ -178,6 +188,11 @@ impl<F: QuantFormat> QMatrix<F> {
                         d[at + rr] = scale;
                         if F::HAS_MIN {
                             m[at + rr] = min;
+                        }
+                        if F::SUB_SCALES {
+                            let [s0, s1] = F::sub_scales(block);
+                            sc[2 * at + rr] = s0;
+                            sc[2 * at + GROUP + rr] = s1;
                         }
                         let base = at * F::QS;
                         for (c, chunk) in block_qs.chunks_exact(4).enumerate() {
@@ -194,6 +209,7 @@ impl<F: QuantFormat> QMatrix<F> {
             qs,
             d,
             m,
+            sc,
             format: PhantomData,
         })
     }
@@ -211,6 +227,11 @@ impl<F: QuantFormat> QMatrix<F> {
             d: &self.d[g * n..(g + 1) * n],
             m: if F::HAS_MIN {
                 &self.m[g * n..(g + 1) * n]
+            } else {
+                &[]
+            },
+            sc: if F::SUB_SCALES {
+                &self.sc[2 * g * n..2 * (g + 1) * n]
             } else {
                 &[]
             },
@@ -233,7 +254,13 @@ impl<F: QuantFormat> QMatrix<F> {
             } else {
                 0.0
             };
-            F::dequantize_block(&block_qs, group.d[b * GROUP + rr].to_f32(), m, out);
+            let sc = if F::SUB_SCALES {
+                let at = 2 * b * GROUP + rr;
+                [group.sc[at], group.sc[at + GROUP]]
+            } else {
+                [0, 0]
+            };
+            F::dequantize_block(&block_qs, group.d[b * GROUP + rr].to_f32(), m, sc, out);
         }
     }
 
@@ -286,7 +313,10 @@ impl<F: QuantFormat> QMatrix<F> {
     pub fn matmul_into(&self, level: SimdLevel, x: &[f32], t: usize, y: &mut [f32]) {
         assert!(x.len() >= t * self.cols && y.len() >= t * self.rows);
         let x = &x[..t * self.cols];
-        let quantize = |row: &[f32]| ActRow::quantize_at(level, row);
+        let quantize = |row: &[f32]| match F::Q8_K_ACTIVATIONS {
+            true => ActRow::quantize_q8_k(row),
+            false => ActRow::quantize_at(level, row),
+        };
         let xq: Vec<ActRow> = if t >= 16 {
             x.par_chunks_exact(self.cols).map(quantize).collect()
         } else {
@@ -402,14 +432,30 @@ mod tests {
             "Q4_0" => GgmlDType::Q4_0,
             "Q5_0" => GgmlDType::Q5_0,
             "Q5_1" => GgmlDType::Q5_1,
+            "Q6_K" => GgmlDType::Q6K,
             other => panic!("no candle type for {other}"),
         }
     }
 
-    /// Our matrix of candle's quantized tensor `q` (same blocks).
+    /// Columns for `blocks` blocks of 32, rounded up to whole 256-weight super-blocks for
+    /// Q6_K (candle quantizes whole super-blocks).
+    fn cols<F: QuantFormat>(blocks: usize) -> usize {
+        match F::SUB_SCALES {
+            true => blocks.next_multiple_of(8) * QK,
+            false => blocks * QK,
+        }
+    }
+
+    /// Our matrix of candle's quantized tensor `q` (same blocks; Q6_K super-blocks
+    /// regrouped by [`Q6K::from_q6_k`]).
     fn from_q<F: QuantFormat>(q: &QTensor) -> QMatrix<F> {
         let (rows, cols) = q.shape().dims2().expect("test value");
-        QMatrix::from_blocks(rows, cols, &q.data().expect("test value")).expect("test value")
+        let data = q.data().expect("test value");
+        let blocks = match F::SUB_SCALES {
+            true => Q6K::from_q6_k(&data),
+            false => data.to_vec(),
+        };
+        QMatrix::from_blocks(rows, cols, &blocks).expect("test value")
     }
 
     /// A seeded `(rows, cols)` matrix of values in [-1, 1), and its quantization by candle's
@@ -436,7 +482,7 @@ mod tests {
     }
 
     fn dequantize_matches_candle<F: QuantFormat>() {
-        let (q, _) = matrix(70, 64, 1, dtype::<F>());
+        let (q, _) = matrix(70, cols::<F>(2), 1, dtype::<F>());
         let ours = from_q::<F>(&q).dequantize();
         let theirs: Vec<f32> = q
             .dequantize(&Device::Cpu)
@@ -452,7 +498,7 @@ mod tests {
     /// level: 1 to 11 rows (several register tiles of 4 and every remainder) and 67 (two
     /// tasks of activation rows), 37 weight rows (a padded last group).
     fn rows_at_once_equal_one_row<F: QuantFormat>() {
-        let cols = 18 * QK;
+        let cols = cols::<F>(18);
         let (q, _) = matrix(37, cols, 5, dtype::<F>());
         let m = from_q::<F>(&q);
         for level in SimdLevel::supported() {
@@ -529,6 +575,72 @@ mod tests {
     }
 
     #[test]
+    fn q6_k_rows_at_once_equal_one_row() {
+        rows_at_once_equal_one_row::<Q6K>();
+    }
+
+    /// Against candle's Q6_K x q8_K product (`vec_dot_q6k_q8k`, its port of ggml's): the
+    /// same activation quants (candle rounds ties away from zero where ggml and this crate
+    /// round to even; random values never tie), the sums in another order.
+    #[test]
+    fn q6_k_quantized_path_matches_candle() {
+        quantized_path_matches_candle::<Q6K>();
+    }
+
+    #[test]
+    fn q6_k_every_level_equals_portable() {
+        every_level_equals_portable::<Q6K>();
+    }
+
+    /// Held Q6_K dequantizes to candle's `dequantize_row_q6_K` values bit for bit: the
+    /// regrouping loses nothing.
+    #[test]
+    fn q6_k_dequantize_matches_candle() {
+        dequantize_matches_candle::<Q6K>();
+    }
+
+    /// Every level against an f64 sum over candle's dequantized Q6_K weights times the q8_K
+    /// activations (`d_x q_x`, ggml's `quantize_row_q8_K_ref`, tested on its own in
+    /// `blocks`): what the integer kernel must compute, up to its f32 roundings: `d_w d_x`
+    /// and one `fma` per block, against `d sc` rounded in the weights, each within 2^-24 of
+    /// `Σ |w x|` (the integer sum itself is exact in f32: `|sc Σ (q - 32) x| <= 2 · 128 ·
+    /// 16 · 32 · 127 < 2^24`). 24 blocks per row (3 super-blocks), 37 rows, 1 to 9
+    /// activation rows.
+    #[test]
+    fn q6_k_matmul_matches_the_dequantized_weights_times_q8_k_activations() {
+        let (rows, cols) = (37, 24 * QK);
+        let (q, _) = matrix(rows, cols, 31, GgmlDType::Q6K);
+        let ours = from_q::<Q6K>(&q);
+        let w: Vec<f32> = q
+            .dequantize(&Device::Cpu)
+            .expect("test value")
+            .flatten_all()
+            .expect("test value")
+            .to_vec1()
+            .expect("test value");
+        for t in 1..=9 {
+            let (_, xs) = matrix(t, cols, 40 + t as u64, GgmlDType::F32);
+            for level in SimdLevel::supported() {
+                let got = ours.matmul_at(level, &xs, t);
+                for (j, xrow) in xs.chunks_exact(cols).enumerate() {
+                    let act = ActRow::quantize_q8_k(xrow);
+                    let xq = |i: usize| f64::from(act.d[i / QK]) * f64::from(act.qs[i]);
+                    for r in 0..rows {
+                        let wr = &w[r * cols..(r + 1) * cols];
+                        let want: f64 = (0..cols).map(|i| f64::from(wr[i]) * xq(i)).sum();
+                        let mass: f64 = (0..cols).map(|i| (f64::from(wr[i]) * xq(i)).abs()).sum();
+                        let g = f64::from(got[j * rows + r]);
+                        assert!(
+                            (g - want).abs() <= (cols / QK + 3) as f64 * mass / 16_777_216.0,
+                            "{level}: t = {t}, row {j}, col {r}: {g} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn q4_1_rows_at_once_equal_one_row() {
         rows_at_once_equal_one_row::<Q4_1>();
     }
@@ -543,7 +655,7 @@ mod tests {
     /// groups).
     fn every_level_equals_portable<F: QuantFormat>() {
         for (blocks, rows) in [(1, 37), (18, 48), (70, 37)] {
-            let cols = blocks * QK;
+            let cols = cols::<F>(blocks);
             let (q, _) = matrix(rows, cols, 9 + blocks as u64, dtype::<F>());
             let m = from_q::<F>(&q);
             for t in (1..=9).chain([67]) {
@@ -590,7 +702,7 @@ mod tests {
     /// `f16(Σq) * f16(d)`, ggml (and this kernel) as `f16(d * Σq)`, two roundings that differ
     /// by up to 2^-11 of `s` each. 18 blocks per row (candle needs an even count), 70 rows.
     fn quantized_path_matches_candle<F: QuantFormat>() {
-        let cols = 18 * QK;
+        let cols = cols::<F>(18);
         let (q, _) = matrix(70, cols, 2, dtype::<F>());
         let ours = from_q::<F>(&q);
         let t = 9;
@@ -611,7 +723,7 @@ mod tests {
                 for r in 0..70 {
                     let g = ours.group(r / GROUP);
                     let s_rounding: f32 = if F::HAS_MIN {
-                        (0..18)
+                        (0..cols / QK)
                             .map(|b| (g.m[b * GROUP + r % GROUP].to_f32() * act.s[b]).abs())
                             .sum::<f32>()
                             / 1024.0

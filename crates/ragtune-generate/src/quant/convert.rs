@@ -1,8 +1,9 @@
 //! Every GGUF block format without a kernel of its own, rewritten at load into one that has
-//! one ([`Q4_1`](super::Q4_1), [`Q5_1`](super::Q5_1) or [`Q8_0`](super::Q8_0)), so one set
-//! of kernels serves any quantized file (llama.cpp's CPU "repack" does the same for its own
-//! layouts). Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 have kernels and are held as stored. Every
-//! conversion works on whole blocks, so the loader converts a tensor 16 rows at a time.
+//! one ([`Q4_1`](super::Q4_1), [`Q5_1`](super::Q5_1), [`Q6K`](super::Q6K) or
+//! [`Q8_0`](super::Q8_0)), so one set of kernels serves any quantized file (llama.cpp's CPU
+//! "repack" does the same for its own layouts). Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 have kernels
+//! and are held as stored. Every conversion works on whole blocks, so the loader converts a
+//! tensor 16 rows at a time.
 //!
 //! Block layouts from `ggml-common.h`, the decodings from `dequantize_row_*` in
 //! `ggml-quants.c`:
@@ -11,10 +12,11 @@
 //! |---|--:|---|---|---|
 //! | Q4_K 256-blocks `{d, dmin, scales[12], qs[128]}`, `w = d·sc_j q - dmin·m_j` per 32 | 18 | Q4_1 (20) | per 32: `d' = f16(d·sc_j)`, `m' = f16(-dmin·m_j)` | scales rounded to f16: each within 2^-11 relative |
 //! | Q5_K `{d, dmin, scales[12], qh[32], qs[128]}` | 22 | Q5_1 (24) | as Q4_K, with bit 4 from `qh` | scales rounded to f16 |
-//! | any other (Q2_K, Q3_K, Q6_K, Q8_1) | | Q8_0 (34) | dequantized (candle's `to_float`), then `quantize_row_q8_0_ref` | within half a q8 step (`max|w| / 254` per block) |
+//! | Q6_K `{ql[128], qh[64], scales[16], d}` per 256, `w = d·sc_i (q - 32)` per 16 | 26.25 | Q6_K in blocks of 32 (28) | the same bits regrouped: `d`, two `sc`, 24 bytes of quants | yes |
+//! | any other (Q2_K, Q3_K, Q8_1) | | Q8_0 (34) | dequantized (candle's `to_float`), then `quantize_row_q8_0_ref` | within half a q8 step (`max|w| / 254` per block) |
 //!
-//! The Q8_0 requantization costs 8.5 bits a weight in memory against 6.6 in a Q6_K file; an
-//! own 6-bit kernel would keep the file's size.
+//! Q6_K was requantized to Q8_0 until 2026-12-08 (8.5 bits a weight in memory against 6.6
+//! in the file); held in blocks of 32 it takes 7.
 
 use candle_core::quantized::k_quants::GgmlType;
 use half::f16;
@@ -109,7 +111,13 @@ pub(crate) fn q5_k_as_q5_1(src: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Blocks of candle's `T` (a format without a kernel of its own: Q6_K, Q3_K, Q2_K, Q8_1)
+/// Q6_K super-blocks (210 bytes, 256 weights) as eight blocks of 32 of
+/// [`Q6K`](super::Q6K), bit for bit ([`ragtune_quant::Q6K::from_q6_k`]).
+pub(crate) fn q6_k_regrouped(src: &[u8]) -> Vec<u8> {
+    ragtune_quant::Q6K::from_q6_k(src)
+}
+
+/// Blocks of candle's `T` (a format without a kernel of its own: Q3_K, Q2_K, Q8_1)
 /// requantized to Q8_0: dequantized by candle's `T::to_float` (ggml's `dequantize_row_*`),
 /// then [`quantize_q8_0`](ragtune_quant::quantize_q8_0). The bits of dequantizing the whole
 /// tensor first, for any slice of whole blocks, so a tensor is converted 16 rows at a time and
@@ -155,7 +163,7 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     use super::*;
-    use ragtune_quant::{quantize_q8_0, QMatrix, Q4_1, Q5_0, Q5_1, Q8_0};
+    use ragtune_quant::{quantize_q8_0, QMatrix, Q4_1, Q5_0, Q5_1, Q6K, Q8_0};
 
     /// `(rows, cols)` seeded values, a few blocks scaled up so that scales differ a lot.
     fn values(rows: usize, cols: usize, seed: u64) -> Tensor {
@@ -260,15 +268,32 @@ mod tests {
         }
     }
 
+    /// Q6_K regrouped in blocks of 32, converted three rows at a time as the loader streams
+    /// it, dequantizes to candle's values bit for bit.
+    #[test]
+    fn q6_k_regrouped_dequantizes_to_the_file_values() {
+        let (rows, cols) = (19, 768);
+        let q = QTensor::quantize(&values(rows, cols, 11), GgmlDType::Q6K).expect("test value");
+        let bytes = q.data().expect("test value");
+        let streamed: Vec<u8> = bytes
+            .chunks(3 * bytes.len() / rows)
+            .flat_map(q6_k_regrouped)
+            .collect();
+        let ours = QMatrix::<Q6K>::from_blocks(rows, cols, &streamed)
+            .expect("test value")
+            .dequantize();
+        let theirs = flat(&q.dequantize(&Device::Cpu).expect("test value"));
+        assert!(ours == theirs);
+    }
+
     type Conversion = fn(&[u8]) -> Vec<u8>;
 
     /// The streamed conversion of a few rows at a time gives the bits of candle's whole-tensor
     /// dequantization followed by `quantize_q8_0` (how these formats were loaded before).
     #[test]
     fn streamed_q8_0_conversion_equals_the_whole_tensor_one() {
-        use candle_core::quantized::k_quants::{BlockQ2K, BlockQ3K, BlockQ6K, BlockQ8_1};
-        let cases: [(GgmlDType, Conversion); 4] = [
-            (GgmlDType::Q6K, as_q8_0::<BlockQ6K>),
+        use candle_core::quantized::k_quants::{BlockQ2K, BlockQ3K, BlockQ8_1};
+        let cases: [(GgmlDType, Conversion); 3] = [
             (GgmlDType::Q3K, as_q8_0::<BlockQ3K>),
             (GgmlDType::Q2K, as_q8_0::<BlockQ2K>),
             (GgmlDType::Q8_1, as_q8_0::<BlockQ8_1>),
@@ -288,7 +313,7 @@ mod tests {
     /// Requantized k-quants: within half a q8 step of candle's dequantization.
     #[test]
     fn requantized_k_quants_are_within_half_a_q8_step() {
-        for dtype in [GgmlDType::Q6K, GgmlDType::Q3K] {
+        for dtype in [GgmlDType::Q3K, GgmlDType::Q2K] {
             let q = QTensor::quantize(&values(19, 512, 3), dtype).expect("test value");
             let theirs = flat(&q.dequantize(&Device::Cpu).expect("test value"));
             let bytes = quantize_q8_0(&theirs);
