@@ -69,8 +69,9 @@ pub struct GlobalArgs {
     #[arg(long, global = true, env = "RAGTUNE_BLOCK_ATTENTION", value_name = "BOOL",
           num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     block_attention: Option<bool>,
-    /// The sentence encoder's projections: `auto`, `int8` or `f32` [default:
-    /// `encoder_precision` of ragtune.toml, else auto: int8 where the CPU has AVX-512 VNNI].
+    /// The sentence encoder's projections: `auto`, `bf16`, `int8` or `f32` [default:
+    /// `encoder_precision` of ragtune.toml, else auto: bf16 where the CPU has Intel AMX, int8
+    /// where it has AVX-512 VNNI, else f32].
     #[arg(
         long,
         global = true,

@@ -84,9 +84,11 @@ pub fn encoder_in(precision: ragtune_embed::Precision) -> &'static SentenceEncod
     use ragtune_embed::{EncoderOptions, Precision};
     static F32: OnceLock<SentenceEncoder> = OnceLock::new();
     static INT8: OnceLock<SentenceEncoder> = OnceLock::new();
+    static BF16: OnceLock<SentenceEncoder> = OnceLock::new();
     let cell = match precision {
         Precision::F32 => &F32,
         Precision::Int8 => &INT8,
+        Precision::Bf16 => &BF16,
         Precision::Auto => return encoder(),
     };
     cell.get_or_init(|| {

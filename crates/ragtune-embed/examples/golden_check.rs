@@ -1,6 +1,7 @@
 //! Quick check of the encoder against a golden file, and its throughput on a text file of
 //! passages (one per line): `cargo run --release -p ragtune-embed --example golden_check --
-//! MODEL_DIR GOLDEN_JSON [PASSAGES_TXT]`.
+//! MODEL_DIR GOLDEN_JSON [PASSAGES_TXT]`. `EMBED_PRECISION` (auto, bf16, int8, f32) and
+//! `EMBED_BATCH_TOKENS` override the encoder's options.
 use std::time::Instant;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -12,6 +13,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .and_then(|v| v.parse().ok())
     {
         options.max_batch_tokens = v;
+    }
+    // EMBED_PRECISION: auto, bf16, int8 or f32.
+    if let Ok(v) = std::env::var("EMBED_PRECISION") {
+        options.precision = v.parse()?;
     }
     let enc = ragtune_embed::SentenceEncoder::load_with(&args[1], options)?;
     let golden: serde_json::Value = serde_json::from_slice(&std::fs::read(&args[2])?)?;

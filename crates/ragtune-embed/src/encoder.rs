@@ -280,7 +280,7 @@ impl SentenceEncoder {
         })
     }
 
-    /// The precision the projections run in ([`Precision::Int8`] or [`Precision::F32`];
+    /// The precision the projections run in ([`Precision::Bf16`], [`Precision::Int8`] or [`Precision::F32`];
     /// always f32 for [`Backend::Candle`]).
     pub fn precision(&self) -> Precision {
         match self.model {

@@ -39,7 +39,7 @@ pub trait QuantFormat: Send + Sync + 'static {
     /// Whether blocks carry two 8-bit sub-scales, one per 16 weights ([`Q6K`]).
     const SUB_SCALES: bool = false;
     /// Whether activation rows are quantized as ggml's `block_q8_K` (one scale per 256
-    /// values, [`ActRow::quantize_q8_k`]), the activations llama.cpp multiplies k-quants
+    /// values, `quantize_row_q8_K_ref`), the activations llama.cpp multiplies k-quants
     /// with, rather than per 32 values.
     const Q8_K_ACTIVATIONS: bool = false;
     /// The group kernel (`kernels::group_matmul`).

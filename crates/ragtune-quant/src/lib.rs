@@ -38,6 +38,9 @@
 //!   to Q8_0 with [`quantize_q8_0`] (ggml's `quantize_row_q8_0_ref`).
 //! - **F16 weights** stay f16 ([`F16Matrix`]): converted to f32 a slab of rows at a time
 //!   inside each parallel task and multiplied with an f32 GEMM.
+//! - **Dense f32 matrices multiplied many times** ([`packed`]): packed once for own AVX-512
+//!   f32 and AMX bfloat16 GEMM kernels (training's frozen weights, the encoder's bf16
+//!   projections).
 //! - **Parallel work**: tasks of 64 weight rows × 64 activation rows handed out one at a time
 //!   on the rayon pool ([`for_each_dynamic`]), so a core taken by another process delays one
 //!   task, not half the matrix.
@@ -45,6 +48,7 @@
 mod blocks;
 mod half_matrix;
 mod kernels;
+pub mod packed;
 
 use std::marker::PhantomData;
 use std::sync::Arc;

@@ -9,7 +9,7 @@ use ragtune_util::cpu::SimdLevel;
 /// and AMX-BF16 (CPUID leaf 7: EDX bits 24 and 22), and Linux granted this process the
 /// tile data state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, the
 /// kernel's Documentation/arch/x86/xstate.rst). Asked once.
-pub(super) fn available() -> bool {
+pub fn available() -> bool {
     static GRANTED: OnceLock<bool> = OnceLock::new();
     *GRANTED.get_or_init(|| SimdLevel::active() >= SimdLevel::Avx512 && request())
 }
