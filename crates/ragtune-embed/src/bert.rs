@@ -54,8 +54,9 @@ pub enum Precision {
     Auto,
     /// Weights and activations rounded to bfloat16, products summed in f32, on Intel AMX
     /// (`ragtune_quant::packed`); [`Int8`](Self::Int8)'s rules where AMX is missing (it
-    /// resolves to int8 on AVX-512, f32 below). Cosine to the f32 embeddings at least 0.999
-    /// (`tests/it/embed_golden.rs`); a row does not depend on its batch.
+    /// resolves to int8 on AVX-512, f32 below). Cosine to sentence-transformers' embeddings
+    /// at least 0.99995 (`tests/it/embed_golden.rs`; int8: 0.999); a row does not depend on
+    /// its batch.
     Bf16,
     /// Q8_0 weights times q8 activations in integer arithmetic, on every CPU: cosine to the
     /// f32 embeddings at least 0.999 (`tests/it/embed_golden.rs`). Every SIMD level gives the

@@ -7,8 +7,8 @@
 //!   crate's own kernels ([`crate::quant`]: q8 activations, integer dot products, for decode
 //!   and prefill). Every other GGUF block format is rewritten into one of these at load
 //!   ([`crate::quant::convert`]: Q4_K becomes Q4_1, Q5_K becomes Q5_1, Q6_K is regrouped in
-//!   blocks of 32 with its bits, the rest is requantized to Q8_0). Block formats are read from the file 16 rows at a time straight
-//!   into the held matrix.
+//!   blocks of 32 with its bits, the rest is requantized to Q8_0). Block formats are read
+//!   from the file 16 rows at a time straight into the held matrix.
 //! - [`Weight::F16`]: F16 tensors kept in f16 (half the memory of f32), converted a slab of
 //!   rows at a time inside the product ([`F16Matrix`]).
 //! - [`Weight::Dense`]: f32, multiplied by an f32 gemm. For F32/BF16 tensors, when a

@@ -246,8 +246,8 @@ impl Q6K {
                 let nibble = if k < 2 { byte & 0x0F } else { byte >> 4 };
                 nibble | (((qh[32 * n + l] >> (2 * k)) & 3) << 4)
             };
-            for blk in 0..8 {
-                let q: Vec<u8> = (0..QK).map(|j| q(32 * blk + j)).collect();
+            for blk in 0..Self::SUPER_BLOCK_WEIGHTS / QK {
+                let q: Vec<u8> = (0..QK).map(|j| q(QK * blk + j)).collect();
                 out.extend_from_slice(d);
                 out.extend_from_slice(&[scales[2 * blk], scales[2 * blk + 1]]);
                 out.extend((0..QK / 2).map(|j| (q[j] & 0x0F) | ((q[j + 16] & 0x0F) << 4)));

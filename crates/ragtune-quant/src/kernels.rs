@@ -60,7 +60,8 @@ pub enum Kernel {
     /// Q5_1 weights (as Q5_0, with a minimum) × q8_1 activations.
     Q5_1,
     /// Q6_K weights regrouped in blocks of 32 (16 bytes of nibbles and 8 of high bits per
-    /// block and row, two sub-scales) × q8_0 activations: per half of 16 weights
+    /// block and row, two sub-scales) × q8_K activations (one scale per 256 values, held per
+    /// block like the others): per half of 16 weights
     /// `sc Σ (q - 32) x` as `sc (Σ q x - 32 Σ x)`, exact in i32.
     Q6K,
 }
@@ -545,9 +546,9 @@ mod avx2 {
     }
 
     /// Bits 4-5 of the weights of nibble chunk `c` (0..4), in place as bytes `0x00..=0x30`:
-    /// the high-bit chunk `qh` holds them at bits `2c..2c + 2` of each byte ([`super::super::
-    /// blocks`]'s Q6_K layout), so one 16-bit shift of the whole register and a mask do it
-    /// (bits crossing a byte boundary land outside the mask).
+    /// the high-bit chunk `qh` holds them at bits `2c..2c + 2` of each byte (the Q6_K layout
+    /// of module `blocks`), so one 16-bit shift of the whole register and a mask do it (bits
+    /// crossing a byte boundary land outside the mask).
     #[inline]
     #[target_feature(enable = "avx2")]
     fn q6_high(qh: __m256i, c: usize) -> __m256i {
