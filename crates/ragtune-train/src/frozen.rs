@@ -145,25 +145,8 @@ impl FrozenWeight {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
-    use half::bf16;
+    use candle_core::{DType, Device};
     use ragtune_util::cpu::SimdLevel;
-
-    /// `a (m, k) · b (k, n)` in f64 of the operands as `seen` makes them, the reference.
-    fn reference(
-        a: &[f32],
-        b: impl Fn(usize, usize) -> f32,
-        seen: impl Fn(f32) -> f64,
-        (m, k, n): (usize, usize, usize),
-    ) -> Vec<f64> {
-        let mut c = vec![0f64; m * n];
-        for i in 0..m {
-            for j in 0..n {
-                c[i * n + j] = (0..k).map(|p| seen(a[i * k + p]) * seen(b(p, j))).sum();
-            }
-        }
-        c
-    }
 
     fn values(len: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
@@ -177,66 +160,57 @@ mod tests {
             .collect()
     }
 
-    /// Both products in both precisions against an f64 reference on shapes that leave
-    /// partial register tiles, AMX tiles and panels: rows not a multiple of 12 or 32,
-    /// columns not a multiple of 32 or under 16, `k` not a multiple of 32. The reference
-    /// multiplies the operands the kernel sees (for bfloat16, each rounded to nearest
-    /// even), so what is left is f32 rounding of a k-term sum of products below 0.25 in
-    /// size: k * 2^-24 * k/4 with room (each partial sum is at most k/4, each addition
-    /// rounds by half an ulp).
+    /// Each product reaches the packed right-hand side it needs (`x Wᵀ` and `dy W`, in the
+    /// weight's precision): against candle's f64 matmul of the operands the kernel sees
+    /// (rounded to bfloat16 first for bf16 where AMX runs it), within f32 rounding of a
+    /// k-term sum of products below 0.25 (k² 2^-26). The kernels themselves are tested on
+    /// many shapes in `ragtune_quant::packed`.
     #[test]
-    fn packed_products_match_an_f64_reference() {
+    fn products_match_candles_f64_matmul() {
         if SimdLevel::active() < SimdLevel::Avx512 {
             eprintln!("skipped: the packed kernels run on AVX-512 CPUs only");
             return;
         }
-        let shapes = [
-            (40, 24, 13),
-            (7, 33, 1),
-            (64, 96, 25),
-            (576, 192, 12),
-            (17, 15, 30),
-            (100, 70, 45),
-        ];
+        let (out, inp, m) = (40, 70, 13);
+        let dev = Device::Cpu;
+        let w = Tensor::from_vec(values(out * inp, 1), (out, inp), &dev).expect("w");
         for precision in [MatmulPrecision::F32, MatmulPrecision::Bf16] {
-            let rounded = precision == MatmulPrecision::Bf16 && amx_available();
-            let seen = |v: f32| match rounded {
-                true => f64::from(bf16::from_f32(v).to_f32()),
-                false => f64::from(v),
+            let frozen = FrozenWeight::new(&w)
+                .expect("frozen")
+                .with_precision(precision);
+            let seen = |t: &Tensor| -> Tensor {
+                let t = match precision.on_this_cpu() {
+                    MatmulPrecision::Bf16 => t.to_dtype(DType::BF16).expect("bf16"),
+                    MatmulPrecision::F32 => t.clone(),
+                };
+                t.to_dtype(DType::F64).expect("f64")
             };
-            for (out, inp, m) in shapes {
-                let w = values(out * inp, (out * 31 + inp) as u64);
-                let tensor = Tensor::from_vec(w.clone(), (out, inp), &Device::Cpu).expect("w");
-                let frozen = FrozenWeight::new(&tensor)
-                    .expect("frozen")
-                    .with_precision(precision);
-                for product in [Product::Transposed, Product::Plain] {
-                    let (k, n) = match product {
-                        Product::Transposed => (inp, out),
-                        Product::Plain => (out, inp),
-                    };
-                    let x = values(m * k, (m * 7 + k) as u64);
-                    let got = frozen
-                        .product(&x, m, product)
-                        .expect("AVX-512 runs a kernel");
-                    let want = reference(
-                        &x,
-                        |p, j| match product {
-                            Product::Transposed => w[j * inp + p],
-                            Product::Plain => w[p * inp + j],
-                        },
-                        seen,
-                        (m, k, n),
+            for product in [Product::Transposed, Product::Plain] {
+                let (k, n) = match product {
+                    Product::Transposed => (inp, out),
+                    Product::Plain => (out, inp),
+                };
+                let x = values(m * k, 2 + k as u64);
+                let got = frozen
+                    .product(&x, m, product)
+                    .expect("AVX-512 runs a kernel");
+                let xt = Tensor::from_vec(x, (m, k), &dev).expect("x");
+                let rhs = match product {
+                    Product::Transposed => seen(&w).t().expect("t"),
+                    Product::Plain => seen(&w),
+                };
+                let want: Vec<f64> = seen(&xt)
+                    .matmul(&rhs)
+                    .and_then(|t| t.flatten_all())
+                    .and_then(|t| t.to_vec1())
+                    .expect("matmul");
+                let bound = (k * k) as f64 * f64::from(f32::EPSILON) / 4.0;
+                assert_eq!(got.len(), m * n);
+                for (idx, (&g, &r)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (f64::from(g) - r).abs() <= bound,
+                        "{precision:?} {product:?} element {idx}: {g} against {r}"
                     );
-                    let bound = (k * k) as f64 * f64::from(f32::EPSILON) / 4.0;
-                    let case = format!("{precision:?} {product:?} ({out}, {inp}) m={m}");
-                    assert_eq!(got.len(), m * n, "{case}");
-                    for (idx, (&g, &r)) in got.iter().zip(&want).enumerate() {
-                        assert!(
-                            (f64::from(g) - r).abs() <= bound,
-                            "{case} element {idx}: {g} against {r}"
-                        );
-                    }
                 }
             }
         }
@@ -246,7 +220,7 @@ mod tests {
     /// `None` and the callers keep the `gemm` crate.
     #[test]
     fn no_packed_product_below_avx512() {
-        let tensor = Tensor::zeros((4, 4), candle_core::DType::F32, &Device::Cpu).expect("w");
+        let tensor = Tensor::zeros((4, 4), DType::F32, &Device::Cpu).expect("w");
         let frozen = FrozenWeight::new(&tensor).expect("frozen");
         let got = frozen.product(&[0.0; 8], 2, Product::Plain);
         assert_eq!(got.is_some(), SimdLevel::active() >= SimdLevel::Avx512);
