@@ -322,6 +322,17 @@ pub(crate) struct ActRow {
 }
 
 impl ActRow {
+    /// A row of `nb` blocks of zeros.
+    fn zeroed(nb: usize) -> Self {
+        Self {
+            qs: vec![0; nb * QK],
+            d: vec![0.0; nb],
+            s: vec![0.0; nb],
+            qsum: vec![0; nb],
+            qsum_lo: vec![0; nb],
+        }
+    }
+
     /// Quantizes `x` (a multiple of 32 values) as ggml's `quantize_row_q8_1_ref` does: per
     /// block `d = max|x| / 127`, `q = round(x / d)` (half away from zero), `s = d Σ q`. The
     /// Q8_0 dot product uses the same `d` and `q` (`quantize_row_q8_0_ref`) and ignores `s`.
@@ -334,14 +345,7 @@ impl ActRow {
             level <= SimdLevel::detected(),
             "{level} kernels on a CPU without them"
         );
-        let nb = x.len() / QK;
-        let mut row = Self {
-            qs: vec![0; nb * QK],
-            d: vec![0.0; nb],
-            s: vec![0.0; nb],
-            qsum: vec![0; nb],
-            qsum_lo: vec![0; nb],
-        };
+        let mut row = Self::zeroed(x.len() / QK);
         match level {
             SimdLevel::Portable => quantize_blocks(x, &mut row),
             #[cfg(target_arch = "x86_64")]
@@ -370,14 +374,7 @@ impl ActRow {
     pub(crate) fn quantize_q8_k(x: &[f32]) -> Self {
         const QK_K: usize = 256;
         assert!(x.len() % QK_K == 0, "{} values", x.len());
-        let nb = x.len() / QK;
-        let mut row = Self {
-            qs: vec![0; nb * QK],
-            d: vec![0.0; nb],
-            s: vec![0.0; nb],
-            qsum: vec![0; nb],
-            qsum_lo: vec![0; nb],
-        };
+        let mut row = Self::zeroed(x.len() / QK);
         for (i, xs) in x.chunks_exact(QK_K).enumerate() {
             let (mut amax, mut max) = (0f32, 0f32);
             for &v in xs {

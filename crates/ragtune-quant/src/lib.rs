@@ -485,17 +485,18 @@ mod tests {
         }
     }
 
+    /// candle's dequantization of `q`, flat.
+    fn candle_values(q: &QTensor) -> Vec<f32> {
+        q.dequantize(&Device::Cpu)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .expect("test value")
+    }
+
     fn dequantize_matches_candle<F: QuantFormat>() {
         let (q, _) = matrix(70, cols::<F>(2), 1, dtype::<F>());
         let ours = from_q::<F>(&q).dequantize();
-        let theirs: Vec<f32> = q
-            .dequantize(&Device::Cpu)
-            .expect("test value")
-            .flatten_all()
-            .expect("test value")
-            .to_vec1()
-            .expect("test value");
-        assert!(ours == theirs);
+        assert!(ours == candle_values(&q));
     }
 
     /// Every activation row of a multi-row product is bit for bit that row alone, at every
@@ -615,13 +616,7 @@ mod tests {
         let (rows, cols) = (37, 24 * QK);
         let (q, _) = matrix(rows, cols, 31, GgmlDType::Q6K);
         let ours = from_q::<Q6K>(&q);
-        let w: Vec<f32> = q
-            .dequantize(&Device::Cpu)
-            .expect("test value")
-            .flatten_all()
-            .expect("test value")
-            .to_vec1()
-            .expect("test value");
+        let w = candle_values(&q);
         for t in 1..=9 {
             let (_, xs) = matrix(t, cols, 40 + t as u64, GgmlDType::F32);
             for level in SimdLevel::supported() {
